@@ -1,0 +1,44 @@
+# bnfuse: set-up and the jobs people run.  Every target creates .venv if it is missing.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: all demo test zoo bench-scripts clean
+
+all: demo
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+$(VENV)/.extras: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,timm,onnx]'
+	touch $(VENV)/.extras
+
+## the main job: convert the shipped example checkpoint and verify it on its validation data
+demo: $(STAMP)
+	mkdir -p out
+	$(BIN)/bnfuse convert examples/digits_cnn.pth --arch examples.digits:DigitsCNN -o out/digits_fused.safetensors --force
+	$(BIN)/bnfuse verify examples/digits_cnn.pth out/digits_fused.safetensors --arch examples.digits:DigitsCNN --data examples/digits_val.pt
+
+## the quick test suite (CI runs this)
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+## the long model-zoo runs (torchvision + timm), not part of CI
+zoo: $(VENV)/.extras
+	$(BIN)/python -m pytest -q -m zoo
+
+## the benchmarks quoted in the README
+bench-scripts: $(VENV)/.extras
+	$(BIN)/python scripts/bench_help.py
+	$(BIN)/python scripts/bench_fold_vs_fx.py
+	$(BIN)/python scripts/bench_memory.py
+	$(BIN)/python scripts/compare_onnxruntime.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .hypothesis

@@ -1,0 +1,94 @@
+"""The library entry point: fold every BatchNorm that can be folded in a model."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .graph import Fold, Plan, Skip, analyse
+from .inputs import Comparison, as_args, compare, infer_spec, make_input, model_dtype
+from .rewrite import apply_plan
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["FuseResult", "fuse", "plan"]
+
+
+@dataclass
+class FuseResult:
+    """The fused model, what was folded, what was left and why, and the output error."""
+
+    model: "nn.Module"
+    plan: Plan
+    #: error of the fused model against the original on the example input
+    error: Comparison
+    #: the model was in training mode and was switched to eval before folding
+    switched_to_eval: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def folds(self) -> list[Fold]:
+        return self.plan.folds
+
+    @property
+    def skipped(self) -> list[Skip]:
+        return self.plan.skipped
+
+
+def _example(model: "nn.Module", example_input: Any) -> tuple[Any, ...]:
+    if example_input is None:
+        dtype, device = model_dtype(model)
+        example_input = make_input(infer_spec(model), dtype=dtype, device=device)
+    return as_args(example_input)
+
+
+def plan(model: "nn.Module", example_input: Any = None) -> Plan:
+    """What :func:`fuse` would fold and what it would leave, without changing ``model``.
+
+    ``model`` is analysed in eval mode; its training flag is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        return analyse(model, _example(model, example_input)).plan
+    finally:
+        model.train(was_training)
+
+
+def fuse(model: "nn.Module", example_input: Any = None, *, inplace: bool = False) -> FuseResult:
+    """Fold every BatchNorm of ``model`` that can be folded exactly, and check the result.
+
+    ``example_input`` is a tensor, or a tuple of positional arguments (anything else, such as
+    the list of images a torchvision detection model takes, is one argument); without it a
+    seeded random input of an inferred shape is used.  The pairs are found from one recorded
+    forward pass on it, whose output is kept as the reference for the error check.
+    With ``inplace=False`` (the default) the caller's model is left untouched.
+    """
+    import copy
+
+    import torch
+
+    t0 = time.perf_counter()
+    if not inplace:
+        model = copy.deepcopy(model)
+    switched = model.training
+    model.eval()
+    args = _example(model, example_input)
+    t1 = time.perf_counter()
+    analysis = analyse(model, args)
+    t2 = time.perf_counter()
+    apply_plan(model, analysis.plan)
+    t3 = time.perf_counter()
+    with torch.no_grad():
+        fused_out = model(*args)
+    error = compare(analysis.output, fused_out)
+    t4 = time.perf_counter()
+    return FuseResult(
+        model=model,
+        plan=analysis.plan,
+        error=error,
+        switched_to_eval=switched,
+        seconds={"copy": t1 - t0, "analyse": t2 - t1, "rewrite": t3 - t2, "check": t4 - t3},
+    )

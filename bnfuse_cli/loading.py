@@ -1,0 +1,134 @@
+"""Turn a source (model name or checkpoint file) into a ready ``nn.Module`` in eval mode."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .checkpoint import Checkpoint, read_checkpoint
+from .errors import CheckpointError, SourceError, UsageError
+from .graph import Fold
+from .models import build, is_arch_name
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["Source", "load_source", "load", "load_state_dict_strict"]
+
+
+@dataclass
+class Source:
+    model: "nn.Module"
+    #: how to rebuild the architecture (torchvision name, timm:NAME, pkg.mod:factory), if known
+    arch: "str | None"
+    #: "name" (built from a name), "module" (pickled module), "state_dict", "torchscript"
+    kind: str
+    #: bnfuse metadata carried by the file (a previous conversion), else {}
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: "Path | None" = None
+    weights: str = "none"
+    notes: list[str] = field(default_factory=list)
+
+
+def _dominant_dtype(sd: "dict[str, torch.Tensor]") -> "torch.dtype | None":
+    counts: dict[Any, int] = {}
+    for t in sd.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.__getitem__) if counts else None
+
+
+def load_state_dict_strict(model: "nn.Module", sd: "dict[str, torch.Tensor]", *, what: str, arch: str) -> None:
+    """Load strictly; a mismatch lists the missing and unexpected keys (never a silent partial load)."""
+    import torch
+
+    dtype = _dominant_dtype(sd)
+    if dtype is not None and dtype != torch.float32:
+        model.to(dtype)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
+              if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        def show(items: list[str]) -> str:
+            return ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "") if items else "none"
+
+        raise CheckpointError(
+            f"{what} does not match architecture {arch}: missing keys: {show(missing)}; unexpected keys: "
+            f"{show(unexpected)}; wrong shapes: {show(shapes)}. Check --arch (and its options), or that the "
+            "file holds this model's weights"
+        )
+    model.load_state_dict(sd, strict=True)
+
+
+def _from_checkpoint(ck: Checkpoint, arch: "str | None") -> Source:
+    from .rewrite import apply_structure
+
+    if ck.kind == "module":
+        return Source(ck.module, arch or ck.metadata.get("arch"), "module", ck.metadata, ck.path, "file", ck.notes)
+    sd = ck.state_dict or {}
+    meta = ck.metadata
+    use_arch = arch or meta.get("arch")
+    if not use_arch:
+        hint = " (a TorchScript archive)" if ck.kind == "torchscript" else ""
+        raise UsageError(
+            f"{ck.path} holds only a state_dict{hint}, so bnfuse needs the model code: pass --arch NAME "
+            "(a torchvision name such as resnet50, timm:NAME, or package.module:factory)"
+        )
+    model = build(use_arch, weights=None, **meta.get("arch_kwargs", {}))
+    folds = [Fold.from_list(row) for row in meta.get("folds", [])]
+    if folds:
+        apply_structure(model, folds)
+    load_state_dict_strict(model, sd, what=str(ck.path), arch=use_arch)
+    kind = "torchscript" if ck.kind == "torchscript" else "state_dict"
+    return Source(model, use_arch, kind, meta, ck.path, "file", ck.notes)
+
+
+def load_source(
+    source: "str | os.PathLike[str]",
+    *,
+    arch: "str | None" = None,
+    weights: str = "default",
+    allow_pickle: bool = False,
+) -> Source:
+    """Resolve ``source``: an existing file is a checkpoint, otherwise a model name.
+
+    For a name, ``weights`` is ``default``, a torchvision weights name, ``none`` (random
+    initialisation) or a path to a state_dict file.  The model is returned in eval mode.
+    """
+    text = str(source)
+    path = Path(text)
+    if path.exists():
+        src = _from_checkpoint(read_checkpoint(path, allow_pickle=allow_pickle), arch)
+    elif is_arch_name(text) or not any(text.endswith(s) for s in (".pth", ".pt", ".bin", ".ckpt", ".safetensors")):
+        w = weights.strip()
+        if w.lower() == "none":
+            src = Source(build(text), text, "name", weights="none")
+        elif Path(w).exists():
+            model = build(text)
+            ck = read_checkpoint(w, allow_pickle=allow_pickle)
+            if ck.kind == "module":
+                raise UsageError(f"--weights {w} holds a whole model, not a state_dict: convert it directly")
+            load_state_dict_strict(model, ck.state_dict or {}, what=w, arch=text)
+            src = Source(model, text, "name", weights=w, notes=ck.notes)
+        else:
+            if ":" in text:
+                raise UsageError(f"--weights {w!r}: {text} can only take --weights none or a local state_dict file")
+            src = Source(build(text, weights=w), text, "name", weights=w)
+    else:
+        raise CheckpointError(f"{path}: no such file")
+    src.model.eval()
+    return src
+
+
+def load(path: "str | os.PathLike[str]", *, allow_pickle: bool = False, arch: "str | None" = None) -> "nn.Module":
+    """Rebuild a ready, fused ``nn.Module`` (eval mode) from a file written by ``bnfuse convert``.
+
+    A state_dict output (.pth or .safetensors) is loaded strictly into its architecture given the
+    fused structure recorded in its metadata; a pickled-module output needs ``allow_pickle=True``.
+    """
+    return load_source(path, arch=arch, allow_pickle=allow_pickle).model

@@ -1,0 +1,130 @@
+"""Resolve a model name to an ``nn.Module``: torchvision names, ``timm:NAME``, ``pkg.mod:factory``."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import SourceError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["build", "torchvision_names", "is_arch_name", "load_weights_enum"]
+
+_TV_MODULES = ("", "segmentation", "detection", "video", "optical_flow", "quantization")
+
+
+def torchvision_names() -> list[str]:
+    """Every torchvision model name (classification, segmentation, detection, video, ...)."""
+    from torchvision import models
+
+    return sorted(models.list_models())
+
+
+def is_arch_name(text: str) -> bool:
+    """A torchvision name, ``timm:NAME`` or ``pkg.mod:callable`` (not a path to a file)."""
+    return ":" in text or text in torchvision_names()
+
+
+def _suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    return f" Did you mean {', '.join(close)}?" if close else ""
+
+
+def _build_torchvision(name: str, weights: "str | None", kwargs: dict[str, Any]) -> "nn.Module":
+    from torchvision import models
+
+    names = torchvision_names()
+    if name not in names:
+        raise SourceError(
+            f"unknown model {name!r}: it is neither a torchvision model name nor an existing file."
+            f"{_suggest(name, names)} Use timm:NAME for timm models or package.module:factory for your own code."
+        )
+    if name in ("googlenet", "inception_v3") and weights is None:
+        kwargs = {"init_weights": True, **kwargs}
+    try:
+        return models.get_model(name, weights=weights, **kwargs)
+    except (OSError, RuntimeError) as exc:  # download failed (offline) or a corrupt cache
+        if weights is None:
+            raise
+        raise SourceError(_weights_error(name, weights, exc)) from exc
+
+
+def _weights_error(name: str, weights: str, exc: Exception) -> str:
+    import torch
+
+    where = f"{torch.hub.get_dir()}/checkpoints"
+    return (
+        f"could not get the {weights} pretrained weights of {name}: they are not in the torch hub cache "
+        f"({where}) and downloading them failed ({type(exc).__name__}: {exc}). On a machine with no "
+        "network, copy the weights file into that folder, pass --weights FILE with a local state_dict, "
+        "or --weights none for random initialisation."
+    )
+
+
+def load_weights_enum(name: str, weights: str) -> Any:
+    """The torchvision weights enum member for ``weights`` ('default' or e.g. IMAGENET1K_V2)."""
+    from torchvision import models
+
+    try:
+        enum = models.get_model_weights(name)
+    except (ValueError, KeyError) as exc:
+        raise SourceError(f"torchvision has no pretrained weights for {name!r}") from exc
+    key = "DEFAULT" if weights.lower() == "default" else weights
+    try:
+        return enum[key] if "." not in key else enum[key.rsplit(".", 1)[-1]]
+    except KeyError as exc:
+        members = [w.name for w in enum]
+        raise SourceError(
+            f"{name} has no weights {weights!r}: choose one of default, {', '.join(members)}, none, or a file"
+        ) from exc
+
+
+def build(arch: str, *, weights: "str | None" = None, **kwargs: Any) -> "nn.Module":
+    """Instantiate ``arch``: a torchvision name, ``timm:NAME``, or ``package.module:callable``.
+
+    ``weights`` is a torchvision weights name (``default``, ``IMAGENET1K_V2``) or None for
+    random initialisation; timm and factory models are always built without pretrained weights.
+    """
+    if arch.startswith("timm:"):
+        try:
+            import timm
+        except ImportError as exc:
+            raise SourceError(
+                f"{arch} needs timm, which is not installed: pip install 'bnfuse[timm]' (or pip install timm)"
+            ) from exc
+        name = arch[5:]
+        try:
+            return timm.create_model(name, pretrained=False, **kwargs)
+        except RuntimeError as exc:
+            raise SourceError(
+                f"timm has no model {name!r}.{_suggest(name, timm.list_models())} ({exc})"
+            ) from exc
+    if ":" in arch:
+        module_name, _, attr = arch.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise SourceError(
+                f"cannot import {module_name!r} for --arch {arch}: {exc}. Make sure the package is "
+                "installed or on PYTHONPATH"
+            ) from exc
+        factory = module
+        for part in attr.split("."):
+            factory = getattr(factory, part, None)
+            if factory is None:
+                raise SourceError(f"{module_name} has no attribute {attr!r} (from --arch {arch})")
+        if not callable(factory):
+            raise SourceError(f"{arch} is not callable: point --arch at a model class or factory function")
+        model = factory(**kwargs)
+        from torch import nn
+
+        if not isinstance(model, nn.Module):
+            raise SourceError(f"{arch}() returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+    resolved = None
+    if weights is not None:
+        resolved = load_weights_enum(arch, weights)
+    return _build_torchvision(arch, resolved, dict(kwargs))

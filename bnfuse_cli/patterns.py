@@ -1,0 +1,154 @@
+"""What can fold into what: the one table to extend when a new layer type appears.
+
+A *producer* is a layer ``y = W x + b`` whose weight can absorb a per-channel affine map
+(Conv, ConvTranspose, Linear).  A *norm* is a BatchNorm-like layer that, in eval mode, is a
+per-channel affine map, possibly followed by extra work (timm's ``BatchNormAct2d`` applies
+drop and an activation after the norm: that part stays in the model in place of the BN).
+
+Rows name classes by import path and are resolved against ``sys.modules`` only, so an
+optional library (timm) is never imported by bnfuse: if a model contains its classes, the
+library is already loaded.  A subclass of a known class is treated like that class only if it
+does not override ``forward``; otherwise it is reported as unknown and left alone.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["ProducerRule", "NormRule", "PRODUCERS", "NORMS", "producer_rule", "norm_rule", "is_norm_like"]
+
+Stats = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor | None", "torch.Tensor | None", float]
+
+
+@dataclass(frozen=True)
+class ProducerRule:
+    """A layer ``y = W x + b`` that a BN can fold into."""
+
+    cls_path: str
+    kind: str  # "conv" | "linear"
+    transposed: bool = False
+    #: the layer's own forward is the plain convolution, so folding the BN *before* it is exact
+    #: when it does not zero-pad (timm's Conv2dSame pads with zeros inside forward: no)
+    next_ok: bool = True
+
+
+@dataclass(frozen=True)
+class NormRule:
+    """A BatchNorm-like layer: how to read its statistics and what stays in its place."""
+
+    cls_path: str
+    stats: Callable[["nn.Module"], Stats]
+    #: why this instance cannot fold (None when it can)
+    unfoldable: Callable[["nn.Module"], "str | None"]
+    #: builds the module that replaces the norm after folding
+    replacement: str = "identity"  # "identity" | "activation"
+
+
+def _bn_stats(m: Any) -> Stats:
+    return m.running_mean, m.running_var, m.weight, m.bias, float(m.eps)
+
+
+def _bn_unfoldable(m: Any) -> "str | None":
+    if not m.track_running_stats or m.running_mean is None or m.running_var is None:
+        return "track_running_stats=False: it normalises with batch statistics even in eval mode"
+    return None
+
+
+def _frozen_unfoldable(m: Any) -> "str | None":
+    return None
+
+
+PRODUCERS: tuple[ProducerRule, ...] = (
+    ProducerRule("torch.nn.modules.conv.Conv1d", "conv"),
+    ProducerRule("torch.nn.modules.conv.Conv2d", "conv"),
+    ProducerRule("torch.nn.modules.conv.Conv3d", "conv"),
+    ProducerRule("torch.nn.modules.conv.ConvTranspose1d", "conv", transposed=True, next_ok=False),
+    ProducerRule("torch.nn.modules.conv.ConvTranspose2d", "conv", transposed=True, next_ok=False),
+    ProducerRule("torch.nn.modules.conv.ConvTranspose3d", "conv", transposed=True, next_ok=False),
+    ProducerRule("torch.nn.modules.linear.Linear", "linear"),
+    ProducerRule("timm.layers.conv2d_same.Conv2dSame", "conv", next_ok=False),
+)
+
+NORMS: tuple[NormRule, ...] = (
+    # BatchNorm1d/2d/3d inherit forward from _BatchNorm
+    NormRule("torch.nn.modules.batchnorm._BatchNorm", _bn_stats, _bn_unfoldable),
+    NormRule("torch.nn.modules.batchnorm.SyncBatchNorm", _bn_stats, _bn_unfoldable),
+    NormRule("torchvision.ops.misc.FrozenBatchNorm2d", _bn_stats, _frozen_unfoldable),
+    NormRule("timm.layers.norm_act.BatchNormAct2d", _bn_stats, _bn_unfoldable, "activation"),
+    NormRule("timm.layers.norm_act.SyncBatchNormAct", _bn_stats, _bn_unfoldable, "activation"),
+    NormRule("timm.layers.norm_act.FrozenBatchNormAct2d", _bn_stats, _frozen_unfoldable, "activation"),
+    NormRule("timm.layers.norm.FrozenBatchNorm2d", _bn_stats, _frozen_unfoldable),
+)
+
+#: classes that are BatchNorm-like even when no row matches (reported as unknown, never folded)
+_NORM_FAMILIES = (
+    "torch.nn.modules.batchnorm._NormBase",
+    "torchvision.ops.misc.FrozenBatchNorm2d",
+    "timm.layers.norm_act.FrozenBatchNormAct2d",
+    "timm.layers.norm.FrozenBatchNorm2d",
+)
+
+
+def _resolve(path: str) -> "type | None":
+    module, _, name = path.rpartition(".")
+    mod = sys.modules.get(module)
+    return getattr(mod, name, None) if mod is not None else None
+
+
+def _lookup(module: "nn.Module", rules: tuple[Any, ...]) -> "tuple[Any, type] | None":
+    """Return (rule, matched class) for the nearest class in the MRO that has a row."""
+    by_cls = {cls: r for r in rules if (cls := _resolve(r.cls_path)) is not None}
+    for cls in type(module).__mro__:
+        if cls in by_cls:
+            return by_cls[cls], cls
+    return None
+
+
+def _forward_unchanged(module: "nn.Module", cls: type) -> bool:
+    return type(module).forward is cls.forward
+
+
+def producer_rule(module: "nn.Module") -> "tuple[ProducerRule | None, str | None]":
+    """The producer row for ``module``, or None with the reason it is not a known producer."""
+    found = _lookup(module, PRODUCERS)
+    if found is None:
+        return None, f"{type(module).__name__} is not a Conv/ConvTranspose/Linear layer"
+    rule, cls = found
+    if not _forward_unchanged(module, cls):
+        return None, f"unknown {cls.__name__} subclass {type(module).__name__} overrides forward"
+    if getattr(module, "weight", None) is None or "weight" not in module._parameters:
+        return None, f"{type(module).__name__} has no plain weight parameter"
+    return rule, None
+
+
+def is_norm_like(module: "nn.Module") -> bool:
+    """True for every BatchNorm-family module, known or not (LayerNorm/GroupNorm are not)."""
+    from torch import nn
+
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
+    families = tuple(c for p in _NORM_FAMILIES[1:] if (c := _resolve(p)) is not None)
+    return bool(families) and isinstance(module, families)
+
+
+def norm_rule(module: "nn.Module") -> "tuple[NormRule | None, str | None]":
+    """The norm row for ``module``, or None with the reason it cannot be folded."""
+    found = _lookup(module, NORMS)
+    if found is None:
+        return None, f"unknown BatchNorm class {type(module).__name__}"
+    rule, cls = found
+    if not _forward_unchanged(module, cls):
+        return None, (
+            f"unknown {cls.__name__.lstrip('_')} subclass {type(module).__name__} overrides "
+            "forward (it may do more than normalise)"
+        )
+    reason = rule.unfoldable(module)
+    if reason:
+        return None, reason
+    return rule, None

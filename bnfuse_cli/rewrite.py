@@ -1,0 +1,122 @@
+"""Apply a fold plan to a model's own module tree, in place.
+
+Producers keep their names and gain a bias if they had none; each folded BatchNorm is replaced
+by ``nn.Identity`` (or, for a norm that applies drop and activation after normalising, by a
+module that still applies them), so the fused state_dict keeps the original key names: BN keys
+vanish and producers gain ``.bias``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+from .errors import BnfuseError
+from .fold import affine_from_stats, fold_into_next, fold_into_previous
+from .graph import Fold, Plan
+from .patterns import norm_rule, producer_rule
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["apply_plan", "apply_structure"]
+
+
+def _replacement(norm: "nn.Module", kind: str) -> "nn.Module":
+    from torch import nn
+
+    if kind == "identity":
+        return nn.Identity()
+    if kind == "activation":
+        from .layers import NormActivation
+
+        return NormActivation(getattr(norm, "drop", nn.Identity()), getattr(norm, "act", nn.Identity()))
+    raise BnfuseError(f"unknown replacement {kind!r} in the fold plan")
+
+
+def _aliases(model: "nn.Module") -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), []).append(name)
+    return names
+
+
+def _set(model: "nn.Module", name: str, new: "nn.Module") -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def _get(model: "nn.Module", name: str, what: str) -> "nn.Module":
+    try:
+        return model.get_submodule(name)
+    except AttributeError as exc:
+        raise BnfuseError(f"the fold plan names {what} {name!r}, which this model does not have") from exc
+
+
+def _set_bias(layer: "nn.Module", bias) -> None:  # noqa: ANN001
+    import torch
+    from torch import nn
+
+    if layer.bias is None:
+        layer.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
+    else:
+        with torch.no_grad():
+            layer.bias.copy_(bias)
+
+
+def _replace_norms(model: "nn.Module", folds: Iterable[Fold], build) -> None:  # noqa: ANN001
+    aliases = _aliases(model)
+    done: set[int] = set()
+    for f in folds:
+        norm = _get(model, f.norm, "BatchNorm")
+        if id(norm) in done:
+            continue
+        done.add(id(norm))
+        new = build(norm, f.replacement)
+        for name in aliases.get(id(norm), [f.norm]):
+            _set(model, name, new)
+
+
+def apply_plan(model: "nn.Module", plan: Plan) -> None:
+    """Fold every site of ``plan`` into ``model`` in place (statistics in float64, cast once)."""
+    import torch
+
+    for f in plan.folds:
+        norm = _get(model, f.norm, "BatchNorm")
+        layer = _get(model, f.producer, "layer")
+        rule, reason = norm_rule(norm)
+        prod, preason = producer_rule(layer)
+        if rule is None or prod is None:
+            raise BnfuseError(f"cannot fold {f.norm} into {f.producer}: {reason or preason}")
+        scale, shift = affine_from_stats(*rule.stats(norm), name=f.norm)
+        if f.direction == "previous":
+            w, b = fold_into_previous(
+                layer.weight, layer.bias, scale, shift,
+                transposed=prod.transposed, groups=getattr(layer, "groups", 1), name=f.producer,
+            )
+        else:
+            w, b = fold_into_next(
+                layer.weight, layer.bias, scale, shift, groups=getattr(layer, "groups", 1), name=f.producer
+            )
+        with torch.no_grad():
+            layer.weight.copy_(w)
+        _set_bias(layer, b)
+    _replace_norms(model, plan.folds, _replacement)
+
+
+def apply_structure(model: "nn.Module", folds: Iterable[Fold]) -> None:
+    """Give an unfused model the fused structure (for loading a fused state_dict strictly).
+
+    Each folded norm is replaced as in :func:`apply_plan` and each producer gains a zero bias;
+    the values come from the state_dict loaded afterwards.
+    """
+    import torch
+
+    folds = list(folds)
+    for f in folds:
+        layer = _get(model, f.producer, "layer")
+        if getattr(layer, "bias", None) is None:
+            out = getattr(layer, "out_channels", None) or getattr(layer, "out_features")
+            _set_bias(layer, torch.zeros(out, dtype=layer.weight.dtype, device=layer.weight.device))
+    _replace_norms(model, folds, _replacement)
+
