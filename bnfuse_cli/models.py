@@ -104,6 +104,11 @@ def build(arch: str, *, weights: "str | None" = None, **kwargs: Any) -> "nn.Modu
             ) from exc
     if ":" in arch:
         module_name, _, attr = arch.partition(":")
+        import os
+        import sys
+
+        if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` would: user code in cwd
+            sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
