@@ -228,6 +228,122 @@ def inspect(
     _run(run)
 
 
+# ----------------------------------------------------------------------------- bench
+
+
+def _bench_table(report: Any, min_speedup: "float | None") -> Table:
+    from .bench import verdict
+
+    env, st = report.environment, report.settings
+    extras = [x for x, on in (("channels_last", st.get("channels_last")), ("torch.compile", st.get("compile"))) if on]
+    t = Table(
+        title=(f"bnfuse bench: {env.get('device_name')} ({st.get('device')}), torch {env.get('torch')}, "
+               f"{st.get('dtype')}, {env.get('threads')} threads" + "".join(f", {x}" for x in extras)),
+        title_justify="left",
+        caption="times: median (IQR) per call; speedup = original/fused per alternating pair, median (IQR)",
+        caption_justify="left",
+    )
+    for col, justify in (("model", "left"), ("input", "left"), ("BN folded", "right"), ("original ms", "right"),
+                         ("fused ms", "right"), ("speedup", "right"), ("max abs err", "right"),
+                         ("rel err", "right"), ("verdict", "left")):
+        t.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for r in report.results:
+        o, f, s = r.original, r.fused, r.speedup
+        v = verdict(r, min_speedup)
+        style = "red" if v.startswith(("WRONG", "BELOW")) else ("yellow" if v in ("within noise", "slower") else "green")
+        t.add_row(
+            r.model, "x".join(map(str, r.input.shape)), f"{r.bn_folded}/{r.bn_found}",
+            f"{o.median:.3f} ({o.iqr:.3f})", f"{f.median:.3f} ({f.iqr:.3f})",
+            f"{s.median:.3f}x ({s.q1:.3f}-{s.q3:.3f})", f"{r.error.max_abs:.2e}", f"{r.error.rel:.2e}",
+            f"[{style}]{v}[/{style}]",
+        )
+    return t
+
+
+@app.command()
+def bench(
+    models: Annotated[Optional[list[str]], typer.Argument(
+        help="Torchvision model names, timm:NAME, package.module:factory or checkpoint files "
+             "(default: resnet18 resnet50 mobilenet_v3_large efficientnet_b0 regnet_y_400mf).",
+        show_default=False)] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda (or cuda:N), or auto: CUDA when available.")] = "auto",
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Batch size (default 1 on CPU, 32 on CUDA).", show_default=False)] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16 (both models; the fold itself is float64).")] = "float32",
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="Run both models and the input in channels_last memory format.")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch intra-op CPU threads (default: torch's choice).", show_default=False)] = None,
+    iters: Annotated[Optional[int], typer.Option("--iters", help="Timed pairs per model (default 20 on CPU, 100 on CUDA).", show_default=False)] = None,
+    warmup: Annotated[Optional[int], typer.Option("--warmup", help="Untimed pairs first (default 3 on CPU, 10 on CUDA).", show_default=False)] = None,
+    time_budget: Annotated[Optional[float], typer.Option("--time-budget", help="Stop timing a model after this many seconds, with at least 5 pairs (default 8 on CPU, 10 on CUDA; 0: no limit).", show_default=False)] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile both models (compilation happens during warm-up).")] = False,
+    input_shape: ShapeOpt = None,
+    arch: ArchOpt = None,
+    weights: Annotated[str, typer.Option("--weights", help="For a model name: none (random weights, random BN statistics; runs offline), default, a torchvision weights name, or a state_dict file.")] = "none",
+    allow_pickle: PickleOpt = False,
+    json_file: JsonOpt = None,
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write a Markdown table (for a CI job summary) to this file.", dir_okay=False)] = None,
+    min_speedup: Annotated[Optional[float], typer.Option("--min-speedup", help="Exit 1 when a model's median speedup (original/fused) is below this.", show_default=False)] = None,
+) -> None:
+    """Time each model and its fused copy side by side, and check the fused output.
+
+    Both run in this process on the same device, dtype and settings, alternately, after a
+    warm-up; the table gives median and IQR of the times and of the speedup, and says
+    "within noise" when the speedup's IQR contains 1.0.  Exit 1 when a fused output is wrong
+    or a median speedup is below --min-speedup; exit 2 for errors (no CUDA for --device cuda).
+    """
+
+    def run() -> int:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from .bench import bench as bench_fn
+
+        if time_budget is not None and time_budget < 0:
+            raise UsageError(f"--time-budget {time_budget:g}: give seconds per model, or 0 for no limit")
+        budget = -1.0 if time_budget is None else (None if time_budget == 0 else time_budget)
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=err, transient=True, disable=not err.is_terminal)
+        task = progress.add_task("starting", total=None)
+
+        def tick(description: str, done: int, total: int) -> None:
+            progress.update(task, description=description, completed=done, total=total)
+
+        with progress:
+            report = bench_fn(models or None, device=device, dtype=dtype, batch_size=batch_size,
+                              input_shape=input_shape, channels_last=channels_last, threads=threads, iters=iters,
+                              warmup=warmup, time_budget=budget, compile=compile_, arch=arch, weights=weights,
+                              allow_pickle=allow_pickle, progress=tick)
+        out.print(_bench_table(report, min_speedup))
+        for r in report.results:
+            if r.bn_left:
+                t = Table(title=f"{r.model}: BatchNorm left unfolded", title_justify="left")
+                t.add_column("BatchNorm", overflow="fold")
+                t.add_column("reason", overflow="fold")
+                for norm, reason in r.bn_left:
+                    t.add_row(norm, reason)
+                out.print(t)
+            for note in r.notes:
+                err.print(f"[yellow]note:[/yellow] {r.model}: {note}", highlight=False)
+        _write_json(json_file, report.to_dict(min_speedup))
+        if markdown is not None:
+            try:
+                markdown.write_text(report.to_markdown(min_speedup))
+            except OSError as exc:
+                raise OutputError(f"cannot write --markdown {markdown}: {exc.strerror or exc}") from exc
+        code = 0
+        for r in report.incorrect():
+            err.print(f"[bold red]check failed:[/bold red] {r.model}: the fused output differs from the original's "
+                      f"(relative error {r.error.rel:.3g}, tolerance {r.tolerance:g})", highlight=False)
+            code = EXIT_CHECK_FAILED
+        for r in report.slower_than(min_speedup):
+            err.print(f"[bold red]too slow:[/bold red] {r.model}: median speedup {r.speedup.median:.3f}x is below "
+                      f"--min-speedup {min_speedup:g}", highlight=False)
+            code = EXIT_CHECK_FAILED
+        return code
+
+    code = _run(run)
+    if code:
+        raise typer.Exit(code)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

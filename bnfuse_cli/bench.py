@@ -1,0 +1,777 @@
+"""``bench``: time an original model and its fused copy side by side, and check they agree.
+
+Numbers a team can gate on need a fair race: both models live in one process, on the same
+device, dtype, memory format, thread count and backend flags (TF32, cudnn.benchmark), and they
+run alternately (orig, fused, fused, orig, ...) so that drift in clock speed or load hits both
+alike.  Each pair of runs gives one speedup ratio; the report gives the median and the
+interquartile range (IQR) of the times and of the ratios, and says when the ratios' IQR
+contains 1.0, i.e. when the difference is within noise.  On CUDA the runs are timed with CUDA
+events after a synchronisation.  The fused model's output is compared with the original's on
+the same input first, because a fast wrong model is worthless.
+
+Nothing here prints: progress goes to an optional callback, results to a :class:`BenchReport`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from . import __version__
+from .errors import BnfuseError, DeviceError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .inputs import Comparison, InputSpec
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "BenchReport",
+    "ModelBench",
+    "Stats",
+    "bench",
+    "randomize_bn",
+    "resolve_device",
+    "parse_dtype",
+    "machine_info",
+]
+
+#: representative torchvision architectures with BatchNorm (plain, bottleneck, depthwise, SE, RegNet)
+DEFAULT_MODELS: tuple[str, ...] = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf")
+
+#: defaults by device type: (batch size, timed pairs, warm-up pairs, time budget per model in s)
+_DEFAULTS = {"cpu": (1, 20, 3, 8.0), "cuda": (32, 100, 10, 10.0)}
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+#: a progress callback: (description, completed steps, total steps) for the current model
+ProgressFn = Callable[[str, int, int], None]
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, OS, Python, and the torch version, without importing torch."""
+    from importlib import metadata
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 0
+
+    def version(dist: str) -> "str | None":
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "torchvision": version("torchvision"),
+        "bnfuse": __version__,
+    }
+
+
+def resolve_device(text: str) -> "torch.device":
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available); :class:`DeviceError` if absent."""
+    import torch
+
+    name = text.strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise DeviceError(
+                f"--device {text}: CUDA is not available ({why}; torch {torch.__version__}). "
+                "Run on a machine with an NVIDIA GPU and a CUDA build of PyTorch, or use --device cpu "
+                "(or auto)"
+            )
+        try:
+            dev = torch.device(name)
+        except RuntimeError as exc:
+            raise UsageError(f"--device {text!r} is not a device name: use cpu, cuda, cuda:N or auto") from exc
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return dev
+    raise UsageError(f"--device {text!r}: choose cpu, cuda (or cuda:N) or auto")
+
+
+def parse_dtype(text: str) -> "torch.dtype":
+    """``float32``, ``float16`` or ``bfloat16`` as a torch dtype, with a clear error otherwise."""
+    import torch
+
+    name = text.strip().lower()
+    if name not in _DTYPES:
+        raise UsageError(f"--dtype {text!r}: choose one of {', '.join(_DTYPES)}")
+    return getattr(torch, name)
+
+
+def randomize_bn(model: "nn.Module", *, seed: int = 0, example: "tuple[Any, ...] | None" = None) -> int:
+    """Give every BatchNorm-like layer random affine parameters and non-trivial statistics, in place.
+
+    A randomly initialised model has fresh BatchNorms (mean 0, variance 1, weight 1, bias 0),
+    which are the identity: a fold of them checks nothing.  Scale and shift are drawn around 1
+    and 0 (standard deviation 0.4) and running statistics around 0 and 1 (mean +-0.5, variance
+    0.25 to 1.75).  With ``example`` (the model's positional arguments), the running statistics
+    are then measured on it instead, as training would: every layer then normalises what it
+    really sees, so activations stay of order 1 and a float16 run does not overflow the way
+    an un-normalised random ResNet-50 does.  A model whose BatchNorms cannot run in training
+    mode on ``example`` keeps the random statistics.  Returns the number of layers changed.
+    """
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    norms = []
+    with torch.no_grad():
+        for m in model.modules():
+            rm = getattr(m, "running_mean", None)
+            rv = getattr(m, "running_var", None)
+            if not isinstance(rm, torch.Tensor) or not isinstance(rv, torch.Tensor) or rm.shape != rv.shape:
+                continue
+            n = rm.numel()
+            rm.copy_((torch.randn(n, generator=g) * 0.5).to(rm.dtype))
+            rv.copy_((torch.rand(n, generator=g) * 1.5 + 0.25).to(rv.dtype))
+            w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+            if isinstance(w, torch.Tensor) and w.numel() == n:
+                w.copy_((torch.randn(n, generator=g) * 0.4 + 1.0).to(w.dtype))
+            if isinstance(b, torch.Tensor) and b.numel() == n:
+                b.copy_((torch.randn(n, generator=g) * 0.4).to(b.dtype))
+            norms.append(m)
+    calibrate = [m for m in norms if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if example is None or not calibrate:
+        return len(norms)
+    saved = {id(m): (m.running_mean.clone(), m.running_var.clone(), m.momentum, m.training) for m in calibrate}
+    was_training = model.training
+    model.eval()
+    try:
+        for m in calibrate:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: after one batch, exactly its statistics
+            m.train()
+        with torch.no_grad():
+            model(*example)
+    except (ValueError, RuntimeError):  # e.g. one value per channel: keep the random statistics
+        with torch.no_grad():
+            for m in calibrate:
+                m.running_mean.copy_(saved[id(m)][0])
+                m.running_var.copy_(saved[id(m)][1])
+    finally:
+        for m in calibrate:
+            m.momentum = saved[id(m)][2]
+            m.train(saved[id(m)][3])
+        model.train(was_training)
+    return len(norms)
+
+
+def _quantile(sorted_xs: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile of sorted data (numpy's default method)."""
+    if not sorted_xs:
+        return float("nan")
+    pos = (len(sorted_xs) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Median, quartiles and extremes of a sample (times in milliseconds, or ratios)."""
+
+    median: float
+    q1: float
+    q3: float
+    min: float
+    max: float
+    n: int
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    @classmethod
+    def of(cls, xs: Sequence[float]) -> "Stats":
+        s = sorted(xs)
+        if not s:
+            nan = float("nan")
+            return cls(nan, nan, nan, nan, nan, 0)
+        return cls(statistics.median(s), _quantile(s, 0.25), _quantile(s, 0.75), s[0], s[-1], len(s))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"median": self.median, "q1": self.q1, "q3": self.q3, "iqr": self.iqr,
+                "min": self.min, "max": self.max, "n": self.n}
+
+
+@dataclass
+class ModelBench:
+    """One model's race: times of the original and the fused model, their ratio, and the error."""
+
+    model: str
+    arch: "str | None"
+    weights: str
+    input: "InputSpec"
+    bn_found: int
+    bn_folded: int
+    #: BatchNorms left in the fused model, as (layer, reason)
+    bn_left: list[tuple[str, str]]
+    #: the fused model's output against the original's, both in the benchmarked dtype
+    error: "Comparison"
+    tolerance: float
+    #: per-call times in milliseconds, one per timed pair
+    original_ms: list[float]
+    fused_ms: list[float]
+    #: calls of each model per timed sample (more than one only for models faster than ~1 ms)
+    calls_per_sample: int = 1
+    warmup: int = 0
+    fold_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    #: in float16/bfloat16: (original, fused) each against the original run in float32
+    vs_float32: "tuple[Comparison, Comparison] | None" = None
+
+    @property
+    def original(self) -> Stats:
+        return Stats.of(self.original_ms)
+
+    @property
+    def fused(self) -> Stats:
+        return Stats.of(self.fused_ms)
+
+    @property
+    def speedup(self) -> Stats:
+        """Ratios original/fused of each alternating pair (above 1: the fused model is faster)."""
+        return Stats.of([o / f for o, f in zip(self.original_ms, self.fused_ms) if f > 0])
+
+    @property
+    def within_noise(self) -> bool:
+        """The speedup's interquartile range contains 1.0: no difference can be claimed."""
+        s = self.speedup
+        return s.n == 0 or s.q1 <= 1.0 <= s.q3
+
+    @property
+    def correct(self) -> bool:
+        """Fused output within ``tolerance`` of the original's, or, in float16/bfloat16 where both
+        carry rounding error, no further (within 25%) from the float32 output than the original."""
+        if self.error.mismatch is not None:
+            return False
+        if self.error.rel <= self.tolerance:
+            return True
+        if self.vs_float32 is None:
+            return False
+        orig, fused = self.vs_float32
+        return fused.mismatch is None and math.isfinite(fused.rel) and fused.rel <= max(self.tolerance, 1.25 * orig.rel)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "arch": self.arch,
+            "weights": self.weights,
+            "input": self.input.to_dict(),
+            "bn_found": self.bn_found,
+            "bn_folded": self.bn_folded,
+            "bn_left": [{"norm": n, "reason": r} for n, r in self.bn_left],
+            "error": {
+                "max_abs": self.error.max_abs, "rel": self.error.rel, "cosine": self.error.cosine,
+                "mismatch": self.error.mismatch, "tolerance": self.tolerance, "ok": self.correct,
+                "vs_float32": None if self.vs_float32 is None else {
+                    "original_rel": self.vs_float32[0].rel, "fused_rel": self.vs_float32[1].rel,
+                    "original_max_abs": self.vs_float32[0].max_abs, "fused_max_abs": self.vs_float32[1].max_abs,
+                },
+            },
+            "original_ms": self.original.to_dict(),
+            "fused_ms": self.fused.to_dict(),
+            "speedup": self.speedup.to_dict(),
+            "within_noise": self.within_noise,
+            "samples": {"original_ms": self.original_ms, "fused_ms": self.fused_ms},
+            "calls_per_sample": self.calls_per_sample,
+            "warmup": self.warmup,
+            "fold_seconds": self.fold_seconds,
+            "notes": self.notes,
+        }
+
+
+@dataclass
+class BenchReport:
+    """All models' results, the settings they ran under, and the machine."""
+
+    results: list[ModelBench]
+    settings: dict[str, Any]
+    environment: dict[str, Any]
+    date: str = ""
+
+    def slower_than(self, min_speedup: "float | None") -> list[ModelBench]:
+        """Models whose median speedup is below ``min_speedup`` (none when it is None)."""
+        if min_speedup is None:
+            return []
+        return [r for r in self.results if not (r.speedup.median >= min_speedup)]
+
+    def incorrect(self) -> list[ModelBench]:
+        """Models whose fused output differs from the original's by more than the tolerance."""
+        return [r for r in self.results if not r.correct]
+
+    def passed(self, min_speedup: "float | None" = None) -> bool:
+        return not self.incorrect() and not self.slower_than(min_speedup)
+
+    def to_dict(self, min_speedup: "float | None" = None) -> dict[str, Any]:
+        return {
+            "bnfuse_version": __version__,
+            "date": self.date,
+            "environment": self.environment,
+            "settings": self.settings,
+            "min_speedup": min_speedup,
+            "passed": self.passed(min_speedup),
+            "models": [r.to_dict() for r in self.results],
+        }
+
+    def to_markdown(self, min_speedup: "float | None" = None) -> str:
+        """A GitHub-flavoured Markdown table for a CI job summary."""
+        env, st = self.environment, self.settings
+        lines = [
+            "### bnfuse bench",
+            "",
+            f"{env.get('device_name', '?')} ({st.get('device')}), torch {env.get('torch')}, {st.get('dtype')}, "
+            f"{'channels_last, ' if st.get('channels_last') else ''}"
+            f"{'torch.compile, ' if st.get('compile') else ''}{env.get('threads')} threads, "
+            f"{self.date}",
+            "",
+            "| model | input | BN folded | original ms (IQR) | fused ms (IQR) | speedup (IQR) | max abs err | rel err "
+            "| verdict |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for r in self.results:
+            o, f, s = r.original, r.fused, r.speedup
+            lines.append(
+                f"| {r.model} | {'x'.join(map(str, r.input.shape))} | {r.bn_folded}/{r.bn_found} | {o.median:.3f} ({o.iqr:.3f}) | {f.median:.3f} ({f.iqr:.3f}) "
+                f"| {s.median:.3f}x ({s.q1:.3f}-{s.q3:.3f}) | {r.error.max_abs:.2e} | {r.error.rel:.2e} "
+                f"| {verdict(r, min_speedup)} |"
+            )
+        left = [(r.model, n, why) for r in self.results for n, why in r.bn_left]
+        if left:
+            lines += ["", "BatchNorm layers left unfolded:", ""]
+            lines += [f"- {m}: `{n}`: {why}" for m, n, why in left]
+        lines += ["", "Speedup = original time / fused time per alternating pair; median and interquartile range. "
+                  "\"within noise\": the IQR contains 1.0.", ""]
+        return "\n".join(lines)
+
+
+def verdict(r: ModelBench, min_speedup: "float | None" = None) -> str:
+    """One short phrase: wrong output, below the gate, within noise, faster or slower."""
+    if not r.correct:
+        return "WRONG OUTPUT"
+    s = r.speedup
+    if min_speedup is not None and not (s.median >= min_speedup):
+        return f"BELOW {min_speedup:g}x"
+    if r.within_noise:
+        return "within noise"
+    return "faster" if s.median > 1.0 else "slower"
+
+
+# ----------------------------------------------------------------------------- the race
+
+
+class _Timer:
+    """Times ``calls`` calls of a function: perf_counter on CPU, CUDA events on CUDA."""
+
+    def __init__(self, device: "torch.device") -> None:
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.torch = torch
+
+    def __call__(self, fn: Callable[[], Any], calls: int) -> float:
+        """Milliseconds per call."""
+        if self.cuda:
+            cuda = self.torch.cuda
+            start, end = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
+            cuda.synchronize(self.device)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / calls
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / calls
+
+
+def _environment(device: "torch.device") -> dict[str, Any]:
+    import torch
+
+    env = machine_info()
+    env["torch"] = torch.__version__
+    env["threads"] = torch.get_num_threads()
+    env["interop_threads"] = torch.get_num_interop_threads()
+    env["device"] = str(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        env["compute_capability"] = f"{props.major}.{props.minor}"
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+    else:
+        env["device_name"] = env["cpu"]
+    env["backends"] = _backend_flags()
+    return env
+
+
+def _backend_flags() -> dict[str, Any]:
+    import torch
+
+    return {
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "mkldnn_enabled": bool(torch.backends.mkldnn.enabled),
+    }
+
+
+def _bench_spec(src: Any, input_shape: "str | tuple[int, ...] | None", batch_size: "int | None",
+                default_batch: int) -> "InputSpec":
+    from .inputs import InputSpec, infer_spec, parse_shape
+
+    auto = InputSpec.from_dict(src.metadata["input"]) if src.metadata.get("input") else infer_spec(src.model, src.arch)
+    shape = auto.shape
+    if input_shape is not None:
+        shape = parse_shape(input_shape) if isinstance(input_shape, str) else tuple(int(d) for d in input_shape)
+        if auto.kind == "images" and len(shape) == 3:
+            shape = (1, *shape)
+        if batch_size is None:
+            return InputSpec(shape, auto.kind)
+    return InputSpec((batch_size or default_batch, *shape[1:]), auto.kind)
+
+
+def _to_memory_format(x: Any, fmt: Any) -> Any:
+    import torch
+
+    if fmt is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.contiguous(memory_format=fmt) if x.dim() == (4 if fmt is torch.channels_last else 5) else x
+    if isinstance(x, list):
+        return [_to_memory_format(t, fmt) for t in x]
+    return x
+
+
+def _memory_format(spec: "InputSpec", channels_last: bool) -> Any:
+    import torch
+
+    if not channels_last:
+        return None
+    rank = len(spec.shape) + (1 if spec.kind == "images" and len(spec.shape) == 3 else 0)
+    if rank == 4:
+        return torch.channels_last
+    if rank == 5:
+        return torch.channels_last_3d
+    raise UsageError(
+        f"--channels-last needs a 4-D (N,C,H,W) or 5-D input; this model takes {'x'.join(map(str, spec.shape))}"
+    )
+
+
+def _finite(out: Any) -> bool:
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    return all(bool(torch.isfinite(t).all()) for t in tree_flatten(out)[0]
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+def _compiled(model: "nn.Module", name: str) -> Any:
+    import torch
+
+    if not hasattr(torch, "compile"):
+        raise UsageError(f"--compile: torch {torch.__version__} has no torch.compile; run without --compile")
+    return torch.compile(model)
+
+
+def _first_call(fn: Callable[[], Any], name: str, compiled: bool) -> Any:
+    """Run once; a torch.compile failure becomes a clear error instead of a traceback."""
+    if not compiled:
+        return fn()
+    try:
+        return fn()
+    except BnfuseError:
+        raise
+    except Exception as exc:  # compilers fail in many ways; none of them is the user's model's fault
+        first = (str(exc).strip().splitlines() or ["no details"])[0]
+        raise UsageError(
+            f"--compile: torch.compile failed on {name} ({type(exc).__name__}: {first[:300]}). "
+            "It needs a working C/C++ compiler on CPU, or Triton on CUDA; run without --compile"
+        ) from exc
+
+
+def _bench_one(
+    source: str,
+    *,
+    device: "torch.device",
+    dtype: "torch.dtype",
+    arch: "str | None",
+    weights: str,
+    allow_pickle: bool,
+    input_shape: Any,
+    batch_size: "int | None",
+    channels_last: bool,
+    compile: bool,
+    iters: int,
+    warmup: int,
+    time_budget: "float | None",
+    min_sample_ms: float,
+    seed: int,
+    progress: "ProgressFn | None",
+) -> ModelBench:
+    import copy
+    import gc
+
+    import torch
+
+    from .convert import default_tolerance
+    from .graph import analyse
+    from .inputs import InputSpec, as_args, compare, make_input
+    from .loading import load_source
+    from .rewrite import apply_plan
+
+    def tick(what: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(f"{source}: {what}", done, total)
+
+    total = warmup + iters
+    tick("loading", 0, total)
+    src = load_source(source, arch=arch, weights=weights, allow_pickle=allow_pickle)
+    original = src.model.eval()
+    notes = list(src.notes)
+    original.to(torch.float32)
+    spec = _bench_spec(src, input_shape, batch_size, _DEFAULTS[device.type][0])
+    if src.weights == "none":
+        calib = InputSpec((2, *spec.shape[1:]), spec.kind) if spec.kind == "tensor" else spec
+        n = randomize_bn(original, seed=seed, example=as_args(make_input(calib, dtype=torch.float32, seed=seed + 1)))
+        notes.append(f"random weights: the {n} BatchNorm layers got random scale/shift and statistics "
+                     "measured on random input, so the check is not trivial")
+    fmt = _memory_format(spec, channels_last)
+
+    # fold a copy on the CPU in float32 (the fold itself is float64), then cast: a model folded
+    # after a cast to float16 would be folded from rounded statistics
+    tick("folding", 0, total)
+    t0 = time.perf_counter()
+    fused = copy.deepcopy(original)
+    probe = InputSpec((1, *spec.shape[1:]), spec.kind)  # the data flow does not depend on the batch
+    analysis = analyse(fused, as_args(make_input(probe, dtype=torch.float32, seed=seed)))
+    apply_plan(fused, analysis.plan)
+    del analysis.output
+    fold_seconds = time.perf_counter() - t0
+    plan = analysis.plan
+
+    vs32 = None
+    if dtype != torch.float32:  # both reduced-precision models are judged against float32 too
+        tick("float32 reference", 0, total)
+        with torch.inference_mode():
+            x32 = as_args(make_input(spec, dtype=torch.float32, seed=seed))
+            ref32 = original(*x32)
+            vs32 = (ref32, x32)
+    for m in (original, fused):
+        m.to(device=device, dtype=dtype)
+        if fmt is not None:
+            m.to(memory_format=fmt)
+    args = as_args(_to_memory_format(make_input(spec, dtype=dtype, device=device, seed=seed), fmt))
+    run_orig: Any = original
+    run_fused: Any = fused
+    if compile:
+        run_orig, run_fused = _compiled(original, source), _compiled(fused, source)
+
+    timer = _Timer(device)
+    with torch.inference_mode():
+        tick("checking", 0, total)
+        ref = _first_call(lambda: run_orig(*args), source, compile)
+        out = _first_call(lambda: run_fused(*args), source, compile)
+        error = compare(ref, out)
+        if vs32 is not None:
+            vs32 = (compare(vs32[0], ref), compare(vs32[0], out))
+        if not _finite(ref):
+            notes.append(f"the original model's own output is not finite in {str(dtype).replace('torch.', '')}: "
+                         "the error check cannot pass; try float32 or real weights")
+        del ref, out
+
+        def call_orig() -> None:
+            run_orig(*args)
+
+        def call_fused() -> None:
+            run_fused(*args)
+
+        # warm-up, alternating; then the fastest of three probe calls decides how many calls
+        # make one timed sample, so a sub-millisecond model is not timed at the clock's resolution
+        for i in range(warmup):
+            timer(call_orig, 1)
+            timer(call_fused, 1)
+            tick("warm-up", i + 1, total)
+        probe_ms = min(min(timer(call_orig, 1), timer(call_fused, 1)) for _ in range(3))
+        calls = max(1, math.ceil(min_sample_ms / probe_ms)) if probe_ms > 0 else 1
+
+        orig_ms: list[float] = []
+        fused_ms: list[float] = []
+        gc_was_enabled = gc.isenabled()
+        gc.collect()
+        gc.disable()
+        started = time.perf_counter()
+        try:
+            for i in range(iters):
+                # alternate which model goes first, so neither always runs on a warmer machine
+                if i % 2 == 0:
+                    a = timer(call_orig, calls)
+                    b = timer(call_fused, calls)
+                else:
+                    b = timer(call_fused, calls)
+                    a = timer(call_orig, calls)
+                orig_ms.append(a)
+                fused_ms.append(b)
+                tick("timing", warmup + i + 1, total)
+                if (time_budget is not None and 5 <= i + 1 < iters
+                        and time.perf_counter() - started > time_budget):
+                    notes.append(f"time budget of {time_budget:g} s reached after {i + 1} of {iters} pairs")
+                    break
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+    tick("done", total, total)
+    result = ModelBench(
+        model=source,
+        arch=src.arch,
+        weights=src.weights,
+        input=spec,
+        bn_found=len(plan.norms),
+        bn_folded=len(plan.folded_norms),
+        bn_left=[(s.norm, s.reason) for s in plan.skipped],
+        error=error,
+        tolerance=default_tolerance(dtype),
+        original_ms=orig_ms,
+        fused_ms=fused_ms,
+        calls_per_sample=calls,
+        warmup=warmup,
+        fold_seconds=fold_seconds,
+        notes=notes,
+        vs_float32=vs32,
+    )
+    del run_orig, run_fused, original, fused, args
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def bench(
+    models: "Sequence[str] | None" = None,
+    *,
+    device: str = "auto",
+    dtype: str = "float32",
+    batch_size: "int | None" = None,
+    input_shape: "str | tuple[int, ...] | None" = None,
+    channels_last: bool = False,
+    threads: "int | None" = None,
+    iters: "int | None" = None,
+    warmup: "int | None" = None,
+    time_budget: "float | None" = -1.0,
+    compile: bool = False,
+    arch: "str | None" = None,
+    weights: str = "none",
+    allow_pickle: bool = False,
+    min_sample_ms: float = 2.0,
+    seed: int = 0,
+    progress: "ProgressFn | None" = None,
+) -> BenchReport:
+    """Time each model and its fused copy, alternating, and check the fused output.
+
+    ``models`` are torchvision names, ``timm:NAME``, ``pkg.mod:factory`` or checkpoint files
+    (default: :data:`DEFAULT_MODELS`).  A model built with random weights (``weights="none"``,
+    the default, so it runs offline) gets random BatchNorm statistics first.  The fold runs on
+    the CPU in float32 (statistics in float64); both models are then cast to ``dtype`` and
+    moved to ``device``.  Each of ``iters`` timed pairs runs both models once (or a few times,
+    for models faster than ``min_sample_ms``) after ``warmup`` untimed pairs; a model stops
+    early after ``time_budget`` seconds of timing (``-1``: the device default, None: no limit),
+    with at least 5 pairs.  ``threads`` sets torch's intra-op threads for the run only.
+    """
+    import torch
+
+    dev = resolve_device(device)
+    dt = parse_dtype(dtype)
+    d_batch, d_iters, d_warmup, d_budget = _DEFAULTS[dev.type]
+    iters = d_iters if iters is None else iters
+    warmup = d_warmup if warmup is None else warmup
+    budget = d_budget if time_budget is not None and time_budget < 0 else time_budget
+    for name, value, low in (("--iters", iters, 1), ("--warmup", warmup, 0), ("--batch-size", batch_size, 1),
+                             ("--threads", threads, 1)):
+        if value is not None and value < low:
+            raise UsageError(f"{name} {value}: must be at least {low}")
+    if budget is not None and budget <= 0:
+        raise UsageError(f"--time-budget {budget:g}: must be positive (seconds of timing per model)")
+    if compile:
+        warmup = max(warmup, 2)  # the first calls compile
+    sources = list(models) if models else list(DEFAULT_MODELS)
+    if arch is not None and len(sources) > 1:
+        raise UsageError("--arch applies to one checkpoint: bench one state_dict at a time with --arch")
+
+    old_threads = torch.get_num_threads()
+    flags_before = _backend_flags()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        results = []
+        for src in sources:
+            results.append(_bench_one(
+                src, device=dev, dtype=dt, arch=arch, weights=weights, allow_pickle=allow_pickle,
+                input_shape=input_shape, batch_size=batch_size, channels_last=channels_last, compile=compile,
+                iters=iters, warmup=warmup, time_budget=budget, min_sample_ms=min_sample_ms, seed=seed,
+                progress=progress,
+            ))
+        env = _environment(dev)
+        if _backend_flags() != flags_before:  # pragma: no cover - a model changed global flags
+            results[-1].notes.append("backend flags (TF32/cudnn.benchmark) changed during the run")
+    finally:
+        if threads is not None:
+            torch.set_num_threads(old_threads)
+    settings = {
+        "device": str(dev),
+        "dtype": str(dt).replace("torch.", ""),
+        "batch_size": batch_size if batch_size is not None else (None if input_shape else d_batch),
+        "input_shape": input_shape if isinstance(input_shape, (str, type(None))) else list(input_shape),
+        "channels_last": channels_last,
+        "threads": threads,
+        "compile": compile,
+        "iters": iters,
+        "warmup": warmup,
+        "time_budget_s": budget,
+        "min_sample_ms": min_sample_ms,
+        "weights": weights,
+        "seed": seed,
+        "argv": sys.argv[1:],
+    }
+    date = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return BenchReport(results=results, settings=settings, environment=env, date=date)

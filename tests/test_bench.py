@@ -1,0 +1,245 @@
+"""``bnfuse bench``: the report, its JSON and Markdown, exit codes, and the correctness check.
+
+Timing values are never asserted (they depend on the machine); their structure is.  Models are
+the tiny ones in ``bench_tiny.py`` with a few iterations, so the whole file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bnfuse_cli.bench import DEFAULT_MODELS, ModelBench, Stats, bench, randomize_bn, resolve_device, verdict
+from bnfuse_cli.cli import app
+from bnfuse_cli.inputs import Comparison, InputSpec
+
+from bench_tiny import TinyCNN
+from conftest import ROOT, randomize_bn as randomize_bn_test, run_bnfuse
+
+TINY = "bench_tiny:tiny_cnn"
+RESIDUAL = "bench_tiny:tiny_residual"
+FAST = ["--device", "cpu", "--iters", "3", "--warmup", "1", "--input-shape", "1,3,16,16"]
+
+runner = CliRunner()
+
+
+def _cli(*args: str):
+    return runner.invoke(app, ["bench", *args])
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_stats_quartiles_match_torch_quantile() -> None:
+    xs = [3.0, 1.0, 4.0, 1.5, 5.0, 9.0, 2.0, 6.0]
+    s = Stats.of(xs)
+    t = torch.tensor(xs, dtype=torch.float64)
+    assert s.median == pytest.approx(float(t.quantile(0.5)))
+    assert s.q1 == pytest.approx(float(t.quantile(0.25)))
+    assert s.q3 == pytest.approx(float(t.quantile(0.75)))
+    assert s.iqr == pytest.approx(s.q3 - s.q1)
+    assert (s.min, s.max, s.n) == (1.0, 9.0, 8)
+
+
+def _result(orig: list[float], fused: list[float], rel: float = 0.0) -> ModelBench:
+    return ModelBench(model="m", arch="m", weights="none", input=InputSpec((1, 3, 8, 8)), bn_found=1, bn_folded=1,
+                      bn_left=[], error=Comparison(rel, rel, 1.0), tolerance=1e-4, original_ms=orig, fused_ms=fused)
+
+
+def test_within_noise_when_speedup_iqr_contains_one() -> None:
+    noisy = _result([1.0, 1.0, 1.0, 1.0], [0.8, 1.2, 0.9, 1.1])
+    assert noisy.speedup.q1 < 1.0 < noisy.speedup.q3
+    assert noisy.within_noise and verdict(noisy) == "within noise"
+    clear = _result([2.0, 2.1, 1.9, 2.0], [1.0, 1.0, 1.0, 1.0])
+    assert not clear.within_noise and verdict(clear) == "faster"
+    assert verdict(clear, 5.0).startswith("BELOW")
+    assert verdict(_result([2.0], [1.0], rel=0.5)) == "WRONG OUTPUT"
+
+
+# ----------------------------------------------------------------------------- library
+
+
+def test_randomize_bn_measures_statistics_on_the_example() -> None:
+    model = TinyCNN().eval()
+    x = torch.randn(4, 3, 8, 8)
+    n = randomize_bn(model, seed=3, example=(x,))
+    assert n == 3
+    assert not model.training and not model.bn1.training
+    with torch.no_grad():
+        y = model.conv1(x)
+    assert torch.allclose(model.bn1.running_mean, y.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(model.bn1.running_var, y.var((0, 2, 3), unbiased=True), rtol=1e-4)
+    assert model.bn1.momentum == 0.1  # restored
+    assert not torch.allclose(model.bn1.weight, torch.ones(8))
+
+
+def test_randomize_bn_without_example_moves_away_from_identity() -> None:
+    model = TinyCNN()
+    randomize_bn(model, seed=1)
+    for bn in (model.bn1, model.bn2, model.bn3):
+        assert not torch.allclose(bn.running_mean, torch.zeros_like(bn.running_mean))
+        assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+        assert (bn.running_var > 0).all()
+
+
+def test_bench_library_report() -> None:
+    seen: list[tuple[str, int, int]] = []
+    report = bench([TINY, RESIDUAL], device="cpu", iters=3, warmup=1, input_shape="1,3,16,16",
+                   progress=lambda d, a, b: seen.append((d, a, b)))
+    assert [r.model for r in report.results] == [TINY, RESIDUAL]
+    tiny, res = report.results
+    assert (tiny.bn_found, tiny.bn_folded, tiny.bn_left) == (3, 3, [])
+    assert res.bn_folded == 1 and [n for n, _ in res.bn_left] == ["bn_after_add"]
+    for r in report.results:
+        assert r.correct and r.error.rel <= r.tolerance
+        assert len(r.original_ms) == len(r.fused_ms) == 3
+        assert all(t > 0 for t in r.original_ms + r.fused_ms)
+        assert r.calls_per_sample >= 1
+        assert any("random weights" in n for n in r.notes)
+    assert seen and seen[-1][1] == seen[-1][2]
+    assert report.passed(0.0) and not report.passed(1e9)
+    assert report.environment["device"] == "cpu" and report.environment["torch"] == torch.__version__
+
+
+def test_bench_catches_a_wrong_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bnfuse_cli.rewrite as rewrite
+
+    real = rewrite.apply_plan
+
+    def broken(model, plan):  # noqa: ANN001, ANN202
+        real(model, plan)
+        with torch.no_grad():
+            model.conv2.weight.mul_(1.1)
+
+    monkeypatch.setattr(rewrite, "apply_plan", broken)
+    report = bench([TINY], device="cpu", iters=2, warmup=0, input_shape="1,3,16,16")
+    (r,) = report.results
+    assert not r.correct and r.error.rel > r.tolerance
+    assert report.incorrect() == [r] and not report.passed()
+    result = _cli(TINY, *FAST, "--min-speedup", "0")
+    assert result.exit_code == 1, result.output
+    assert "differs from the original" in result.output
+
+
+def test_reduced_precision_is_judged_against_float32() -> None:
+    report = bench([TINY], device="cpu", dtype="bfloat16", iters=2, warmup=0, input_shape="1,3,16,16")
+    (r,) = report.results
+    assert r.vs_float32 is not None
+    orig, fused = r.vs_float32
+    assert orig.rel > 0 and math.isfinite(fused.rel)
+    assert r.correct
+    assert r.to_dict()["error"]["vs_float32"]["fused_rel"] == fused.rel
+
+
+def test_checkpoint_source_is_not_rerandomised(tmp_path) -> None:  # noqa: ANN001
+    model = randomize_bn_test(TinyCNN(), seed=5).eval()
+    path = tmp_path / "tiny.pth"
+    torch.save(model.state_dict(), path)
+    report = bench([str(path)], arch=TINY, device="cpu", iters=2, warmup=0, input_shape="1,3,16,16")
+    (r,) = report.results
+    assert r.weights == "file" and r.bn_folded == 3 and r.correct
+    assert not any("random weights" in n for n in r.notes)
+
+
+def test_default_models_are_torchvision_names() -> None:
+    from bnfuse_cli.models import torchvision_names
+
+    assert len(DEFAULT_MODELS) >= 4 and set(DEFAULT_MODELS) <= set(torchvision_names())
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+JSON_MODEL_KEYS = {"model", "arch", "weights", "input", "bn_found", "bn_folded", "bn_left", "error", "original_ms",
+                   "fused_ms", "speedup", "within_noise", "samples", "calls_per_sample", "warmup", "fold_seconds",
+                   "notes"}
+STATS_KEYS = {"median", "q1", "q3", "iqr", "min", "max", "n"}
+
+
+def test_cli_json_and_markdown(tmp_path) -> None:  # noqa: ANN001
+    jf, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    result = _cli(TINY, RESIDUAL, *FAST, "--json", str(jf), "--markdown", str(md), "--min-speedup", "0")
+    assert result.exit_code == 0, result.output
+    assert "bn_after_add" in result.output  # the BN left unfolded is listed
+    data = json.loads(jf.read_text())
+    assert {"bnfuse_version", "date", "environment", "settings", "min_speedup", "passed", "models"} <= set(data)
+    assert data["passed"] is True and data["min_speedup"] == 0
+    env = data["environment"]
+    assert {"torch", "device", "device_name", "threads", "cpu", "cores", "backends"} <= set(env)
+    assert {"cudnn_benchmark", "cudnn_allow_tf32", "cuda_matmul_allow_tf32"} <= set(env["backends"])
+    st = data["settings"]
+    assert st["device"] == "cpu" and st["dtype"] == "float32" and st["iters"] == 3 and st["warmup"] == 1
+    assert [m["model"] for m in data["models"]] == [TINY, RESIDUAL]
+    for m in data["models"]:
+        assert JSON_MODEL_KEYS <= set(m)
+        for key in ("original_ms", "fused_ms", "speedup"):
+            assert STATS_KEYS <= set(m[key]) and m[key]["n"] == 3
+        assert len(m["samples"]["original_ms"]) == 3
+        assert m["error"]["ok"] is True and m["error"]["rel"] <= m["error"]["tolerance"]
+        assert isinstance(m["within_noise"], bool)
+    assert data["models"][1]["bn_left"][0]["norm"] == "bn_after_add"
+    text = md.read_text()
+    assert text.count(f"| {TINY} |") == 1 and f"| {RESIDUAL} |" in text
+    assert "| --- |" in text and "`bn_after_add`" in text
+
+
+def test_cli_min_speedup_exit_codes() -> None:
+    slow = _cli(TINY, *FAST, "--min-speedup", "1000")
+    assert slow.exit_code == 1, slow.output
+    assert "below --min-speedup 1000" in slow.output
+    ok = _cli(TINY, *FAST, "--min-speedup", "0")
+    assert ok.exit_code == 0, ok.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dtype", "float8"], "--dtype 'float8'"),
+        (["--iters", "0"], "--iters 0"),
+        (["--device", "tpu"], "--device 'tpu'"),
+        (["--time-budget", "-1"], "--time-budget"),
+    ],
+)
+def test_cli_usage_errors_exit_2(args: list[str], message: str) -> None:
+    result = _cli(TINY, *FAST, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_cli_unknown_model_exit_2() -> None:
+    result = _cli("resnet_does_not_exist", *FAST)
+    assert result.exit_code == 2 and "unknown model" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: the no-CUDA error cannot happen")
+def test_no_cuda_is_a_clear_error_from_the_real_entry_point() -> None:
+    proc = run_bnfuse("bench", TINY, "--device", "cuda", "--iters", "1", cwd=ROOT / "tests")
+    assert proc.returncode == 2, proc.stderr
+    assert "CUDA is not available" in proc.stderr and "--device cpu" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_no_cuda_raises_device_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnfuse_cli.errors import DeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.gpu
+def test_bench_on_cuda() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    report = bench([TINY], device="cuda", dtype="float16", channels_last=True, batch_size=4, iters=5, warmup=2,
+                   input_shape="1,3,32,32")
+    (r,) = report.results
+    assert report.environment["device_name"] == torch.cuda.get_device_name()
+    assert report.settings["device"].startswith("cuda")
+    assert r.correct and r.bn_folded == 3 and len(r.original_ms) == 5
+    assert r.input.shape == (4, 3, 32, 32)
