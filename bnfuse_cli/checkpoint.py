@@ -25,13 +25,30 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["Checkpoint", "read_checkpoint", "write_checkpoint", "NESTED_KEYS", "SUFFIXES"]
+__all__ = [
+    "Checkpoint",
+    "read_checkpoint",
+    "read_object",
+    "write_checkpoint",
+    "check_output_path",
+    "NESTED_KEYS",
+    "SUFFIXES",
+]
 
 #: where training checkpoints keep the weights, in the order they are tried
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "state_dict_ema", "model_ema", "ema")
 #: prefixes added by DataParallel/DDP and torch.compile
 PREFIXES = ("module.", "_orig_mod.")
-SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+#: suffixes read as checkpoints (".tar" for the common "model_best.pth.tar")
+SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".safetensors")
+#: what other suffixes usually are, to say so when refusing them
+_FOREIGN = {
+    ".h5": "a Keras/HDF5 file", ".keras": "a Keras model", ".onnx": "an ONNX model",
+    ".pb": "a TensorFlow graph", ".tflite": "a TensorFlow Lite model", ".npz": "a NumPy archive",
+    ".npy": "a NumPy array", ".json": "a JSON file", ".txt": "a text file", ".yaml": "a YAML file",
+    ".yml": "a YAML file", ".pkl": "a raw pickle", ".pickle": "a raw pickle", ".pt2": "a torch.export archive",
+    ".gguf": "a GGUF file", ".zip": "a zip archive",
+}
 META_KEY = "bnfuse"
 
 
@@ -48,55 +65,130 @@ class Checkpoint:
     notes: list[str] = field(default_factory=list)
 
 
-def _check_file(path: Path) -> None:
+def _check_file(path: Path, *, what: str = "checkpoint", suffixes: "tuple[str, ...]" = SUFFIXES) -> None:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
-    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is a directory, not a {what} file")
+    if path.suffix.lower() not in suffixes:
+        kind = _FOREIGN.get(path.suffix.lower())
+        raise CheckpointError(
+            f"{path}: unknown {what} suffix {path.suffix or '(none)'!r}"
+            + (f" (usually {kind}, which bnfuse does not read)" if kind else "")
+            + f". bnfuse reads PyTorch files ({', '.join(s for s in suffixes if s != '.safetensors')}) and "
+            ".safetensors; if this really is one of those, rename it with the right suffix"
+        )
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): the file was not written completely")
+    if _looks_like_text(head):
+        raise CheckpointError(
+            f"{path} is a text file (it starts with {head[:24].decode('utf-8', 'replace')!r}), not a {what}: "
+            "PyTorch and safetensors files are binary. Check that the path points at the weights file "
+            "(a git-lfs pointer or a download error page also look like this)"
+        )
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """JSON, YAML, HTML, a git-lfs pointer...: printable UTF-8 with no control bytes."""
+    # zip (PK\x03\x04), pickle (\x80) and .safetensors (an 8-byte length with zero bytes) never pass
+    for cut in range(4):  # the 64-byte window may end inside a multi-byte character
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return bool(text) and all(c.isprintable() or c in "\t\r\n" for c in text)
+    return False
 
 
 def _is_torchscript(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError):
+    except Exception:  # noqa: BLE001 - a damaged zip directory raises anything; torch.load reports it
         return False
     return any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in names)
 
 
 def _torch_load(path: Path, allow_pickle: bool) -> Any:
     import pickle
+    import warnings
 
     import torch
 
     zipped = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4" and similar are noise here
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
-        if "GLOBAL" not in msg:
+        raw = None if zipped else _raw_pickle_protocol(path)
+        if "GLOBAL" not in msg and "allowlisted" not in msg and raw is None:
             raise CheckpointError(
                 f"{path} is not a PyTorch checkpoint (or it is corrupt): {_first_line(msg, 'WeightsUnpickler error:')}"
             ) from exc
         if not allow_pickle:
-            detail = msg[msg.find("GLOBAL"):].split("\n", 1)[0].rstrip(". ")
+            what = (f"it needs {_unsafe_detail(msg)}" if raw is None else
+                    f"it is a plain Python pickle (protocol {raw}, not written by torch.save) that only full "
+                    "unpickling can read")
             raise UnsafeCheckpointError(
-                f"{path} is a full pickle ({detail}): loading it runs code stored in the file, which can "
-                "do anything a program you run can do. bnfuse refused and nothing in it was executed. "
-                "If you trust where it came from, pass --allow-pickle (allow_pickle=True in Python); "
-                "better, ask for a state_dict or .safetensors file"
+                f"{path} is a full pickle: {what}, and loading it runs code stored in "
+                "the file, which can do anything a program you run can do (delete files, steal keys). "
+                "bnfuse refused and nothing in it was executed. If you trust where it came from, pass "
+                "--allow-pickle (allow_pickle=True in Python); better, ask for a state_dict or .safetensors file"
             ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # noqa: BLE001 - the safe loader runs no file code: any failure is a bad file
+        # garbage makes the unpickler raise KeyError, IndexError, struct.error, ...; a cut zip RuntimeError
         raise CheckpointError(
             f"{path} cannot be read as a PyTorch checkpoint: it is truncated or corrupt "
-            f"({_first_line(str(exc))})"
+            f"({type(exc).__name__}: {_first_line(str(exc))})"
         ) from exc
+    import sys
+
+    if os.getcwd() not in sys.path and "" not in sys.path:  # the pickled classes may live in the user's project
+        sys.path.insert(0, os.getcwd())
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        if not zipped and _raw_pickle_protocol(path) is not None:  # pickle.dump, not torch.save
+            with open(path, "rb") as fh:
+                return pickle.load(fh)  # noqa: S301 - the user passed --allow-pickle
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as exc:
+        raise CheckpointError(
+            f"{path}: unpickling needs the module {exc.name!r}, which cannot be imported: run bnfuse from "
+            "your project's directory or add it to PYTHONPATH (the pickle stores a reference to the "
+            "model's class, not its code)"
+        ) from exc
     except Exception as exc:  # arbitrary code ran; report what it raised
         raise CheckpointError(f"{path}: unpickling failed: {type(exc).__name__}: {_first_line(str(exc))}") from exc
+
+
+def _raw_pickle_protocol(path: Path) -> "int | None":
+    """The protocol of a file written by ``pickle.dump`` (3 or more); torch's own format uses 2."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+    except OSError:
+        return None
+    return head[1] if len(head) == 2 and head[0] == 0x80 and 3 <= head[1] <= 5 else None
+
+
+def _unsafe_detail(msg: str) -> str:
+    """``GLOBAL torchvision.models.resnet.ResNet`` from torch's long weights_only message."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", msg)
+    if found:
+        return f"the Python object {found.group(1)}"
+    found = re.search(r"but got (<class '[\w.]+'>|\S+)", msg)
+    return f"the Python object {found.group(1)}" if found else "Python objects other than tensors"
 
 
 def _first_line(msg: str, after: str = "") -> str:
@@ -138,13 +230,16 @@ def _classify(path: Path, obj: Any) -> Checkpoint:
         return Checkpoint(path, "state_dict", state_dict=_strip_prefixes(obj, notes), notes=notes)
     for key in NESTED_KEYS:
         inner = obj.get(key)
+        others = [k for k in NESTED_KEYS if k != key and k in obj and isinstance(obj[k], (dict, nn.Module))]
+        also = f" (the file also has {', '.join(map(repr, others))}, not used)" if others else ""
         if isinstance(inner, nn.Module):
-            return Checkpoint(path, "module", module=inner, metadata=meta, notes=[f"used the module under {key!r}"])
+            return Checkpoint(path, "module", module=inner, metadata=meta,
+                              notes=[f"used the module under {key!r}{also}"])
         if isinstance(inner, dict):
             tensors = {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
             if tensors:
                 if key != "state_dict" or not meta:
-                    notes.append(f"used the weights under {key!r}")
+                    notes.append(f"used the weights under {key!r}{also}")
                 return Checkpoint(path, "state_dict", state_dict=_strip_prefixes(tensors, notes),
                                   metadata=meta, notes=notes)
     keys = ", ".join(map(repr, list(obj)[:8])) or "none"
@@ -162,13 +257,17 @@ def read_checkpoint(path: "str | os.PathLike[str]", *, allow_pickle: bool = Fals
     """
     path = Path(path)
     _check_file(path)
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         return _read_safetensors(path)
     if _is_torchscript(path):
+        import warnings
+
         import torch
 
         try:
-            scripted = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():  # "torch.jit.load is deprecated": the user cannot act on it here
+                warnings.simplefilter("ignore", FutureWarning)
+                scripted = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise CheckpointError(f"{path} is a corrupt TorchScript archive: {_first_line(str(exc))}") from exc
         return Checkpoint(path, "torchscript", state_dict=dict(scripted.state_dict()),
@@ -198,6 +297,25 @@ def _read_safetensors(path: Path) -> Checkpoint:
     return Checkpoint(path, "state_dict", state_dict=_strip_prefixes(sd, notes), metadata=meta, notes=notes)
 
 
+def read_object(path: "str | os.PathLike[str]", *, allow_pickle: bool = False, what: str = "data") -> Any:
+    """The raw object stored in a .pt/.pth (tensors, dicts, lists, tuples) or .safetensors file.
+
+    For files that are not models, such as ``bnfuse verify --data``: the same safety rules as
+    :func:`read_checkpoint` (no pickle code runs unless ``allow_pickle``), no unwrapping.
+    """
+    path = Path(path)
+    _check_file(path, what=what)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is not a valid .safetensors file (truncated or corrupt): {exc}") from exc
+    return _torch_load(path, allow_pickle)
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -217,8 +335,16 @@ def check_output_path(output: Path, *, inputs: "list[Path]" = (), force: bool = 
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"cannot write {output}: the directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write {output}: the directory {parent} is not writable")
+    # a real probe: os.access says yes to root on read-only file systems and /sys
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{output.stem}.probe-", dir=parent)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {output}: the directory {parent} is not writable ({exc.strerror or exc}); "
+            "choose another -o"
+        ) from exc
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _safetensors_ready(sd: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
@@ -235,21 +361,53 @@ def _safetensors_ready(sd: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor
     return out
 
 
-def _verify_written(tmp: Path, expected: dict[str, "torch.Tensor"], form: str, final: Path) -> None:
-    if form == "module":
-        import torch
+def _read_back(tmp: Path, form: str) -> "tuple[dict[str, torch.Tensor], dict[str, Any]]":
+    """The state_dict and metadata exactly as stored (no prefix stripping, no unwrapping)."""
+    import torch
 
+    if tmp.suffix == ".safetensors":
+        from safetensors.torch import load_file, safe_open
+
+        with safe_open(str(tmp), framework="pt") as f:
+            raw = f.metadata() or {}
+        return load_file(str(tmp), device="cpu"), json.loads(raw.get(META_KEY, "{}"))
+    if form == "module":
         obj = torch.load(tmp, map_location="cpu", weights_only=False)  # our own file, just written
-        got = obj.state_dict()
-    else:
-        got = read_checkpoint(tmp).state_dict or {}
+        return obj.state_dict(), {}
+    obj = torch.load(tmp, map_location="cpu", weights_only=True)
+    return obj["state_dict"], obj.get(META_KEY, {})
+
+
+def _same(a: "torch.Tensor", b: "torch.Tensor") -> bool:
+    import torch
+
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if a.is_floating_point():
+        return bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
+    return torch.equal(a, b)
+
+
+def _verify_written(tmp: Path, expected: dict[str, "torch.Tensor"], metadata: dict[str, Any], form: str,
+                    final: Path) -> None:
+    """Read the temporary file back and compare every tensor bit for bit, and the metadata."""
+    try:
+        got, meta = _read_back(tmp, form)
+    except Exception as exc:  # anything unreadable in a file we just wrote is a failed write
+        raise OutputError(
+            f"writing {final} failed the read-back check: the file cannot be read back ({type(exc).__name__}: "
+            f"{_first_line(str(exc))}); the previous file, if any, is untouched"
+        ) from exc
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
-    bad = [k for k in expected if k in got and tuple(got[k].shape) != tuple(expected[k].shape)]
-    if missing or extra or bad:
+    bad = [k for k in expected if k in got and not _same(got[k], expected[k])]
+    meta_ok = form == "module" or json.loads(json.dumps(metadata, default=str)) == meta
+    if missing or extra or bad or not meta_ok:
         raise OutputError(
             f"writing {final} failed the read-back check (missing {missing[:5]}, unexpected {extra[:5]}, "
-            f"wrong shapes {bad[:5]}); the previous file, if any, is untouched"
+            f"different values or shapes {bad[:5]}{'' if meta_ok else ', different metadata'}); "
+            "the previous file, if any, is untouched"
         )
 
 
@@ -273,7 +431,13 @@ def write_checkpoint(
     form = "module" if module is not None else "state_dict"
     if form == "module" and output.suffix == ".safetensors":
         raise OutputError(f"{output}: a whole pickled module cannot be stored as .safetensors; use .pth")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.stem}.tmp-", suffix=output.suffix, dir=output.parent or ".")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.stem}.tmp-", suffix=output.suffix,
+                                        dir=str(output.parent) or ".")
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {output}: {exc.strerror or exc} in the directory {output.parent}; choose another -o"
+        ) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     umask = os.umask(0)
@@ -295,8 +459,11 @@ def write_checkpoint(
             raise OutputError(f"cannot write {output}: {exc.strerror or exc} (nothing was left behind)") from exc
         if _after_write is not None:
             _after_write(tmp)
-        _verify_written(tmp, state_dict, form, output)
-        os.replace(tmp, output)
+        _verify_written(tmp, state_dict, metadata, form, output)
+        try:
+            os.replace(tmp, output)
+        except OSError as exc:
+            raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

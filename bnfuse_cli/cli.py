@@ -228,6 +228,90 @@ def inspect(
     _run(run)
 
 
+def _verify_table(r: Any, *, verbose: bool) -> Table:
+    t = Table(title=f"bnfuse verify {r.orig} vs {r.fused}", title_justify="left", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(overflow="fold")
+    t.add_row("original", f"{r.orig_kind}, {r.arch or '(pickled module)'}")
+    t.add_row("fused", f"{r.fused_kind}, {r.fused_arch or '(pickled module)'}")
+    st = r.structure
+    removed = st.removed
+    t.add_row("BatchNorm layers", f"{len(st.bn_orig)} -> {len(st.bn_fused)} ({len(removed)} removed)")
+    if verbose and removed:
+        t.add_row("removed", ", ".join(removed))
+    if verbose and st.bn_fused:
+        t.add_row("remaining", ", ".join(st.bn_fused))
+    t.add_row("parameters", f"{_fmt_count(st.params_orig)} -> {_fmt_count(st.params_fused)}")
+    t.add_row("buffers", f"{_fmt_count(st.buffers_orig)} -> {_fmt_count(st.buffers_fused)}")
+    t.add_row("tolerance", f"max |orig - fused| <= {r.atol:g} + {r.rtol:g} x max |orig| per output ({r.dtype})")
+
+    def errors(label: str, c: Any, worst: float, agreement: Any, rows: int) -> None:
+        if c.mismatch:
+            t.add_row(label, f"[red]{c.mismatch}[/red]")
+            return
+        t.add_row(label, f"max abs error {c.max_abs:.3g}, relative error {c.rel:.3g}, cosine {c.cosine:.9f}, "
+                         f"{worst:.2%} of tolerance used")
+        if agreement is not None:
+            t.add_row("", f"top-1 agreement {agreement:.2%} ({rows} rows)")
+
+    if r.samples:
+        errors(f"{r.samples} random inputs", r.error, r.worst, r.top1_agreement, r.top1_rows)
+        t.add_row("", f"{r.input.kind} {'x'.join(map(str, r.input.shape))}, seeds {r.seed}..{r.seed + r.samples - 1}")
+    if r.data is not None:
+        d = r.data
+        errors(f"data ({d.count} inputs)", d.error, d.worst, d.agreement, d.count)
+        if d.accuracy_orig is not None:
+            t.add_row("accuracy", f"{d.accuracy_orig:.2%} original, {d.accuracy_fused:.2%} fused")
+    t.add_row("time", f"{r.seconds.get('total', 0):.2f} s (load {r.seconds.get('load', 0):.2f} s)")
+    return t
+
+
+@app.command()
+def verify(
+    orig: Annotated[str, typer.Argument(help="The original: checkpoint file or torchvision model name.", show_default=False)],
+    fused: Annotated[str, typer.Argument(help="The fused checkpoint (from bnfuse convert, or any checkpoint form).", show_default=False)],
+    arch: ArchOpt = None,
+    weights: WeightsOpt = "default",
+    input_shape: ShapeOpt = None,
+    samples: Annotated[int, typer.Option("--samples", min=0, help="Number of seeded random inputs.")] = 3,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the first random input.")] = 0,
+    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance, of each output's largest magnitude (default by dtype; 1e-4 for float32).")] = None,
+    atol: Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance (default by dtype; 1e-6 for float32).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Tensor file of real inputs: a tensor, {'inputs': T, 'labels': T} or (inputs, labels).", dir_okay=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Inputs per forward pass with --data.")] = 256,
+    allow_pickle: PickleOpt = False,
+    json_file: JsonOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List the BatchNorm layers removed and remaining.")] = False,
+) -> None:
+    """Check that FUSED computes what ORIG computes, and what changed in its structure.
+
+    Runs both models on seeded random inputs (and on --data, with accuracy when it has labels) and
+    reports max abs error, relative error, cosine similarity, top-1 agreement for classifier logits,
+    the BatchNorm layers removed and both parameter counts.  Exit 0: within tolerance
+    (max |orig - fused| <= atol + rtol * max |orig|, per output); 1: the outputs differ; 2: error.
+    --arch applies to a file holding only a state_dict; bnfuse outputs carry their own.
+    """
+
+    def run() -> Any:
+        from .verify import verify as verify_fn
+
+        r = verify_fn(orig, fused, arch=arch, weights=weights, input_shape=input_shape, samples=samples, seed=seed,
+                      rtol=rtol, atol=atol, data=data, batch_size=batch_size, allow_pickle=allow_pickle)
+        out.print(_verify_table(r, verbose=verbose))
+        for note in r.notes:
+            err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        _write_json(json_file, r.to_dict())
+        return r
+
+    report = _run(run)
+    if report.ok:
+        out.print("[bold green]OK[/bold green]: the fused model matches the original within tolerance")
+    else:
+        out.print("[bold red]DIFFERENT[/bold red]: the fused model's outputs differ from the original's "
+                  "beyond the tolerance (exit 1)", highlight=False)
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
 # ----------------------------------------------------------------------------- bench
 
 

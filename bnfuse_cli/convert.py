@@ -19,7 +19,7 @@ from .rewrite import apply_plan
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["ConvertReport", "convert", "inspect", "count_tensors", "default_tolerance"]
+__all__ = ["ConvertReport", "convert", "inspect", "count_tensors", "default_tolerance", "input_spec"]
 
 
 @dataclass
@@ -91,14 +91,25 @@ def default_tolerance(dtype: Any) -> float:
     return {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float64: 1e-9}.get(dtype, 1e-4)
 
 
-def _spec(src: Source, input_shape: "str | tuple[int, ...] | None") -> InputSpec:
-    auto = infer_spec(src.model, src.arch) if not src.metadata.get("input") else InputSpec.from_dict(src.metadata["input"])
+def input_spec(src: Source, input_shape: "str | tuple[int, ...] | None" = None) -> InputSpec:
+    """The input for the checks: ``input_shape``, else the one recorded by an earlier conversion,
+    else the model's own ``example_input_shape`` attribute, else inferred from its first layer."""
+    declared = getattr(src.model, "example_input_shape", None)
+    if src.metadata.get("input"):
+        auto = InputSpec.from_dict(src.metadata["input"])
+    elif isinstance(declared, (tuple, list)) and declared and all(isinstance(d, int) and d > 0 for d in declared):
+        auto = InputSpec(tuple(declared))
+    else:
+        auto = infer_spec(src.model, src.arch)
     if input_shape is None:
         return auto
     shape = parse_shape(input_shape) if isinstance(input_shape, str) else tuple(input_shape)
     if auto.kind == "images" and len(shape) == 3:
         shape = (1, *shape)
     return InputSpec(shape, auto.kind)
+
+
+_spec = input_spec
 
 
 def inspect(source: str, *, arch: "str | None" = None, weights: str = "default", input_shape: Any = None,
@@ -137,6 +148,8 @@ def convert(
     out_path = Path(output) if output is not None else None
     if save_as not in (None, "module", "state-dict"):
         raise UsageError(f"--save-as {save_as!r}: choose module or state-dict")
+    if save_as == "module" and out_path is not None and out_path.suffix == ".safetensors":
+        raise UsageError(f"--save-as module needs a .pth output: .safetensors holds tensors only ({out_path})")
     if out_path is not None:
         check_output_path(out_path, inputs=[Path(str(source))], force=force)
     src = load_source(source, arch=arch, weights=weights, allow_pickle=allow_pickle)
@@ -173,11 +186,12 @@ def convert(
             "This is a bug in bnfuse or a model it does not understand: please report it with the model"
         )
     if out_path is not None:
-        form = save_as or ("module" if src.kind == "module" else "state-dict")
+        # mirror the input: a pickled module stays one, except in .safetensors (tensors only)
+        form = save_as or ("module" if src.kind == "module" and out_path.suffix != ".safetensors" else "state-dict")
         if form == "state-dict" and not src.arch:
             raise UsageError(
-                f"{source} is a pickled module of unknown architecture: a state_dict output could not be "
-                "rebuilt; pass --arch, or use --save-as module"
+                f"{source} is a pickled module of unknown architecture: a state_dict output ({out_path.name}) "
+                "could not be rebuilt; pass --arch, or write a .pth with --save-as module"
             )
         meta = {
             "format": "bnfuse",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .checkpoint import Checkpoint, read_checkpoint
 from .errors import CheckpointError, SourceError, UsageError
 from .graph import Fold
-from .models import build, is_arch_name
+from .models import build
 
 if TYPE_CHECKING:
     import torch
@@ -41,14 +41,36 @@ def _dominant_dtype(sd: "dict[str, torch.Tensor]") -> "torch.dtype | None":
     return max(counts, key=counts.__getitem__) if counts else None
 
 
-def load_state_dict_strict(model: "nn.Module", sd: "dict[str, torch.Tensor]", *, what: str, arch: str) -> None:
-    """Load strictly; a mismatch lists the missing and unexpected keys (never a silent partial load)."""
+def _strip_wrapper_prefix(expected: "set[str]", sd: "dict[str, Any]") -> "tuple[dict[str, Any], str | None]":
+    """Drop a leading ``model.`` (Lightning) or other wrapper attribute shared by every key when
+    the keys then match the architecture better (so a remaining mismatch names the real keys)."""
+    if set(sd) == expected or not sd:
+        return sd, None
+    first = {k.split(".", 1)[0] for k in sd}
+    if len(first) != 1 or not all("." in k for k in sd):
+        return sd, None
+    prefix = next(iter(first)) + "."
+    stripped = {k[len(prefix):]: v for k, v in sd.items()}
+    better = len(set(stripped) & expected) > len(set(sd) & expected)
+    return (stripped, prefix) if better else (sd, None)
+
+
+def load_state_dict_strict(model: "nn.Module", sd: "dict[str, torch.Tensor]", *, what: str, arch: str) -> list[str]:
+    """Load strictly; a mismatch lists the missing and unexpected keys (never a silent partial load).
+
+    A prefix shared by every key (``model.`` from a Lightning module, or another wrapper) is
+    dropped when more keys then match the architecture; the load stays strict.  Returns notes.
+    """
     import torch
 
+    notes: list[str] = []
     dtype = _dominant_dtype(sd)
     if dtype is not None and dtype != torch.float32:
         model.to(dtype)
     expected = model.state_dict()
+    sd, prefix = _strip_wrapper_prefix(set(expected), sd)
+    if prefix:
+        notes.append(f"stripped the {prefix!r} prefix shared by every key")
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
@@ -63,6 +85,7 @@ def load_state_dict_strict(model: "nn.Module", sd: "dict[str, torch.Tensor]", *,
             "file holds this model's weights"
         )
     model.load_state_dict(sd, strict=True)
+    return notes
 
 
 def _from_checkpoint(ck: Checkpoint, arch: "str | None") -> Source:
@@ -83,9 +106,9 @@ def _from_checkpoint(ck: Checkpoint, arch: "str | None") -> Source:
     folds = [Fold.from_list(row) for row in meta.get("folds", [])]
     if folds:
         apply_structure(model, folds)
-    load_state_dict_strict(model, sd, what=str(ck.path), arch=use_arch)
+    notes = load_state_dict_strict(model, sd, what=str(ck.path), arch=use_arch)
     kind = "torchscript" if ck.kind == "torchscript" else "state_dict"
-    return Source(model, use_arch, kind, meta, ck.path, "file", ck.notes)
+    return Source(model, use_arch, kind, meta, ck.path, "file", ck.notes + notes)
 
 
 def load_source(
@@ -102,9 +125,10 @@ def load_source(
     """
     text = str(source)
     path = Path(text)
+    looks_like_path = ":" not in text and ("/" in text or os.sep in text or bool(path.suffix))
     if path.exists():
         src = _from_checkpoint(read_checkpoint(path, allow_pickle=allow_pickle), arch)
-    elif is_arch_name(text) or not any(text.endswith(s) for s in (".pth", ".pt", ".bin", ".ckpt", ".safetensors")):
+    elif not looks_like_path:
         w = weights.strip()
         if w.lower() == "none":
             src = Source(build(text), text, "name", weights="none")
@@ -113,8 +137,8 @@ def load_source(
             ck = read_checkpoint(w, allow_pickle=allow_pickle)
             if ck.kind == "module":
                 raise UsageError(f"--weights {w} holds a whole model, not a state_dict: convert it directly")
-            load_state_dict_strict(model, ck.state_dict or {}, what=w, arch=text)
-            src = Source(model, text, "name", weights=w, notes=ck.notes)
+            notes = load_state_dict_strict(model, ck.state_dict or {}, what=w, arch=text)
+            src = Source(model, text, "name", weights=w, notes=ck.notes + notes)
         else:
             if ":" in text:
                 raise UsageError(f"--weights {w!r}: {text} can only take --weights none or a local state_dict file")

@@ -109,12 +109,20 @@ def build(arch: str, *, weights: "str | None" = None, **kwargs: Any) -> "nn.Modu
 
         if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` would: user code in cwd
             sys.path.insert(0, os.getcwd())
+        if not module_name or not attr:
+            raise SourceError(
+                f"--arch {arch!r} is not of the form package.module:callable (for example mypkg.models:Net)"
+            )
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise SourceError(
                 f"cannot import {module_name!r} for --arch {arch}: {exc}. Make sure the package is "
-                "installed or on PYTHONPATH"
+                "installed or on PYTHONPATH (the current directory is searched too)"
+            ) from exc
+        except Exception as exc:  # the user's module raised while importing: their code, not ours
+            raise SourceError(
+                f"importing {module_name!r} for --arch {arch} failed: {type(exc).__name__}: {exc}"
             ) from exc
         factory = module
         for part in attr.split("."):
@@ -123,7 +131,13 @@ def build(arch: str, *, weights: "str | None" = None, **kwargs: Any) -> "nn.Modu
                 raise SourceError(f"{module_name} has no attribute {attr!r} (from --arch {arch})")
         if not callable(factory):
             raise SourceError(f"{arch} is not callable: point --arch at a model class or factory function")
-        model = factory(**kwargs)
+        try:
+            model = factory(**kwargs)
+        except Exception as exc:  # a factory needing arguments, or failing in the user's code
+            raise SourceError(
+                f"calling {arch}() to build the model failed: {type(exc).__name__}: {exc}. bnfuse calls it "
+                "without arguments: point --arch at a function that returns the model ready to load weights"
+            ) from exc
         from torch import nn
 
         if not isinstance(model, nn.Module):
@@ -131,5 +145,8 @@ def build(arch: str, *, weights: "str | None" = None, **kwargs: Any) -> "nn.Modu
         return model
     resolved = None
     if weights is not None:
+        names = torchvision_names()
+        if arch not in names:  # say "unknown model", not "no pretrained weights"
+            return _build_torchvision(arch, None, dict(kwargs))
         resolved = load_weights_enum(arch, weights)
     return _build_torchvision(arch, resolved, dict(kwargs))

@@ -1,0 +1,1 @@
+"""Shipped examples for bnfuse: ``examples.digits:DigitsCNN`` is used by ``make demo``."""

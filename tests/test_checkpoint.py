@@ -1,0 +1,388 @@
+"""Reading checkpoints in every form found in practice, never running a pickle unasked, and
+writing outputs atomically (read back and checked before they replace anything)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT, randomize_bn
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bnfuse_cli import checkpoint as ckmod  # noqa: E402
+from bnfuse_cli.checkpoint import NESTED_KEYS, check_output_path, read_checkpoint, write_checkpoint  # noqa: E402
+from bnfuse_cli.convert import convert  # noqa: E402
+from bnfuse_cli.errors import CheckpointError, OutputError, UnsafeCheckpointError, UsageError  # noqa: E402
+from bnfuse_cli.loading import load, load_source  # noqa: E402
+from examples.digits import DigitsCNN  # noqa: E402
+
+ARCH = "examples.digits:DigitsCNN"
+
+
+@pytest.fixture(autouse=True)
+def _cwd(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # `examples.digits:DigitsCNN` is importable from the repository root
+
+
+@pytest.fixture
+def model() -> nn.Module:
+    return randomize_bn(DigitsCNN(), seed=3).eval()
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def _same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor, *, exact: bool = True) -> None:
+    with torch.no_grad():
+        ya, yb = a.eval()(x), b.eval()(x)
+    if exact:
+        assert torch.equal(ya, yb)
+    else:
+        torch.testing.assert_close(yb, ya, rtol=1e-4, atol=1e-5)
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that the pickle's code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (str(self.marker), "w"))
+
+
+# ----------------------------------------------------------------------------- reading forms
+
+
+def test_plain_state_dict(tmp_path: Path, model: nn.Module, x: torch.Tensor) -> None:
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    src = load_source(tmp_path / "m.pth", arch=ARCH)
+    assert src.kind == "state_dict" and src.arch == ARCH and not src.model.training
+    _same_outputs(model, src.model, x)
+
+
+@pytest.mark.parametrize("key", NESTED_KEYS)
+def test_nested_training_checkpoint(tmp_path: Path, model: nn.Module, x: torch.Tensor, key: str) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()(torch.randn(4, 1, 8, 8)).sum().backward()
+    opt.step()  # a real optimizer state with tensors: it must not be taken for the weights
+    model.eval()
+    torch.save({"epoch": 7, "optimizer": opt.state_dict(), key: model.state_dict(), "best_acc": 0.9},
+               tmp_path / "train.ckpt")
+    ck = read_checkpoint(tmp_path / "train.ckpt")
+    assert ck.kind == "state_dict" and set(ck.state_dict) == set(model.state_dict())
+    assert any(key in n for n in ck.notes)
+    _same_outputs(model, load_source(tmp_path / "train.ckpt", arch=ARCH).model, x)
+
+
+def test_state_dict_preferred_over_ema_and_noted(tmp_path: Path, model: nn.Module) -> None:
+    ema = randomize_bn(DigitsCNN(), seed=9).state_dict()
+    torch.save({"state_dict_ema": ema, "state_dict": model.state_dict()}, tmp_path / "m.pth")
+    ck = read_checkpoint(tmp_path / "m.pth")
+    assert torch.equal(ck.state_dict["features.1.running_var"], model.state_dict()["features.1.running_var"])
+    assert any("state_dict_ema" in n for n in ck.notes)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_wrapper_prefixes_are_stripped(tmp_path: Path, model: nn.Module, x: torch.Tensor, prefix: str) -> None:
+    torch.save({"model_state_dict": {prefix + k: v for k, v in model.state_dict().items()}}, tmp_path / "m.pth")
+    src = load_source(tmp_path / "m.pth", arch=ARCH)
+    assert any("prefix" in n for n in src.notes)
+    _same_outputs(model, src.model, x)
+
+
+def test_lightning_prefix_stripped_only_when_keys_then_match(tmp_path: Path, model: nn.Module,
+                                                            x: torch.Tensor) -> None:
+    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()}}, tmp_path / "m.ckpt")
+    src = load_source(tmp_path / "m.ckpt", arch=ARCH)
+    assert any("'model.'" in n for n in src.notes)
+    _same_outputs(model, src.model, x)
+    # the same prefix on weights of another shape must still fail, naming the keys
+    other = {"model." + k: v for k, v in model.state_dict().items() if not k.startswith("classifier.5")}
+    torch.save(other, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="classifier.5.weight"):
+        load_source(tmp_path / "bad.pth", arch=ARCH)
+
+
+def test_mismatching_state_dict_lists_missing_and_unexpected(tmp_path: Path, model: nn.Module) -> None:
+    sd = model.state_dict()
+    sd["extra.weight"] = torch.zeros(3)
+    del sd["features.1.running_mean"]
+    torch.save(sd, tmp_path / "m.pth")
+    with pytest.raises(CheckpointError) as info:
+        load_source(tmp_path / "m.pth", arch=ARCH)
+    msg = str(info.value)
+    assert "missing keys: features.1.running_mean" in msg and "unexpected keys: extra.weight" in msg
+    assert ARCH in msg
+
+
+def test_state_dict_without_arch_asks_for_it(tmp_path: Path, model: nn.Module) -> None:
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    with pytest.raises(UsageError, match="--arch"):
+        load_source(tmp_path / "m.pth")
+
+
+def test_safetensors(tmp_path: Path, model: nn.Module, x: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), str(tmp_path / "m.safetensors"))
+    _same_outputs(model, load_source(tmp_path / "m.safetensors", arch=ARCH).model, x)
+
+
+def test_torchscript_weights_used_code_not(tmp_path: Path, model: nn.Module, x: torch.Tensor) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(model).save(str(tmp_path / "m.pt"))
+    ck = read_checkpoint(tmp_path / "m.pt")
+    assert ck.kind == "torchscript"
+    src = load_source(tmp_path / "m.pt", arch=ARCH)
+    assert isinstance(src.model, DigitsCNN)
+    _same_outputs(model, src.model, x)
+
+
+def test_pickled_module_refused_then_allowed(tmp_path: Path, model: nn.Module, x: torch.Tensor) -> None:
+    torch.save(model, tmp_path / "whole.pth")
+    torch.save({"model": model, "epoch": 2}, tmp_path / "nested_whole.pth")
+    for name in ("whole.pth", "nested_whole.pth"):
+        with pytest.raises(UnsafeCheckpointError) as info:
+            read_checkpoint(tmp_path / name)
+        msg = str(info.value)
+        assert "examples.digits.DigitsCNN" in msg and "--allow-pickle" in msg and "nothing in it was executed" in msg
+        src = load_source(tmp_path / name, allow_pickle=True)
+        assert src.kind == "module"
+        _same_outputs(model, src.model, x)
+
+
+def test_malicious_pickle_never_runs_unless_allowed(tmp_path: Path, model: nn.Module) -> None:
+    marker = tmp_path / "PWNED"
+    torch.save({"state_dict": model.state_dict(), "x": _Payload(marker)}, tmp_path / "evil.pth")
+    with open(tmp_path / "evil_raw.pth", "wb") as fh:  # a bare pickle, not torch's zip format
+        pickle.dump(_Payload(marker), fh)
+    for name, what in (("evil.pth", "io.open"), ("evil_raw.pth", "plain Python pickle")):
+        with pytest.raises(UnsafeCheckpointError, match=f"{what}.*nothing in it was executed.*--allow-pickle"):
+            read_checkpoint(tmp_path / name)
+        with pytest.raises(UnsafeCheckpointError):
+            load_source(tmp_path / name, arch=ARCH)
+        assert not marker.exists()
+    # the payload is real: full unpickling (what --allow-pickle permits) does create the file
+    read_checkpoint(tmp_path / "evil.pth", allow_pickle=True)
+    assert marker.exists()
+
+
+def test_plain_pickle_of_a_state_dict_needs_allow_pickle(tmp_path: Path, model: nn.Module, x: torch.Tensor) -> None:
+    with open(tmp_path / "sd.pth", "wb") as fh:
+        pickle.dump(model.state_dict(), fh)
+    with pytest.raises(UnsafeCheckpointError, match="plain Python pickle"):
+        load_source(tmp_path / "sd.pth", arch=ARCH)
+    _same_outputs(model, load_source(tmp_path / "sd.pth", arch=ARCH, allow_pickle=True).model, x)
+
+
+@pytest.mark.parametrize("form", ["pth", "safetensors", "module"])
+def test_bnfuse_outputs_load_back_from_their_metadata(tmp_path: Path, model: nn.Module, x: torch.Tensor,
+                                                     form: str) -> None:
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    suffix = ".safetensors" if form == "safetensors" else ".pth"
+    out = tmp_path / f"fused{suffix}"
+    convert(tmp_path / "m.pth", out, arch=ARCH, save_as="module" if form == "module" else None)
+    fused = load(out, allow_pickle=form == "module")  # no arch: it comes from the file
+    assert not any(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in fused.modules())
+    _same_outputs(model, fused, x, exact=False)
+    if form != "module":
+        meta = read_checkpoint(out).metadata
+        assert meta["arch"] == ARCH and len(meta["folds"]) == 4
+
+
+def test_output_mirrors_input_form(tmp_path: Path, model: nn.Module) -> None:
+    torch.save(model, tmp_path / "whole.pth")
+    r = convert(tmp_path / "whole.pth", tmp_path / "a.pth", allow_pickle=True)
+    assert r.form == "module" and read_checkpoint(tmp_path / "a.pth", allow_pickle=True).kind == "module"
+    r = convert(tmp_path / "whole.pth", tmp_path / "b.pth", allow_pickle=True, arch=ARCH, save_as="state-dict")
+    assert r.form == "state_dict" and read_checkpoint(tmp_path / "b.pth").kind == "state_dict"
+    r = convert(tmp_path / "whole.pth", tmp_path / "c.safetensors", allow_pickle=True, arch=ARCH)
+    assert r.form == "state_dict"
+    with pytest.raises(UsageError, match="--arch"):  # a state_dict of an unknown class could not be rebuilt
+        convert(tmp_path / "whole.pth", tmp_path / "d.safetensors", allow_pickle=True)
+    with pytest.raises(UsageError, match=r"\.pth"):
+        convert(tmp_path / "whole.pth", tmp_path / "e.safetensors", allow_pickle=True, save_as="module")
+    assert not (tmp_path / "d.safetensors").exists() and not (tmp_path / "e.safetensors").exists()
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("empty.pth", b"", "empty"),
+    ("text.pth", b'{"weights": [1, 2, 3]}\n', "text file"),
+    ("lfs.pth", b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\n", "git-lfs"),
+    ("junk.pth", bytes(range(256)) * 8, "not a PyTorch checkpoint|corrupt"),
+    ("model.h5", b"\x89HDF\r\n\x1a\n" + b"\0" * 100, "unknown checkpoint suffix '.h5'"),
+    ("broken.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all", "not a valid .safetensors"),
+])
+def test_unreadable_files(tmp_path: Path, name: str, content: bytes, match: str) -> None:
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CheckpointError, match=match):
+        read_checkpoint(tmp_path / name)
+
+
+def test_truncated_and_tensorless(tmp_path: Path, model: nn.Module) -> None:
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    data = (tmp_path / "m.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        read_checkpoint(tmp_path / "cut.pth")
+    torch.save({"epoch": 3, "lr": 0.1, "config": {"depth": 18}}, tmp_path / "none.pth")
+    with pytest.raises(CheckpointError, match="no model weights.*'epoch'"):
+        read_checkpoint(tmp_path / "none.pth")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _write(out: Path, sd: dict, **kw) -> int:  # noqa: ANN003
+    return write_checkpoint(out, state_dict=sd, metadata={"arch": ARCH, "note": "test"}, **kw)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_interrupted_write_leaves_old_output_and_no_temp_file(tmp_path: Path, model: nn.Module,
+                                                              suffix: str) -> None:
+    out = tmp_path / f"out{suffix}"
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    _write(out, old)
+    before = out.read_bytes()
+    new = {k: v + 1 if v.is_floating_point() else v for k, v in old.items()}
+
+    def interrupt(tmp: Path) -> None:
+        assert tmp.exists() and tmp.parent == tmp_path and tmp != out  # the data went to a temp file
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _write(out, new, _after_write=interrupt)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    # and an uninterrupted write does replace it
+    _write(out, new)
+    assert torch.equal(read_checkpoint(out).state_dict["features.0.weight"], new["features.0.weight"])
+
+
+def test_interrupted_first_write_leaves_nothing(tmp_path: Path, model: nn.Module) -> None:
+    def interrupt(tmp: Path) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _write(tmp_path / "new.pth", model.state_dict(), _after_write=interrupt)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupted_temp_file_fails_read_back(tmp_path: Path, model: nn.Module) -> None:
+    out = tmp_path / "out.safetensors"
+    _write(out, model.state_dict())
+    before = out.read_bytes()
+
+    def flip_a_value(tmp: Path) -> None:  # what a bad disk or a buggy writer would do
+        from safetensors.torch import load_file, save_file
+
+        sd = load_file(str(tmp))
+        sd["features.0.weight"][0, 0, 0, 0] += 1.0
+        save_file(sd, str(tmp), metadata={"bnfuse": json.dumps({"arch": ARCH, "note": "test"})})
+
+    with pytest.raises(OutputError, match="read-back check.*features.0.weight"):
+        _write(out, {k: v.clone() for k, v in model.state_dict().items()}, _after_write=flip_a_value)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+
+
+def test_write_failure_is_an_output_error(tmp_path: Path, model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_space(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckmod.tempfile, "mkstemp", no_space)
+    with pytest.raises(OutputError, match="No space left"):
+        _write(tmp_path / "out.pth", model.state_dict())
+
+
+def test_check_output_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "in.pth"
+    src.write_bytes(b"x")
+    with pytest.raises(OutputError, match="never overwrites its input"):
+        check_output_path(src, inputs=[src], force=True)
+    with pytest.raises(OutputError, match="--force"):
+        check_output_path(src, inputs=[])
+    check_output_path(src, inputs=[], force=True)
+    with pytest.raises(OutputError, match="unknown output suffix"):
+        check_output_path(tmp_path / "out.onnx")
+    with pytest.raises(OutputError, match="does not exist"):
+        check_output_path(tmp_path / "nodir" / "out.pth")
+    (tmp_path / "d.pth").mkdir()
+    with pytest.raises(OutputError, match="is a directory"):
+        check_output_path(tmp_path / "d.pth")
+
+    def denied(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(ckmod.tempfile, "mkstemp", denied)
+    with pytest.raises(OutputError, match="not writable"):
+        check_output_path(tmp_path / "out.pth")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to a read-only directory")
+def test_read_only_directory(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(OutputError, match="not writable"):
+            check_output_path(ro / "out.pth")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_module_output_is_read_back(tmp_path: Path, model: nn.Module, x: torch.Tensor) -> None:
+    size = write_checkpoint(tmp_path / "m.pth", state_dict=model.state_dict(), metadata={}, module=model)
+    assert size == (tmp_path / "m.pth").stat().st_size
+    _same_outputs(model, read_checkpoint(tmp_path / "m.pth", allow_pickle=True).module, x)
+
+
+def test_damaged_files_always_give_a_checkpoint_error(tmp_path: Path, model: nn.Module) -> None:
+    """Cut or corrupted .pth (zip and legacy) and .safetensors: never a raw KeyError/UnicodeDecodeError."""
+    import io
+    import random
+
+    from safetensors.torch import save_file
+
+    blobs = {}
+    for name, kw in (("zip.pth", {}), ("legacy.pth", {"_use_new_zipfile_serialization": False})):
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf, **kw)
+        blobs[name] = buf.getvalue()
+    save_file(model.state_dict(), str(tmp_path / "good.safetensors"))
+    blobs["st.safetensors"] = (tmp_path / "good.safetensors").read_bytes()
+    rng = random.Random(0)
+    for i in range(90):
+        name, good = list(blobs.items())[i % 3]
+        data = bytearray(good)
+        if i % 2:
+            data = data[: rng.randrange(1, len(data))]
+        else:
+            for _ in range(20):
+                data[rng.randrange(min(len(data), 4000))] = rng.randrange(256)
+        path = tmp_path / f"damaged_{name}"
+        path.write_bytes(bytes(data))
+        try:
+            read_checkpoint(path)
+        except CheckpointError:
+            pass
+    raw = tmp_path / "garbage.pth"
+    for i in range(30):
+        raw.write_bytes(b"\x80\x02" + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))))
+        with pytest.raises(CheckpointError):
+            read_checkpoint(raw)
