@@ -9,7 +9,7 @@ Importing this package does not import torch; the functions below import it when
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import (
     BnfuseError,
@@ -47,33 +47,12 @@ __all__ = [
     "DeviceError",
 ]
 
-_LAZY = {
-    "fuse": "fuse",
-    "plan": "fuse",
-    "FuseResult": "fuse",
-    "convert": "convert",
-    "ConvertReport": "convert",
-    "load": "loading",
-    "read_checkpoint": "checkpoint",
-    "verify": "verify",
-    "VerifyReport": "verify",
-    "bench": "bench",
-    "BenchReport": "bench",
-}
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .checkpoint import read_checkpoint
-    from .convert import ConvertReport, convert
-    from .fuse import FuseResult, fuse, plan
-    from .loading import load
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bnfuse_cli' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+# Imported eagerly on purpose: these modules import torch only inside their functions, and
+# binding the functions here keeps ``bnfuse_cli.convert`` the function even after the
+# submodule of the same name has been imported (a lazy __getattr__ would be shadowed by it).
+from .bench import BenchReport, bench  # noqa: E402
+from .checkpoint import read_checkpoint  # noqa: E402
+from .convert import ConvertReport, convert  # noqa: E402
+from .fuse import FuseResult, fuse, plan  # noqa: E402
+from .loading import load  # noqa: E402
+from .verify import VerifyReport, verify  # noqa: E402
