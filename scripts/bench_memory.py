@@ -1,0 +1,226 @@
+"""Peak memory (RSS) of ``bnfuse convert`` on a large model, against what it must hold anyway.
+
+Every measurement is a fresh process that records its own peak RSS (``VmHWM`` from
+/proc/self/status, in an atexit hook: before interpreter teardown, which alone adds ~120 MiB
+with this torch build), started by a small parent that also reports
+``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` (teardown included).  ``bnfuse convert`` runs
+through ``bnfuse_cli.cli.main``, the function the ``bnfuse`` console script calls:
+
+* baseline: ``import torch, torchvision`` and nothing else (the interpreter + torch floor);
+* the model built and nothing else;
+* ``bnfuse convert MODEL --weights none`` (the real entry point) writing .safetensors, .pth,
+  and checking only (no -o);
+* torch.fx's fuser for comparison: build, ``fuse(model)`` (it deep-copies), save the state_dict.
+
+Target: peak <= baseline + 1.2 x the model's size (parameters + buffers).  Then one more
+process runs ``convert()`` with each phase wrapped, resetting the peak counter
+(``/proc/self/clear_refs``) at the start of each, to show where the memory goes.
+
+    python scripts/bench_memory.py [--model regnet_y_16gf] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+MiB = 2**20
+
+PARENT = """
+import json, resource, subprocess, sys, time
+cmd = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+proc = subprocess.run(cmd, capture_output=True, text=True)
+wall = time.perf_counter() - t0
+peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"rc": proc.returncode, "peak_kib": peak_kib, "wall": wall, "stderr": proc.stderr[-2000:]}))
+"""
+
+#: runs a bnfuse command line (via the entry point's ``main``) or Python code, and writes the
+#: process's peak RSS (VmHWM) from an atexit hook, i.e. before interpreter teardown, which by
+#: itself raises RSS by ~120 MiB with this torch build (so ru_maxrss is reported too)
+RUNNER = """
+import atexit, sys
+hwm_file, kind, payload, *rest = sys.argv[1:]
+def report():
+    with open("/proc/self/status") as fh:
+        hwm = next(int(l.split()[1]) for l in fh if l.startswith("VmHWM"))
+    with open(hwm_file, "w") as fh:
+        fh.write(str(hwm * 1024))
+atexit.register(report)
+if kind == "bnfuse":
+    sys.argv = ["bnfuse", payload, *rest]
+    from bnfuse_cli.cli import main
+    main()
+else:
+    sys.argv = ["-c", *rest]
+    exec(compile(payload, "<bench_memory>", "exec"), {"__name__": "__main__"})
+"""
+
+BASELINE = "import torch, torchvision"
+
+BUILD = """
+import sys, torch
+from bnfuse_cli.models import build
+m = build(sys.argv[1]).eval()
+size = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+params = sum(p.numel() for p in m.parameters())
+print(size, params)
+"""
+
+FX = """
+import sys, torch
+from torch.fx.experimental.optimization import fuse
+from bnfuse_cli.models import build
+m = build(sys.argv[1]).eval()
+fused = fuse(m)  # inplace=False: deep-copies the model first
+torch.save(fused.state_dict(), sys.argv[2])
+"""
+
+PHASES = """
+import json, sys
+import torch
+
+def status():
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS", "VmHWM")):
+                key, val = line.split(":")
+                out[key] = int(val.split()[0]) * 1024
+    return out
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+rows, stack, counter = [], [], [0]
+
+def wrap(owner, attr, label):
+    real = getattr(owner, attr)
+    def wrapped(*a, **k):
+        counter[0] += 1
+        start = counter[0]
+        before = status()["VmRSS"]
+        stack.append(0)
+        reset_peak()
+        try:
+            return real(*a, **k)
+        finally:
+            inner = stack.pop()
+            st = status()
+            peak = max(st["VmHWM"], inner)
+            rows.append((start, len(stack), label, before, peak, st["VmRSS"]))
+            if stack:
+                stack[-1] = max(stack[-1], peak)
+            reset_peak()
+    setattr(owner, attr, wrapped)
+
+import importlib
+import safetensors.torch
+# importlib, not "import bnfuse_cli.convert as cv": the package's convert() function shadows
+# its convert submodule as an attribute
+ck = importlib.import_module("bnfuse_cli.checkpoint")
+cv = importlib.import_module("bnfuse_cli.convert")
+wrap(cv, "load_source", "load_source (build model, random init)")
+wrap(cv, "analyse", "analyse (recorded forward pass, 224x224)")
+wrap(cv, "apply_plan", "apply_plan (fold in place)")
+wrap(cv, "compare", "compare (reference vs fused output)")
+wrap(cv, "write_checkpoint", "write_checkpoint (total)")
+wrap(safetensors.torch, "save_file", "safetensors save_file")
+wrap(ck, "_safetensors_ready", "_safetensors_ready (contiguous, unshared)")
+wrap(ck, "_verify_written", "read-back verification")
+wrap(ck, "read_checkpoint", "read_checkpoint (in read-back)")
+reset_peak()
+report = cv.convert(sys.argv[1], sys.argv[2], weights="none", force=True)
+print(json.dumps({"rows": rows, "end": status()}))
+"""
+
+
+def measure(kind: str, args: list[str], hwm_file: Path) -> dict:
+    """Run one fresh process; its peak RSS before teardown (``hwm``) and as ru_maxrss."""
+    cmd = [PY, "-c", RUNNER, str(hwm_file), kind, *args]
+    proc = subprocess.run([PY, "-c", PARENT, json.dumps(cmd)], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"measuring {cmd} failed:\n{proc.stderr}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    if res["rc"] != 0:
+        raise SystemExit(f"{' '.join(args)} exited {res['rc']}:\n{res['stderr']}")
+    res["hwm"] = int(hwm_file.read_text())
+    return res
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="regnet_y_16gf")
+    parser.add_argument("--keep", type=Path, help="write the outputs here instead of a temporary folder")
+    opts = parser.parse_args()
+
+    sys.path.insert(0, str(ROOT))
+    from bnfuse_cli.bench import machine_info
+
+    info = machine_info()
+    print(f"# bench_memory: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
+    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['os']}; python {info['python']}, torch {info['torch']}")
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        out = opts.keep or Path(tmp_name)
+        out.mkdir(parents=True, exist_ok=True)
+        size_proc = subprocess.run([PY, "-c", BUILD, opts.model], capture_output=True, text=True, cwd=ROOT, check=True)
+        size, params = map(int, size_proc.stdout.split())
+        print(f"model: {opts.model}, {params / 1e6:.1f}M parameters, {size / MiB:.0f} MiB of parameters+buffers "
+              "(float32, random weights); convert's check input is its default 1x3x224x224\n")
+
+        convert = ["convert", opts.model, "--weights", "none"]
+        runs = [
+            ("baseline: import torch, torchvision", "python", [BASELINE]),
+            ("build the model only", "python", [BUILD, opts.model]),
+            ("bnfuse convert -o fused.safetensors", "bnfuse", [*convert, "-o", str(out / "fused.safetensors"), "--force"]),
+            ("bnfuse convert -o fused.pth", "bnfuse", [*convert, "-o", str(out / "fused.pth"), "--force"]),
+            ("bnfuse convert (check only, no -o)", "bnfuse", convert),
+            ("torch.fx fuse (deep copy) + torch.save", "python", [FX, opts.model, str(out / "fx.pth")]),
+        ]
+        peaks: dict[str, float] = {}
+        print("peak RSS = VmHWM read at exit, before interpreter teardown; ru_maxrss (includes teardown) for reference\n")
+        print("| process | peak RSS | above baseline | / model size | ru_maxrss | wall |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        base = 0.0
+        for label, kind, args in runs:
+            r = measure(kind, args, out / "hwm.txt")
+            peak = float(r["hwm"])
+            if not base:
+                base = peak
+            peaks[label] = peak
+            print(f"| {label} | {peak / MiB:.0f} MiB | {(peak - base) / MiB:.0f} MiB | "
+                  f"{(peak - base) / size:.2f}x | {r['peak_kib'] / 1024:.0f} MiB | {r['wall']:.1f} s |")
+        target = base + 1.2 * size
+        print(f"\ntarget: baseline + 1.2 x model = {target / MiB:.0f} MiB")
+        for label in [lbl for lbl, _, _ in runs if lbl.startswith(("bnfuse", "torch.fx"))]:
+            verdict = "within" if peaks[label] <= target else "OVER"
+            print(f"  {label}: {verdict} target ({peaks[label] / MiB:.0f} MiB, "
+                  f"{(peaks[label] - base) / size:.2f}x model above baseline)")
+
+        proc = subprocess.run([PY, "-c", PHASES, opts.model, str(out / "phases.safetensors")], capture_output=True,
+                              text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            print(f"\nphase breakdown failed:\n{proc.stderr[-2000:]}")
+            return 1
+        data = json.loads(proc.stdout.strip().splitlines()[-1])
+        print("\nwhere convert -o .safetensors holds memory (each phase's own peak; nested phases indented):\n")
+        print("| phase | RSS before | peak during | RSS after |")
+        print("| --- | ---: | ---: | ---: |")
+        for _, depth, label, before, peak, after in sorted(data["rows"]):
+            pad = "&nbsp;&nbsp;" * depth
+            print(f"| {pad}{label} | {before / MiB:.0f} MiB | {peak / MiB:.0f} MiB | {after / MiB:.0f} MiB |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
