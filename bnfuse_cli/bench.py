@@ -19,7 +19,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -771,7 +770,6 @@ def bench(
         "min_sample_ms": min_sample_ms,
         "weights": weights,
         "seed": seed,
-        "argv": sys.argv[1:],
     }
     date = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     return BenchReport(results=results, settings=settings, environment=env, date=date)
