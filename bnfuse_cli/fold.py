@@ -36,6 +36,12 @@ def affine_from_stats(
     import torch
 
     var64 = var.detach().to(torch.float64)
+    if var.dtype in (torch.float16, torch.bfloat16) and torch.isinf(var64).any():
+        raise FoldError(
+            f"{name} has an infinite running_var in {var.dtype}: a variance above the type's "
+            "range (65504 for float16) overflowed when the model was cast; fold the float32 "
+            "model and cast the fused model afterwards"
+        )
     if not torch.isfinite(var64).all() or (var64 < 0).any():
         raise FoldError(
             f"{name} has NaN, infinite or negative running_var: its statistics are corrupt "

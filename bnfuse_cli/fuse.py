@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .errors import UsageError
 from .graph import Fold, Plan, Skip, analyse
 from .inputs import Comparison, as_args, compare, infer_spec, make_input, model_dtype
 from .rewrite import apply_plan
@@ -44,6 +45,40 @@ def _example(model: "nn.Module", example_input: Any) -> tuple[Any, ...]:
     return as_args(example_input)
 
 
+def _copy(model: "nn.Module") -> "nn.Module":
+    """A deep copy of ``model``, for ``fuse(..., inplace=False)``.
+
+    A module with the old hook-based ``torch.nn.utils.weight_norm`` keeps its last computed
+    ``weight`` as a plain attribute; computed with autograd on it is not a leaf and
+    ``copy.deepcopy`` refuses it.  That attribute is derived (the hook recomputes it on every
+    call), so it is refreshed once without autograd and the copy retried.
+    """
+    import copy
+
+    import torch
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as first:
+        refreshed = False
+        with torch.no_grad():
+            for m in model.modules():
+                for hook in m._forward_pre_hooks.values():
+                    if isinstance(hook, WeightNorm):
+                        setattr(m, hook.name, hook.compute_weight(m))
+                        refreshed = True
+        if refreshed:
+            try:
+                return copy.deepcopy(model)
+            except RuntimeError:
+                pass
+        raise UsageError(
+            f"cannot copy {type(model).__name__} to fuse a copy of it ({first}); "
+            "pass inplace=True to fuse the model itself"
+        ) from first
+
+
 def plan(model: "nn.Module", example_input: Any = None) -> Plan:
     """What :func:`fuse` would fold and what it would leave, without changing ``model``.
 
@@ -66,13 +101,11 @@ def fuse(model: "nn.Module", example_input: Any = None, *, inplace: bool = False
     forward pass on it, whose output is kept as the reference for the error check.
     With ``inplace=False`` (the default) the caller's model is left untouched.
     """
-    import copy
-
     import torch
 
     t0 = time.perf_counter()
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _copy(model)
     switched = model.training
     model.eval()
     args = _example(model, example_input)

@@ -3,10 +3,16 @@
 Nothing here depends on static tracing: the model runs once on an example input while module
 hooks record every call of every layer and a ``TorchFunctionMode`` records every torch
 operation that reads a tensor, and inside which layer call it ran.  A BatchNorm folds into the
-layer before it only when, for every call, its input is exactly that layer's output, nothing
-else read that output (no residual, no concat, no return), and every call of that layer feeds
-this BatchNorm.  Otherwise it may fold into the layer after it, when that layer alone reads its
-output and does not zero-pad.  Everything else is reported with the reason it stays.
+layer before it only when, for every call, its input is exactly that layer's output (or a
+reshape of it that keeps the channel axis, or a channel-axis cat of several layers' outputs,
+each then taking its slice of the statistics), nothing else read that output (no residual, no
+other concat, no return), and every call of that layer feeds this BatchNorm.  Otherwise it may
+fold into the layer after it, when that layer alone reads its output and does not zero-pad.
+Everything else is reported with the reason it stays.
+
+Reads are attributed to the innermost module call running; an in-place op returns the tensor
+it changed, so its read lands on that same tensor and blocks a fold (conservative).  Ops that
+return their argument untouched (``.to`` to the same dtype, dropout in eval) are not reads.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import BnfuseError
-from .patterns import is_norm_like, norm_rule, producer_rule
+from .patterns import is_norm_like, is_producer_like, norm_rule, producer_row, producer_rule
 
 if TYPE_CHECKING:
     import torch
@@ -32,6 +38,24 @@ _METADATA = frozenset(
     is_cpu""".split()
 )
 
+#: ops that return their first argument itself when there is nothing to do (same dtype, already
+#: contiguous, dropout in eval): then nothing new was read or made, and nothing is recorded
+_PASSTHROUGH = frozenset(
+    """to type_as contiguous float double half bfloat16 cpu cuda type dropout dropout1d dropout2d
+    dropout3d alpha_dropout feature_alpha_dropout""".split()
+)
+#: ops that look only at their arguments' shape, dtype and device (their result is recorded)
+_VALUE_FREE = frozenset(
+    "new_zeros new_ones new_empty new_full zeros_like ones_like empty_like full_like rand_like randn_like".split()
+)
+#: ops that read the values of their first argument only (the second gives a dtype or shape)
+_SELF_ONLY = frozenset("type_as reshape_as view_as expand_as".split())
+#: reshapes that can keep a producer's channel axis as axis 1 of a 2-D BatchNorm1d input
+#: (levit's ``bn(linear(x).flatten(0, 1))``); results of these on a producer output are watched
+_RESHAPES = frozenset("flatten reshape view squeeze".split())
+#: concatenations; a cat of producer outputs along axis 1 is watched (MixNet's MixedConv2d)
+_CATS = frozenset("cat concat concatenate".split())
+
 
 @dataclass(frozen=True)
 class Fold:
@@ -43,14 +67,21 @@ class Fold:
     direction: str = "previous"
     #: what stays in the BN's place: "identity", or "activation" (timm BatchNormAct)
     replacement: str = "identity"
+    #: the BN channels ``[start, stop)`` this producer gives, when a concatenation of several
+    #: producers feeds the BN (MixNet's MixedConv2d); None: all of them
+    channels: "tuple[int, int] | None" = None
 
     def to_list(self) -> list[str]:
-        return [self.producer, self.norm, self.direction, self.replacement]
+        row = [self.producer, self.norm, self.direction, self.replacement]
+        if self.channels is not None:
+            row += [str(self.channels[0]), str(self.channels[1])]
+        return row
 
     @classmethod
     def from_list(cls, row: "list[str]") -> "Fold":
-        producer, norm, direction, replacement = row
-        return cls(norm=norm, producer=producer, direction=direction, replacement=replacement)
+        producer, norm, direction, replacement, *rest = row
+        channels = (int(rest[0]), int(rest[1])) if len(rest) == 2 else None
+        return cls(norm=norm, producer=producer, direction=direction, replacement=replacement, channels=channels)
 
 
 @dataclass(frozen=True)
@@ -97,6 +128,35 @@ def _op_name(func: Any) -> str:
     return name
 
 
+#: operator names whose ``__iop__``/``__rop__`` forms are the same operation for a reader
+_BINARY_OPS = frozenset(
+    "add sub mul truediv floordiv div matmul mod pow and or xor lshift rshift".split()
+)
+_OP_WORDS = {"truediv": "div", "floordiv": "floor_divide", "getitem": "indexing", "setitem": "index assignment"}
+
+
+def _pretty_op(op: str, inplace: bool = False) -> str:
+    """A readable name for a recorded op: ``__iadd__``/``add_``/``__radd__`` -> ``add``.
+
+    In-place forms (``add_``, ``__iadd__``, ``relu(..., inplace=True)``) get " (in place)":
+    they change the tensor another layer was about to read.
+    """
+    name = op
+    if op.startswith("__") and op.endswith("__") and len(op) > 4:
+        name = op[2:-2]
+        if name[:1] in ("i", "r") and name[1:] in _BINARY_OPS:
+            inplace = inplace or name[0] == "i"
+            name = name[1:]
+    elif op.endswith("_") and not op.startswith("_"):
+        name, inplace = op.rstrip("_"), True
+    name = _OP_WORDS.get(name, name)
+    return f"{name} (in place)" if inplace else name
+
+
+def _where(call: "_Call | None") -> str:
+    return call.name if call is not None and call.name else "the model forward"
+
+
 def _tensors(obj: Any) -> list["torch.Tensor"]:
     import torch
     from torch.utils._pytree import tree_flatten
@@ -113,26 +173,37 @@ class _Recorder:
         self.names: dict[int, str] = {}
         for name, mod in model.named_modules():
             self.names.setdefault(id(mod), name)
-        self.interesting = {
-            id(m) for m in model.modules() if is_norm_like(m) or producer_rule(m)[0] is not None
-        }
+        # every producer class is recorded, foldable or not, so a BN after a re-parametrised or
+        # subclassed conv is reported against that conv rather than as "not a Conv output"
+        self.interesting = {id(m) for m in model.modules() if is_norm_like(m) or is_producer_like(m)}
         self.stack: list[_Call] = []
         self.calls: dict[int, list[_Call]] = {}
         #: tensors produced by a producer or norm call, kept alive so ids stay unique
         self.produced: dict[int, _Call] = {}
         self.keep: list[Any] = []
-        #: id(tensor) -> [(reader call or None, op name)] for watched tensors
+        #: id(tensor) -> [(reader call or None, readable op name)] for watched tensors
         self.reads: dict[int, list[tuple["_Call | None", str]]] = {}
-        #: id(param) -> owning module, for producers and norms
-        self.owner: dict[int, "nn.Module"] = {}
+        #: id(param or buffer) -> [(id(module), qualified name)] over every module holding it
+        self.holders: dict[int, list[tuple[int, str]]] = {}
+        for name, m in model.named_modules():
+            for attr, t in list(m._parameters.items()) + list(m._buffers.items()):
+                if t is not None:
+                    self.holders.setdefault(id(t), []).append((id(m), f"{name}.{attr}" if name else attr))
+        #: id(param) -> ids of the producers and norms holding it (their calls may read it)
+        self.owner: dict[int, set[int]] = {}
         for m in model.modules():
             if id(m) in self.interesting:
-                for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
-                    self.owner[id(t)] = m
+                for t in list(m._parameters.values()) + list(m._buffers.values()):
+                    if t is not None:
+                        self.owner.setdefault(id(t), set()).add(id(m))
         #: id(param) -> (op, reader name) for params read outside their module's call
         self.foreign_param_reads: dict[int, tuple[str, str]] = {}
         #: id(tensor) -> (weakref, op name, module name), to explain where a BN input came from
         self.origin: dict[int, tuple[Any, str, str]] = {}
+        #: id(t) -> (producer output, op) for a reshape of a producer output (watched, kept alive)
+        self.reshaped: dict[int, tuple[Any, str]] = {}
+        #: id(t) -> (parts, dim) for a cat whose every part is a producer output (watched)
+        self.cats: dict[int, tuple[tuple[Any, ...], Any]] = {}
         self.handles: list[Any] = []
         recorder = self
 
@@ -140,11 +211,19 @@ class _Recorder:
             def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
                 kwargs = kwargs or {}
                 op = _op_name(func)
-                if op not in _METADATA:
-                    recorder._on_read(op, args, kwargs)
                 out = func(*args, **kwargs)
-                if op not in _METADATA:
-                    recorder._on_result(op, out)
+                if op in _METADATA:
+                    return out
+                if kwargs.get("inplace") is True:
+                    op = op + "_"
+                elif op in _PASSTHROUGH and args and out is args[0]:
+                    return out
+                # recorded after the call: an op runs with the mode off, so nothing nests
+                if op not in _VALUE_FREE:
+                    recorder._on_read(op, args[:1] if op in _SELF_ONLY else args, kwargs)
+                recorder._on_result(op, out)
+                if op in _RESHAPES or op in _CATS:
+                    recorder._on_layout_op(op, args, kwargs, out)
                 return out
 
         self.mode = _Mode()
@@ -182,12 +261,11 @@ class _Recorder:
         for t in _tensors((args, kwargs)):
             key = id(t)
             if key in self.reads:
-                self.reads[key].append((reader, op))
-            owner = self.owner.get(key)
-            if owner is not None and key not in self.foreign_param_reads:
-                if not any(c.module is owner for c in self.stack):
-                    where = reader.name if reader is not None else "the model's forward"
-                    self.foreign_param_reads[key] = (op, where or "the model's forward")
+                self.reads[key].append((reader, _pretty_op(op)))
+            owners = self.owner.get(key)
+            if owners is not None and key not in self.foreign_param_reads:
+                if not any(id(c.module) in owners for c in self.stack):
+                    self.foreign_param_reads[key] = (_pretty_op(op), _where(reader))
 
     def _on_result(self, op: str, out: Any) -> None:
         where = self.stack[-1].name if self.stack else ""
@@ -197,12 +275,32 @@ class _Recorder:
             except TypeError:
                 pass
 
+    def _on_layout_op(self, op: str, args: Any, kwargs: Any, out: Any) -> None:
+        """Watch a reshape or cat of producer outputs: a BN may still fold through it."""
+        import torch
+
+        if not isinstance(out, torch.Tensor):
+            return
+        if op in _RESHAPES:
+            src = args[0] if args else None
+            if src is not out and id(src) in self.produced:
+                self.reshaped[id(out)] = (src, op)
+            else:
+                return
+        else:
+            parts = args[0] if args else kwargs.get("tensors")
+            if not isinstance(parts, (list, tuple)) or not parts or any(id(p) not in self.produced for p in parts):
+                return
+            self.cats[id(out)] = (tuple(parts), args[1] if len(args) > 1 else kwargs.get("dim", 0))
+        self.keep.append(out)
+        self.reads.setdefault(id(out), [])
+
     def describe_origin(self, t: Any) -> str:
         rec = self.origin.get(id(t))
         if rec is None or rec[0]() is not t:
             return "reads a tensor not computed inside the model (the model input)"
         _, op, where = rec
-        return f"follows {op} in {where or 'the model forward'}, not a Conv/Linear output"
+        return f"follows {_pretty_op(op)} in {where or 'the model forward'}, not a Conv/Linear output"
 
     def close(self) -> None:
         for h in self.handles:
@@ -219,121 +317,295 @@ def _zero_pads(conv: Any) -> bool:
     return any(p != 0 for p in pad)
 
 
-def _producer_problem(module: "nn.Module", rec: _Recorder) -> "str | None":
-    """Why this producer cannot absorb a fold, or None."""
-    from torch.nn.utils import parametrize
-
-    name = rec.names.get(id(module), "?")
-    rule, reason = producer_rule(module)
-    if rule is None:
-        return f"{name}: {reason}"
-    if parametrize.is_parametrized(module):
-        return f"{name} has a weight re-parametrisation (torch.nn.utils.parametrize) that recomputes its weight"
-    hooks = [h for h in module._forward_pre_hooks.values() if getattr(h, "__self__", None) is not rec]
-    if hooks:
-        return f"{name} has forward pre-hooks (weight_norm or similar) that may recompute its weight"
-    if [h for h in module._forward_hooks.values() if getattr(h, "__self__", None) is not rec]:
-        return f"{name} has forward hooks that may change its output"
-    for p in module.parameters(recurse=False):
-        if id(p) in rec.foreign_param_reads:
-            op, where = rec.foreign_param_reads[id(p)]
-            return f"{name}'s parameters are also read by {op} in {where}"
+def _shared_with(module: "nn.Module", rec: _Recorder) -> "str | None":
+    """A message when a parameter of ``module`` is also held by another module (tied weights)."""
+    for attr, t in module._parameters.items():
+        if t is None:
+            continue
+        holders = rec.holders.get(id(t), [])
+        others = [n for mid, n in holders if mid != id(module)]
+        if others:
+            mine = next((n for mid, n in holders if mid == id(module)), attr)
+            return (
+                f"{mine} is shared with {', '.join(others)} (tied weights): folding would change "
+                "the other layer too"
+            )
     return None
 
 
-def _norm_problem(module: "nn.Module", rec: _Recorder) -> "str | None":
-    for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-        if id(t) in rec.foreign_param_reads:
+def _foreign_read(module: "nn.Module", rec: _Recorder) -> "str | None":
+    """A message when a parameter or buffer of ``module`` was read outside its own calls."""
+    for attr, t in list(module._parameters.items()) + list(module._buffers.items()):
+        if t is not None and id(t) in rec.foreign_param_reads:
             op, where = rec.foreign_param_reads[id(t)]
-            return f"its parameters or statistics are also read by {op} in {where}"
-    if [h for h in module._forward_hooks.values() if getattr(h, "__self__", None) is not rec]:
+            mname = rec.names.get(id(module), "")
+            return f"{mname + '.' if mname else ''}{attr} is also read by {op} in {where}"
+    return None
+
+
+def _user_hooks(hooks: Any, rec: _Recorder) -> list[Any]:
+    return [h for h in hooks.values() if getattr(h, "__self__", None) is not rec]
+
+
+def _producer_problem(module: "nn.Module", rec: _Recorder) -> "str | None":
+    """Why this producer cannot absorb a fold, or None.
+
+    Checked in the order that gives the most useful message: re-parametrisations first (their
+    class and weight attribute are synthetic), then the class itself, then sharing and hooks.
+    """
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    name = rec.names.get(id(module), "?")
+    if parametrize.is_parametrized(module):
+        which = ", ".join(module.parametrizations.keys())
+        return (
+            f"{name} has a re-parametrised {which} (torch.nn.utils.parametrize, e.g. "
+            "parametrizations.weight_norm): it is recomputed on every call, so a folded weight "
+            "would be overwritten; remove the parametrisation first"
+        )
+    pre_hooks = _user_hooks(module._forward_pre_hooks, rec)
+    if any(isinstance(h, WeightNorm) for h in pre_hooks):
+        return (
+            f"{name} uses weight_norm (torch.nn.utils.weight_norm): its weight is recomputed from "
+            "weight_g and weight_v on every call, so a folded weight would be overwritten; "
+            "call torch.nn.utils.remove_weight_norm first"
+        )
+    rule, reason = producer_rule(module)
+    if rule is None:
+        return f"{name}: {reason}"
+    if pre_hooks:
+        return f"{name} has forward pre-hooks (spectral_norm or similar) that may recompute its weight"
+    if _user_hooks(module._forward_hooks, rec):
+        return f"{name} has forward hooks that may change its output"
+    return _shared_with(module, rec) or _foreign_read(module, rec)
+
+
+def _norm_problem(module: "nn.Module", rec: _Recorder) -> "str | None":
+    """Why this norm cannot be removed whatever layer it is next to, or None."""
+    problem = _foreign_read(module, rec)
+    if problem:
+        return problem
+    if _user_hooks(module._forward_pre_hooks, rec):
+        return "it has forward pre-hooks that may change its input"
+    if _user_hooks(module._forward_hooks, rec):
         return "it has forward hooks that may change its output"
     return None
 
 
 def _channels(module: Any) -> int:
-    return int(getattr(module, "num_features", getattr(module, "weight").numel()))
+    n = getattr(module, "num_features", None)
+    if n is None:
+        stat = getattr(module, "running_mean", None)
+        n = stat.numel() if stat is not None else module.weight.numel()
+    return int(n)
 
 
-def _try_previous(norm: "nn.Module", calls: list[_Call], rec: _Recorder, out_ids: set[int]) -> "tuple[list[nn.Module], str | None]":
-    """Producers this norm folds into, or the reason it cannot fold backward."""
+@dataclass
+class _Segment:
+    """A producer call whose output gives the norm's channels ``[start, stop)``."""
+
+    call: _Call
+    #: the producer's output tensor
+    src: Any
+    start: int
+    stop: int
+    #: the op between producer and norm ("flatten", "cat", ...), None when the norm reads it directly
+    via: "str | None" = None
+
+
+def _segments(x: Any, norm: "nn.Module", rec: _Recorder) -> "tuple[list[_Segment] | None, str | None]":
+    """How the norm's input ``x`` is made of producer outputs, or why it is not.
+
+    Three shapes fold exactly: ``x`` is a producer output; ``x`` is a reshape of one that keeps
+    its channel axis as axis 1 of a 2-D ``x``; ``x`` is a cat of producer outputs along axis 1.
+    """
+    import math
+
+    channels = _channels(norm)
+    pcall = rec.produced.get(id(x))
+    if pcall is not None:
+        if is_norm_like(pcall.module):
+            return None, rec.describe_origin(x)
+        return [_Segment(pcall, x, 0, channels)], None
+    if id(x) in rec.reshaped:
+        src, op = rec.reshaped[id(x)]
+        pcall = rec.produced[id(src)]
+        row = producer_row(pcall.module)
+        if is_norm_like(pcall.module) or row is None:
+            return None, rec.describe_origin(x)
+        if row.kind == "linear":
+            keeps = x.dim() == 2 and src.dim() >= 1 and x.shape[1] == src.shape[-1]
+        else:
+            keeps = x.dim() == 2 and src.dim() >= 2 and tuple(x.shape) == tuple(src.shape[:2]) and (
+                math.prod(src.shape[2:]) == 1
+            )
+        if not keeps or x.dtype != src.dtype:
+            return None, (
+                f"follows {_pretty_op(op)} of {pcall.name}'s output {tuple(src.shape)} to "
+                f"{tuple(x.shape)}, which does not keep its channel axis as the BatchNorm's axis 1"
+            )
+        return [_Segment(pcall, src, 0, channels, _pretty_op(op))], None
+    if id(x) in rec.cats:
+        parts, dim = rec.cats[id(x)]
+        if not isinstance(dim, int) or dim % max(x.dim(), 1) != 1:
+            return None, rec.describe_origin(x) + f" (a cat along axis {dim}, not the channel axis)"
+        segs: list[_Segment] = []
+        offset = 0
+        for part in parts:
+            pcall = rec.produced[id(part)]
+            row = producer_row(pcall.module)
+            if is_norm_like(pcall.module) or row is None:
+                return None, rec.describe_origin(x)
+            if part.dim() != x.dim() or (row.kind == "linear" and part.dim() != 2):
+                return None, rec.describe_origin(x) + f" ({pcall.name}'s channel axis is not axis 1)"
+            segs.append(_Segment(pcall, part, offset, offset + int(part.shape[1]), "cat"))
+            offset += int(part.shape[1])
+        return segs, None
+    return None, rec.describe_origin(x)
+
+
+def _other_reader(
+    reads: list[tuple["_Call | None", str]], norm: "nn.Module", via: "str | None"
+) -> "tuple[_Call | None, str] | None":
+    """The first read of a tensor by anything but the norm (or, for a tensor the norm reads
+    through a reshape or cat, anything but that one op), or None."""
+    if via is None:
+        return next(((r, op) for r, op in reads if r is None or r.module is not norm), None)
+    if len(reads) <= 1:
+        return None
+    return next(((r, op) for r, op in reads if op != via), reads[1])
+
+
+def _try_previous(
+    norm: "nn.Module", calls: list[_Call], rec: _Recorder, out_ids: set[int]
+) -> "tuple[list[tuple[nn.Module, tuple[int, int]]], str | None, bool]":
+    """Producers this norm folds into, each with the norm channels it gives, or why it cannot
+    fold backward.
+
+    The third value says whether a Conv/Linear produced the norm's input at all (so the reason
+    is about that layer) rather than something else (an activation, the model input).
+    """
+    ranges: dict[int, tuple[int, int]] = {}
     producers: list["nn.Module"] = []
-    norm_inputs = {id(c.input) for c in calls}
+    fed: dict[int, _Segment] = {}
     for call in calls:
         x = call.input
-        pcall = rec.produced.get(id(x))
-        if pcall is None or id(pcall.module) not in rec.interesting or is_norm_like(pcall.module):
-            return [], rec.describe_origin(x)
-        pname = pcall.name
-        others = [(r, op) for r, op in rec.reads.get(id(x), []) if r is not call]
-        if others:
-            r, op = others[0]
-            return [], f"output of {pname} is also read by {op} in {r.name if r else 'the model forward'}"
-        if id(x) in out_ids:
-            return [], f"output of {pname} is also returned by the model"
-        if pcall.module not in producers:
-            producers.append(pcall.module)
+        segs, why = _segments(x, norm, rec)
+        if segs is None:
+            return [], why, False
+        via = segs[0].via
+        if via is not None:  # the reshaped or concatenated tensor itself
+            other = _other_reader(rec.reads.get(id(x), []), norm, None)
+            what = f"the {via} of {', '.join(dict.fromkeys(s.call.name for s in segs))}"
+            if other is not None:
+                return [], f"{what} is also read by {other[1]} in {_where(other[0])}", True
+            if id(x) in out_ids:
+                return [], f"{what} is also returned by the model", True
+        for seg in segs:
+            pname = seg.call.name
+            other = _other_reader(rec.reads.get(id(seg.src), []), norm, via)
+            if other is not None:
+                return [], f"output of {pname} is also read by {other[1]} in {_where(other[0])}", True
+            if id(seg.src) in out_ids:
+                return [], f"output of {pname} is also returned by the model", True
+            p = seg.call.module
+            if ranges.setdefault(id(p), (seg.start, seg.stop)) != (seg.start, seg.stop):
+                return [], f"{pname} gives different channels of this BatchNorm on different calls", True
+            fed[id(seg.src)] = seg
+            if p not in producers:
+                producers.append(p)
+    channels = _channels(norm)
     for p in producers:
         pname = rec.names.get(id(p), "?")
         pcalls = rec.calls.get(id(p), [])
-        if any(id(c.output) not in norm_inputs for c in pcalls):
-            return [], f"{pname} is called {len(pcalls)} times and not every output feeds this BatchNorm"
+        if any(id(c.output) not in fed for c in pcalls):
+            return [], f"{pname} is called {len(pcalls)} times and not every output feeds this BatchNorm", True
         problem = _producer_problem(p, rec)
         if problem:
-            return [], problem
+            return [], problem, True
         rule, _ = producer_rule(p)
         for c in pcalls:
-            out = c.output
+            out, seg = c.output, fed[id(c.output)]
+            if seg.via not in (None, "cat"):
+                continue  # a reshape: its channel axis was checked in _segments
             if rule.kind == "linear" and out.dim() != 2:
                 return [], (
-                    f"{pname} output is {out.dim()}-D: {type(norm).__name__} normalises dim 1, "
-                    "not the Linear's feature axis"
-                )
-            if out.dim() < 2 or out.shape[1] != _channels(norm):
-                return [], f"{pname} output has {out.shape[1] if out.dim() > 1 else '?'} channels, the BatchNorm {_channels(norm)}"
-    return producers, None
+                    f"{pname} output is {out.dim()}-D {tuple(out.shape)}: {type(norm).__name__} "
+                    "normalises axis 1, not the Linear's feature axis (the last one)"
+                ), True
+            want = seg.stop - seg.start
+            if out.dim() < 2 or out.shape[1] != want or (seg.via is None and want != channels):
+                got = out.shape[1] if out.dim() > 1 else "?"
+                return [], f"{pname} output has {got} channels, the BatchNorm {channels}", True
+    if max(stop for _, stop in ranges.values()) != channels:
+        names = ", ".join(rec.names.get(id(p), "?") for p in producers)
+        return [], f"the cat of {names} does not give the BatchNorm's {channels} channels", True
+    return [(p, ranges[id(p)]) for p in producers], None, True
 
 
-def _try_next(norm: "nn.Module", calls: list[_Call], rec: _Recorder, out_ids: set[int], replacement: str) -> "tuple[nn.Module | None, str | None]":
-    """The layer after this norm that it folds into, or the reason it cannot fold forward."""
+def _try_next(
+    norm: "nn.Module", calls: list[_Call], rec: _Recorder, out_ids: set[int], replacement: str
+) -> "tuple[nn.Module | None, str | None]":
+    """The layer after this norm that it folds into, or the reason it cannot fold forward.
+
+    The reason is None when no Conv/Linear reads the norm's output at all (no candidate).
+    """
+    if replacement != "identity":
+        return None, None  # drop/activation after the norm: never a forward candidate
     target: "nn.Module | None" = None
     norm_outputs = {id(c.output) for c in calls}
+    problems: list[str] = []
     for call in calls:
         y = call.output
         readers = rec.reads.get(id(y), [])
-        if id(y) in out_ids:
-            return None, "its output is returned by the model"
         if not readers:
-            return None, "its output is not read by any layer"
+            return None, None
         r0, op0 = readers[0]
         if r0 is None or id(r0.module) not in rec.interesting or is_norm_like(r0.module) or r0.input is not y:
             return None, None  # not followed by a Conv/Linear: no forward candidate at all
-        others = [(r, op) for r, op in readers if r is None or r.module is not r0.module]
-        if others:
-            r, op = others[0]
-            return None, f"its output also feeds {op} in {r.name if r else 'the model forward'}"
         if target is not None and r0.module is not target:
             return None, "its outputs feed different layers"
         target = r0.module
+        others = [(r, op) for r, op in readers if r is None or r.module is not r0.module]
+        if others:
+            r, op = others[0]
+            problems.append(f"its output also feeds {op} in {_where(r)}")
+        elif id(y) in out_ids:
+            problems.append("its output is also returned by the model")
     if target is None:
         return None, None
+    if problems:
+        return None, problems[0]
     tname = rec.names.get(id(target), "?")
-    if replacement != "identity":
-        return None, f"it applies an activation before {tname}, so it cannot fold into it"
-    rule, _ = producer_rule(target)
-    if rule is None or not rule.next_ok:
-        return None, f"folding forward into {type(target).__name__} {tname} is not supported"
     if any(id(c.input) not in norm_outputs for c in rec.calls.get(id(target), [])):
         return None, f"{tname} is called on other inputs too"
     problem = _producer_problem(target, rec)
     if problem:
         return None, problem
+    rule, _ = producer_rule(target)
+    if rule is None or not rule.next_ok:
+        return None, f"folding forward into {type(target).__name__} {tname} is not supported"
     if rule.kind == "conv" and _zero_pads(target):
-        return None, f"zero padding in following conv {tname}: padding pads the un-normalised signal, so folding forward is not exact"
+        return None, (
+            f"zero padding in following conv {tname}: it pads the un-normalised signal with zeros, "
+            "so folding forward is not exact"
+        )
     for c in calls:
         if rule.kind == "linear" and c.output.dim() != 2:
-            return None, f"following Linear {tname} reads a {c.output.dim()}-D tensor: its feature axis is not the BatchNorm's channel axis"
+            return None, (
+                f"following Linear {tname} reads a {c.output.dim()}-D tensor: its feature axis "
+                "(the last) is not the BatchNorm's channel axis (axis 1)"
+            )
     return target, None
+
+
+def _skip_reason(back: "str | None", after_producer: bool, forward: "str | None") -> str:
+    """One message for a norm that folds neither way: the reason about the layer it follows
+    when it follows a Conv/Linear, the one about the layer after when only that exists."""
+    if forward and after_producer and back:
+        return f"{back}; it cannot fold into the next layer either: {forward}"
+    return (back if after_producer else forward or back) or "not foldable"
 
 
 def analyse(model: "nn.Module", args: tuple[Any, ...], kwargs: "dict[str, Any] | None" = None) -> Analysis:
@@ -364,23 +636,29 @@ def analyse(model: "nn.Module", args: tuple[Any, ...], kwargs: "dict[str, Any] |
         if rule is None:
             plan.skipped.append(Skip(name, reason or "not foldable"))
             continue
+        problem = _norm_problem(module, rec)  # first: a BN read functionally is never called
+        if problem:
+            plan.skipped.append(Skip(name, problem))
+            continue
         calls = rec.calls.get(id(module), [])
         if not calls:
             plan.skipped.append(Skip(name, "never called on the example input (unused, or in a branch not taken)"))
             continue
-        problem = _norm_problem(module, rec)
-        if problem:
-            plan.skipped.append(Skip(name, problem))
-            continue
-        producers, back_reason = _try_previous(module, calls, rec, out_ids)
-        if producers and not any(id(p) in used_producers for p in producers):
-            for p in producers:
-                used_producers.add(id(p))
-                plan.folds.append(Fold(name, rec.names[id(p)], "previous", rule.replacement))
-            continue
+        producers, back_reason, after_producer = _try_previous(module, calls, rec, out_ids)
+        if producers:
+            if not any(id(p) in used_producers for p, _ in producers):
+                whole = (0, _channels(module))
+                for p, chans in producers:
+                    used_producers.add(id(p))
+                    plan.folds.append(Fold(
+                        name, rec.names[id(p)], "previous", rule.replacement,
+                        channels=None if chans == whole else chans,
+                    ))
+                continue
+            back_reason = "its producer already absorbs another BatchNorm"
         target, next_reason = _try_next(module, calls, rec, out_ids, rule.replacement)
         if target is not None:
             plan.folds.append(Fold(name, rec.names[id(target)], "next", rule.replacement))
             continue
-        plan.skipped.append(Skip(name, next_reason or back_reason or "not foldable"))
+        plan.skipped.append(Skip(name, _skip_reason(back_reason, after_producer, next_reason)))
     return Analysis(plan=plan, output=output)

@@ -21,7 +21,17 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["ProducerRule", "NormRule", "PRODUCERS", "NORMS", "producer_rule", "norm_rule", "is_norm_like"]
+__all__ = [
+    "ProducerRule",
+    "NormRule",
+    "PRODUCERS",
+    "NORMS",
+    "producer_rule",
+    "norm_rule",
+    "is_norm_like",
+    "is_producer_like",
+    "producer_row",
+]
 
 Stats = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor | None", "torch.Tensor | None", float]
 
@@ -55,8 +65,13 @@ def _bn_stats(m: Any) -> Stats:
 
 
 def _bn_unfoldable(m: Any) -> "str | None":
-    if not m.track_running_stats or m.running_mean is None or m.running_var is None:
-        return "track_running_stats=False: it normalises with batch statistics even in eval mode"
+    # in eval mode torch normalises with the running statistics whenever both buffers exist
+    # (``track_running_stats`` only decides whether training updates them)
+    if m.running_mean is None or m.running_var is None:
+        return (
+            "track_running_stats=False: it has no running statistics and normalises with batch "
+            "statistics even in eval mode, so it is not a fixed affine map"
+        )
     return None
 
 
@@ -110,8 +125,36 @@ def _lookup(module: "nn.Module", rules: tuple[Any, ...]) -> "tuple[Any, type] | 
     return None
 
 
-def _forward_unchanged(module: "nn.Module", cls: type) -> bool:
-    return type(module).forward is cls.forward
+#: methods a subclass may override to change what the layer computes (forward calls them)
+_COMPUTE_METHODS = ("forward", "_conv_forward")
+
+
+def _overridden(module: "nn.Module", cls: type) -> "str | None":
+    """The first compute method that ``type(module)`` overrides relative to ``cls``, or None."""
+    for meth in _COMPUTE_METHODS:
+        if getattr(type(module), meth, None) is not getattr(cls, meth, None):
+            return meth
+    return None
+
+
+def _public_base(module: "nn.Module", cls: type) -> str:
+    """The nearest public class ``module`` derives from, for messages (BatchNorm2d, not _BatchNorm)."""
+    for base in type(module).__mro__[1:]:
+        if not base.__name__.startswith("_") and issubclass(base, cls):
+            return base.__name__
+    return cls.__name__.lstrip("_")
+
+
+def is_producer_like(module: "nn.Module") -> bool:
+    """True when ``module``'s class (or a base class) has a producer row, foldable or not."""
+    return _lookup(module, PRODUCERS) is not None
+
+
+def producer_row(module: "nn.Module") -> "ProducerRule | None":
+    """The producer row of ``module``'s class, whether or not this instance can absorb a fold
+    (for reasons about its layout: a Linear's channel axis is the last one, a Conv's axis 1)."""
+    found = _lookup(module, PRODUCERS)
+    return found[0] if found is not None else None
 
 
 def producer_rule(module: "nn.Module") -> "tuple[ProducerRule | None, str | None]":
@@ -120,9 +163,13 @@ def producer_rule(module: "nn.Module") -> "tuple[ProducerRule | None, str | None
     if found is None:
         return None, f"{type(module).__name__} is not a Conv/ConvTranspose/Linear layer"
     rule, cls = found
-    if not _forward_unchanged(module, cls):
-        return None, f"unknown {cls.__name__} subclass {type(module).__name__} overrides forward"
-    if getattr(module, "weight", None) is None or "weight" not in module._parameters:
+    meth = _overridden(module, cls)
+    if meth is not None:
+        return None, (
+            f"unknown {_public_base(module, cls)} subclass {type(module).__name__} overrides {meth} "
+            "(it may not compute with its stored weight)"
+        )
+    if module._parameters.get("weight") is None:
         return None, f"{type(module).__name__} has no plain weight parameter"
     return rule, None
 
@@ -143,10 +190,11 @@ def norm_rule(module: "nn.Module") -> "tuple[NormRule | None, str | None]":
     if found is None:
         return None, f"unknown BatchNorm class {type(module).__name__}"
     rule, cls = found
-    if not _forward_unchanged(module, cls):
+    meth = _overridden(module, cls)
+    if meth is not None:
         return None, (
-            f"unknown {cls.__name__.lstrip('_')} subclass {type(module).__name__} overrides "
-            "forward (it may do more than normalise)"
+            f"unknown {_public_base(module, cls)} subclass {type(module).__name__} overrides "
+            f"{meth} (it may do more than normalise)"
         )
     reason = rule.unfoldable(module)
     if reason:

@@ -78,9 +78,15 @@ def _replace_norms(model: "nn.Module", folds: Iterable[Fold], build) -> None:  #
 
 
 def apply_plan(model: "nn.Module", plan: Plan) -> None:
-    """Fold every site of ``plan`` into ``model`` in place (statistics in float64, cast once)."""
+    """Fold every site of ``plan`` into ``model`` in place (statistics in float64, cast once).
+
+    All new weights are computed and checked first and written only when every fold succeeded:
+    a :class:`FoldError` (corrupt statistics, overflow) leaves the model as it was.  A layer
+    that absorbs two folds (a BN before it and one after it) gets both, in plan order.
+    """
     import torch
 
+    staged: dict[int, tuple["nn.Module", "torch.Tensor", "torch.Tensor"]] = {}
     for f in plan.folds:
         norm = _get(model, f.norm, "BatchNorm")
         layer = _get(model, f.producer, "layer")
@@ -89,15 +95,26 @@ def apply_plan(model: "nn.Module", plan: Plan) -> None:
         if rule is None or prod is None:
             raise BnfuseError(f"cannot fold {f.norm} into {f.producer}: {reason or preason}")
         scale, shift = affine_from_stats(*rule.stats(norm), name=f.norm)
+        if f.channels is not None:  # one part of a concatenation: its slice of the channels
+            start, stop = f.channels
+            if not 0 <= start < stop <= scale.numel():
+                raise BnfuseError(
+                    f"the fold plan gives {f.producer} channels {start}:{stop} of {f.norm}, "
+                    f"which has {scale.numel()}"
+                )
+            scale, shift = scale[start:stop], shift[start:stop]
+        _, weight, bias = staged.get(id(layer), (layer, layer.weight, layer.bias))
         if f.direction == "previous":
             w, b = fold_into_previous(
-                layer.weight, layer.bias, scale, shift,
+                weight, bias, scale, shift,
                 transposed=prod.transposed, groups=getattr(layer, "groups", 1), name=f.producer,
             )
+        elif f.direction == "next":
+            w, b = fold_into_next(weight, bias, scale, shift, groups=getattr(layer, "groups", 1), name=f.producer)
         else:
-            w, b = fold_into_next(
-                layer.weight, layer.bias, scale, shift, groups=getattr(layer, "groups", 1), name=f.producer
-            )
+            raise BnfuseError(f"unknown fold direction {f.direction!r} for {f.norm} in the fold plan")
+        staged[id(layer)] = (layer, w, b)
+    for layer, w, b in staged.values():
         with torch.no_grad():
             layer.weight.copy_(w)
         _set_bias(layer, b)

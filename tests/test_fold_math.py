@@ -1,0 +1,243 @@
+"""Property tests of the fold arithmetic (bnfuse_cli.fold) on real torch layers, in float64.
+
+``fold(conv, bn)(x) == bn(conv(x))`` across conv dimensions, groups, stride, dilation, padding
+and padding modes, bias or not, affine or not, transposed convs (weight laid out
+(in, out/groups, k...)) and Linear; and ``fold(bn, conv)(x) == conv(bn(x))`` for the forward
+fold where it is exact.  In float64 a correct fold agrees to ~1e-15 relative; a fold on the
+wrong axis or with the wrong bias is off by O(1).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from bnfuse_cli.errors import FoldError
+from bnfuse_cli.fold import affine_from_stats, fold_into_next, fold_into_previous
+from conftest import randomize_bn
+
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
+RTOL = 1e-10
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _bn(dim: int, channels: int, *, affine: bool, eps: float, seed: int) -> nn.Module:
+    bn = getattr(nn, f"BatchNorm{dim}d")(channels, affine=affine, eps=eps)
+    return randomize_bn(bn, seed).double().eval()
+
+
+def _stats(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    return affine_from_stats(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, name="bn")
+
+
+def _with(layer: nn.Module, w: torch.Tensor, b: torch.Tensor) -> nn.Module:
+    new = copy.deepcopy(layer)
+    with torch.no_grad():
+        new.weight.copy_(w)
+    new.bias = nn.Parameter(b)
+    return new
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape
+    err = (got - want).abs().max().item()
+    assert err <= RTOL * max(1.0, want.abs().max().item()), err
+
+
+@st.composite
+def conv_cases(draw):
+    dim = draw(st.sampled_from([1, 2, 3]))
+    transposed = draw(st.booleans())
+    groups = draw(st.integers(1, 3))
+    case = dict(
+        dim=dim,
+        transposed=transposed,
+        groups=groups,
+        cin=groups * draw(st.integers(1, 2)),
+        cout=groups * draw(st.integers(1, 3)),
+        k=draw(st.integers(1, 3)),
+        stride=draw(st.integers(1, 2)),
+        dilation=draw(st.integers(1, 2)),
+        padding=draw(st.integers(0, 2)),
+        mode="zeros" if transposed else draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"])),
+        bias=draw(st.booleans()),
+        affine=draw(st.booleans()),
+        eps=draw(st.sampled_from([1e-5, 1e-3, 0.1])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+    return case
+
+
+def _conv(c: dict) -> nn.Module:
+    torch.manual_seed(c["seed"])
+    kind = f"Conv{'Transpose' if c['transposed'] else ''}{c['dim']}d"
+    conv = getattr(nn, kind)(
+        c["cin"], c["cout"], c["k"], stride=c["stride"], padding=c["padding"], dilation=c["dilation"],
+        groups=c["groups"], bias=c["bias"], padding_mode=c["mode"],
+    )
+    return conv.double()
+
+
+def _input(c: dict, channels: int) -> torch.Tensor:
+    return torch.randn(2, channels, *([5] * c["dim"]), generator=_gen(c["seed"] + 1), dtype=torch.float64)
+
+
+@SETTINGS
+@given(conv_cases())
+def test_fold_into_previous_conv_is_exact(c):
+    conv = _conv(c)
+    bn = _bn(c["dim"], c["cout"], affine=c["affine"], eps=c["eps"], seed=c["seed"])
+    x = _input(c, c["cin"])
+    scale, shift = _stats(bn)
+    w, b = fold_into_previous(
+        conv.weight, conv.bias, scale, shift, transposed=c["transposed"], groups=c["groups"], name="conv"
+    )
+    assert w.dtype == conv.weight.dtype and w.shape == conv.weight.shape and b.shape == (c["cout"],)
+    with torch.no_grad():
+        _close(_with(conv, w, b)(x), bn(conv(x)))
+
+
+@SETTINGS
+@given(
+    st.integers(1, 6), st.integers(1, 6), st.booleans(), st.booleans(), st.integers(0, 2**16)
+)
+def test_fold_into_previous_linear_is_exact(fin, fout, bias, affine, seed):
+    torch.manual_seed(seed)
+    fc = nn.Linear(fin, fout, bias=bias).double()
+    bn = _bn(1, fout, affine=affine, eps=1e-5, seed=seed)
+    x = torch.randn(4, fin, generator=_gen(seed), dtype=torch.float64)
+    w, b = fold_into_previous(fc.weight, fc.bias, *_stats(bn), name="fc")
+    with torch.no_grad():
+        _close(_with(fc, w, b)(x), bn(fc(x)))
+
+
+@SETTINGS
+@given(conv_cases())
+def test_fold_into_next_conv_is_exact_without_zero_padding(c):
+    c = dict(c, transposed=False, padding=c["padding"] if c["mode"] != "zeros" else 0)
+    conv = _conv(c)
+    bn = _bn(c["dim"], c["cin"], affine=c["affine"], eps=c["eps"], seed=c["seed"])
+    x = _input(c, c["cin"])
+    w, b = fold_into_next(conv.weight, conv.bias, *_stats(bn), groups=c["groups"], name="conv")
+    with torch.no_grad():
+        _close(_with(conv, w, b)(x), conv(bn(x)))
+
+
+@SETTINGS
+@given(st.integers(1, 6), st.integers(1, 6), st.booleans(), st.integers(0, 2**16))
+def test_fold_into_next_linear_is_exact(fin, fout, bias, seed):
+    torch.manual_seed(seed)
+    fc = nn.Linear(fin, fout, bias=bias).double()
+    bn = _bn(1, fin, affine=True, eps=1e-5, seed=seed)
+    x = torch.randn(4, fin, generator=_gen(seed), dtype=torch.float64)
+    w, b = fold_into_next(fc.weight, fc.bias, *_stats(bn), name="fc")
+    with torch.no_grad():
+        _close(_with(fc, w, b)(x), fc(bn(x)))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_fold_into_next_with_zero_padding_is_not_exact(groups):
+    """Why the engine refuses it: zero padding pads the un-shifted signal, so the border differs."""
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=groups).double()
+    bn = _bn(2, 4, affine=True, eps=1e-5, seed=3)
+    x = torch.randn(2, 4, 6, 6, generator=_gen(0), dtype=torch.float64)
+    w, b = fold_into_next(conv.weight, conv.bias, *_stats(bn), groups=groups, name="conv")
+    with torch.no_grad():
+        got, want = _with(conv, w, b)(x), conv(bn(x))
+    assert (got - want).abs().max().item() > 1e-3
+    _close(got[..., 1:-1, 1:-1], want[..., 1:-1, 1:-1])  # the interior is exact
+
+
+def test_transposed_groups_scale_the_output_axis():
+    """A transposed fold on the wrong axis (weight dim 0) is far off: the test can tell."""
+    conv = nn.ConvTranspose2d(4, 6, 3, groups=2).double()
+    bn = _bn(2, 6, affine=True, eps=1e-5, seed=1)
+    x = torch.randn(1, 4, 5, 5, generator=_gen(2), dtype=torch.float64)
+    scale, shift = _stats(bn)
+    w, b = fold_into_previous(conv.weight, conv.bias, scale, shift, transposed=True, groups=2, name="c")
+    wrong = conv.weight.detach() * scale.reshape(2, 3)[:, :2].reshape(-1, 1, 1, 1)  # naive: dim 0
+    with torch.no_grad():
+        want = bn(conv(x))
+        _close(_with(conv, w, b)(x), want)
+        assert (_with(conv, wrong, b)(x) - want).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fold_keeps_dtype_and_is_computed_in_float64(dtype):
+    conv = nn.Conv2d(3, 4, 3).double()
+    bn = _bn(2, 4, affine=True, eps=1e-5, seed=5)
+    scale, shift = _stats(bn)
+    w64, b64 = fold_into_previous(conv.weight, conv.bias, scale, shift, name="conv")
+    w, b = fold_into_previous(conv.weight.to(dtype), conv.bias.to(dtype), scale, shift, name="conv")
+    assert w.dtype == dtype and b.dtype == dtype
+    # exactly one rounding: the folded low-precision weight is the float64 fold rounded
+    assert torch.equal(w, (conv.weight.to(dtype).double() * scale.reshape(-1, 1, 1, 1)).to(dtype))
+    assert torch.allclose(w.double(), w64, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=0)
+
+
+# ------------------------------------------------------------------------------ bad statistics
+
+
+def _conv_bn(var: float, *, eps: float = 1e-5, dtype=torch.float64):
+    conv = nn.Conv2d(2, 3, 1).to(dtype)
+    bn = randomize_bn(nn.BatchNorm2d(3, eps=eps)).to(dtype).eval()
+    with torch.no_grad():
+        bn.running_var[1] = var
+    return conv, bn
+
+
+@pytest.mark.parametrize("var", [float("nan"), -0.5, float("inf")])
+def test_corrupt_running_var_raises_naming_the_layer(var):
+    _, bn = _conv_bn(var)
+    with pytest.raises(FoldError, match=r"layer3\.1\.bn2 .*running_var"):
+        affine_from_stats(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, name="layer3.1.bn2")
+
+
+def test_zero_variance_and_zero_eps_is_non_finite():
+    _, bn = _conv_bn(0.0, eps=0.0)
+    with pytest.raises(FoldError, match="stem.bn.*non-finite"):
+        affine_from_stats(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, name="stem.bn")
+
+
+def test_non_finite_gamma_or_mean_is_rejected():
+    _, bn = _conv_bn(1.0)
+    with torch.no_grad():
+        bn.running_mean[0] = float("inf")
+    with pytest.raises(FoldError, match="head.bn"):
+        affine_from_stats(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, name="head.bn")
+    _, bn = _conv_bn(1.0)
+    with torch.no_grad():
+        bn.weight[2] = float("nan")
+    with pytest.raises(FoldError, match="head.bn"):
+        affine_from_stats(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, name="head.bn")
+
+
+def test_fp16_overflow_of_the_folded_weight_is_detected():
+    """A tiny variance makes the scale ~1e5: the folded fp16 weight would be inf."""
+    conv, bn = _conv_bn(1e-12, eps=1e-12, dtype=torch.float16)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        bn.weight.fill_(1.0)
+    scale, shift = _stats(bn)
+    with pytest.raises(FoldError, match=r"features\.0: .*overflows torch\.float16"):
+        fold_into_previous(conv.weight, conv.bias, scale, shift, name="features.0")
+    # the same fold in float32 is fine
+    w, _ = fold_into_previous(conv.weight.float(), conv.bias.float(), scale, shift, name="features.0")
+    assert torch.isfinite(w).all()
+
+
+def test_shape_mismatch_raises_fold_error():
+    conv = nn.Conv2d(2, 3, 1).double()
+    bn = _bn(2, 4, affine=True, eps=1e-5, seed=0)
+    with pytest.raises(FoldError, match="conv1"):
+        fold_into_previous(conv.weight, conv.bias, *_stats(bn), name="conv1")
+    with pytest.raises(FoldError, match="conv1"):
+        fold_into_next(conv.weight, conv.bias, *_stats(bn), name="conv1")

@@ -1,0 +1,413 @@
+"""Fold sites on tiny hand-made models: what folds, what stays and why, and that the fused
+model computes the same function (in float64, where a correct fold agrees to ~1e-15).
+
+Every case asserts the exact numbers of folds and skips, the words of each skip reason, and
+the fused output against the unfused one; a wrongly folded layer is off by O(1).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import models_edge as me
+from bnfuse_cli.errors import FoldError
+from bnfuse_cli.fuse import fuse
+from bnfuse_cli.inputs import compare
+from bnfuse_cli.patterns import is_norm_like
+from conftest import randomize_bn
+
+TOL = 1e-10
+
+
+def _x(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def run(model: nn.Module, *args: torch.Tensor, folds: int, skipped: int, seed: int = 0):
+    """Fuse a float64 copy of ``model`` with random BN statistics; check counts and outputs."""
+    model = randomize_bn(model, seed).double().eval()
+    with torch.no_grad():
+        reference = model(*args)
+    res = fuse(model, args)
+    with torch.no_grad():
+        fused_out = res.model(*args)
+    err = compare(reference, fused_out)
+    assert err.mismatch is None, err.mismatch
+    assert err.rel < TOL, (err, res.plan)
+    assert res.error.rel < TOL
+    assert len(res.plan.folds) == folds, res.plan
+    assert len(res.plan.skipped) == skipped, res.plan
+    # every BN not folded is still in the model, every folded one is gone
+    left = [n for n, m in res.model.named_modules() if is_norm_like(m)]
+    assert sorted(left) == sorted(s.norm for s in res.plan.skipped)
+    return res
+
+
+def reason(res, norm: str) -> str:
+    (r,) = [s.reason for s in res.plan.skipped if s.norm == norm]
+    return r
+
+
+def pairs(res) -> set[tuple[str, str, str]]:
+    return {(f.producer, f.norm, f.direction) for f in res.plan.folds}
+
+
+# ------------------------------------------------------------------------------ backward folds
+
+
+def test_conv_bn_folds():
+    res = run(me.ConvBN(), _x(2, 3, 6, 6), folds=1, skipped=0)
+    assert pairs(res) == {("conv", "bn", "previous")}
+    assert isinstance(res.model.bn, nn.Identity)
+    assert res.model.conv.bias is not None
+
+
+def test_residual_reader_is_named():
+    res = run(me.ResidualRead(), _x(2, 3, 6, 6), folds=0, skipped=1)
+    assert reason(res, "layer1.0.bn1") == "output of layer1.0.conv1 is also read by add (in place) in layer1.0"
+
+
+def test_conv_output_returned():
+    res = run(me.ConvReturned(), _x(2, 3, 6, 6), folds=0, skipped=1)
+    assert reason(res, "bn") == "output of conv is also returned by the model"
+
+
+def test_conv_called_twice_bn_after_one_call():
+    res = run(me.ConvTwiceBNOnce(), _x(2, 3, 6, 6), folds=0, skipped=1)
+    r = reason(res, "bn")
+    assert "conv is called 2 times" in r and "not every output feeds this BatchNorm" in r
+
+
+def test_conv_called_twice_each_followed_by_the_bn():
+    res = run(me.ConvTwiceBNTwice(), _x(2, 3, 6, 6), folds=1, skipped=0)
+    assert pairs(res) == {("conv", "bn", "previous")}
+
+
+def test_one_bn_after_two_convs_folds_into_both():
+    res = run(me.SharedBN(), _x(2, 3, 6, 6), folds=2, skipped=0)
+    assert pairs(res) == {("c1", "bn", "previous"), ("c2", "bn", "previous")}
+    assert res.plan.folded_norms == ["bn"]
+
+
+def test_bn_applied_twice_to_one_output():
+    res = run(me.BNReadTwice(), _x(2, 3, 6, 6), folds=1, skipped=0)
+    assert pairs(res) == {("conv", "bn", "previous")}
+
+
+def test_registration_order_does_not_matter():
+    res = run(me.RegistrationOrder(), _x(2, 6, 5, 5), folds=2, skipped=0)
+    assert pairs(res) == {("conv_a", "bn_a", "previous"), ("conv_b", "bn_b", "previous")}
+
+
+def test_densenet_like_concat_then_bn_is_skipped():
+    res = run(me.ConcatBN(), _x(2, 3, 6, 6), folds=0, skipped=1)
+    assert reason(res, "norm") == "follows cat in the model forward, not a Conv/Linear output"
+
+
+def test_cat_of_conv_outputs_folds_a_slice_into_each_conv():
+    res = run(me.MixedConvBN(), _x(2, 4, 6, 6), folds=2, skipped=0)
+    assert {(f.producer, f.channels) for f in res.plan.folds} == {("convs.0", (0, 3)), ("convs.1", (3, 8))}
+    assert all(f.norm == "bn" and f.direction == "previous" for f in res.plan.folds)
+
+
+def test_cat_along_another_axis_is_skipped():
+    res = run(me.CatOnWrongAxis(), _x(2, 3, 6, 6), folds=0, skipped=1)
+    assert "cat along axis 3" in reason(res, "bn")
+
+
+def test_linear_flattened_then_bn1d_folds():
+    res = run(me.LinearFlattenBN(), _x(2, 3, 5), folds=1, skipped=0)
+    assert pairs(res) == {("linear", "bn", "previous")}
+
+
+def test_linear_transposed_and_reshaped_is_skipped():
+    res = run(me.LinearViewWrongAxis(), _x(2, 6, 4), folds=0, skipped=1)
+    assert "follows reshape in the model forward" in reason(res, "bn")
+
+
+def test_conv_flattened_then_bn1d_folds():
+    res = run(me.ConvFlattenBN1d(), _x(2, 3, 6, 6), folds=1, skipped=0)
+    assert pairs(res) == {("conv", "bn", "previous")}
+
+
+def test_fold_rows_round_trip():
+    from bnfuse_cli.graph import Fold
+
+    for f in (Fold("bn", "conv"), Fold("bn", "convs.1", channels=(3, 8)), Fold("n", "c", "next", "activation")):
+        assert Fold.from_list(f.to_list()) == f
+
+
+def test_bn_after_relu_before_conv_is_skipped():
+    res = run(me.PreActivation(), _x(2, 3, 6, 6), folds=0, skipped=1)
+    assert reason(res, "bn") == "follows relu in the model forward, not a Conv/Linear output"
+
+
+def test_inplace_relu_between_conv_and_bn():
+    res = run(me.InplaceReluBetween(), _x(2, 3, 6, 6), folds=0, skipped=1)
+    assert reason(res, "bn") == "output of conv is also read by relu (in place) in act"
+
+
+# ------------------------------------------------------------------------------- forward folds
+
+
+def test_input_bn_folds_into_unpadded_conv():
+    res = run(me.InputBNConv(padding=0), _x(2, 4, 6, 6), folds=1, skipped=0)
+    assert pairs(res) == {("conv", "bn", "next")}
+
+
+def test_input_bn_before_grouped_conv():
+    res = run(me.InputBNConv(padding=0, groups=2), _x(2, 4, 6, 6), folds=1, skipped=0)
+    assert pairs(res) == {("conv", "bn", "next")}
+
+
+def test_input_bn_not_folded_into_zero_padded_conv():
+    res = run(me.InputBNConv(padding=1), _x(2, 4, 6, 6), folds=0, skipped=1)
+    r = reason(res, "bn")
+    assert r.startswith("zero padding in following conv conv"), r
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_input_bn_folds_into_conv_with_non_zero_padding(mode):
+    res = run(me.InputBNConv(padding=1, padding_mode=mode), _x(2, 4, 6, 6), folds=1, skipped=0)
+    assert pairs(res) == {("conv", "bn", "next")}
+
+
+def test_bn1d_then_linear_folds_forward():
+    res = run(me.BN1dLinear(), _x(4, 5), folds=1, skipped=0)
+    assert pairs(res) == {("fc", "bn", "next")}
+
+
+def test_linear_then_bn1d_on_2d():
+    res = run(me.LinearBN1d(), _x(4, 5), folds=1, skipped=0)
+    assert pairs(res) == {("fc", "bn", "previous")}
+
+
+def test_linear_on_3d_then_bn1d_is_not_folded_on_the_wrong_axis():
+    res = run(me.LinearBN1dWrongAxis(6), _x(3, 6, 4), folds=0, skipped=1)
+    r = reason(res, "bn")
+    assert "axis" in r and "fc" in r, r
+
+
+# ---------------------------------------------------------------------------- norm variants
+
+
+def test_track_running_stats_false_is_skipped():
+    res = run(me.ConvNorm(nn.BatchNorm2d(4, track_running_stats=False)), _x(2, 3, 6, 6), folds=0, skipped=1)
+    assert reason(res, "bn").startswith("track_running_stats=False: ")
+
+
+def test_affine_false_folds():
+    res = run(me.ConvNorm(nn.BatchNorm2d(4, affine=False)), _x(2, 3, 6, 6), folds=1, skipped=0)
+    assert pairs(res) == {("conv", "bn", "previous")}
+
+
+def test_bn_subclass_without_forward_folds():
+    run(me.ConvNorm(me.PlainBNSubclass(4)), _x(2, 3, 6, 6), folds=1, skipped=0)
+
+
+def test_bn_subclass_overriding_forward_is_skipped():
+    res = run(me.ConvNorm(me.ClampedBN(4)), _x(2, 3, 6, 6), folds=0, skipped=1)
+    assert reason(res, "bn").startswith("unknown BatchNorm2d subclass ClampedBN overrides forward")
+
+
+def test_conv3d_subclass_folds():
+    res = run(me.ConvNorm(nn.BatchNorm3d(5), me.MyConv3d(3, 5)), _x(1, 3, 4, 5, 5), folds=1, skipped=0)
+    assert pairs(res) == {("conv", "bn", "previous")}
+
+
+def test_conv_subclass_overriding_conv_forward_is_skipped():
+    res = run(me.ConvNorm(nn.BatchNorm2d(4), me.StdConv2d(3, 4, 3)), _x(2, 3, 6, 6), folds=0, skipped=1)
+    assert "StdConv2d" in reason(res, "bn") and "_conv_forward" in reason(res, "bn")
+
+
+def test_sync_batchnorm_in_eval_on_cpu_folds():
+    # SyncBatchNorm only synchronises in training; in eval it runs on CPU like BatchNorm2d
+    res = run(me.ConvNorm(nn.SyncBatchNorm(4)), _x(2, 3, 6, 6), folds=1, skipped=0)
+    assert pairs(res) == {("conv", "bn", "previous")}
+
+
+def test_frozen_batchnorm_folds():
+    from torchvision.ops import FrozenBatchNorm2d
+
+    run(me.ConvNorm(FrozenBatchNorm2d(4)), _x(2, 3, 6, 6), folds=1, skipped=0)
+
+
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_timm_batchnormact_keeps_its_activation(act):
+    timm_layers = pytest.importorskip("timm.layers")
+    from bnfuse_cli.layers import NormActivation
+
+    norm = timm_layers.BatchNormAct2d(4, act_layer=act)
+    res = run(me.ConvNorm(norm), _x(2, 3, 6, 6), folds=1, skipped=0)
+    assert isinstance(res.model.bn, NormActivation)
+    assert type(res.model.bn.act) is type(norm.act) and not isinstance(norm.act, nn.Identity)
+
+
+def test_conv_transpose_groups_folds():
+    conv = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2, bias=False)
+    res = run(me.ConvNorm(nn.BatchNorm2d(6), conv), _x(2, 4, 5, 5), folds=1, skipped=0)
+    assert pairs(res) == {("conv", "bn", "previous")}
+
+
+def test_channels_last_weights_fold():
+    model = me.ConvBN().to(memory_format=torch.channels_last)
+    x = _x(2, 3, 6, 6).to(memory_format=torch.channels_last)
+    res = run(model, x, folds=1, skipped=0)
+    assert res.model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------- re-parametrised weights
+
+
+def test_old_weight_norm_is_skipped():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        conv = torch.nn.utils.weight_norm(nn.Conv2d(3, 4, 3, padding=1))
+    res = run(me.ConvNorm(nn.BatchNorm2d(4), conv), _x(2, 3, 6, 6), folds=0, skipped=1)
+    assert "weight_norm" in reason(res, "bn") and "conv" in reason(res, "bn")
+
+
+def test_parametrizations_weight_norm_is_skipped():
+    conv = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3, padding=1))
+    res = run(me.ConvNorm(nn.BatchNorm2d(4), conv), _x(2, 3, 6, 6), folds=0, skipped=1)
+    assert "parametri" in reason(res, "bn") and "conv" in reason(res, "bn")
+
+
+class _Symmetric(nn.Module):
+    def forward(self, w):
+        return (w + w.flip(-1)) / 2
+
+
+def test_parametrize_is_skipped():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    torch.nn.utils.parametrize.register_parametrization(conv, "weight", _Symmetric())
+    res = run(me.ConvNorm(nn.BatchNorm2d(4), conv), _x(2, 3, 6, 6), folds=0, skipped=1)
+    assert "parametri" in reason(res, "bn")
+
+
+def test_input_bn_before_parametrized_conv_is_skipped():
+    model = me.InputBNConv(padding=0)
+    torch.nn.utils.parametrize.register_parametrization(model.conv, "weight", _Symmetric())
+    res = run(model, _x(2, 4, 6, 6), folds=0, skipped=1)
+    assert "parametri" in reason(res, "bn")
+
+
+# ----------------------------------------------------------------- flow, I/O, shared params
+
+
+def test_data_dependent_control_flow():
+    model = me.DataDependent()
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)
+    x = _x(2, 3, 6, 6).abs()  # takes the first branch: bn2 never runs
+    res = run(model, x, folds=1, skipped=1)
+    assert pairs(res) == {("conv", "bn", "previous")}
+    assert reason(res, "bn2").startswith("never called on the example input")
+    with torch.no_grad():  # the untaken branch is untouched and still correct
+        ref = randomize_bn(me.DataDependent(), 0).double().eval()
+        ref.load_state_dict(model.state_dict())
+        assert torch.equal(ref(-x), res.model(-x))
+
+
+def test_several_inputs_and_nested_outputs():
+    res = run(me.MultiIO(), _x(2, 3, 6, 6), _x(4, 5, seed=2), folds=2, skipped=0)
+    assert pairs(res) == {("ca", "bna", "previous"), ("fb", "bnb", "previous")}
+
+
+def test_bn_parameters_read_elsewhere():
+    res = run(me.BNParamsRead(), _x(2, 3, 6, 6), folds=0, skipped=1)
+    assert reason(res, "bn") == "bn.weight is also read by abs in the model forward"
+
+
+def test_tied_conv_weights():
+    res = run(me.TiedConvWeights(), _x(2, 3, 6, 6), folds=0, skipped=1)
+    r = reason(res, "bn")
+    assert "conv_a.weight" in r and "conv_b.weight" in r and "shared" in r, r
+
+
+def test_conv_weight_read_by_another_module():
+    res = run(me.ConvWeightReadFunctionally(), _x(2, 3, 6, 6), folds=0, skipped=1)
+    assert reason(res, "bn") == "conv.weight is also read by conv2d in head"
+
+
+# ------------------------------------------------------------------------- fuse() contract
+
+
+def test_fuse_leaves_callers_model_untouched():
+    model = randomize_bn(me.RegistrationOrder()).double().train()
+    before = copy.deepcopy(model.state_dict())
+    res = fuse(model, _x(2, 6, 5, 5))
+    assert model.training and res.model is not model
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert isinstance(model.bn_a, nn.BatchNorm2d) and len(res.plan.folds) == 2
+
+
+def test_fuse_switches_training_model_to_eval_and_reports_it():
+    model = randomize_bn(me.ConvBN()).double().train()
+    x = _x(2, 3, 6, 6)
+    res = fuse(model, x, inplace=True)
+    assert res.switched_to_eval and not res.model.training and res.model is model
+    eval_res = fuse(randomize_bn(me.ConvBN()).double().eval(), x)
+    assert not eval_res.switched_to_eval
+
+
+def test_fuse_copies_a_fresh_old_weight_norm_model():
+    """A weight_norm weight computed with autograd is not a leaf: deepcopy alone refuses it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        conv = torch.nn.utils.weight_norm(nn.Conv2d(3, 4, 3, padding=1).double())
+    model = me.ConvNorm(randomize_bn(nn.BatchNorm2d(4)).double(), conv).eval()
+    x = _x(2, 3, 6, 6)
+    with torch.no_grad():
+        reference = model(x)
+    res = fuse(model, x)
+    assert res.model is not model and len(res.plan.skipped) == 1 and not res.plan.folds
+    assert "weight_norm" in reason(res, "bn")
+    with torch.no_grad():
+        assert torch.equal(res.model(x), reference) and torch.equal(model(x), reference)
+
+
+def test_fold_error_leaves_the_model_unchanged():
+    model = randomize_bn(me.RegistrationOrder()).double().eval()
+    with torch.no_grad():
+        model.bn_a.running_var[2] = -1.0  # bn_b comes first in the plan: it must not be written
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(FoldError, match="bn_a"):
+        fuse(model, _x(2, 6, 5, 5), inplace=True)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert isinstance(model.bn_b, nn.BatchNorm2d) and model.conv_b.bias is None
+
+
+def test_passthrough_ops_do_not_block_a_fold():
+    res = run(me.PassThroughOps(), _x(2, 3, 6, 6), folds=1, skipped=0)
+    assert pairs(res) == {("conv", "bn", "previous")}
+
+
+def test_inplace_leaky_relu_between_conv_and_bn():
+    res = run(me.InplaceLeakyBetween(), _x(2, 3, 6, 6), folds=0, skipped=1)
+    assert reason(res, "bn") == "output of conv is also read by leaky_relu (in place) in act"
+
+
+def test_bn_used_functionally_is_skipped_with_the_reader():
+    res = run(me.FunctionalBN(), _x(2, 3, 6, 6), folds=0, skipped=1)
+    assert reason(res, "bn").startswith("bn.") and "batch_norm in the model forward" in reason(res, "bn")
+
+
+def test_bn_without_bias_folds():
+    res = run(me.ConvNorm(nn.BatchNorm2d(4, bias=False)), _x(2, 3, 6, 6), folds=1, skipped=0)
+    assert pairs(res) == {("conv", "bn", "previous")}
+
+
+def test_track_running_stats_switched_off_after_construction_still_uses_running_stats():
+    """torch normalises with the running statistics in eval whenever the buffers exist."""
+    bn = nn.BatchNorm2d(4)
+    bn.track_running_stats = False
+    res = run(me.ConvNorm(bn), _x(2, 3, 6, 6), folds=1, skipped=0)
+    assert pairs(res) == {("conv", "bn", "previous")}
