@@ -118,6 +118,8 @@ class _Call:
     name: str
     input: Any = None
     output: Any = None
+    #: the module's training flag during this call (a model may switch a BN to train itself)
+    training: bool = False
 
 
 def _op_name(func: Any) -> str:
@@ -157,11 +159,80 @@ def _where(call: "_Call | None") -> str:
     return call.name if call is not None and call.name else "the model forward"
 
 
-def _tensors(obj: Any) -> list["torch.Tensor"]:
-    import torch
-    from torch.utils._pytree import tree_flatten
+def _reachable_tensors(obj: Any, *, limit: int = 20000) -> list["torch.Tensor"]:
+    """Every tensor inside ``obj``: containers, dataclasses and plain objects' attributes.
 
-    return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
+    For what the model returns or keeps on its modules (a dataclass or a custom output class
+    that pytree does not know still hands the tensor to the caller).  Modules are not entered;
+    at most ``limit`` objects are visited.
+    """
+    import dataclasses
+
+    import torch
+    from torch import nn
+
+    found: list["torch.Tensor"] = []
+    seen: set[int] = set()
+    todo: list[tuple[Any, int]] = [(obj, 0)]
+    visited = 0
+    while todo and visited < limit:
+        o, depth = todo.pop()
+        visited += 1
+        if isinstance(o, torch.Tensor):
+            found.append(o)
+            continue
+        if depth > 8 or id(o) in seen or isinstance(o, (str, bytes, int, float, bool, nn.Module, type)) or o is None:
+            continue
+        seen.add(id(o))
+        if isinstance(o, dict):
+            children = list(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            children = list(o)
+        elif dataclasses.is_dataclass(o):
+            children = [getattr(o, f.name, None) for f in dataclasses.fields(o)]
+        elif hasattr(o, "__dict__") and not callable(o):
+            children = list(vars(o).values())
+        else:
+            continue
+        todo.extend((c, depth + 1) for c in children)
+    return found
+
+
+def _escapes(model: "nn.Module", output: Any) -> dict[int, str]:
+    """id(tensor) -> how it leaves the forward pass other than through an op: returned by the
+    model, or kept as an attribute of one of its modules (``self.feat = y``)."""
+    from torch import nn
+
+    escapes = {id(t): "returned by the model" for t in _reachable_tensors(output)}
+    internal = set(vars(nn.Module()))
+    for name, mod in model.named_modules():
+        for attr, value in vars(mod).items():
+            if attr in internal or value is None or isinstance(value, (nn.Module, str, int, float, bool)):
+                continue
+            where = f"{name}.{attr}" if name else attr
+            for t in _reachable_tensors(value, limit=2000):
+                escapes.setdefault(id(t), f"kept in the attribute {where}")
+    return escapes
+
+
+def _tensors(obj: Any) -> list["torch.Tensor"]:
+    """The tensors in an op's arguments or result (tuples, lists and dicts of them).
+
+    Called for every recorded op, so a plain loop rather than pytree (several times faster).
+    """
+    import torch
+
+    found: list["torch.Tensor"] = []
+    todo = [obj]
+    while todo:
+        o = todo.pop()
+        if isinstance(o, torch.Tensor):
+            found.append(o)
+        elif isinstance(o, (list, tuple)):
+            todo.extend(o)
+        elif isinstance(o, dict):
+            todo.extend(o.values())
+    return found
 
 
 class _Recorder:
@@ -189,6 +260,20 @@ class _Recorder:
             for attr, t in list(m._parameters.items()) + list(m._buffers.items()):
                 if t is not None:
                     self.holders.setdefault(id(t), []).append((id(m), f"{name}.{attr}" if name else attr))
+        #: storage address -> qualified names of the parameters and buffers using it
+        self.storages: dict[int, list[str]] = {}
+        seen_tensors: set[int] = set()
+        for name, m in model.named_modules():
+            for attr, t in list(m._parameters.items()) + list(m._buffers.items()):
+                if t is None or id(t) in seen_tensors or t.device.type == "meta":
+                    continue
+                seen_tensors.add(id(t))
+                try:
+                    ptr = t.untyped_storage().data_ptr()
+                except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+                    continue
+                if ptr:
+                    self.storages.setdefault(ptr, []).append(f"{name}.{attr}" if name else attr)
         #: id(param) -> ids of the producers and norms holding it (their calls may read it)
         self.owner: dict[int, set[int]] = {}
         for m in model.modules():
@@ -227,12 +312,45 @@ class _Recorder:
                 return out
 
         self.mode = _Mode()
+        import torch
+
+        scripted = False
         for mod in model.modules():
+            if isinstance(mod, torch.jit.ScriptModule):  # hooks are refused; see _script_pre
+                scripted = True
+                continue
             self.handles.append(mod.register_forward_pre_hook(self._pre, with_kwargs=True))
             self.handles.append(mod.register_forward_hook(self._post, with_kwargs=True))
+        if scripted:
+            from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+            self.handles.append(register_module_forward_pre_hook(self._script_pre))
+            self.handles.append(register_module_forward_hook(self._script_post))
+
+    def _script_pre(self, module: "nn.Module", args: Any) -> None:
+        """A TorchScript submodule runs without torch function calls we can see: count every
+        tensor handed to it as read by it (conservative), and what it returns as its result."""
+        import torch
+
+        if isinstance(module, torch.jit.ScriptModule) and id(module) in self.names:
+            reader = _Call(module, self.names[id(module)] or type(module).__name__)
+            for t in _tensors(args):
+                if id(t) in self.reads:
+                    self.reads[id(t)].append((reader, "TorchScript forward"))
+
+    def _script_post(self, module: "nn.Module", args: Any, output: Any) -> None:
+        import torch
+
+        if isinstance(module, torch.jit.ScriptModule) and id(module) in self.names:
+            where = self.names[id(module)]
+            for t in _tensors(output):
+                try:
+                    self.origin[id(t)] = (weakref.ref(t), "TorchScript forward", where)
+                except TypeError:
+                    pass
 
     def _pre(self, module: "nn.Module", args: Any, kwargs: Any) -> None:
-        call = _Call(module, self.names.get(id(module), type(module).__name__))
+        call = _Call(module, self.names.get(id(module), type(module).__name__), training=module.training)
         if id(module) in self.interesting:
             first = args[0] if args else next(iter(kwargs.values()), None)
             call.input = first
@@ -329,6 +447,17 @@ def _shared_with(module: "nn.Module", rec: _Recorder) -> "str | None":
             return (
                 f"{mine} is shared with {', '.join(others)} (tied weights): folding would change "
                 "the other layer too"
+            )
+        try:
+            users = rec.storages.get(t.untyped_storage().data_ptr(), [])
+        except (RuntimeError, NotImplementedError):
+            users = []
+        if len(users) > 1:
+            mine = next((n for mid, n in holders if mid == id(module)), attr)
+            others = [n for n in users if n != mine]
+            return (
+                f"{mine} shares memory with {', '.join(others)}: folding writes the weight in "
+                "place and would change them too"
             )
     return None
 
@@ -478,7 +607,7 @@ def _other_reader(
 
 
 def _try_previous(
-    norm: "nn.Module", calls: list[_Call], rec: _Recorder, out_ids: set[int]
+    norm: "nn.Module", calls: list[_Call], rec: _Recorder, out_ids: dict[int, str]
 ) -> "tuple[list[tuple[nn.Module, tuple[int, int]]], str | None, bool]":
     """Producers this norm folds into, each with the norm channels it gives, or why it cannot
     fold backward.
@@ -501,14 +630,14 @@ def _try_previous(
             if other is not None:
                 return [], f"{what} is also read by {other[1]} in {_where(other[0])}", True
             if id(x) in out_ids:
-                return [], f"{what} is also returned by the model", True
+                return [], f"{what} is also {out_ids[id(x)]}", True
         for seg in segs:
             pname = seg.call.name
             other = _other_reader(rec.reads.get(id(seg.src), []), norm, via)
             if other is not None:
                 return [], f"output of {pname} is also read by {other[1]} in {_where(other[0])}", True
             if id(seg.src) in out_ids:
-                return [], f"output of {pname} is also returned by the model", True
+                return [], f"output of {pname} is also {out_ids[id(seg.src)]}", True
             p = seg.call.module
             if ranges.setdefault(id(p), (seg.start, seg.stop)) != (seg.start, seg.stop):
                 return [], f"{pname} gives different channels of this BatchNorm on different calls", True
@@ -545,7 +674,7 @@ def _try_previous(
 
 
 def _try_next(
-    norm: "nn.Module", calls: list[_Call], rec: _Recorder, out_ids: set[int], replacement: str
+    norm: "nn.Module", calls: list[_Call], rec: _Recorder, out_ids: dict[int, str], replacement: str
 ) -> "tuple[nn.Module | None, str | None]":
     """The layer after this norm that it folds into, or the reason it cannot fold forward.
 
@@ -572,7 +701,7 @@ def _try_next(
             r, op = others[0]
             problems.append(f"its output also feeds {op} in {_where(r)}")
         elif id(y) in out_ids:
-            problems.append("its output is also returned by the model")
+            problems.append(f"its output is also {out_ids[id(y)]}")
     if target is None:
         return None, None
     if problems:
@@ -617,13 +746,18 @@ def analyse(model: "nn.Module", args: tuple[Any, ...], kwargs: "dict[str, Any] |
 
     if model.training:
         raise BnfuseError("the model is in training mode: call model.eval() before analysing it")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise BnfuseError(
+            f"{type(model).__name__} is a TorchScript module: bnfuse follows the data flow of an "
+            "eager model; load the model's Python class and its state_dict instead"
+        )
     rec = _Recorder(model)
     try:
         with torch.no_grad(), rec.mode:
             output = model(*args, **(kwargs or {}))
     finally:
         rec.close()
-    out_ids = {id(t) for t in _tensors(output)}
+    out_ids = _escapes(model, output)
     plan = Plan()
     seen: set[int] = set()
     used_producers: set[int] = set()
@@ -643,6 +777,12 @@ def analyse(model: "nn.Module", args: tuple[Any, ...], kwargs: "dict[str, Any] |
         calls = rec.calls.get(id(module), [])
         if not calls:
             plan.skipped.append(Skip(name, "never called on the example input (unused, or in a branch not taken)"))
+            continue
+        if any(c.training for c in calls):
+            plan.skipped.append(Skip(name, (
+                "it runs in training mode during the forward (the model switches it with .train()), "
+                "so it normalises with batch statistics"
+            )))
             continue
         producers, back_reason, after_producer = _try_previous(module, calls, rec, out_ids)
         if producers:

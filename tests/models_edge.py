@@ -8,6 +8,8 @@ reason names the right layer and the right reader.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -448,3 +450,103 @@ class FunctionalBN(nn.Module):
     def forward(self, x):
         b = self.bn
         return F.batch_norm(self.conv(x), b.running_mean, b.running_var, b.weight, b.bias, False, 0.0, b.eps)
+
+
+# --------------------------------------------------------------------------------------------
+# reads that are easy to miss: each must keep the BN in place
+
+
+class AtenOpRead(nn.Module):
+    """The conv output is also read through ``torch.ops.aten``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + torch.ops.aten.mul(y, 2.0)
+
+
+class _Triple(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):
+        return y * 3
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 3
+
+
+class CustomFunctionRead(AtenOpRead):
+    """The conv output is also read by a custom autograd Function."""
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + _Triple.apply(y)
+
+
+class _Head(nn.Module):
+    def forward(self, y):
+        return y * 2
+
+
+class ScriptedReader(AtenOpRead):
+    """A TorchScript submodule (no hooks, no visible ops) also reads the conv output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.jit.script(_Head())
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + self.head(y)
+
+
+@dataclasses.dataclass
+class Features:
+    normalised: torch.Tensor
+    raw: torch.Tensor
+
+
+class DataclassOutput(AtenOpRead):
+    """The raw conv output leaves the model inside a dataclass (pytree does not look inside)."""
+
+    def forward(self, x):
+        y = self.conv(x)
+        return Features(self.bn(y), y)
+
+
+class StoredFeature(AtenOpRead):
+    """The raw conv output is kept on the module for later (feature extraction)."""
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.feat = y
+        return self.bn(y)
+
+
+class SwitchesBNToTrain(AtenOpRead):
+    """The model puts its BN in training mode itself: batch statistics, not foldable."""
+
+    def forward(self, x):
+        self.bn.train()
+        out = self.bn(self.conv(x))
+        self.bn.eval()
+        return out
+
+
+class StorageSharedWeight(nn.Module):
+    """The conv weight is a view of another parameter's memory (create in the final dtype)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        super().__init__()
+        big = torch.randn(8, 3, 3, 3, dtype=dtype)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, dtype=dtype)
+        self.conv.weight = nn.Parameter(big[:4])
+        self.other = nn.Parameter(big)
+        self.bn = nn.BatchNorm2d(4, dtype=dtype)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.other.sum()

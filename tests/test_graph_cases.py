@@ -411,3 +411,54 @@ def test_track_running_stats_switched_off_after_construction_still_uses_running_
     bn.track_running_stats = False
     res = run(me.ConvNorm(bn), _x(2, 3, 6, 6), folds=1, skipped=0)
     assert pairs(res) == {("conv", "bn", "previous")}
+
+
+@pytest.mark.parametrize(
+    "cls, why",
+    [
+        (me.AtenOpRead, "output of conv is also read by mul in the model forward"),
+        (me.CustomFunctionRead, "output of conv is also read by"),
+        (me.ScriptedReader, "output of conv is also read by TorchScript forward in head"),
+        (me.DataclassOutput, "output of conv is also returned by the model"),
+        (me.StoredFeature, "output of conv is also kept in the attribute feat"),
+        (me.SwitchesBNToTrain, "it runs in training mode during the forward"),
+    ],
+)
+def test_hidden_reads_keep_the_bn(cls, why):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated
+        model = cls()
+    model = randomize_bn(model).double().eval()
+    x = _x(2, 3, 6, 6)
+    with torch.no_grad():
+        reference = model(x)
+        raw = getattr(reference, "raw", None)
+    res = fuse(model, x)
+    assert not res.plan.folds and reason(res, "bn").startswith(why), res.plan
+    with torch.no_grad():
+        out = res.model(x)
+    if raw is not None:
+        assert torch.equal(out.raw, raw) and torch.equal(out.normalised, reference.normalised)
+    elif not isinstance(model, me.SwitchesBNToTrain):  # batch statistics: compare as is
+        assert torch.equal(out, reference)
+
+
+def test_weight_sharing_memory_with_another_parameter_is_skipped():
+    model = randomize_bn(me.StorageSharedWeight()).eval()
+    other = model.other.detach().clone()
+    res = fuse(model, _x(2, 3, 6, 6), inplace=True)
+    assert not res.plan.folds
+    assert reason(res, "bn") == (
+        "conv.weight shares memory with other: folding writes the weight in place and would change them too"
+    )
+    assert torch.equal(model.other, other)
+
+
+def test_torchscript_model_is_refused():
+    from bnfuse_cli.errors import BnfuseError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(me.ConvBN().eval())
+    with pytest.raises(BnfuseError, match="TorchScript"):
+        fuse(scripted, _x(2, 3, 6, 6))
