@@ -52,7 +52,7 @@ _VALUE_FREE = frozenset(
 _SELF_ONLY = frozenset("type_as reshape_as view_as expand_as".split())
 #: reshapes that can keep a producer's channel axis as axis 1 of a 2-D BatchNorm1d input
 #: (levit's ``bn(linear(x).flatten(0, 1))``); results of these on a producer output are watched
-_RESHAPES = frozenset("flatten reshape view squeeze".split())
+_RESHAPES = frozenset("flatten reshape view squeeze unsqueeze".split())
 #: concatenations; a cat of producer outputs along axis 1 is watched (MixNet's MixedConv2d)
 _CATS = frozenset("cat concat concatenate".split())
 
@@ -137,22 +137,17 @@ _BINARY_OPS = frozenset(
 _OP_WORDS = {"truediv": "div", "floordiv": "floor_divide", "getitem": "indexing", "setitem": "index assignment"}
 
 
-def _pretty_op(op: str, inplace: bool = False) -> str:
-    """A readable name for a recorded op: ``__iadd__``/``add_``/``__radd__`` -> ``add``.
-
-    In-place forms (``add_``, ``__iadd__``, ``relu(..., inplace=True)``) get " (in place)":
-    they change the tensor another layer was about to read.
-    """
+def _pretty_op(op: str) -> str:
+    """A readable name for a recorded op: ``__add__``/``__iadd__``/``__radd__``/``add_`` ->
+    ``add``, ``relu_`` -> ``relu``, ``__getitem__`` -> ``indexing``."""
     name = op
     if op.startswith("__") and op.endswith("__") and len(op) > 4:
         name = op[2:-2]
         if name[:1] in ("i", "r") and name[1:] in _BINARY_OPS:
-            inplace = inplace or name[0] == "i"
             name = name[1:]
     elif op.endswith("_") and not op.startswith("_"):
-        name, inplace = op.rstrip("_"), True
-    name = _OP_WORDS.get(name, name)
-    return f"{name} (in place)" if inplace else name
+        name = op.rstrip("_")
+    return _OP_WORDS.get(name, name)
 
 
 def _where(call: "_Call | None") -> str:
@@ -299,7 +294,7 @@ class _Recorder:
                 out = func(*args, **kwargs)
                 if op in _METADATA:
                     return out
-                if kwargs.get("inplace") is True:
+                if kwargs.get("inplace") is True:  # F.relu(x, inplace=True) & co: a write
                     op = op + "_"
                 elif op in _PASSTHROUGH and args and out is args[0]:
                     return out
@@ -409,7 +404,8 @@ class _Recorder:
             parts = args[0] if args else kwargs.get("tensors")
             if not isinstance(parts, (list, tuple)) or not parts or any(id(p) not in self.produced for p in parts):
                 return
-            self.cats[id(out)] = (tuple(parts), args[1] if len(args) > 1 else kwargs.get("dim", 0))
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+            self.cats[id(out)] = (tuple(parts), dim)
         self.keep.append(out)
         self.reads.setdefault(id(out), [])
 
@@ -563,12 +559,14 @@ def _segments(x: Any, norm: "nn.Module", rec: _Recorder) -> "tuple[list[_Segment
         row = producer_row(pcall.module)
         if is_norm_like(pcall.module) or row is None:
             return None, rec.describe_origin(x)
-        if row.kind == "linear":
-            keeps = x.dim() == 2 and src.dim() >= 1 and x.shape[1] == src.shape[-1]
+        # a row-major reshape keeps "BN axis 1 <-> producer channel axis" exactly when the
+        # dims after axis 1 of x (and, for a conv, after its channel axis) all have size 1
+        if x.dim() < 2 or math.prod(x.shape[2:]) != 1:
+            keeps = False
+        elif row.kind == "linear":
+            keeps = src.dim() >= 1 and x.shape[1] == src.shape[-1]
         else:
-            keeps = x.dim() == 2 and src.dim() >= 2 and tuple(x.shape) == tuple(src.shape[:2]) and (
-                math.prod(src.shape[2:]) == 1
-            )
+            keeps = src.dim() >= 2 and tuple(x.shape[:2]) == tuple(src.shape[:2]) and math.prod(src.shape[2:]) == 1
         if not keeps or x.dtype != src.dtype:
             return None, (
                 f"follows {_pretty_op(op)} of {pcall.name}'s output {tuple(src.shape)} to "

@@ -550,3 +550,42 @@ class StorageSharedWeight(nn.Module):
 
     def forward(self, x):
         return self.bn(self.conv(x)) + self.other.sum()
+
+
+class LinearUnsqueezeBN1d(nn.Module):
+    """Linear (N, F) -> ``unsqueeze(-1)`` (N, F, 1) -> BatchNorm1d(F): axis 1 is still F."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x):  # x: (N, 5)
+        return self.bn(self.fc(x).unsqueeze(-1))
+
+
+class ConcatenateAxisKwarg(nn.Module):
+    """``torch.concatenate(..., axis=1)`` of two conv outputs, then BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 2, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(5)
+
+    def forward(self, x):
+        return self.bn(torch.concatenate([self.c1(x), self.c2(x)], axis=1))
+
+
+class CatPartReadTwice(nn.Module):
+    """A cat of two conv outputs, but one of them also feeds a residual add: skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        a, b = self.c1(x), self.c2(x)
+        return self.bn(torch.cat([a, b], 1))[:, :4] + a

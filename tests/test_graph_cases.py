@@ -69,7 +69,7 @@ def test_conv_bn_folds():
 
 def test_residual_reader_is_named():
     res = run(me.ResidualRead(), _x(2, 3, 6, 6), folds=0, skipped=1)
-    assert reason(res, "layer1.0.bn1") == "output of layer1.0.conv1 is also read by add (in place) in layer1.0"
+    assert reason(res, "layer1.0.bn1") == "output of layer1.0.conv1 is also read by add in layer1.0"
 
 
 def test_conv_output_returned():
@@ -149,7 +149,7 @@ def test_bn_after_relu_before_conv_is_skipped():
 
 def test_inplace_relu_between_conv_and_bn():
     res = run(me.InplaceReluBetween(), _x(2, 3, 6, 6), folds=0, skipped=1)
-    assert reason(res, "bn") == "output of conv is also read by relu (in place) in act"
+    assert reason(res, "bn") == "output of conv is also read by relu in act"
 
 
 # ------------------------------------------------------------------------------- forward folds
@@ -392,7 +392,7 @@ def test_passthrough_ops_do_not_block_a_fold():
 
 def test_inplace_leaky_relu_between_conv_and_bn():
     res = run(me.InplaceLeakyBetween(), _x(2, 3, 6, 6), folds=0, skipped=1)
-    assert reason(res, "bn") == "output of conv is also read by leaky_relu (in place) in act"
+    assert reason(res, "bn") == "output of conv is also read by leaky_relu in act"
 
 
 def test_bn_used_functionally_is_skipped_with_the_reader():
@@ -462,3 +462,18 @@ def test_torchscript_model_is_refused():
         scripted = torch.jit.script(me.ConvBN().eval())
     with pytest.raises(BnfuseError, match="TorchScript"):
         fuse(scripted, _x(2, 3, 6, 6))
+
+
+def test_linear_unsqueezed_then_bn1d_folds():
+    res = run(me.LinearUnsqueezeBN1d(), _x(4, 5), folds=1, skipped=0)
+    assert pairs(res) == {("fc", "bn", "previous")}
+
+
+def test_concatenate_with_axis_keyword_folds():
+    res = run(me.ConcatenateAxisKwarg(), _x(2, 3, 6, 6), folds=2, skipped=0)
+    assert {(f.producer, f.channels) for f in res.plan.folds} == {("c1", (0, 2)), ("c2", (2, 5))}
+
+
+def test_cat_part_also_read_elsewhere_is_skipped():
+    res = run(me.CatPartReadTwice(), _x(2, 3, 6, 6), folds=0, skipped=1)
+    assert reason(res, "bn") == "output of c1 is also read by add in the model forward"
