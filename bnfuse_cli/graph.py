@@ -735,6 +735,27 @@ def _skip_reason(back: "str | None", after_producer: bool, forward: "str | None"
     return (back if after_producer else forward or back) or "not foldable"
 
 
+def _raise_if_model_fails(
+    model: "nn.Module", args: tuple[Any, ...], kwargs: "dict[str, Any] | None", exc: Exception
+) -> None:
+    """After a failed recording run: when the model fails without recording too, the example
+    input does not suit it (the user's to fix), so say so without a traceback."""
+    import torch
+
+    from .errors import UsageError
+
+    try:
+        with torch.no_grad():
+            model(*args, **(kwargs or {}))
+    except Exception:
+        shapes = ", ".join(str(tuple(t.shape)) for t in _tensors((args, kwargs or {}))) or "no tensors"
+        raise UsageError(
+            f"{type(model).__name__} fails on the example input ({shapes}): {type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}; give an input it accepts "
+            "(--input-shape, or example_input=)"
+        ) from exc
+
+
 def analyse(model: "nn.Module", args: tuple[Any, ...], kwargs: "dict[str, Any] | None" = None) -> Analysis:
     """Run ``model(*args, **kwargs)`` once under recording and return the fold plan and output.
 
@@ -753,6 +774,12 @@ def analyse(model: "nn.Module", args: tuple[Any, ...], kwargs: "dict[str, Any] |
     try:
         with torch.no_grad(), rec.mode:
             output = model(*args, **(kwargs or {}))
+    except BnfuseError:
+        raise
+    except Exception as exc:
+        rec.close()
+        _raise_if_model_fails(model, args, kwargs, exc)
+        raise  # the model runs without recording: a bnfuse bug, keep the traceback
     finally:
         rec.close()
     out_ids = _escapes(model, output)

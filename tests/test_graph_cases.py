@@ -477,3 +477,11 @@ def test_concatenate_with_axis_keyword_folds():
 def test_cat_part_also_read_elsewhere_is_skipped():
     res = run(me.CatPartReadTwice(), _x(2, 3, 6, 6), folds=0, skipped=1)
     assert reason(res, "bn") == "output of c1 is also read by add in the model forward"
+
+
+def test_an_input_the_model_rejects_is_a_usage_error():
+    from bnfuse_cli.errors import UsageError
+
+    model = randomize_bn(me.ConvBN()).double().eval()
+    with pytest.raises(UsageError, match=r"ConvBN fails on the example input \(\(2, 5, 6, 6\)\).*input-shape"):
+        fuse(model, _x(2, 5, 6, 6))
