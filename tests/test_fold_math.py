@@ -156,6 +156,20 @@ def test_fold_into_next_with_zero_padding_is_not_exact(groups):
     _close(got[..., 1:-1, 1:-1], want[..., 1:-1, 1:-1])  # the interior is exact
 
 
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("groups, cin, cout", [(2, 4, 6), (3, 3, 6), (2, 6, 2)])
+def test_fold_into_transposed_conv_with_groups(dim, groups, cin, cout):
+    """Explicit cases (the property test samples them too): weight (in, out/groups, k...)."""
+    c = dict(dim=dim, transposed=True, groups=groups, cin=cin, cout=cout, k=3, stride=2, dilation=1,
+             padding=1, mode="zeros", bias=True, affine=True, eps=1e-5, seed=groups * 10 + dim)
+    conv = _conv(c)
+    bn = _bn(dim, cout, affine=True, eps=1e-5, seed=c["seed"])
+    x = _input(c, cin)
+    w, b = fold_into_previous(conv.weight, conv.bias, *_stats(bn), transposed=True, groups=groups, name="up")
+    with torch.no_grad():
+        _close(_with(conv, w, b)(x), bn(conv(x)))
+
+
 def test_transposed_groups_scale_the_output_axis():
     """A transposed fold on the wrong axis (weight dim 0) is far off: the test can tell."""
     conv = nn.ConvTranspose2d(4, 6, 3, groups=2).double()
