@@ -2,20 +2,20 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
 .PHONY: all demo test zoo bench-scripts clean
 
 all: demo
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 $(VENV)/.extras: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[test,timm,onnx]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,timm,onnx]'
 	touch $(VENV)/.extras
 
 ## the main job: convert the shipped example checkpoint and verify it on its validation data
