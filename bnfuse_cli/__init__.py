@@ -1,6 +1,8 @@
 """bnfuse: fold BatchNorm into Conv/Linear layers of PyTorch models, exactly, and prove it.
 
-Importing this package does not import torch; the functions below import it when called.
+Importing this package imports neither torch nor the library modules: each public name below
+is imported from its module on first use (PEP 562), so ``bnfuse --help`` starts in a fraction
+of a second.  The functions import torch when called.
 
 >>> import bnfuse_cli
 >>> result = bnfuse_cli.fuse(model, torch.randn(1, 3, 224, 224))   # doctest: +SKIP
@@ -9,7 +11,8 @@ Importing this package does not import torch; the functions below import it when
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     BnfuseError,
@@ -24,19 +27,26 @@ from .errors import (
 
 __version__ = "0.1.0"
 
+#: public name -> the module that defines it.  The modules are named after what they do
+#: (``fusion``, ``conversion``...), never after a function, so importing one never replaces
+#: the function of the same name on this package.
+_LAZY = {
+    "fuse": "fusion",
+    "plan": "fusion",
+    "FuseResult": "fusion",
+    "convert": "conversion",
+    "ConvertReport": "conversion",
+    "load": "loading",
+    "read_checkpoint": "checkpoint",
+    "verify": "verification",
+    "VerifyReport": "verification",
+    "bench": "benchmark",
+    "BenchReport": "benchmark",
+}
+
 __all__ = [
     "__version__",
-    "fuse",
-    "plan",
-    "FuseResult",
-    "convert",
-    "ConvertReport",
-    "load",
-    "read_checkpoint",
-    "verify",
-    "VerifyReport",
-    "bench",
-    "BenchReport",
+    *_LAZY,
     "BnfuseError",
     "UsageError",
     "SourceError",
@@ -47,12 +57,23 @@ __all__ = [
     "DeviceError",
 ]
 
-# Imported eagerly on purpose: these modules import torch only inside their functions, and
-# binding the functions here keeps ``bnfuse_cli.convert`` the function even after the
-# submodule of the same name has been imported (a lazy __getattr__ would be shadowed by it).
-from .bench import BenchReport, bench  # noqa: E402
-from .checkpoint import read_checkpoint  # noqa: E402
-from .convert import ConvertReport, convert  # noqa: E402
-from .fuse import FuseResult, fuse, plan  # noqa: E402
-from .loading import load  # noqa: E402
-from .verify import VerifyReport, verify  # noqa: E402
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from .benchmark import BenchReport, bench
+    from .checkpoint import read_checkpoint
+    from .conversion import ConvertReport, convert
+    from .fusion import FuseResult, fuse, plan
+    from .loading import load
+    from .verification import VerifyReport, verify
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -168,7 +168,7 @@ def convert(
     """
 
     def run() -> list[Any]:
-        from .convert import convert as convert_fn
+        from .conversion import convert as convert_fn
 
         if len(sources) > 1 and out_dir is None:
             raise UsageError("several sources need --out-dir DIR (one output per source) instead of -o")
@@ -214,7 +214,7 @@ def inspect(
     def run() -> None:
         from dataclasses import asdict
 
-        from .convert import inspect as inspect_fn
+        from .conversion import inspect as inspect_fn
 
         src, spec, plan = inspect_fn(source, arch=arch, weights=weights, input_shape=input_shape,
                                      allow_pickle=allow_pickle)
@@ -293,7 +293,7 @@ def verify(
     """
 
     def run() -> Any:
-        from .verify import verify as verify_fn
+        from .verification import verify as verify_fn
 
         r = verify_fn(orig, fused, arch=arch, weights=weights, input_shape=input_shape, samples=samples, seed=seed,
                       rtol=rtol, atol=atol, data=data, batch_size=batch_size, allow_pickle=allow_pickle)
@@ -316,7 +316,7 @@ def verify(
 
 
 def _bench_table(report: Any, min_speedup: "float | None") -> Table:
-    from .bench import verdict
+    from .benchmark import verdict
 
     env, st = report.environment, report.settings
     extras = [x for x, on in (("channels_last", st.get("channels_last")), ("torch.compile", st.get("compile"))) if on]
@@ -378,7 +378,7 @@ def bench(
     def run() -> int:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from .bench import bench as bench_fn
+        from .benchmark import bench as bench_fn
 
         if time_budget is not None and time_budget < 0:
             raise UsageError(f"--time-budget {time_budget:g}: give seconds per model, or 0 for no limit")

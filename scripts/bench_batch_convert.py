@@ -26,7 +26,7 @@ BNFUSE = str(Path(PY).parent / "bnfuse")
 
 MAKE = """
 import sys, torch
-from bnfuse_cli.bench import randomize_bn
+from bnfuse_cli.benchmark import randomize_bn
 from bnfuse_cli.models import build
 arch, *paths = sys.argv[1:]
 for i, path in enumerate(paths):
@@ -54,7 +54,7 @@ def main() -> int:
     opts = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from bnfuse_cli.bench import machine_info
+    from bnfuse_cli.benchmark import machine_info
 
     info = machine_info()
     print(f"# bench_batch_convert: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")

@@ -42,7 +42,7 @@ def main() -> int:
     import torchvision
     from torch.fx.experimental.optimization import fuse as fx_fuse
 
-    from bnfuse_cli.bench import machine_info, randomize_bn
+    from bnfuse_cli.benchmark import machine_info, randomize_bn
     from bnfuse_cli.graph import analyse
     from bnfuse_cli.inputs import compare, parse_shape
     from bnfuse_cli.rewrite import apply_plan

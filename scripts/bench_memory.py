@@ -125,10 +125,8 @@ def wrap(owner, attr, label):
 
 import importlib
 import safetensors.torch
-# importlib, not "import bnfuse_cli.convert as cv": the package's convert() function shadows
-# its convert submodule as an attribute
 ck = importlib.import_module("bnfuse_cli.checkpoint")
-cv = importlib.import_module("bnfuse_cli.convert")
+cv = importlib.import_module("bnfuse_cli.conversion")
 wrap(cv, "load_source", "load_source (build model, random init)")
 wrap(cv, "analyse", "analyse (recorded forward pass, 224x224)")
 wrap(cv, "apply_plan", "apply_plan (fold in place)")
@@ -164,7 +162,7 @@ def main() -> int:
     opts = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from bnfuse_cli.bench import machine_info
+    from bnfuse_cli.benchmark import machine_info
 
     info = machine_info()
     print(f"# bench_memory: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")

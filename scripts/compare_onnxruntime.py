@@ -169,7 +169,7 @@ def _ort_optimise(src: Path, dst: Path) -> None:
 def run_one(name: str, shape: tuple[int, ...], workdir: Path) -> Row:
     import torch
 
-    from bnfuse_cli.fuse import fuse
+    from bnfuse_cli.fusion import fuse
 
     row = Row(name)
     t0 = time.perf_counter()

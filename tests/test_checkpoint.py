@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 
 from bnfuse_cli import checkpoint as ckmod  # noqa: E402
 from bnfuse_cli.checkpoint import NESTED_KEYS, check_output_path, read_checkpoint, write_checkpoint  # noqa: E402
-from bnfuse_cli.convert import convert  # noqa: E402
+from bnfuse_cli.conversion import convert  # noqa: E402
 from bnfuse_cli.errors import CheckpointError, OutputError, UnsafeCheckpointError, UsageError  # noqa: E402
 from bnfuse_cli.loading import load, load_source  # noqa: E402
 from examples.digits import DigitsCNN  # noqa: E402

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from bnfuse_cli.fuse import fuse  # not `from bnfuse_cli import fuse`: see test_api (name clash)
+from bnfuse_cli.fusion import fuse
 from conftest import randomize_bn
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -187,7 +187,7 @@ def test_check_fused_catches_an_unfolded_norm(monkeypatch: pytest.MonkeyPatch) -
 
     from bnfuse_cli.graph import Skip
 
-    fuse_mod = importlib.import_module("bnfuse_cli.fuse")  # the module, not the function
+    fuse_mod = importlib.import_module("bnfuse_cli.fusion")  # the module, not the function
 
     real = fuse_mod.analyse
 

@@ -19,9 +19,9 @@ if str(ROOT) not in sys.path:
 
 from bnfuse_cli.checkpoint import read_checkpoint, write_checkpoint  # noqa: E402
 from bnfuse_cli.cli import app  # noqa: E402
-from bnfuse_cli.convert import convert  # noqa: E402
+from bnfuse_cli.conversion import convert  # noqa: E402
 from bnfuse_cli.errors import CheckpointError, UsageError  # noqa: E402
-from bnfuse_cli.verify import read_data, verify  # noqa: E402
+from bnfuse_cli.verification import read_data, verify  # noqa: E402
 from examples.digits import DigitsCNN  # noqa: E402
 
 ARCH = "examples.digits:DigitsCNN"

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .convert import count_tensors, input_spec
+from .conversion import count_tensors, input_spec
 from .errors import UsageError
 from .inputs import Comparison, InputSpec, as_args, make_input, model_dtype
 from .loading import Source, load_source

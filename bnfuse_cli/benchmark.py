@@ -555,7 +555,7 @@ def _bench_one(
 
     import torch
 
-    from .convert import default_tolerance
+    from .conversion import default_tolerance
     from .graph import analyse
     from .inputs import InputSpec, as_args, compare, make_input
     from .loading import load_source
