@@ -4,9 +4,10 @@ Reading never executes a pickle unless the caller allows it: ``torch.load`` runs
 ``weights_only=True``, and a file that needs full unpickling is refused with
 :class:`UnsafeCheckpointError` before anything in it runs.
 
-Writing goes to a temporary file in the output's directory, is read back and checked, and only
-then renamed over the destination, so an interrupted or failed write leaves no partial file and
-any previous output intact.
+Writing goes to a temporary file in the output's directory, is read back and checked (streamed a
+chunk at a time: the check costs one read buffer, not a second copy of the model), and only then
+renamed over the destination, so an interrupted or failed write leaves no partial file and any
+previous output intact.
 """
 
 from __future__ import annotations
@@ -361,48 +362,275 @@ def _safetensors_ready(sd: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor
     return out
 
 
-def _read_back(tmp: Path, form: str) -> "tuple[dict[str, torch.Tensor], dict[str, Any]]":
-    """The state_dict and metadata exactly as stored (no prefix stripping, no unwrapping)."""
+#: bytes read from the written file at a time while checking it: the check's whole memory cost
+_CHUNK = 2 << 20
+#: the largest .safetensors header the format allows (safetensors' own limit)
+_MAX_HEADER = 100_000_000
+#: safetensors' dtype names, by the name of the torch dtype (those this torch lacks are skipped)
+_ST_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16", "uint32": "U32",
+    "uint64": "U64", "complex64": "C64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ",
+}
+
+
+def _st_dtype(dtype: "torch.dtype") -> "str | None":
+    return _ST_DTYPES.get(str(dtype).replace("torch.", ""))
+
+
+def _byte_view(t: "torch.Tensor") -> memoryview:
+    """The bytes of ``t`` in row-major order, as safetensors stores them: no copy for a contiguous CPU tensor."""
     import torch
 
-    if tmp.suffix == ".safetensors":
-        from safetensors.torch import load_file, safe_open
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.resolve_conj().resolve_neg().contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    # uint8 in torch first: numpy has no bfloat16 or float8
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
-        with safe_open(str(tmp), framework="pt") as f:
-            raw = f.metadata() or {}
-        return load_file(str(tmp), device="cpu"), json.loads(raw.get(META_KEY, "{}"))
+
+def _storage_crc(t: "torch.Tensor") -> "tuple[int, int]":
+    """(nbytes, CRC-32) of the whole storage under ``t``: what ``torch.save`` writes for it."""
+    import zlib
+
+    import torch
+
+    storage = t.untyped_storage()
+    nbytes = storage.nbytes()
+    if nbytes == 0:
+        return 0, 0
+    if storage.device.type != "cpu":
+        storage = storage.cpu()  # one storage at a time
+    whole = torch.empty(0, dtype=torch.uint8).set_(storage)  # a view, no copy
+    return nbytes, zlib.crc32(memoryview(whole.numpy()))
+
+
+def _file_matches(fh: Any, view: memoryview, buf: bytearray) -> bool:
+    """Whether the next ``len(view)`` bytes of ``fh`` are ``view``, read a chunk at a time (no mmap)."""
+    for pos in range(0, len(view), len(buf)):
+        n = min(len(buf), len(view) - pos)
+        chunk = buf if n == len(buf) else bytearray(n)  # bytearray == buffer is a memcmp; slices compare slowly
+        if fh.readinto(chunk) != n or chunk != view[pos:pos + n]:
+            return False
+    return True
+
+
+def _meta_equal(stored: Any, metadata: dict[str, Any]) -> bool:
+    return json.loads(json.dumps(metadata, default=str)) == stored
+
+
+#: what a check found: missing keys, unexpected keys, keys with different contents, metadata equal
+_Found = "tuple[list[str], list[str], list[str], bool]"
+
+
+def _check_safetensors(tmp: Path, expected: dict[str, "torch.Tensor"], metadata: dict[str, Any]) -> _Found:
+    """Parse the header with plain reads, then compare every tensor's bytes with the file's, chunk by chunk."""
+    import struct
+
+    with open(tmp, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = fh.read(8)
+        if len(head) != 8:
+            raise ValueError(f"the file has {size} bytes, fewer than the 8 of the header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, _MAX_HEADER):
+            raise ValueError(f"the header length {n} is impossible (the file has {size} bytes)")
+        header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        st_meta = header.pop("__metadata__", None) or {}
+        spans = []
+        for name, entry in header.items():
+            offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+            if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                    or not 0 <= offsets[0] <= offsets[1] or not isinstance(entry.get("dtype"), str)
+                    or not isinstance(entry.get("shape"), list)):
+                raise ValueError(f"the header entry of {name!r} is malformed: {entry!r}")
+            spans.append((offsets[0], offsets[1]))
+        end = 0
+        for begin, stop in sorted(spans):  # the format allows no holes and no overlaps
+            if begin != end:
+                raise ValueError(f"the tensor data has a hole or an overlap at byte {begin}")
+            end = stop
+        if size != 8 + n + end:
+            raise ValueError(f"the file has {size} bytes, the header describes {8 + n + end}")
+        raw_meta = st_meta.get(META_KEY, "{}") if isinstance(st_meta, dict) else None
+        meta_ok = isinstance(raw_meta, str) and _meta_equal(json.loads(raw_meta), metadata)
+        missing = [k for k in expected if k not in header]
+        extra = [k for k in header if k not in expected]
+        bad, todo = [], []
+        for k, t in expected.items():
+            entry = header.get(k)
+            if entry is None:
+                continue
+            begin, stop = entry["data_offsets"]
+            if (entry["dtype"] != _st_dtype(t.dtype) or entry["shape"] != list(t.shape)
+                    or stop - begin != t.numel() * t.element_size()):
+                bad.append(k)
+            else:
+                todo.append((begin, k))
+        buf = bytearray(_CHUNK)
+        for begin, k in sorted(todo):  # in file order: one sequential pass
+            fh.seek(8 + n + begin)
+            if not _file_matches(fh, _byte_view(expected[k]), buf):
+                bad.append(k)
+    order = {k: i for i, k in enumerate(expected)}
+    return missing, extra, sorted(bad, key=order.__getitem__), meta_ok
+
+
+def _zip_members(tmp: Path) -> "dict[str, tuple[int, int, int, int]]":
+    """Every member of the zip container: name -> (data offset, size, CRC-32 in the directory, CRC-32 of the
+    bytes in the file), the bytes streamed a chunk at a time with plain reads."""
+    import struct
+    import zlib
+
+    with zipfile.ZipFile(tmp) as zf:
+        infos = zf.infolist()
+    members = {}
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(tmp, "rb") as fh:
+        for info in infos:
+            if (info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1
+                    or info.compress_size != info.file_size):
+                raise ValueError(f"the member {info.filename} is compressed or encrypted (torch.save never does)")
+            fh.seek(info.header_offset)
+            local = fh.read(30)
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                raise ValueError(f"the local header of {info.filename} is missing")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            name = fh.read(name_len).decode("utf-8" if info.flag_bits & 0x800 else "cp437", "replace")
+            if name != info.orig_filename:
+                raise ValueError(f"the local header of {info.filename} names {name!r}")
+            start = info.header_offset + 30 + name_len + extra_len
+            fh.seek(start)
+            crc = 0
+            for pos in range(0, info.file_size, len(buf)):
+                n = min(len(buf), info.file_size - pos)
+                if fh.readinto(view[:n]) != n:
+                    raise ValueError(f"the member {info.filename} is cut short")
+                crc = zlib.crc32(view[:n], crc)
+            members[info.filename] = (start, info.file_size, info.CRC, crc)
+    return members
+
+
+def _place(storages: "set[tuple[int, int]]", data: "dict[int, tuple[str, int, int]]") -> "dict[int, int]":
+    """Where each storage of an ``mmap=True`` load lies in the file: data pointer -> data offset.
+
+    Such storages are slices of one mapping of the whole file, so pointer = base + offset for one base;
+    find the base that puts every storage on a member of its size. {} when none does (not mapped).
+    """
+    import mmap
+
+    nonempty = sorted(s for s in storages if s[1])
+    if not nonempty:
+        return {}
+    first, first_size = nonempty[0]
+    found = None
+    for start, (_, size, _) in sorted(data.items()):
+        base = first - start
+        if size == first_size and all(data.get(p - base, ("", -1, 0))[1] == n for p, n in nonempty):
+            if base % mmap.PAGESIZE == 0:  # a mapping starts on a page: this is it
+                found = base
+                break
+            found = base if found is None else found
+    return {} if found is None else {p: p - found for p, _ in nonempty}
+
+
+def _check_torch_file(tmp: Path, expected: dict[str, "torch.Tensor"], metadata: dict[str, Any], form: str) -> _Found:
+    """Stream every zip member (CRC-32 against the directory and against the tensors in memory), and load the
+    structure with ``mmap=True``, which reads the pickle but touches no tensor data."""
+    import warnings
+    from collections import Counter
+
+    import torch
+
+    members = _zip_members(tmp)
+    data = {}  # data offset -> (name, size, CRC-32 of the file's bytes): one storage each
+    for name, (start, size, dir_crc, crc) in members.items():
+        parts = name.split("/")
+        is_data = len(parts) == 3 and parts[1] == "data"
+        if dir_crc != crc and not is_data:
+            raise ValueError(f"the member {name} fails its CRC-32 check (damaged)")
+        if is_data:
+            data[start] = (name, size, crc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        obj = torch.load(tmp, map_location="cpu", weights_only=form != "module", mmap=True)
     if form == "module":
-        obj = torch.load(tmp, map_location="cpu", weights_only=False)  # our own file, just written
-        return obj.state_dict(), {}
-    obj = torch.load(tmp, map_location="cpu", weights_only=True)
-    return obj["state_dict"], obj.get(META_KEY, {})
-
-
-def _same(a: "torch.Tensor", b: "torch.Tensor") -> bool:
-    import torch
-
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    a, b = a.detach().cpu(), b.detach().cpu()
-    if a.is_floating_point():
-        return bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
-    return torch.equal(a, b)
+        got, meta_ok = obj.state_dict(), True
+    else:
+        if not isinstance(obj, dict) or set(obj) != {META_KEY, "state_dict"} or not isinstance(obj["state_dict"], dict):
+            raise ValueError(f"the file holds {type(obj).__name__} {list(obj)[:4] if isinstance(obj, dict) else ''}, "
+                             f"not {{{META_KEY!r}, 'state_dict'}}")
+        got, meta_ok = obj["state_dict"], _meta_equal(obj[META_KEY], metadata)
+    del obj
+    missing = [k for k in expected if k not in got]
+    extra = [k for k in got if k not in expected]
+    loaded = {(g.untyped_storage().data_ptr(), g.untyped_storage().nbytes())
+              for g in got.values() if isinstance(g, torch.Tensor)}
+    where = _place(loaded, data)
+    if form != "module" and sorted(where.values()) != sorted(s for s, (_, size, _) in data.items() if size):
+        raise ValueError("the tensors of the state_dict do not match the data stored in the file one to one")
+    in_file = Counter((size, crc) for _, size, crc in data.values() if size)
+    crcs: dict[tuple[str, int, int], tuple[int, int]] = {}  # storage in memory -> (nbytes, CRC-32)
+    of_key: dict[str, tuple[int, int]] = {}
+    bad = []
+    for k, e in expected.items():
+        g = got.get(k)
+        if g is None:
+            continue
+        if (not isinstance(g, torch.Tensor) or g.dtype != e.dtype or g.shape != e.shape or g.stride() != e.stride()
+                or g.storage_offset() != e.storage_offset()):
+            bad.append(k)
+            continue
+        storage = e.untyped_storage()
+        key = (str(storage.device), storage.data_ptr(), storage.nbytes())
+        if key not in crcs:
+            crcs[key] = _storage_crc(e)
+        nbytes, crc = of_key[k] = crcs[key]
+        if g.untyped_storage().nbytes() != nbytes:
+            bad.append(k)
+        elif nbytes:
+            start = where.get(g.untyped_storage().data_ptr())
+            if start is not None:
+                ok = data[start][1:] == (nbytes, crc)
+            else:  # a module whose unpickling copied this tensor: its bytes must at least be in the file
+                ok = form == "module" and in_file[(nbytes, crc)] > 0
+            if not ok:
+                bad.append(k)
+    if form == "module":  # the module may hold more storages than its state_dict, never fewer
+        short = Counter(c for c in crcs.values() if c[0]) - in_file
+        bad += [k for k, c in of_key.items() if c in short and k not in bad]
+    if not bad and any(dir_crc != crc for _, _, dir_crc, crc in members.values()):
+        raise ValueError("a data member fails its CRC-32 check against the zip directory (damaged)")
+    return missing, extra, bad, meta_ok
 
 
 def _verify_written(tmp: Path, expected: dict[str, "torch.Tensor"], metadata: dict[str, Any], form: str,
                     final: Path) -> None:
-    """Read the temporary file back and compare every tensor bit for bit, and the metadata."""
+    """Check the temporary file against what was meant to be written, without loading it into memory.
+
+    Every key present and no other, dtype and shape (and for .pth strides) equal, the metadata equal, and
+    the contents: bit for bit for .safetensors (file bytes against the tensors, read in chunks), by CRC-32
+    per storage for .pth (each zip member streamed, its CRC-32 compared with the zip directory's and with
+    the CRC-32 of the storage in memory). The memory cost is one read buffer, not a copy of the model.
+    """
     try:
-        got, meta = _read_back(tmp, form)
+        if tmp.suffix == ".safetensors":
+            missing, extra, bad, meta_ok = _check_safetensors(tmp, expected, metadata)
+        else:
+            missing, extra, bad, meta_ok = _check_torch_file(tmp, expected, metadata, form)
     except Exception as exc:  # anything unreadable in a file we just wrote is a failed write
         raise OutputError(
             f"writing {final} failed the read-back check: the file cannot be read back ({type(exc).__name__}: "
             f"{_first_line(str(exc))}); the previous file, if any, is untouched"
         ) from exc
-    missing = sorted(set(expected) - set(got))
-    extra = sorted(set(got) - set(expected))
-    bad = [k for k in expected if k in got and not _same(got[k], expected[k])]
-    meta_ok = form == "module" or json.loads(json.dumps(metadata, default=str)) == meta
+    meta_ok = meta_ok or form == "module"
     if missing or extra or bad or not meta_ok:
         raise OutputError(
             f"writing {final} failed the read-back check (missing {missing[:5]}, unexpected {extra[:5]}, "

@@ -386,3 +386,220 @@ def test_damaged_files_always_give_a_checkpoint_error(tmp_path: Path, model: nn.
         raw.write_bytes(b"\x80\x02" + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))))
         with pytest.raises(CheckpointError):
             read_checkpoint(raw)
+
+
+# ----------------------------------------------------------------------------- the read-back check, streamed
+
+_META = {"arch": ARCH, "note": "test"}
+
+
+def _sd() -> dict[str, torch.Tensor]:
+    """Tensors of distinct byte sizes (a flipped byte is attributable), two of the same shape (a swap is not
+    visible in sizes), several dtypes (bfloat16 has no numpy twin), a view sharing storage and an empty one."""
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn(64, 50, generator=g)
+    return {
+        "big.weight": big, "small.bias": torch.randn(7, generator=g), "idx": torch.arange(5),
+        "half": torch.randn(9, generator=g).half(), "bf": torch.randn(3, 2, generator=g).bfloat16(),
+        "flag": torch.tensor([True, False, True]), "empty": torch.zeros(0),
+        "conv1.weight": torch.randn(4, 3, generator=g), "conv2.weight": torch.randn(4, 3, generator=g),
+    }
+
+
+def _data_span(path: Path, key: str, sd: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(file offset, length) of ``key``'s bytes in a written file, found independently of bnfuse's code."""
+    import struct
+    import zipfile
+
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            begin, end = json.loads(fh.read(n))[key]["data_offsets"]
+        return 8 + n + begin, end - begin
+    size = sd[key].untyped_storage().nbytes()  # torch.save writes the whole storage (sizes are distinct here)
+    with zipfile.ZipFile(path) as zf:
+        (info,) = [i for i in zf.infolist() if "/data/" in i.filename and i.file_size == size]
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+    return info.header_offset + 30 + name_len + extra_len, size
+
+
+def _flip(path: Path, pos: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(pos)
+        byte = fh.read(1)[0]
+        fh.seek(pos)
+        fh.write(bytes([byte ^ 0x10]))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth", "module"])
+@pytest.mark.parametrize("damage", ["first byte", "last byte", "truncated", "pickle/header"])
+def test_damaged_written_file_is_refused(tmp_path: Path, suffix: str, damage: str) -> None:
+    """A byte flipped inside one tensor's data, a cut file, a damaged header: refused, naming the tensor
+    when it is one, no file left behind and the previous output intact."""
+    module = None
+    if suffix == "module":
+        module = nn.Linear(50, 64)
+        sd, suffix = module.state_dict(), ".pth"
+        key = "weight"
+    else:
+        sd, key = _sd(), "big.weight"
+    out = tmp_path / f"out{suffix}"
+    out.write_bytes(b"previous output")
+
+    def damage_it(tmp: Path) -> None:
+        start, length = _data_span(tmp, key, sd)
+        if damage == "first byte":
+            _flip(tmp, start)
+        elif damage == "last byte":
+            _flip(tmp, start + length - 1)
+        elif damage == "truncated":
+            os.truncate(tmp, tmp.stat().st_size - 3)
+        else:  # the safetensors JSON header / torch's data.pkl, both near the start
+            _flip(tmp, 8 + 20 if suffix == ".safetensors" else 100)
+
+    match = {"truncated": "cannot be read back", "pickle/header": "read-back check"}.get(damage, rf"\['{key}'\]")
+    with pytest.raises(OutputError, match=match) as info:
+        write_checkpoint(out, state_dict=sd, metadata=_META, module=module, _after_write=damage_it)
+    assert str(out) in str(info.value) and "previous file, if any, is untouched" in str(info.value)
+    assert out.read_bytes() == b"previous output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    # and undamaged, the same write goes through and reads back equal
+    write_checkpoint(out, state_dict=sd, metadata=_META, module=module)
+    got = read_checkpoint(out, allow_pickle=module is not None)
+    got_sd = got.module.state_dict() if module is not None else got.state_dict
+    assert all(torch.equal(got_sd[k], v) for k, v in sd.items())
+
+
+def _mutated(sd: dict[str, torch.Tensor], how: str) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """What a buggy writer might have stored instead, with what the error must say."""
+    sd, meta = dict(sd), dict(_META)
+    if how == "missing key":
+        del sd["small.bias"]
+        return sd, meta, r"missing \['small.bias'\]"
+    if how == "extra key":
+        sd["other"] = torch.zeros(2)
+        return sd, meta, r"unexpected \['other'\]"
+    if how == "dtype":
+        sd["big.weight"] = sd["big.weight"].double()
+    elif how == "shape":
+        sd["big.weight"] = sd["big.weight"].reshape(50, 64)
+    elif how == "bfloat16 value":
+        sd["bf"] = sd["bf"].clone()
+        sd["bf"][1, 1] += 1
+        return sd, meta, r"\['bf'\]"
+    elif how == "swapped":  # same shapes, same bytes in the file overall: only a per-key check sees it
+        sd["conv1.weight"], sd["conv2.weight"] = sd["conv2.weight"], sd["conv1.weight"]
+        return sd, meta, r"\['conv1.weight', 'conv2.weight'\]"
+    elif how == "metadata":
+        meta["note"] = "other"
+        return sd, meta, "different metadata"
+    return sd, meta, r"\['big.weight'\]"
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+@pytest.mark.parametrize("how", ["missing key", "extra key", "dtype", "shape", "bfloat16 value", "swapped",
+                                 "metadata"])
+def test_written_file_differing_from_the_state_dict_is_refused(tmp_path: Path, suffix: str, how: str) -> None:
+    sd = _sd()
+    stored, meta, match = _mutated(sd, how)
+
+    def rewrite(tmp: Path) -> None:
+        if suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(ckmod._safetensors_ready(stored), str(tmp), metadata={"bnfuse": json.dumps(meta)})
+        else:
+            torch.save({"bnfuse": meta, "state_dict": stored}, tmp)
+
+    out = tmp_path / f"out{suffix}"
+    with pytest.raises(OutputError, match=f"read-back check.*{match}"):
+        write_checkpoint(out, state_dict=sd, metadata=_META, _after_write=rewrite)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_written_file_with_shared_and_strided_storages(tmp_path: Path) -> None:
+    """Views, tensors sharing a storage larger than themselves, a non-contiguous tensor, a 0-d tensor: what
+    each format really stores (safetensors: unshared contiguous copies; torch.save: whole storages) passes."""
+    base = torch.randn(10, 6, generator=torch.Generator().manual_seed(2))
+    sd = {"whole": base, "row": base[3], "cols": base[:, 1:4], "t": base.t(), "scalar": torch.tensor(2.5),
+          "tail": base.view(-1)[50:]}
+    for suffix in (".safetensors", ".pth"):
+        write_checkpoint(tmp_path / f"o{suffix}", state_dict=sd, metadata=_META)
+        got = read_checkpoint(tmp_path / f"o{suffix}").state_dict
+        assert all(torch.equal(got[k], v) for k, v in sd.items())
+
+
+class _WithExtraTensor(nn.Module):
+    """A module pickle holds storages its state_dict does not (a plain tensor attribute)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.cache = torch.arange(7.0)
+
+
+def test_module_form_allows_extra_storages_but_checks_its_state_dict(tmp_path: Path) -> None:
+    m = _WithExtraTensor()
+    write_checkpoint(tmp_path / "m.pth", state_dict=m.state_dict(), metadata={}, module=m)
+    assert torch.equal(read_checkpoint(tmp_path / "m.pth", allow_pickle=True).module.cache, m.cache)
+
+    def other_bias(tmp: Path) -> None:
+        changed = _WithExtraTensor()
+        changed.lin.weight.data.copy_(m.lin.weight)
+        torch.save(changed, tmp)
+
+    with pytest.raises(OutputError, match=r"read-back check.*\['lin.bias'\]"):
+        write_checkpoint(tmp_path / "n.pth", state_dict=m.state_dict(), metadata={}, module=m,
+                         _after_write=other_bias)
+
+
+_MEMORY_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, sys.argv[1])
+from bnfuse_cli import checkpoint as ck
+
+def hwm():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM"))
+
+try:
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+except OSError:
+    print(json.dumps({"skip": "cannot reset the peak RSS (/proc/self/clear_refs)"}))
+    sys.exit()
+g = torch.Generator().manual_seed(0)
+MiB = 2 ** 20
+sd = {"a": torch.randn(25 * MiB, generator=g), "b": torch.randn(15 * MiB // 8, 8, generator=g),
+      "c": torch.randint(0, 100, (10 * MiB,), dtype=torch.int32, generator=g), "d": torch.randn(3)}
+size = sum(t.numel() * t.element_size() for t in sd.values())
+out = {"size": size}
+for suffix in (".safetensors", ".pth"):
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = hwm()
+    ck.write_checkpoint(Path(sys.argv[2]) / ("out" + suffix), state_dict=sd, metadata={"arch": "x"})
+    out[suffix] = hwm() - before
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS from /proc/self/status")
+def test_write_checkpoint_adds_no_copy_of_the_model_to_peak_memory(tmp_path: Path) -> None:
+    """The read-back check streams the file: the peak RSS (VmHWM, which counts touched mmap pages as well)
+    grows by far less than the state_dict's size (a full read-back adds 1x-2x of it)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(ROOT), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in res:
+        pytest.skip(res["skip"])
+    assert res["size"] == 200 * 2**20 + 12
+    for suffix in (".safetensors", ".pth"):
+        assert res[suffix] < 0.3 * res["size"], f"{suffix}: peak RSS grew by {res[suffix] / 2**20:.0f} MiB"
