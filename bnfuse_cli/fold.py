@@ -5,10 +5,20 @@ an affine map ``z = scale * y + shift``.  Folding it into the layer before (``y 
 each output channel of ``W``; folding it into the layer after scales each input channel and moves
 the shift into the bias.  Everything is computed in float64 and cast back once, so a half-precision
 model is folded from exact statistics rather than rounded ones.
+
+A layer's fold happens in two steps so that a model is never left half-folded and never needs a
+second copy of its weights: :func:`prepare_fold` checks everything that can go wrong (corrupt
+statistics, a result that overflows the layer's dtype) and computes the new bias, writing
+nothing; :func:`apply_fold_` then rescales the weight in place, a few rows at a time (each block
+goes to float64, is scaled and is written back), so the extra memory is a fixed small block and
+the work stays in the CPU cache.  :func:`fold_into_previous` and :func:`fold_into_next` are the
+same arithmetic on a copy, for callers that want new tensors.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import FoldError
@@ -16,7 +26,17 @@ from .errors import FoldError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["affine_from_stats", "fold_into_previous", "fold_into_next"]
+__all__ = [
+    "affine_from_stats",
+    "LayerFold",
+    "prepare_fold",
+    "apply_fold_",
+    "fold_into_previous",
+    "fold_into_next",
+]
+
+#: float64 elements per block when scaling a weight on the CPU (2 MiB: stays in cache)
+_BLOCK = 1 << 18
 
 
 def affine_from_stats(
@@ -36,24 +56,27 @@ def affine_from_stats(
     import torch
 
     var64 = var.detach().to(torch.float64)
-    if var.dtype in (torch.float16, torch.bfloat16) and torch.isinf(var64).any():
+    # one reduction each, NaN propagating: NaN fails every comparison below
+    lo, hi = (float(v) for v in torch.aminmax(var64)) if var64.numel() else (0.0, 0.0)
+    if hi == float("inf") and var.dtype in (torch.float16, torch.bfloat16):
         raise FoldError(
             f"{name} has an infinite running_var in {var.dtype}: a variance above the type's "
             "range (65504 for float16) overflowed when the model was cast; fold the float32 "
             "model and cast the fused model afterwards"
         )
-    if not torch.isfinite(var64).all() or (var64 < 0).any():
+    if not (lo >= 0.0 and hi < float("inf")):
         raise FoldError(
             f"{name} has NaN, infinite or negative running_var: its statistics are corrupt "
             "and folding them would give a broken model; re-export or recalibrate the checkpoint"
         )
-    mean64 = mean.detach().to(torch.float64)
-    denom = torch.sqrt(var64 + float(eps))
-    scale = 1.0 / denom if gamma is None else gamma.detach().to(torch.float64) / denom
-    shift = -mean64 * scale
+    scale = torch.rsqrt(var64 + float(eps))
+    if gamma is not None:
+        scale.mul_(gamma.detach().to(torch.float64))
+    shift = mean.detach().to(torch.float64) * scale
+    shift.neg_()
     if beta is not None:
-        shift = shift + beta.detach().to(torch.float64)
-    if not (torch.isfinite(scale).all() and torch.isfinite(shift).all()):
+        shift.add_(beta.detach().to(torch.float64))
+    if scale.numel() and not math.isfinite(float(scale.abs().max()) + float(shift.abs().max())):
         raise FoldError(
             f"{name}: folding gives non-finite values (running_var + eps is zero, or the "
             "statistics are NaN/inf); check the checkpoint's BN statistics"
@@ -61,27 +84,238 @@ def affine_from_stats(
     return scale, shift
 
 
-def _all_finite(t: "torch.Tensor") -> bool:
-    """``torch.isfinite(t).all()`` as one reduction, without a boolean mask the size of ``t``:
-    aminmax propagates NaN and inf.  About 60 ms less per ResNet-50 fold on a 2-core CPU."""
+@dataclass
+class LayerFold:
+    """What folding does to one layer ``y = W x + b``, checked and ready to apply.
+
+    ``W'[o, i, k...] = out_scale[o] * W[o, i, k...] * in_scale[i]`` (for a ConvTranspose,
+    whose weight is laid out ``(in, out/groups, k...)``, the same per output and input channel),
+    and the bias becomes ``bias``, already computed and cast to the layer's dtype.
+    """
+
+    name: str
+    #: float64, one per output channel (a BatchNorm after the layer), or None
+    out_scale: "torch.Tensor | None"
+    #: float64, one per input channel (a BatchNorm before the layer), or None
+    in_scale: "torch.Tensor | None"
+    bias: "torch.Tensor"
+    transposed: bool = False
+    groups: int = 1
+
+
+class _Layout:
+    """Channel bookkeeping of a weight, by rows (dim 0) and columns (dim 1) of the weight.
+
+    Conv/Linear ``(out, in/groups, k...)``: row ``r`` is output channel ``r`` and column ``c``
+    input channel ``(r // (out/groups)) * (in/groups) + c``.  ConvTranspose
+    ``(in, out/groups, k...)``: row ``r`` is input channel ``r`` and column ``c`` output
+    channel ``(r // (in/groups)) * (out/groups) + c``.
+    """
+
+    def __init__(self, weight: "torch.Tensor", transposed: bool, groups: int, name: str) -> None:
+        if weight.dim() < 2:
+            raise FoldError(f"{name}: weight of shape {tuple(weight.shape)} is not a Conv/Linear weight")
+        rows, cols = int(weight.shape[0]), int(weight.shape[1])
+        if groups < 1 or rows % groups:
+            raise FoldError(f"{name}: weight shape {tuple(weight.shape)} does not split into groups={groups}")
+        self.rows, self.cols, self.groups, self.transposed = rows, cols, groups, transposed
+        self.rows_per_group = rows // groups
+        # (channels along rows, channels along columns) for out and in
+        self.out_channels = cols * groups if transposed else rows
+        self.in_channels = rows if transposed else cols * groups
+        self.kernel_dims = tuple(range(2, weight.dim()))
+
+    def factors(self, out_scale: "torch.Tensor | None", in_scale: "torch.Tensor | None", r0: int, r1: int
+                ) -> "tuple[torch.Tensor | None, torch.Tensor | None]":
+        """(per-row factor of shape (n, 1), per-element factor of shape (n, cols)) for rows r0:r1."""
+        row_scale = in_scale if self.transposed else out_scale
+        col_scale = out_scale if self.transposed else in_scale
+        row = None if row_scale is None else row_scale[r0:r1].reshape(-1, 1)
+        col = None
+        if col_scale is not None:
+            g0, g1 = r0 // self.rows_per_group, (r1 - 1) // self.rows_per_group
+            per_group = col_scale.reshape(self.groups, self.cols)
+            if g0 == g1:
+                col = per_group[g0].reshape(1, -1)
+            else:
+                import torch
+
+                col = per_group[torch.arange(r0, r1, device=col_scale.device) // self.rows_per_group]
+        return row, col
+
+    def blocks(self, weight: "torch.Tensor") -> "list[tuple[int, int]]":
+        per_row = max(1, weight[0].numel())
+        step = self.rows if weight.device.type != "cpu" else max(1, _BLOCK // per_row)
+        return [(r, min(r + step, self.rows)) for r in range(0, self.rows, step)]
+
+
+def _factor(row: "torch.Tensor | None", col: "torch.Tensor | None") -> "torch.Tensor | None":
+    if row is None:
+        return col
+    if col is None:
+        return row
+    return row * col
+
+
+def _expand(f: "torch.Tensor", kernel_dims: int) -> "torch.Tensor":
+    return f.reshape(*f.shape, *([1] * kernel_dims))
+
+
+def _abs_max(block: "torch.Tensor", kernel_dims: tuple[int, ...]) -> "torch.Tensor":
+    """|block| maximised over the kernel dimensions: shape (rows, cols), NaN if any value is NaN."""
     import torch
 
-    if t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+    if not kernel_dims:
+        return block.abs()
+    hi = torch.amax(block, dim=kernel_dims)
+    lo = torch.amin(block, dim=kernel_dims)
+    return torch.maximum(hi, -lo)  # propagates NaN
 
 
-def _check_cast(t64: "torch.Tensor", like: "torch.Tensor", name: str, what: str) -> "torch.Tensor":
+def _check_scale(scale: "torch.Tensor | None", channels: int, name: str, where: str) -> None:
+    if scale is not None and scale.numel() != channels:
+        raise FoldError(f"{name}: {channels} {where} channels but the BatchNorm has {scale.numel()}")
+
+
+def _check_weight(w: "torch.Tensor", lay: _Layout, out_scale: "torch.Tensor | None",
+                  in_scale: "torch.Tensor | None", name: str) -> None:
+    """Refuse a weight that already holds NaN/inf, or whose folded values would overflow its dtype.
+
+    One ``aminmax`` over the weight bounds every folded value by ``max|W| * max|factor|``; only
+    when that bound does not fit the dtype (rare: float16 with a tiny variance) are the exact
+    per-(row, column) maxima computed, block by block.  Rounding is monotonic, so the largest
+    folded magnitude overflows exactly when the folded weight would.
+    """
     import torch
 
-    out = t64.to(dtype=like.dtype, device=like.device)
-    if out.is_floating_point() and not _all_finite(out):
+    if w.numel() == 0 or not w.is_floating_point():
+        return
+    lo, hi = torch.aminmax(w)
+    biggest = max(-float(lo), float(hi))
+    if biggest != biggest or biggest == float("inf"):  # NaN or inf (aminmax propagates NaN)
         raise FoldError(
-            f"{name}: the folded {what} overflows {like.dtype} (a value exceeds its range); "
-            "convert the model to float32 before folding, or leave this layer unfolded"
+            f"{name}: its weight already holds NaN or infinite values; the checkpoint is corrupt "
+            "(nothing was folded)"
         )
-    return out
+    finfo_max = torch.finfo(w.dtype).max
+    bound = biggest
+    for s in (out_scale, in_scale):
+        if s is not None and s.numel():
+            bound *= float(s.abs().max())
+    if bound <= finfo_max:
+        return
+    worst = 0.0
+    for r0, r1 in lay.blocks(w):
+        row, col = lay.factors(out_scale, in_scale, r0, r1)
+        mag = _abs_max(w[r0:r1], lay.kernel_dims).to(torch.float64) * _factor(row, col).abs()
+        worst = max(worst, float(mag.max()))
+    if not bool(torch.isfinite(torch.tensor(worst, dtype=torch.float64).to(w.dtype))):
+        raise FoldError(
+            f"{name}: the folded weight overflows {w.dtype} (a value reaches {worst:.3g}, above the "
+            f"type's largest {finfo_max:g}); convert the model to float32 before folding, or leave "
+            "this layer unfolded"
+        )
+
+
+def prepare_fold(
+    weight: "torch.Tensor",
+    bias: "torch.Tensor | None",
+    *,
+    previous: "tuple[torch.Tensor, torch.Tensor] | None" = None,
+    following: "tuple[torch.Tensor, torch.Tensor] | None" = None,
+    transposed: bool = False,
+    groups: int = 1,
+    name: str = "layer",
+) -> LayerFold:
+    """Check a fold of one layer and compute its new bias, without changing anything.
+
+    ``previous`` is the ``(scale, shift)`` of a BatchNorm that reads this layer's output
+    (``z = scale * (W x + b) + shift``); ``following`` that of a BatchNorm whose output this
+    layer reads (``W (scale * x + shift) + b``), exact only when the layer does not zero-pad
+    (the caller checks).  Both may be given.  Raises :class:`FoldError` naming ``name`` when the
+    shapes disagree, the weight holds NaN/inf, or the folded weight or bias would overflow the
+    layer's dtype (float16 above 65504).  Apply the result with :func:`apply_fold_`.
+    """
+    import torch
+
+    lay = _Layout(weight, transposed, groups, name)
+    out_scale = in_scale = out_shift = in_shift = None
+    if previous is not None:
+        out_scale, out_shift = previous
+        _check_scale(out_scale, lay.out_channels, name, "output")
+    if following is not None:
+        if transposed:
+            raise FoldError(
+                f"{name}: a BatchNorm before a ConvTranspose cannot be folded into it exactly "
+                "(border outputs receive fewer kernel taps)"
+            )
+        in_scale, in_shift = following
+        _check_scale(in_scale, lay.in_channels, name, "input")
+    device = weight.device
+    out_scale = None if out_scale is None else out_scale.to(device=device, dtype=torch.float64)
+    in_scale = None if in_scale is None else in_scale.to(device=device, dtype=torch.float64)
+
+    b64 = (torch.zeros(lay.out_channels, dtype=torch.float64, device=device) if bias is None
+           else bias.detach().to(torch.float64))
+    w = weight.detach()
+    _check_weight(w, lay, out_scale, in_scale, name)
+    extra = None
+    if in_shift is not None:  # a following BN's shift reaches the bias through the weight: W . shift
+        in_shift = in_shift.to(device=device, dtype=torch.float64)
+        extra = torch.zeros(lay.out_channels, dtype=torch.float64, device=device)
+        for r0, r1 in lay.blocks(w):
+            block = w[r0:r1].to(torch.float64)
+            summed = block.sum(dim=lay.kernel_dims) if lay.kernel_dims else block
+            extra[r0:r1] = (summed * lay.factors(None, in_shift, r0, r1)[1]).sum(dim=1)
+    if extra is not None:
+        b64 = b64 + extra
+    if out_scale is not None:
+        b64 = b64 * out_scale + out_shift.to(device=device, dtype=torch.float64)
+    like = weight if bias is None else bias
+    new_bias = b64.to(dtype=like.dtype, device=like.device)
+    if new_bias.is_floating_point() and not bool(torch.isfinite(new_bias).all()):
+        raise FoldError(
+            f"{name}: the folded bias overflows {like.dtype} (a value exceeds its range); convert the "
+            "model to float32 before folding, or leave this layer unfolded"
+        )
+    return LayerFold(name, out_scale, in_scale, new_bias, transposed, groups)
+
+
+def apply_fold_(weight: "torch.Tensor", fold: LayerFold, *, workspace: "torch.Tensor | None" = None
+                ) -> "torch.Tensor | None":
+    """Rescale ``weight`` in place as checked by :func:`prepare_fold` (float64, cast once).
+
+    Works a block of rows at a time through one float64 buffer, so it needs no copy of the
+    weight and allocates (and page-faults) nothing per block; any memory layout (channels_last
+    included) is kept.  Pass the returned buffer as ``workspace`` to the next call to reuse it.
+    The bias is the caller's to set (``fold.bias``).
+    """
+    import torch
+
+    if fold.out_scale is None and fold.in_scale is None:
+        return workspace
+    lay = _Layout(weight, fold.transposed, fold.groups, fold.name)
+    kdims = len(lay.kernel_dims)
+    # a factor per row only (the common case: a BN after a Conv): expand it once for all blocks
+    rows_only = (fold.in_scale if fold.transposed else fold.out_scale) is not None and (
+        (fold.out_scale if fold.transposed else fold.in_scale) is None)
+    whole = _expand(lay.factors(fold.out_scale, fold.in_scale, 0, lay.rows)[0], kdims) if rows_only else None
+    with torch.no_grad():
+        w = weight.detach()
+        for r0, r1 in lay.blocks(w):
+            block = w[r0:r1]
+            n = block.numel()
+            if workspace is None or workspace.numel() < n or workspace.device != w.device:
+                workspace = torch.empty(max(n, _BLOCK if w.device.type == "cpu" else n), dtype=torch.float64,
+                                        device=w.device)
+            if whole is not None:
+                factor = whole[r0:r1]
+            else:
+                factor = _expand(_factor(*lay.factors(fold.out_scale, fold.in_scale, r0, r1)), kdims)
+            out = workspace[:n].view(block.shape)
+            torch.mul(block, factor, out=out)  # float64 (the factor's type), then cast once below
+            block.copy_(out)
+    return workspace
 
 
 def fold_into_previous(
@@ -99,36 +333,12 @@ def fold_into_previous(
     ``weight`` is laid out ``(out, in/groups, *k)`` for Conv and Linear, and
     ``(in, out/groups, *k)`` for ConvTranspose (``transposed=True``), where output channel
     ``o = g * (out/groups) + j`` lives at ``weight[g * in/groups : (g+1) * in/groups, j]``.
-    Returns the new ``(weight, bias)`` in the dtype and device of ``weight``.
+    Returns new ``(weight, bias)`` in the dtype and device of ``weight``; the inputs are unchanged.
     """
-    import torch
-
-    w = weight.detach().to(torch.float64)
-    out_channels = scale.numel()
-    if transposed:
-        in_channels, out_per_group = w.shape[0], w.shape[1]
-        if in_channels % groups or out_per_group * groups != out_channels:
-            raise FoldError(
-                f"{name}: weight shape {tuple(w.shape)} with groups={groups} does not give "
-                f"{out_channels} output channels"
-            )
-        kernel = tuple(w.shape[2:])
-        w = w.reshape(groups, in_channels // groups, out_per_group, *kernel)
-        s = scale.reshape(groups, 1, out_per_group, *([1] * len(kernel)))
-        w_new = (w * s).reshape(weight.shape)
-    else:
-        if w.shape[0] != out_channels:
-            raise FoldError(
-                f"{name}: {w.shape[0]} output channels but the BatchNorm has {out_channels}"
-            )
-        w_new = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
-    b = torch.zeros(out_channels, dtype=torch.float64, device=w.device) if bias is None else (
-        bias.detach().to(torch.float64)
-    )
-    b_new = b * scale + shift
-    return _check_cast(w_new, weight, name, "weight"), _check_cast(
-        b_new, weight if bias is None else bias, name, "bias"
-    )
+    fold = prepare_fold(weight, bias, previous=(scale, shift), transposed=transposed, groups=groups, name=name)
+    new = weight.detach().clone()
+    apply_fold_(new, fold)
+    return new, fold.bias
 
 
 def fold_into_next(
@@ -146,23 +356,7 @@ def fold_into_next(
     input (the caller checks): ``W' = W * scale`` per input channel and
     ``b' = b + sum(W * shift)`` over input channels and kernel positions.
     """
-    import torch
-
-    w = weight.detach().to(torch.float64)
-    out_channels, in_per_group = w.shape[0], w.shape[1]
-    kernel = tuple(w.shape[2:])
-    if out_channels % groups or in_per_group * groups != scale.numel():
-        raise FoldError(
-            f"{name}: weight shape {tuple(w.shape)} with groups={groups} does not read "
-            f"{scale.numel()} input channels"
-        )
-    wg = w.reshape(groups, out_channels // groups, in_per_group, *kernel)
-    expand = (groups, 1, in_per_group, *([1] * len(kernel)))
-    w_new = (wg * scale.reshape(expand)).reshape(weight.shape)
-    b_extra = (wg * shift.reshape(expand)).sum(dim=tuple(range(2, wg.dim()))).reshape(out_channels)
-    b = torch.zeros(out_channels, dtype=torch.float64, device=w.device) if bias is None else (
-        bias.detach().to(torch.float64)
-    )
-    return _check_cast(w_new, weight, name, "weight"), _check_cast(
-        b + b_extra, weight if bias is None else bias, name, "bias"
-    )
+    fold = prepare_fold(weight, bias, following=(scale, shift), groups=groups, name=name)
+    new = weight.detach().clone()
+    apply_fold_(new, fold)
+    return new, fold.bias

@@ -10,6 +10,10 @@ other concat, no return), and every call of that layer feeds this BatchNorm.  Ot
 fold into the layer after it, when that layer alone reads its output and does not zero-pad.
 Everything else is reported with the reason it stays.
 
+Tensors are remembered by what the analysis needs (identity, shape, dtype), never kept alive:
+the recording run holds no more activations than a plain forward pass.  A tensor is known by
+its Python object while that lives (a weak reference guards against a reused ``id``).
+
 Reads are attributed to the innermost module call running; an in-place op returns the tensor
 it changed, so its read lands on that same tensor and blocks a fold (conservative).  Ops that
 return their argument untouched (``.to`` to the same dtype, dropout in eval) are not reads.
@@ -113,11 +117,25 @@ class Analysis:
 
 
 @dataclass(eq=False)
+class _T:
+    """What the analysis remembers of a tensor: its identity (this object), shape and dtype,
+    and, for a BatchNorm input, where it came from (for messages)."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+    origin: "str | None" = None
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+@dataclass(eq=False)
 class _Call:
     module: "nn.Module"
     name: str
-    input: Any = None
-    output: Any = None
+    #: the first argument and the result, when they are tensors
+    input: "_T | None" = None
+    output: "_T | None" = None
     #: the module's training flag during this call (a model may switch a BN to train itself)
     training: bool = False
 
@@ -193,12 +211,20 @@ def _reachable_tensors(obj: Any, *, limit: int = 20000) -> list["torch.Tensor"]:
     return found
 
 
-def _escapes(model: "nn.Module", output: Any) -> dict[int, str]:
-    """id(tensor) -> how it leaves the forward pass other than through an op: returned by the
-    model, or kept as an attribute of one of its modules (``self.feat = y``)."""
+def _escapes(model: "nn.Module", output: Any, rec: "_Recorder") -> dict[int, str]:
+    """id(tensor record) -> how the tensor leaves the forward pass other than through an op:
+    returned by the model, or kept as an attribute of one of its modules (``self.feat = y``)."""
     from torch import nn
 
-    escapes = {id(t): "returned by the model" for t in _reachable_tensors(output)}
+    escapes: dict[int, str] = {}
+
+    def mark(t: Any, why: str) -> None:
+        info = rec.lookup(t)
+        if info is not None:
+            escapes.setdefault(id(info), why)
+
+    for t in _reachable_tensors(output):
+        mark(t, "returned by the model")
     internal = set(vars(nn.Module()))
     for name, mod in model.named_modules():
         for attr, value in vars(mod).items():
@@ -206,7 +232,7 @@ def _escapes(model: "nn.Module", output: Any) -> dict[int, str]:
                 continue
             where = f"{name}.{attr}" if name else attr
             for t in _reachable_tensors(value, limit=2000):
-                escapes.setdefault(id(t), f"kept in the attribute {where}")
+                mark(t, f"kept in the attribute {where}")
     return escapes
 
 
@@ -244,10 +270,13 @@ class _Recorder:
         self.interesting = {id(m) for m in model.modules() if is_norm_like(m) or is_producer_like(m)}
         self.stack: list[_Call] = []
         self.calls: dict[int, list[_Call]] = {}
-        #: tensors produced by a producer or norm call, kept alive so ids stay unique
+        #: id(tensor) -> (weak reference, record) for the tensors the analysis remembers
+        self._live: dict[int, tuple[Any, _T]] = {}
+        #: every record made (records are small; this keeps their ids unique)
+        self.records: list[_T] = []
+        #: id(record) -> the producer or norm call whose result it is
         self.produced: dict[int, _Call] = {}
-        self.keep: list[Any] = []
-        #: id(tensor) -> [(reader call or None, readable op name)] for watched tensors
+        #: id(record) -> [(reader call or None, readable op name)] for watched tensors
         self.reads: dict[int, list[tuple["_Call | None", str]]] = {}
         #: id(param or buffer) -> [(id(module), qualified name)] over every module holding it
         self.holders: dict[int, list[tuple[int, str]]] = {}
@@ -280,10 +309,10 @@ class _Recorder:
         self.foreign_param_reads: dict[int, tuple[str, str]] = {}
         #: id(tensor) -> (weakref, op name, module name), to explain where a BN input came from
         self.origin: dict[int, tuple[Any, str, str]] = {}
-        #: id(t) -> (producer output, op) for a reshape of a producer output (watched, kept alive)
-        self.reshaped: dict[int, tuple[Any, str]] = {}
-        #: id(t) -> (parts, dim) for a cat whose every part is a producer output (watched)
-        self.cats: dict[int, tuple[tuple[Any, ...], Any]] = {}
+        #: id(record) -> (producer output record, op) for a reshape of a producer output (watched)
+        self.reshaped: dict[int, tuple[_T, str]] = {}
+        #: id(record) -> (part records, dim) for a cat whose every part is a producer output (watched)
+        self.cats: dict[int, tuple[tuple[_T, ...], Any]] = {}
         self.handles: list[Any] = []
         recorder = self
 
@@ -322,6 +351,24 @@ class _Recorder:
             self.handles.append(register_module_forward_pre_hook(self._script_pre))
             self.handles.append(register_module_forward_hook(self._script_post))
 
+    def lookup(self, t: Any) -> "_T | None":
+        """The record of tensor ``t``, if the analysis made one (and ``t`` is that tensor)."""
+        entry = self._live.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
+    def track(self, t: Any) -> "_T | None":
+        """The record of tensor ``t``, made on first sight; None for anything but a tensor."""
+        import torch
+
+        if not isinstance(t, torch.Tensor):
+            return None
+        info = self.lookup(t)
+        if info is None:
+            info = _T(tuple(t.shape), t.dtype)
+            self._live[id(t)] = (weakref.ref(t), info)
+            self.records.append(info)
+        return info
+
     def _script_pre(self, module: "nn.Module", args: Any) -> None:
         """A TorchScript submodule runs without torch function calls we can see: count every
         tensor handed to it as read by it (conservative), and what it returns as its result."""
@@ -330,8 +377,9 @@ class _Recorder:
         if isinstance(module, torch.jit.ScriptModule) and id(module) in self.names:
             reader = _Call(module, self.names[id(module)] or type(module).__name__)
             for t in _tensors(args):
-                if id(t) in self.reads:
-                    self.reads[id(t)].append((reader, "TorchScript forward"))
+                info = self.lookup(t)
+                if info is not None and id(info) in self.reads:
+                    self.reads[id(info)].append((reader, "TorchScript forward"))
 
     def _script_post(self, module: "nn.Module", args: Any, output: Any) -> None:
         import torch
@@ -348,8 +396,9 @@ class _Recorder:
         call = _Call(module, self.names.get(id(module), type(module).__name__), training=module.training)
         if id(module) in self.interesting:
             first = args[0] if args else next(iter(kwargs.values()), None)
-            call.input = first
-            self.keep.append(first)
+            call.input = self.track(first)
+            if call.input is not None and call.input.origin is None:
+                call.input.origin = self.describe_origin(first)
             self.calls.setdefault(id(module), []).append(call)
         self.stack.append(call)
 
@@ -361,20 +410,18 @@ class _Recorder:
                 "analysis run; the model calls layers in a way bnfuse cannot follow"
             )
         if id(module) in self.interesting:
-            call.output = output
-            self.keep.append(output)
-            import torch
-
-            if isinstance(output, torch.Tensor):
-                self.produced[id(output)] = call
-                self.reads.setdefault(id(output), [])
+            call.output = self.track(output)
+            if call.output is not None:
+                self.produced[id(call.output)] = call
+                self.reads.setdefault(id(call.output), [])
 
     def _on_read(self, op: str, args: Any, kwargs: Any) -> None:
         reader = self.stack[-1] if self.stack else None
         for t in _tensors((args, kwargs)):
             key = id(t)
-            if key in self.reads:
-                self.reads[key].append((reader, _pretty_op(op)))
+            entry = self._live.get(key)
+            if entry is not None and entry[0]() is t and id(entry[1]) in self.reads:
+                self.reads[id(entry[1])].append((reader, _pretty_op(op)))
             owners = self.owner.get(key)
             if owners is not None and key not in self.foreign_param_reads:
                 if not any(id(c.module) in owners for c in self.stack):
@@ -395,21 +442,28 @@ class _Recorder:
         if not isinstance(out, torch.Tensor):
             return
         if op in _RESHAPES:
-            src = args[0] if args else None
-            if src is not out and id(src) in self.produced:
-                self.reshaped[id(out)] = (src, op)
-            else:
+            src = self.lookup(args[0]) if args else None
+            if args[0] is out or src is None or id(src) not in self.produced:
                 return
+            info = self.track(out)
+            self.reshaped[id(info)] = (src, op)
         else:
             parts = args[0] if args else kwargs.get("tensors")
-            if not isinstance(parts, (list, tuple)) or not parts or any(id(p) not in self.produced for p in parts):
+            if not isinstance(parts, (list, tuple)) or not parts:
+                return
+            infos = [self.lookup(p) for p in parts]
+            if any(i is None or id(i) not in self.produced for i in infos):
                 return
             dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
-            self.cats[id(out)] = (tuple(parts), dim)
-        self.keep.append(out)
-        self.reads.setdefault(id(out), [])
+            info = self.track(out)
+            self.cats[id(info)] = (tuple(infos), dim)  # type: ignore[arg-type]
+        self.reads.setdefault(id(info), [])
 
     def describe_origin(self, t: Any) -> str:
+        """Where tensor ``t`` (alive) came from, for the reason a BatchNorm reading it stays.
+        A tensor record carries the description made while its tensor was alive."""
+        if isinstance(t, _T):
+            return t.origin or "reads a tensor bnfuse did not see being made"
         rec = self.origin.get(id(t))
         if rec is None or rec[0]() is not t:
             return "reads a tensor not computed inside the model (the model input)"
@@ -782,7 +836,7 @@ def analyse(model: "nn.Module", args: tuple[Any, ...], kwargs: "dict[str, Any] |
         raise  # the model runs without recording: a bnfuse bug, keep the traceback
     finally:
         rec.close()
-    out_ids = _escapes(model, output)
+    out_ids = _escapes(model, output, rec)
     plan = Plan()
     seen: set[int] = set()
     used_producers: set[int] = set()

@@ -116,13 +116,28 @@ def _resolve(path: str) -> "type | None":
     return getattr(mod, name, None) if mod is not None else None
 
 
+#: (rule table, type) -> (rule, matched class) or None; valid while the same modules are loaded
+_LOOKUP_CACHE: dict[tuple[int, type], "tuple[Any, type] | None"] = {}
+_LOOKUP_KEY: list[Any] = [None]
+
+
 def _lookup(module: "nn.Module", rules: tuple[Any, ...]) -> "tuple[Any, type] | None":
-    """Return (rule, matched class) for the nearest class in the MRO that has a row."""
+    """Return (rule, matched class) for the nearest class in the MRO that has a row.
+
+    Cached per class; the cache is dropped when a module a row names is imported later
+    (timm loaded after a first analysis), since that can add matches.
+    """
+    loaded = tuple(r.cls_path.rpartition(".")[0] in sys.modules for r in PRODUCERS + NORMS)
+    if _LOOKUP_KEY[0] != loaded:
+        _LOOKUP_CACHE.clear()
+        _LOOKUP_KEY[0] = loaded
+    key = (id(rules), type(module))
+    if key in _LOOKUP_CACHE:
+        return _LOOKUP_CACHE[key]
     by_cls = {cls: r for r in rules if (cls := _resolve(r.cls_path)) is not None}
-    for cls in type(module).__mro__:
-        if cls in by_cls:
-            return by_cls[cls], cls
-    return None
+    found = next(((by_cls[cls], cls) for cls in type(module).__mro__ if cls in by_cls), None)
+    _LOOKUP_CACHE[key] = found
+    return found
 
 
 #: methods a subclass may override to change what the layer computes (forward calls them)

@@ -8,10 +8,10 @@ vanish and producers gain ``.bias``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import BnfuseError
-from .fold import affine_from_stats, fold_into_next, fold_into_previous
+from .fold import affine_from_stats, apply_fold_, prepare_fold
 from .graph import Fold, Plan
 from .patterns import norm_rule, producer_rule
 
@@ -77,16 +77,25 @@ def _replace_norms(model: "nn.Module", folds: Iterable[Fold], build) -> None:  #
             _set(model, name, new)
 
 
+def _compose(first: "tuple[Any, Any] | None", then: "tuple[Any, Any]") -> "tuple[Any, Any]":
+    """The affine map ``then(first(y))`` as one (scale, shift)."""
+    if first is None:
+        return then
+    return first[0] * then[0], first[1] * then[0] + then[1]
+
+
 def apply_plan(model: "nn.Module", plan: Plan) -> None:
     """Fold every site of ``plan`` into ``model`` in place (statistics in float64, cast once).
 
-    All new weights are computed and checked first and written only when every fold succeeded:
-    a :class:`FoldError` (corrupt statistics, overflow) leaves the model as it was.  A layer
-    that absorbs two folds (a BN before it and one after it) gets both, in plan order.
+    Every fold is checked first (corrupt statistics, a weight or bias that would overflow its
+    dtype) and nothing is written until all of them pass: a :class:`FoldError` leaves the model
+    as it was.  Then each weight is rescaled in place, block by block, so folding needs no
+    second copy of the weights.  A layer that absorbs a BN before it and one after it gets both.
     """
     import torch
 
-    staged: dict[int, tuple["nn.Module", "torch.Tensor", "torch.Tensor"]] = {}
+    # gather, per layer, the BN after it ("previous" folds) and the BN before it ("next")
+    layers: dict[int, dict[str, Any]] = {}
     for f in plan.folds:
         norm = _get(model, f.norm, "BatchNorm")
         layer = _get(model, f.producer, "layer")
@@ -103,21 +112,29 @@ def apply_plan(model: "nn.Module", plan: Plan) -> None:
                     f"which has {scale.numel()}"
                 )
             scale, shift = scale[start:stop], shift[start:stop]
-        _, weight, bias = staged.get(id(layer), (layer, layer.weight, layer.bias))
+        entry = layers.setdefault(id(layer), {"layer": layer, "name": f.producer, "prod": prod,
+                                              "previous": None, "next": None})
         if f.direction == "previous":
-            w, b = fold_into_previous(
-                weight, bias, scale, shift,
-                transposed=prod.transposed, groups=getattr(layer, "groups", 1), name=f.producer,
-            )
+            entry["previous"] = _compose(entry["previous"], (scale, shift))
         elif f.direction == "next":
-            w, b = fold_into_next(weight, bias, scale, shift, groups=getattr(layer, "groups", 1), name=f.producer)
+            if entry["next"] is not None:
+                raise BnfuseError(f"the fold plan folds two BatchNorms into the input of {f.producer}")
+            entry["next"] = (scale, shift)
         else:
             raise BnfuseError(f"unknown fold direction {f.direction!r} for {f.norm} in the fold plan")
-        staged[id(layer)] = (layer, w, b)
-    for layer, w, b in staged.values():
-        with torch.no_grad():
-            layer.weight.copy_(w)
-        _set_bias(layer, b)
+    staged = [
+        (e["layer"], prepare_fold(
+            e["layer"].weight, e["layer"].bias, previous=e["previous"], following=e["next"],
+            transposed=e["prod"].transposed, groups=getattr(e["layer"], "groups", 1), name=e["name"],
+        ))
+        for e in layers.values()
+    ]
+    workspace = None
+    with torch.no_grad():
+        for layer, fold in staged:
+            workspace = apply_fold_(layer.weight, fold, workspace=workspace)
+            _set_bias(layer, fold.bias)
+    del workspace
     _replace_norms(model, plan.folds, _replacement)
 
 

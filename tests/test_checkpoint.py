@@ -603,3 +603,22 @@ def test_write_checkpoint_adds_no_copy_of_the_model_to_peak_memory(tmp_path: Pat
     assert res["size"] == 200 * 2**20 + 12
     for suffix in (".safetensors", ".pth"):
         assert res[suffix] < 0.3 * res["size"], f"{suffix}: peak RSS grew by {res[suffix] / 2**20:.0f} MiB"
+
+
+def test_pth_check_without_placing_storages_still_checks_contents(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should a torch's mmap loader not let the check see where each storage lies, the .pth check falls
+    back to comparing the (size, CRC-32) multisets of the storages: writes still go through, and a
+    damaged tensor is still refused."""
+    monkeypatch.setattr(ckmod, "_place", lambda storages, data: {})
+    sd, key = _sd(), "big.weight"
+    out = tmp_path / "out.pth"
+    write_checkpoint(out, state_dict=sd, metadata=_META)
+    assert all(torch.equal(read_checkpoint(out).state_dict[k], v) for k, v in sd.items())
+
+    def damage_it(tmp: Path) -> None:
+        start, _ = _data_span(tmp, key, sd)
+        _flip(tmp, start)
+
+    with pytest.raises(OutputError, match=rf"\['{key}'\]"):
+        write_checkpoint(out, state_dict=sd, metadata=_META, _after_write=damage_it)

@@ -385,6 +385,23 @@ def test_fold_error_leaves_the_model_unchanged():
     assert isinstance(model.bn_b, nn.BatchNorm2d) and model.conv_b.bias is None
 
 
+def test_overflow_found_before_anything_is_written():
+    """float16: the second pair's fold would overflow; the first pair must not be folded either
+    (weights are rescaled in place, so every fold is checked before the first write)."""
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                                       nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))).eval()
+    with torch.no_grad():
+        model[4].running_var.fill_(1e-10)  # scale ~1e5 x weights ~0.5: above float16's 65504
+        model[4].eps = 1e-12
+        model[3].weight.fill_(0.5)
+    model = model.half()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(FoldError, match=r"^3: the folded weight overflows torch\.float16"):
+        fuse(model, torch.randn(1, 3, 4, 4).half(), inplace=True)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_passthrough_ops_do_not_block_a_fold():
     res = run(me.PassThroughOps(), _x(2, 3, 6, 6), folds=1, skipped=0)
     assert pairs(res) == {("conv", "bn", "previous")}
@@ -485,3 +502,24 @@ def test_an_input_the_model_rejects_is_a_usage_error():
     model = randomize_bn(me.ConvBN()).double().eval()
     with pytest.raises(UsageError, match=r"ConvBN fails on the example input \(\(2, 5, 6, 6\)\).*input-shape"):
         fuse(model, _x(2, 5, 6, 6))
+
+
+def test_recording_keeps_no_activations_alive():
+    """The recorded forward pass holds no more activations than a plain one: by the time the
+    last layer runs, the first BN's output (a tensor the recorder tracks) has been freed."""
+    import weakref
+
+    from bnfuse_cli.graph import analyse
+
+    model = randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 4, 1),
+    )).eval()
+    first: list[weakref.ref] = []
+    alive_at_end: list[bool] = []
+    model[2].register_forward_pre_hook(lambda m, i: first.append(weakref.ref(i[0])))  # the ReLU after bn 1
+    model[6].register_forward_pre_hook(lambda m, i: alive_at_end.append(first[-1]() is not None))
+    plan = analyse(model, (torch.randn(1, 3, 16, 16),)).plan
+    assert len(plan.folds) == 2  # the recording itself worked
+    assert alive_at_end == [False], "the analysis kept BN 1's output alive until the end"
