@@ -263,11 +263,9 @@ class _Recorder:
         from torch.overrides import TorchFunctionMode
 
         self.names: dict[int, str] = {}
-        for name, mod in model.named_modules():
-            self.names.setdefault(id(mod), name)
-        # every producer class is recorded, foldable or not, so a BN after a re-parametrised or
-        # subclassed conv is reported against that conv rather than as "not a Conv output"
-        self.interesting = {id(m) for m in model.modules() if is_norm_like(m) or is_producer_like(m)}
+        #: producers and norms; every producer class is recorded, foldable or not, so a BN after a
+        #: re-parametrised or subclassed conv is reported against that conv, not as "not a Conv output"
+        self.interesting: set[int] = set()
         self.stack: list[_Call] = []
         self.calls: dict[int, list[_Call]] = {}
         #: id(tensor) -> (weak reference, record) for the tensors the analysis remembers
@@ -280,16 +278,26 @@ class _Recorder:
         self.reads: dict[int, list[tuple["_Call | None", str]]] = {}
         #: id(param or buffer) -> [(id(module), qualified name)] over every module holding it
         self.holders: dict[int, list[tuple[int, str]]] = {}
-        for name, m in model.named_modules():
-            for attr, t in list(m._parameters.items()) + list(m._buffers.items()):
-                if t is not None:
-                    self.holders.setdefault(id(t), []).append((id(m), f"{name}.{attr}" if name else attr))
         #: storage address -> qualified names of the parameters and buffers using it
         self.storages: dict[int, list[str]] = {}
+        #: id(param) -> ids of the producers and norms holding it (their calls may read it)
+        self.owner: dict[int, set[int]] = {}
         seen_tensors: set[int] = set()
-        for name, m in model.named_modules():
-            for attr, t in list(m._parameters.items()) + list(m._buffers.items()):
-                if t is None or id(t) in seen_tensors or t.device.type == "meta":
+        for name, m in model.named_modules(remove_duplicate=False):  # one pass, shared modules included
+            first_visit = id(m) not in self.names
+            if first_visit:
+                self.names[id(m)] = name
+                if is_norm_like(m) or is_producer_like(m):
+                    self.interesting.add(id(m))
+            for attr, t in (*m._parameters.items(), *m._buffers.items()):
+                if t is None:
+                    continue
+                qual = f"{name}.{attr}" if name else attr
+                if first_visit:
+                    self.holders.setdefault(id(t), []).append((id(m), qual))
+                    if id(m) in self.interesting:
+                        self.owner.setdefault(id(t), set()).add(id(m))
+                if id(t) in seen_tensors or t.device.type == "meta":
                     continue
                 seen_tensors.add(id(t))
                 try:
@@ -297,14 +305,7 @@ class _Recorder:
                 except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
                     continue
                 if ptr:
-                    self.storages.setdefault(ptr, []).append(f"{name}.{attr}" if name else attr)
-        #: id(param) -> ids of the producers and norms holding it (their calls may read it)
-        self.owner: dict[int, set[int]] = {}
-        for m in model.modules():
-            if id(m) in self.interesting:
-                for t in list(m._parameters.values()) + list(m._buffers.values()):
-                    if t is not None:
-                        self.owner.setdefault(id(t), set()).add(id(m))
+                    self.storages.setdefault(ptr, []).append(qual)
         #: id(param) -> (op, reader name) for params read outside their module's call
         self.foreign_param_reads: dict[int, tuple[str, str]] = {}
         #: id(tensor) -> (weakref, op name, module name), to explain where a BN input came from

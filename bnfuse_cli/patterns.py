@@ -127,7 +127,7 @@ def _lookup(module: "nn.Module", rules: tuple[Any, ...]) -> "tuple[Any, type] | 
     Cached per class; the cache is dropped when a module a row names is imported later
     (timm loaded after a first analysis), since that can add matches.
     """
-    loaded = tuple(r.cls_path.rpartition(".")[0] in sys.modules for r in PRODUCERS + NORMS)
+    loaded = len(sys.modules)  # an import since the last call may resolve more rows
     if _LOOKUP_KEY[0] != loaded:
         _LOOKUP_CACHE.clear()
         _LOOKUP_KEY[0] = loaded
@@ -195,8 +195,16 @@ def is_norm_like(module: "nn.Module") -> bool:
 
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return True
-    families = tuple(c for p in _NORM_FAMILIES[1:] if (c := _resolve(p)) is not None)
-    return bool(families) and isinstance(module, families)
+    key = (len(sys.modules), type(module))
+    found = _FAMILY_CACHE.get(key)
+    if found is None:
+        families = tuple(c for p in _NORM_FAMILIES[1:] if (c := _resolve(p)) is not None)
+        found = _FAMILY_CACHE[key] = bool(families) and issubclass(type(module), families)
+    return found
+
+
+#: (number of loaded modules, class) -> is_norm_like, for classes outside torch's _BatchNorm
+_FAMILY_CACHE: dict[tuple[int, type], bool] = {}
 
 
 def norm_rule(module: "nn.Module") -> "tuple[NormRule | None, str | None]":
