@@ -55,16 +55,6 @@ EXPECTED_LEFT: dict[str, tuple[int, str]] = {
     "timm:convmixer_768_32": (65, "BN after GELU whose output also feeds the residual add"),
 }
 
-#: engine limitations (BNs that could fold exactly but do not), reported with a repro: the
-#: test still asserts the outputs and the bookkeeping, then xfails only if too many BNs are
-#: left, so once the engine folds them these models simply pass (delete the entries then)
-XFAIL: dict[str, str] = {
-    "timm:mixnet_s": "BN after torch.cat of MixedConv2d's per-group conv outputs is not folded (engine limitation, reported)",
-    "timm:tf_mixnet_s": "BN after torch.cat of MixedConv2d's per-group conv outputs is not folded (engine limitation, reported)",
-    "timm:levit_128s": "Linear -> flatten(0, 1) -> BatchNorm1d, and BatchNorm1d -> eval Dropout -> Linear, are not folded (engine limitation, reported)",
-}
-
-
 # --------------------------------------------------------------------------- model cases
 
 
@@ -432,8 +422,6 @@ def test_zoo_fuse(case: Case) -> None:
         row.status = "skip"
         row.note = str(exc)
         raise
-    except pytest.xfail.Exception:
-        raise
     except AssertionError as exc:
         row.status = "FAIL"
         row.note = (str(exc).splitlines() or [""])[0][:300]
@@ -505,8 +493,4 @@ def _run(case: Case, row: Row) -> None:
     if len(ran_left) > allowed:
         shown = "; ".join(f"{s.norm}: {s.reason}" for s in ran_left[:3])
         message = f"{len(ran_left)} BatchNorms that ran were left (expected at most {allowed}): {shown}"
-        if case.id in XFAIL:
-            row.status = "xfail"
-            row.note = XFAIL[case.id]
-            pytest.xfail(f"{XFAIL[case.id]}: {message}")
         raise AssertionError(message)
