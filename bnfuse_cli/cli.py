@@ -102,8 +102,8 @@ def _plan_tables(plan: Any, *, verbose: bool, limit: int = 25) -> list[Table]:
     tables = []
     if verbose and plan.folds:
         t = Table(title="Folded", title_justify="left")
-        t.add_column("BatchNorm")
-        t.add_column("into")
+        t.add_column("BatchNorm", overflow="fold")
+        t.add_column("into", overflow="fold")
         t.add_column("direction")
         t.add_column("left in its place")
         for f in plan.folds:
