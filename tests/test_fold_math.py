@@ -255,3 +255,51 @@ def test_shape_mismatch_raises_fold_error():
         fold_into_previous(conv.weight, conv.bias, *_stats(bn), name="conv1")
     with pytest.raises(FoldError, match="conv1"):
         fold_into_next(conv.weight, conv.bias, *_stats(bn), name="conv1")
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("groups", [1, 2, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_blockwise_in_place_fold_matches_the_reference(monkeypatch, transposed, groups, channels_last):
+    """The in-place fold works a few rows at a time (blocks may straddle groups); with one row per
+    block it must give bit for bit what a whole-tensor float64 computation gives, BN before and
+    after the layer at once included."""
+    import bnfuse_cli.fold as fold_mod
+
+    g = _gen(7)
+    cin, cout = 6, 12
+    w_shape = (cin, cout // groups, 3, 3) if transposed else (cout, cin // groups, 3, 3)
+    w = torch.randn(w_shape, generator=g)
+    if channels_last:
+        w = w.contiguous(memory_format=torch.channels_last)
+    b = torch.randn(cout, generator=g)
+    s_out, t_out = torch.rand(cout, generator=g, dtype=torch.float64) + 0.5, torch.randn(cout, generator=g, dtype=torch.float64)
+    s_in, t_in = torch.rand(cin, generator=g, dtype=torch.float64) + 0.5, torch.randn(cin, generator=g, dtype=torch.float64)
+    following = None if transposed else (s_in, t_in)
+
+    # reference: W'[o, i, k] = s_out[o] * W[o, i, k] * s_in[i], computed on whole tensors in float64
+    w64 = w.double()
+    if transposed:
+        ref = (w64.reshape(groups, cin // groups, cout // groups, 9) * s_out.reshape(groups, 1, cout // groups, 1))
+        ref_b = b.double() * s_out + t_out
+    else:
+        wg = w64.reshape(groups, cout // groups, cin // groups, 9)
+        ref = wg * s_out.reshape(groups, cout // groups, 1, 1) * s_in.reshape(groups, 1, cin // groups, 1)
+        ref_b = (b.double() + (wg * t_in.reshape(groups, 1, cin // groups, 1)).sum(dim=(2, 3)).reshape(-1)) * s_out + t_out
+    ref_w = ref.reshape(w_shape).float()
+
+    results = []
+    for block in (1, fold_mod._BLOCK):
+        monkeypatch.setattr(fold_mod, "_BLOCK", block)
+        weight = w.clone(memory_format=torch.preserve_format)
+        lf = fold_mod.prepare_fold(weight, b, previous=(s_out, t_out), following=following,
+                                   transposed=transposed, groups=groups, name="layer")
+        fold_mod.apply_fold_(weight, lf)
+        assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        results.append((weight, lf.bias))
+    (w_small, b_small), (w_big, b_big) = results
+    assert torch.equal(w_small, w_big) and torch.equal(b_small, b_big)
+    # float64 products may round differently when the two scales are multiplied first: within 1 ulp
+    assert torch.allclose(w_big, ref_w, rtol=2e-7, atol=0) and torch.allclose(b_big.double(), ref_b, rtol=1e-6)
+    if following is None:
+        assert torch.equal(w_big, ref_w)  # one scale: the very same float64 product, rounded once
