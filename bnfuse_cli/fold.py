@@ -190,15 +190,14 @@ def _check_weight(w: "torch.Tensor", lay: _Layout, out_scale: "torch.Tensor | No
 
     if w.numel() == 0 or not w.is_floating_point():
         return
-    lo, hi = torch.aminmax(w)
-    biggest = max(-float(lo), float(hi))
-    if biggest != biggest or biggest == float("inf"):  # NaN or inf (aminmax propagates NaN)
+    lo, hi = (float(v) for v in torch.aminmax(w))
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN or inf (aminmax propagates NaN)
         raise FoldError(
             f"{name}: its weight already holds NaN or infinite values; the checkpoint is corrupt "
             "(nothing was folded)"
         )
     finfo_max = torch.finfo(w.dtype).max
-    bound = biggest
+    bound = max(-lo, hi)
     for s in (out_scale, in_scale):
         if s is not None and s.numel():
             bound *= float(s.abs().max())

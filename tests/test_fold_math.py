@@ -303,3 +303,13 @@ def test_blockwise_in_place_fold_matches_the_reference(monkeypatch, transposed, 
     assert torch.allclose(w_big, ref_w, rtol=2e-7, atol=0) and torch.allclose(b_big.double(), ref_b, rtol=1e-6)
     if following is None:
         assert torch.equal(w_big, ref_w)  # one scale: the very same float64 product, rounded once
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_weight_already_holding_nan_or_inf_is_refused(bad):
+    conv = nn.Conv2d(3, 4, 3).double()
+    bn = _bn(2, 4, affine=True, eps=1e-5, seed=3)
+    with torch.no_grad():
+        conv.weight[2, 1, 0, 2] = bad
+    with pytest.raises(FoldError, match=r"stem\.conv: its weight already holds NaN or infinite values"):
+        fold_into_previous(conv.weight, conv.bias, *_stats(bn), name="stem.conv")
