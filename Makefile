@@ -37,7 +37,10 @@ bench-scripts: $(VENV)/.extras
 	$(BIN)/python scripts/bench_help.py
 	$(BIN)/python scripts/bench_fold_vs_fx.py
 	$(BIN)/python scripts/bench_memory.py
+	$(BIN)/python scripts/bench_batch_convert.py
 	$(BIN)/python scripts/compare_onnxruntime.py
+	mkdir -p out
+	$(BIN)/bnfuse bench --device cpu --json out/bench_cpu.json --markdown out/bench_cpu.md
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis
