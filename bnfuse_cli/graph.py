@@ -444,7 +444,7 @@ class _Recorder:
             return
         if op in _RESHAPES:
             src = self.lookup(args[0]) if args else None
-            if args[0] is out or src is None or id(src) not in self.produced:
+            if src is None or args[0] is out or id(src) not in self.produced:
                 return
             info = self.track(out)
             self.reshaped[id(info)] = (src, op)

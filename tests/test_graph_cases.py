@@ -523,3 +523,19 @@ def test_recording_keeps_no_activations_alive():
     plan = analyse(model, (torch.randn(1, 3, 16, 16),)).plan
     assert len(plan.folds) == 2  # the recording itself worked
     assert alive_at_end == [False], "the analysis kept BN 1's output alive until the end"
+
+
+def test_reshape_called_with_keywords_only_is_handled():
+    """``torch.reshape(input=..., shape=...)`` gives the recorder no positional argument."""
+
+    class KeywordReshape(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+            self.bn = nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            return self.bn(torch.reshape(input=self.fc(x), shape=(-1, 6)))
+
+    res = run(KeywordReshape(), _x(3, 4), folds=0, skipped=1)
+    assert "follows reshape" in reason(res, "bn")
