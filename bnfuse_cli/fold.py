@@ -76,7 +76,7 @@ def affine_from_stats(
     shift.neg_()
     if beta is not None:
         shift.add_(beta.detach().to(torch.float64))
-    if scale.numel() and not math.isfinite(float(scale.abs().max()) + float(shift.abs().max())):
+    if scale.numel() and not all(math.isfinite(float(t.abs().max())) for t in (scale, shift)):
         raise FoldError(
             f"{name}: folding gives non-finite values (running_var + eps is zero, or the "
             "statistics are NaN/inf); check the checkpoint's BN statistics"
@@ -125,11 +125,15 @@ class _Layout:
         self.in_channels = rows if transposed else cols * groups
         self.kernel_dims = tuple(range(2, weight.dim()))
 
+    def by_axis(self, out_scale: "torch.Tensor | None", in_scale: "torch.Tensor | None"
+                ) -> "tuple[torch.Tensor | None, torch.Tensor | None]":
+        """The (row, column) scales: (out, in) for Conv/Linear, (in, out) for ConvTranspose."""
+        return (in_scale, out_scale) if self.transposed else (out_scale, in_scale)
+
     def factors(self, out_scale: "torch.Tensor | None", in_scale: "torch.Tensor | None", r0: int, r1: int
                 ) -> "tuple[torch.Tensor | None, torch.Tensor | None]":
         """(per-row factor of shape (n, 1), per-element factor of shape (n, cols)) for rows r0:r1."""
-        row_scale = in_scale if self.transposed else out_scale
-        col_scale = out_scale if self.transposed else in_scale
+        row_scale, col_scale = self.by_axis(out_scale, in_scale)
         row = None if row_scale is None else row_scale[r0:r1].reshape(-1, 1)
         col = None
         if col_scale is not None:
@@ -296,9 +300,8 @@ def apply_fold_(weight: "torch.Tensor", fold: LayerFold, *, workspace: "torch.Te
     lay = _Layout(weight, fold.transposed, fold.groups, fold.name)
     kdims = len(lay.kernel_dims)
     # a factor per row only (the common case: a BN after a Conv): expand it once for all blocks
-    rows_only = (fold.in_scale if fold.transposed else fold.out_scale) is not None and (
-        (fold.out_scale if fold.transposed else fold.in_scale) is None)
-    whole = _expand(lay.factors(fold.out_scale, fold.in_scale, 0, lay.rows)[0], kdims) if rows_only else None
+    row_scale, col_scale = lay.by_axis(fold.out_scale, fold.in_scale)
+    whole = _expand(row_scale.reshape(-1, 1), kdims) if col_scale is None else None
     with torch.no_grad():
         w = weight.detach()
         for r0, r1 in lay.blocks(w):

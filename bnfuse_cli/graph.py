@@ -420,9 +420,9 @@ class _Recorder:
         reader = self.stack[-1] if self.stack else None
         for t in _tensors((args, kwargs)):
             key = id(t)
-            entry = self._live.get(key)
-            if entry is not None and entry[0]() is t and id(entry[1]) in self.reads:
-                self.reads[id(entry[1])].append((reader, _pretty_op(op)))
+            info = self.lookup(t)
+            if info is not None and id(info) in self.reads:
+                self.reads[id(info)].append((reader, _pretty_op(op)))
             owners = self.owner.get(key)
             if owners is not None and key not in self.foreign_param_reads:
                 if not any(id(c.module) in owners for c in self.stack):

@@ -116,28 +116,31 @@ def _resolve(path: str) -> "type | None":
     return getattr(mod, name, None) if mod is not None else None
 
 
-#: (rule table, type) -> (rule, matched class) or None; valid while the same modules are loaded
-_LOOKUP_CACHE: dict[tuple[int, type], "tuple[Any, type] | None"] = {}
-_LOOKUP_KEY: list[Any] = [None]
+#: class look-ups, keyed by what they ask; valid while the same set of modules is loaded
+_CACHE: dict[Any, Any] = {}
+_CACHE_STAMP: list[int] = [-1]
+
+
+def _memo(key: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per key.  Dropped whenever a module is imported, since a row's class
+    (timm's, say) resolves only once its module is loaded: ``len(sys.modules)`` is the stamp."""
+    if _CACHE_STAMP[0] != len(sys.modules):
+        _CACHE.clear()
+        _CACHE_STAMP[0] = len(sys.modules)
+    if key not in _CACHE:
+        _CACHE[key] = compute()
+    return _CACHE[key]
 
 
 def _lookup(module: "nn.Module", rules: tuple[Any, ...]) -> "tuple[Any, type] | None":
-    """Return (rule, matched class) for the nearest class in the MRO that has a row.
+    """Return (rule, matched class) for the nearest class in the MRO that has a row (cached per class)."""
 
-    Cached per class; the cache is dropped when a module a row names is imported later
-    (timm loaded after a first analysis), since that can add matches.
-    """
-    loaded = len(sys.modules)  # an import since the last call may resolve more rows
-    if _LOOKUP_KEY[0] != loaded:
-        _LOOKUP_CACHE.clear()
-        _LOOKUP_KEY[0] = loaded
-    key = (id(rules), type(module))
-    if key in _LOOKUP_CACHE:
-        return _LOOKUP_CACHE[key]
-    by_cls = {cls: r for r in rules if (cls := _resolve(r.cls_path)) is not None}
-    found = next(((by_cls[cls], cls) for cls in type(module).__mro__ if cls in by_cls), None)
-    _LOOKUP_CACHE[key] = found
-    return found
+    def find() -> "tuple[tuple[Any, ...], tuple[Any, type] | None]":
+        by_cls = {cls: r for r in rules if (cls := _resolve(r.cls_path)) is not None}
+        found = next(((by_cls[cls], cls) for cls in type(module).__mro__ if cls in by_cls), None)
+        return rules, found  # the entry keeps its table alive, so no other table reuses its id
+
+    return _memo(("rule", id(rules), type(module)), find)[1]
 
 
 #: methods a subclass may override to change what the layer computes (forward calls them)
@@ -195,16 +198,12 @@ def is_norm_like(module: "nn.Module") -> bool:
 
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return True
-    key = (len(sys.modules), type(module))
-    found = _FAMILY_CACHE.get(key)
-    if found is None:
+
+    def find() -> bool:
         families = tuple(c for p in _NORM_FAMILIES[1:] if (c := _resolve(p)) is not None)
-        found = _FAMILY_CACHE[key] = bool(families) and issubclass(type(module), families)
-    return found
+        return bool(families) and issubclass(type(module), families)
 
-
-#: (number of loaded modules, class) -> is_norm_like, for classes outside torch's _BatchNorm
-_FAMILY_CACHE: dict[tuple[int, type], bool] = {}
+    return _memo(("family", type(module)), find)
 
 
 def norm_rule(module: "nn.Module") -> "tuple[NormRule | None, str | None]":

@@ -8,7 +8,8 @@ vanish and producers gain ``.bias``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
 
 from .errors import BnfuseError
 from .fold import affine_from_stats, apply_fold_, prepare_fold
@@ -16,6 +17,7 @@ from .graph import Fold, Plan
 from .patterns import norm_rule, producer_rule
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 __all__ = ["apply_plan", "apply_structure"]
@@ -77,11 +79,16 @@ def _replace_norms(model: "nn.Module", folds: Iterable[Fold], build) -> None:  #
             _set(model, name, new)
 
 
-def _compose(first: "tuple[Any, Any] | None", then: "tuple[Any, Any]") -> "tuple[Any, Any]":
-    """The affine map ``then(first(y))`` as one (scale, shift)."""
-    if first is None:
-        return then
-    return first[0] * then[0], first[1] * then[0] + then[1]
+@dataclass
+class _LayerSites:
+    """The folds of one layer: the BN after it (``previous``) and the BN before it (``next``),
+    each as a float64 (scale, shift)."""
+
+    layer: "nn.Module"
+    name: str
+    transposed: bool
+    previous: "tuple[torch.Tensor, torch.Tensor] | None" = None
+    next: "tuple[torch.Tensor, torch.Tensor] | None" = None
 
 
 def apply_plan(model: "nn.Module", plan: Plan) -> None:
@@ -94,8 +101,7 @@ def apply_plan(model: "nn.Module", plan: Plan) -> None:
     """
     import torch
 
-    # gather, per layer, the BN after it ("previous" folds) and the BN before it ("next")
-    layers: dict[int, dict[str, Any]] = {}
+    sites: dict[int, _LayerSites] = {}
     for f in plan.folds:
         norm = _get(model, f.norm, "BatchNorm")
         layer = _get(model, f.producer, "layer")
@@ -112,29 +118,23 @@ def apply_plan(model: "nn.Module", plan: Plan) -> None:
                     f"which has {scale.numel()}"
                 )
             scale, shift = scale[start:stop], shift[start:stop]
-        entry = layers.setdefault(id(layer), {"layer": layer, "name": f.producer, "prod": prod,
-                                              "previous": None, "next": None})
-        if f.direction == "previous":
-            entry["previous"] = _compose(entry["previous"], (scale, shift))
-        elif f.direction == "next":
-            if entry["next"] is not None:
-                raise BnfuseError(f"the fold plan folds two BatchNorms into the input of {f.producer}")
-            entry["next"] = (scale, shift)
-        else:
+        site = sites.setdefault(id(layer), _LayerSites(layer, f.producer, prod.transposed))
+        if f.direction not in ("previous", "next"):
             raise BnfuseError(f"unknown fold direction {f.direction!r} for {f.norm} in the fold plan")
+        if getattr(site, f.direction) is not None:
+            where = "output" if f.direction == "previous" else "input"
+            raise BnfuseError(f"the fold plan folds two BatchNorms into the {where} of {f.producer}")
+        setattr(site, f.direction, (scale, shift))
     staged = [
-        (e["layer"], prepare_fold(
-            e["layer"].weight, e["layer"].bias, previous=e["previous"], following=e["next"],
-            transposed=e["prod"].transposed, groups=getattr(e["layer"], "groups", 1), name=e["name"],
-        ))
-        for e in layers.values()
+        (s.layer, prepare_fold(s.layer.weight, s.layer.bias, previous=s.previous, following=s.next,
+                               transposed=s.transposed, groups=getattr(s.layer, "groups", 1), name=s.name))
+        for s in sites.values()
     ]
     workspace = None
     with torch.no_grad():
         for layer, fold in staged:
             workspace = apply_fold_(layer.weight, fold, workspace=workspace)
             _set_bias(layer, fold.bias)
-    del workspace
     _replace_norms(model, plan.folds, _replacement)
 
 

@@ -539,3 +539,19 @@ def test_reshape_called_with_keywords_only_is_handled():
 
     res = run(KeywordReshape(), _x(3, 4), folds=0, skipped=1)
     assert "follows reshape" in reason(res, "bn")
+
+
+def test_a_plan_folding_two_batchnorms_into_one_side_of_a_layer_is_refused():
+    """Two BNs cannot both read (or both feed) one layer's single output (input): such a plan is a
+    bug, refused before anything is written rather than folded into a wrong model."""
+    from bnfuse_cli.errors import BnfuseError
+    from bnfuse_cli.graph import Fold, Plan
+    from bnfuse_cli.rewrite import apply_plan
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.BatchNorm2d(8)).eval()
+    randomize_bn(model)
+    before = copy.deepcopy(model.state_dict())
+    plan = Plan(norms=["1", "2"], folds=[Fold("1", "0"), Fold("2", "0")])
+    with pytest.raises(BnfuseError, match="two BatchNorms into the output of 0"):
+        apply_plan(model, plan)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
