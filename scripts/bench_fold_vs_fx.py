@@ -125,7 +125,7 @@ def main() -> int:
         print(f"| **torch.fx fuse (trace + fold + recompile, inplace)** | {fmt(fx)} |")
         print(f"| for reference: plain forward at {opts.analysis_shape} | {fmt(fwd)} |")
         print(f"| for reference: copy.deepcopy(model) (fx's default inplace=False adds this) | {fmt(cp)} |")
-        extra = [t - f for t, f in zip(tot, fwd)]  # same run, same conditions
+        extra = [t - f for t, f in zip(tot, fwd)]  # each round: the bnfuse pass minus that round's plain forward
         print(f"| bnfuse pass beyond its forward pass (recording overhead + fold; per-run difference) | {fmt(extra)} |")
         ratio = statistics.median(tot) / statistics.median(fx)
         verdict = "at least as fast" if ratio <= 1.0 else "slower"

@@ -17,22 +17,11 @@ BNFUSE = Path(sys.executable).parent / "bnfuse"
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm-like layer random running stats and affine parameters, in place."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            rm = getattr(m, "running_mean", None)
-            rv = getattr(m, "running_var", None)
-            if not isinstance(rm, torch.Tensor) or not isinstance(rv, torch.Tensor):
-                continue
-            n = rm.numel()
-            rm.copy_((torch.randn(n, generator=g) * 0.5).to(rm.dtype))
-            rv.copy_((torch.rand(n, generator=g) * 1.5 + 0.25).to(rv.dtype))
-            w, b = getattr(m, "weight", None), getattr(m, "bias", None)
-            if isinstance(w, torch.Tensor) and w.numel() == n:
-                w.copy_((torch.randn(n, generator=g) * 0.4 + 1.0).to(w.dtype))
-            if isinstance(b, torch.Tensor) and b.numel() == n:
-                b.copy_((torch.randn(n, generator=g) * 0.4).to(b.dtype))
+    """Give every BatchNorm-like layer random running stats and affine parameters, in place
+    (``bnfuse bench``'s own helper, without calibration); returns ``model`` for chaining."""
+    from bnfuse_cli.benchmark import randomize_bn as randomize
+
+    randomize(model, seed=seed)
     return model
 
 
