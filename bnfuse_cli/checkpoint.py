@@ -1,20 +1,29 @@
 """Read checkpoints in the shapes people save them, and write them without ever losing a file.
 
-Reading never executes a pickle unless the caller allows it: ``torch.load`` runs with
-``weights_only=True``, and a file that needs full unpickling is refused with
+Reading checks the file before anything is parsed from it: every record of a torch zip archive is
+streamed through ``zipfile`` (which checks its CRC-32), and a ``.safetensors`` header must describe
+exactly the bytes in the file. It never executes a pickle unless the caller allows it:
+``torch.load`` runs with ``weights_only=True``, and a file that needs full unpickling is refused with
 :class:`UnsafeCheckpointError` before anything in it runs.
 
-Writing goes to a temporary file in the output's directory, is read back and checked (streamed a
-chunk at a time: the check costs one read buffer, not a second copy of the model), and only then
-renamed over the destination, so an interrupted or failed write leaves no partial file and any
-previous output intact.
+Writing goes to an anonymous file in the output's directory (Linux ``O_TMPFILE``; elsewhere a
+named temporary file that a later write removes if its process died), is fsynced, read back and
+checked (streamed a chunk at a time: the check costs one read buffer, not a second copy of the
+model), and only then linked into place (``os.link``: never over a file that appeared meanwhile)
+or, with ``force``, renamed over the old file; then the directory is fsynced. An interrupted or
+failed write leaves no file behind and any previous output intact, and :func:`written_since` says
+exactly which outputs were placed.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
-import tempfile
+import re
+import socket
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +41,8 @@ __all__ = [
     "read_object",
     "write_checkpoint",
     "check_output_path",
+    "write_mark",
+    "written_since",
     "NESTED_KEYS",
     "SUFFIXES",
 ]
@@ -64,6 +75,11 @@ class Checkpoint:
     metadata: dict[str, Any] = field(default_factory=dict)
     #: how the weights were found: nested key, stripped prefix
     notes: list[str] = field(default_factory=list)
+    #: every dict of tensors in the file by its dotted key path ("" for the top level), prefixes not stripped:
+    #: what a caller that knows the architecture chooses from when ``state_dict`` does not match it
+    candidates: "dict[str, dict[str, torch.Tensor]]" = field(default_factory=dict)
+    #: the dotted key path ``state_dict`` was taken from ("" for the top level, None when not a state_dict)
+    key: "str | None" = None
 
 
 def _check_file(path: Path, *, what: str = "checkpoint", suffixes: "tuple[str, ...]" = SUFFIXES) -> None:
@@ -93,6 +109,55 @@ def _check_file(path: Path, *, what: str = "checkpoint", suffixes: "tuple[str, .
             "PyTorch and safetensors files are binary. Check that the path points at the weights file "
             "(a git-lfs pointer or a download error page also look like this)"
         )
+
+
+def _check_integrity(path: Path, what: str = "checkpoint") -> None:
+    """Refuse a damaged file before anything is parsed from it.
+
+    A torch zip archive: every record is streamed through ``zipfile`` a chunk at a time, which checks
+    its CRC-32 (``torch.load`` does not: a flipped byte would load silently). A ``.safetensors`` file:
+    its header must describe exactly the bytes the file holds (it has no checksum of the data itself).
+    Legacy (non-zip) torch files carry no checksum to check.
+    """
+    if path.suffix.lower() == ".safetensors":
+        try:
+            with open(path, "rb") as fh:
+                _st_header(fh, os.fstat(fh.fileno()).st_size)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        except ValueError as exc:
+            raise CheckpointError(
+                f"{path} is not a valid .safetensors file (truncated or corrupt): {exc}. Nothing was loaded "
+                "from it; copy or download it again"
+            ) from exc
+    elif zipfile.is_zipfile(path):
+        _check_zip_records(path, what)
+
+
+def _check_zip_records(path: Path, what: str) -> None:
+    try:
+        zf = zipfile.ZipFile(path)
+    except Exception as exc:  # noqa: BLE001 - a damaged directory raises BadZipFile, ValueError, struct.error...
+        raise CheckpointError(
+            f"{path} cannot be read as a PyTorch {what}: it is truncated or corrupt (its zip directory is "
+            f"damaged: {_first_line(str(exc))}); copy or download it again"
+        ) from exc
+    with zf:
+        for info in zf.infolist():
+            try:
+                with zf.open(info) as member:
+                    while member.read(_CHUNK):
+                        pass
+            except OSError as exc:
+                raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - BadZipFile (CRC, header), EOFError, zlib.error, ...
+                text = str(exc)
+                why = ("fails its CRC-32 check: its bytes are not the ones that were written" if "CRC" in text
+                       else f"is damaged ({_first_line(text)})")
+                raise CheckpointError(
+                    f"{path} is corrupt: its record {info.filename} {why}, so the file was damaged after it was "
+                    f"saved (storage or transfer). Nothing was loaded from it; copy or download it again"
+                ) from exc
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -215,56 +280,173 @@ def _strip_prefixes(sd: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     return sd
 
 
-def _classify(path: Path, obj: Any) -> Checkpoint:
+def _is_compiled(module: Any) -> bool:
+    """A ``torch.compile`` wrapper (``OptimizedModule``), recognised without importing torch._dynamo."""
+    from torch import nn
+
+    return (type(module).__name__ == "OptimizedModule" and type(module).__module__.startswith("torch._dynamo")
+            and isinstance(getattr(module, "_orig_mod", None), nn.Module))
+
+
+def _unwrap_compiled(module: "nn.Module", notes: list[str]) -> "nn.Module":
+    """The module a pickled ``torch.compile`` wrapper holds, with nested wrappers replaced by theirs too:
+    running the wrapper would compile the model (minutes, and dynamo failures) for nothing."""
+    count = 0
+    while _is_compiled(module):
+        module, count = module._orig_mod, count + 1
+    for parent in list(module.modules()):
+        for name, child in list(parent._modules.items()):
+            inner = child
+            while _is_compiled(inner):
+                inner, count = inner._orig_mod, count + 1
+            if inner is not child:
+                parent._modules[name] = inner
+    if count:
+        notes.append(f"unwrapped {count} torch.compile wrapper{'s' if count > 1 else ''} (OptimizedModule): "
+                     "the original module is used, nothing is compiled")
+    return module
+
+
+def _tensor_dicts(obj: Any, where: str = "", depth: int = 0,
+                  found: "dict[str, dict[str, torch.Tensor]] | None" = None) -> "dict[str, dict[str, torch.Tensor]]":
+    """Every dict in ``obj`` holding tensors under string keys, by dotted key path ('' for ``obj`` itself)."""
+    import torch
+
+    found = {} if found is None else found
+    if isinstance(obj, dict):
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if tensors:
+            found[where] = tensors
+        items: Any = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return found
+    if depth < 8:
+        for k, v in items:
+            if isinstance(v, (dict, list, tuple)) and not (depth == 0 and k == META_KEY):
+                _tensor_dicts(v, f"{where}.{k}" if where else str(k), depth + 1, found)
+    return found
+
+
+_MISSING = object()
+
+
+def _lookup(obj: Any, key: str) -> Any:
+    """``obj`` at the dotted key path ``key`` (``ema.model``; dict keys may contain dots), else _MISSING."""
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        for k, v in obj.items():
+            if isinstance(k, str) and key.startswith(k + "."):
+                found = _lookup(v, key[len(k) + 1:])
+                if found is not _MISSING:
+                    return found
+    elif isinstance(obj, (list, tuple)):
+        head, _, rest = key.partition(".")
+        if head.isdigit() and int(head) < len(obj):
+            return obj[int(head)] if not rest else _lookup(obj[int(head)], rest)
+    return _MISSING
+
+
+def _describe(candidates: "dict[str, dict[str, Any]]", limit: int = 8) -> str:
+    shown = [f"{k or '(top level)'!r} ({len(v)} tensors)" for k, v in
+             sorted(candidates.items(), key=lambda kv: -len(kv[1]))[:limit]]
+    more = len(candidates) - limit
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "") if shown else "none"
+
+
+def _classify(path: Path, obj: Any, key: "str | None" = None) -> Checkpoint:
     import torch
     from torch import nn
 
+    notes: list[str] = []
     if isinstance(obj, nn.Module):
-        return Checkpoint(path, "module", module=obj)
+        if key is not None:
+            raise CheckpointError(f"{path} holds a whole model ({type(obj).__name__}), not a dictionary: "
+                                  f"there is no key {key!r} to choose; leave --key out")
+        return Checkpoint(path, "module", module=_unwrap_compiled(obj, notes), notes=notes)
     if not isinstance(obj, dict):
         raise CheckpointError(
             f"{path} holds a {type(obj).__name__}, not a model or a state_dict of tensors"
         )
     meta = obj.get(META_KEY) if isinstance(obj.get(META_KEY), dict) else {}
-    notes: list[str] = []
+    candidates = _tensor_dicts(obj)
+    if key is not None:
+        inner = _lookup(obj, key)
+        if isinstance(inner, nn.Module):
+            return Checkpoint(path, "module", module=_unwrap_compiled(inner, notes), metadata=meta,
+                              notes=[f"used the module under {key!r} (chosen with --key)"] + notes)
+        tensors = ({k: v for k, v in inner.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+                   if isinstance(inner, dict) else {})
+        if not tensors:
+            what = "no such key" if inner is _MISSING else f"it holds a {type(inner).__name__}, not tensors"
+            raise CheckpointError(
+                f"{path}: --key {key!r} does not name weights ({what}). The dicts of tensors in this file are "
+                f"under {_describe(candidates)}; pass one of them with --key"
+            )
+        notes.append(f"used the weights under {key!r} (chosen with --key)")
+        return Checkpoint(path, "state_dict", state_dict=_strip_prefixes(tensors, notes), metadata=meta,
+                          notes=notes, candidates=candidates, key=key)
     if _is_tensor_dict(obj):
-        return Checkpoint(path, "state_dict", state_dict=_strip_prefixes(obj, notes), notes=notes)
-    for key in NESTED_KEYS:
-        inner = obj.get(key)
-        others = [k for k in NESTED_KEYS if k != key and k in obj and isinstance(obj[k], (dict, nn.Module))]
+        return Checkpoint(path, "state_dict", state_dict=_strip_prefixes(obj, notes), notes=notes,
+                          candidates=candidates, key="")
+    for name in NESTED_KEYS:
+        inner = obj.get(name)
+        others = [k for k in NESTED_KEYS if k != name and k in obj and isinstance(obj[k], (dict, nn.Module))]
         also = f" (the file also has {', '.join(map(repr, others))}, not used)" if others else ""
         if isinstance(inner, nn.Module):
-            return Checkpoint(path, "module", module=inner, metadata=meta,
-                              notes=[f"used the module under {key!r}{also}"])
+            return Checkpoint(path, "module", module=_unwrap_compiled(inner, notes), metadata=meta,
+                              notes=[f"used the module under {name!r}{also}"] + notes)
         if isinstance(inner, dict):
             tensors = {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
             if tensors:
-                if key != "state_dict" or not meta:
-                    notes.append(f"used the weights under {key!r}{also}")
+                if name != "state_dict" or not meta:
+                    notes.append(f"used the weights under {name!r}{also}")
                 return Checkpoint(path, "state_dict", state_dict=_strip_prefixes(tensors, notes),
-                                  metadata=meta, notes=notes)
+                                  metadata=meta, notes=notes, candidates=candidates, key=name)
+    if candidates:
+        # no well-known key: the caller that knows the architecture picks the dict whose keys match it
+        # (loading.load_source); on its own, the largest dict of tensors is the best guess
+        best = max(candidates, key=lambda k: len(candidates[k]))
+        notes.append(f"used the weights under {best!r}, the largest of {len(candidates)} dicts of tensors "
+                     "in the file (pass --key to choose another)" if len(candidates) > 1 else
+                     f"used the weights under {best!r}")
+        return Checkpoint(path, "state_dict", state_dict=_strip_prefixes(dict(candidates[best]), notes),
+                          metadata=meta, notes=notes, candidates=candidates, key=best)
     keys = ", ".join(map(repr, list(obj)[:8])) or "none"
     raise CheckpointError(
         f"{path} contains no model weights: found keys {keys}, but no tensors at the top level nor "
-        f"under {', '.join(NESTED_KEYS)}"
+        f"under any key (nested dicts and lists searched)"
     )
 
 
-def read_checkpoint(path: "str | os.PathLike[str]", *, allow_pickle: bool = False) -> Checkpoint:
+def read_checkpoint(path: "str | os.PathLike[str]", *, allow_pickle: bool = False,
+                    key: "str | None" = None) -> Checkpoint:
     """Read ``path`` (.pth/.pt/.bin/.ckpt, TorchScript, or .safetensors) without executing code.
 
-    Nested training checkpoints and ``module.`` prefixes are unwrapped; bnfuse's own metadata
-    (from a previous ``convert``) is returned in ``metadata``.
+    The file is checked first (zip CRC-32 of every record, a consistent .safetensors header): a damaged
+    file is a :class:`CheckpointError` naming the record. Nested training checkpoints, ``module.``
+    prefixes and ``torch.compile`` wrappers are unwrapped; bnfuse's own metadata (from a previous
+    ``convert``) is returned in ``metadata``. ``key`` is the dotted key path of the weights inside a
+    training checkpoint (``"model_state"``, ``"ema.model"``); without it, the weights are found under the
+    well-known keys (:data:`NESTED_KEYS`) or else in the largest dict of tensors, and every dict of tensors
+    is listed in ``candidates`` for a caller that can match them against an architecture.
     """
     path = Path(path)
     _check_file(path)
+    _check_integrity(path)
     if path.suffix.lower() == ".safetensors":
+        if key is not None:
+            raise CheckpointError(f"{path} is a .safetensors file: it has no nested keys, leave --key out")
         return _read_safetensors(path)
     if _is_torchscript(path):
         import warnings
 
         import torch
 
+        if key is not None:
+            raise CheckpointError(f"{path} is a TorchScript archive: it has no nested keys, leave --key out")
         try:
             with warnings.catch_warnings():  # "torch.jit.load is deprecated": the user cannot act on it here
                 warnings.simplefilter("ignore", FutureWarning)
@@ -272,8 +454,8 @@ def read_checkpoint(path: "str | os.PathLike[str]", *, allow_pickle: bool = Fals
         except Exception as exc:
             raise CheckpointError(f"{path} is a corrupt TorchScript archive: {_first_line(str(exc))}") from exc
         return Checkpoint(path, "torchscript", state_dict=dict(scripted.state_dict()),
-                          notes=["TorchScript archive: its weights are used, its code is not"])
-    return _classify(path, _torch_load(path, allow_pickle))
+                          notes=["TorchScript archive: its weights are used, its code is not"], key="")
+    return _classify(path, _torch_load(path, allow_pickle), key)
 
 
 def _read_safetensors(path: Path) -> Checkpoint:
@@ -295,7 +477,7 @@ def _read_safetensors(path: Path) -> Checkpoint:
     if not sd:
         raise CheckpointError(f"{path} contains no tensors")
     notes: list[str] = []
-    return Checkpoint(path, "state_dict", state_dict=_strip_prefixes(sd, notes), metadata=meta, notes=notes)
+    return Checkpoint(path, "state_dict", state_dict=_strip_prefixes(sd, notes), metadata=meta, notes=notes, key="")
 
 
 def read_object(path: "str | os.PathLike[str]", *, allow_pickle: bool = False, what: str = "data") -> Any:
@@ -306,6 +488,7 @@ def read_object(path: "str | os.PathLike[str]", *, allow_pickle: bool = False, w
     """
     path = Path(path)
     _check_file(path, what=what)
+    _check_integrity(path, what)
     if path.suffix.lower() == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -319,9 +502,89 @@ def read_object(path: "str | os.PathLike[str]", *, allow_pickle: bool = False, w
 
 # --------------------------------------------------------------------------- writing
 
+#: outputs this process has placed, complete and checked, in order (see :func:`written_since`)
+_WRITTEN: "list[Path]" = []
+#: ``force`` as given to :func:`check_output_path` for each output path (absolute), for write_checkpoint
+_FORCE: "dict[str, bool]" = {}
+
+
+def write_mark() -> int:
+    """A mark in this process's record of placed outputs: pass it to :func:`written_since` later."""
+    return len(_WRITTEN)
+
+
+def written_since(mark: int) -> "list[Path]":
+    """The outputs :func:`write_checkpoint` placed since ``mark`` (each complete and checked).
+
+    True at every instant, also when a ``KeyboardInterrupt`` arrives during a write: an output is
+    recorded as soon as the link or rename that places it has happened (an interrupt between that call
+    and the record is caught by comparing the output's inode with the written file's), and an output
+    that is not recorded was not created or changed.
+    """
+    return list(_WRITTEN[mark:])
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname()) or "host"
+
+
+def _temp_name(output_name: str) -> str:
+    """``.NAME.bnfuse-tmp.HOST.PID.RANDOM``: whose it is, so a later write can tell a stale one."""
+    return f".{output_name}.bnfuse-tmp.{_host()}.{os.getpid()}.{os.urandom(4).hex()}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def _remove_stale_temporaries(directory: Path, output_name: str) -> None:
+    """Remove named temporary files of earlier writes of ``output_name`` whose process has died (kill -9,
+    power loss) on this host. Only bnfuse's own pattern, only dead processes, only this host: a
+    temporary file of a write still running, here or on another machine sharing the directory, stays."""
+    prefix = f".{output_name}.bnfuse-tmp."
+    pattern = re.compile(re.escape(prefix) + r"(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}")
+    try:
+        names = [e.name for e in os.scandir(directory) if e.name.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        found = pattern.fullmatch(name)
+        if found and found["host"] == _host() and not _alive(int(found["pid"])):
+            try:
+                os.unlink(directory / name)
+            except OSError:
+                pass
+
+
+def _open_temporary(directory: Path, output_name: str) -> "tuple[int, Path | None]":
+    """A new empty file in ``directory``, mode 0666 less the umask: (fd, None) for an anonymous file
+    (Linux ``O_TMPFILE``: it has no name, so no crash can leave it behind), else (fd, its name)."""
+    cloexec = getattr(os, "O_CLOEXEC", 0)
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    if tmpfile and os.path.isdir("/proc/self/fd"):  # linking it into place needs /proc/self/fd
+        try:
+            return os.open(directory, tmpfile | os.O_RDWR | cloexec, 0o666), None
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):  # not supported here: fall back
+                raise
+    named = directory / _temp_name(output_name)
+    return os.open(named, os.O_RDWR | os.O_CREAT | os.O_EXCL | cloexec, 0o666), named
+
 
 def check_output_path(output: Path, *, inputs: "list[Path]" = (), force: bool = False) -> None:  # type: ignore[assignment]
-    """Refuse to overwrite an input, an existing file without ``force``, or write where we cannot."""
+    """Refuse to overwrite an input, an existing file without ``force``, or write where we cannot.
+
+    ``force`` is remembered for this path: a later :func:`write_checkpoint` of it without an explicit
+    ``force`` places the file without overwriting (``os.link``) unless ``force`` was given here.
+    """
     if output.suffix not in (".pth", ".pt", ".safetensors"):
         raise OutputError(
             f"{output}: unknown output suffix {output.suffix or '(none)'!r}; use .pth, .pt or .safetensors"
@@ -338,28 +601,16 @@ def check_output_path(output: Path, *, inputs: "list[Path]" = (), force: bool = 
         raise OutputError(f"cannot write {output}: the directory {parent} does not exist")
     # a real probe: os.access says yes to root on read-only file systems and /sys
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{output.stem}.probe-", dir=parent)
+        fd, named = _open_temporary(parent, output.name)
     except OSError as exc:
         raise OutputError(
             f"cannot write {output}: the directory {parent} is not writable ({exc.strerror or exc}); "
             "choose another -o"
         ) from exc
     os.close(fd)
-    os.unlink(probe)
-
-
-def _safetensors_ready(sd: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
-    """Contiguous tensors, none sharing storage (safetensors refuses shared storage)."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for k, v in sd.items():
-        v = v.detach()
-        key = (v.untyped_storage().data_ptr(), v.device.index or 0)
-        if key in seen and v.numel():
-            v = v.clone()
-        seen.add(key)
-        out[k] = v.contiguous()
-    return out
+    if named is not None:
+        named.unlink(missing_ok=True)
+    _FORCE[os.path.abspath(output)] = force
 
 
 #: bytes read from the written file at a time while checking it: the check's whole memory cost
@@ -427,37 +678,63 @@ def _meta_equal(stored: Any, metadata: dict[str, Any]) -> bool:
 _Found = "tuple[list[str], list[str], list[str], bool]"
 
 
+#: bytes per element of safetensors' dtypes (sub-byte and unknown ones are not size-checked)
+_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+             "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+             "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1}
+
+
+def _st_header(fh: Any, size: int) -> "tuple[int, dict[str, Any], Any]":
+    """(header length, {tensor: entry}, ``__metadata__``) of a .safetensors file, read with plain reads and
+    checked to describe exactly the file's bytes: a header length that fits, a JSON object, well-formed
+    entries whose byte spans match their dtype and shape, no holes or overlaps, and nothing after the last
+    tensor. Raises ValueError naming what is wrong."""
+    head = fh.read(8)
+    if len(head) != 8:
+        raise ValueError(f"the file has {size} bytes, fewer than the 8 of the header length")
+    (n,) = struct.unpack("<Q", head)
+    if n > min(size - 8, _MAX_HEADER):
+        raise ValueError(f"the header length {n} is impossible (the file has {size} bytes)")
+    try:
+        header = json.loads(fh.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"the header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    st_meta = header.pop("__metadata__", None) or {}
+    spans = []
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] or not isinstance(entry.get("dtype"), str)
+                or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)):
+            raise ValueError(f"the header entry of tensor {name!r} is malformed: {entry!r}")
+        itemsize = _ST_SIZES.get(entry["dtype"])
+        numel = 1
+        for d in shape:
+            numel *= d
+        if itemsize is not None and offsets[1] - offsets[0] != numel * itemsize:
+            raise ValueError(f"tensor {name!r} ({entry['dtype']} {shape}) needs {numel * itemsize} bytes, its "
+                             f"header entry gives it {offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):  # the format allows no holes and no overlaps
+        if begin != end:
+            raise ValueError(f"the data of tensor {name!r} starts at byte {begin} of the data, not {end} "
+                             "(a hole or an overlap)")
+        end = stop
+    if size != 8 + n + end:
+        last = max(spans)[2] if spans else None
+        cut = f" (the data of tensor {last!r} is cut short)" if size < 8 + n + end and last else ""
+        raise ValueError(f"the file has {size} bytes, its header describes {8 + n + end}{cut}")
+    return n, header, st_meta
+
+
 def _check_safetensors(tmp: Path, expected: dict[str, "torch.Tensor"], metadata: dict[str, Any]) -> _Found:
     """Parse the header with plain reads, then compare every tensor's bytes with the file's, chunk by chunk."""
-    import struct
-
     with open(tmp, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        head = fh.read(8)
-        if len(head) != 8:
-            raise ValueError(f"the file has {size} bytes, fewer than the 8 of the header length")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, _MAX_HEADER):
-            raise ValueError(f"the header length {n} is impossible (the file has {size} bytes)")
-        header = json.loads(fh.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        st_meta = header.pop("__metadata__", None) or {}
-        spans = []
-        for name, entry in header.items():
-            offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-            if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-                    or not 0 <= offsets[0] <= offsets[1] or not isinstance(entry.get("dtype"), str)
-                    or not isinstance(entry.get("shape"), list)):
-                raise ValueError(f"the header entry of {name!r} is malformed: {entry!r}")
-            spans.append((offsets[0], offsets[1]))
-        end = 0
-        for begin, stop in sorted(spans):  # the format allows no holes and no overlaps
-            if begin != end:
-                raise ValueError(f"the tensor data has a hole or an overlap at byte {begin}")
-            end = stop
-        if size != 8 + n + end:
-            raise ValueError(f"the file has {size} bytes, the header describes {8 + n + end}")
+        n, header, st_meta = _st_header(fh, os.fstat(fh.fileno()).st_size)
         raw_meta = st_meta.get(META_KEY, "{}") if isinstance(st_meta, dict) else None
         meta_ok = isinstance(raw_meta, str) and _meta_equal(json.loads(raw_meta), metadata)
         missing = [k for k in expected if k not in header]
@@ -630,7 +907,7 @@ def _verify_written(tmp: Path, expected: dict[str, "torch.Tensor"], metadata: di
     the CRC-32 of the storage in memory). The memory cost is one read buffer, not a copy of the model.
     """
     try:
-        if tmp.suffix == ".safetensors":
+        if final.suffix == ".safetensors":
             missing, extra, bad, meta_ok = _check_safetensors(tmp, expected, metadata)
         else:
             missing, extra, bad, meta_ok = _check_torch_file(tmp, expected, metadata, form)
@@ -648,12 +925,101 @@ def _verify_written(tmp: Path, expected: dict[str, "torch.Tensor"], metadata: di
         )
 
 
+class _FdWriter(io.RawIOBase):
+    """A file object over a raw descriptor for ``torch.save`` that keeps the first ``OSError``: torch turns a
+    failed write into ``RuntimeError: ... inline_container.cc ... unexpected pos``, losing the cause."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.error: "OSError | None" = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += os.write(self.fd, view[done:done + (1 << 30)])
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+        return done
+
+
+def _write_safetensors(out: _FdWriter, state_dict: "dict[str, torch.Tensor]", metadata: dict[str, Any],
+                       output: Path) -> None:
+    """The .safetensors format, streamed one tensor at a time (safetensors' own writer goes through a named
+    temporary file of its own, mode 0600, which neither an anonymous file nor the umask allow)."""
+    names = sorted(state_dict, key=lambda k: -state_dict[k].element_size())  # widest first: every offset aligned
+    header: dict[str, Any] = {"__metadata__": {META_KEY: json.dumps(metadata)}}
+    offset = 0
+    for k in names:
+        t = state_dict[k]
+        dtype = _st_dtype(t.dtype)
+        if dtype is None:
+            raise OutputError(f"cannot write {output}: tensor {k!r} has dtype {t.dtype}, which .safetensors cannot "
+                              "store; write a .pth instead")
+        nbytes = t.numel() * t.element_size()
+        header[k] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    out.write(struct.pack("<Q", len(raw)) + raw)
+    for k in names:
+        out.write(_byte_view(state_dict[k]))
+
+
+#: what to do about a failed write, by errno
+_WRITE_HINTS = {
+    errno.ENOSPC: "the file system is full: free space there or choose another -o",
+    errno.EDQUOT: "the disk quota is used up: free space or choose another -o",
+    errno.EFBIG: "the file is larger than the file size limit allows (ulimit -f, or the file system's own limit): "
+                 "raise the limit or choose another -o",
+    errno.EROFS: "the file system is read-only: choose another -o",
+    errno.EIO: "the device reported an I/O error: check the disk or network file system and retry",
+}
+
+
+def _cause(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0)
+    return f"{exc.strerror or exc}" + (f" ({name})" if name else "")
+
+
+def _guess_cause(fd: int) -> OSError:
+    """Why torch's own write failed when no OSError reached us: a full file system or the size limit."""
+    import resource
+
+    try:
+        st = os.fstatvfs(fd)
+        if st.f_bavail == 0:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and os.fstat(fd).st_size >= limit:
+            return OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+    except (OSError, ValueError):
+        pass
+    return OSError(errno.EIO, "the write failed")
+
+
+def _is_placed(output: Path, fd: int) -> bool:
+    """Whether ``output`` now is the file open as ``fd`` (a link or rename happened)."""
+    try:
+        a, b = os.lstat(output), os.fstat(fd)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def write_checkpoint(
     output: "str | os.PathLike[str]",
     *,
     state_dict: "dict[str, torch.Tensor]",
     metadata: dict[str, Any],
     module: "nn.Module | None" = None,
+    force: "bool | None" = None,
     _after_write: "Callable[[Path], None] | None" = None,
 ) -> int:
     """Write atomically; return the file size.  ``module`` given: a pickled module (.pth only).
@@ -661,6 +1027,14 @@ def write_checkpoint(
     ``.safetensors``: the state_dict, with ``metadata`` as a JSON string under ``bnfuse``.
     ``.pth``/``.pt``: ``{"bnfuse": metadata, "state_dict": ...}`` (loads with weights_only=True),
     or ``torch.save(module)`` when ``module`` is given.
+
+    The data goes to an anonymous file (``O_TMPFILE``; a named ``.NAME.bnfuse-tmp.*`` file where that is
+    not supported), is fsynced, read back and checked, and placed: ``force=False`` links it into place and
+    fails with :class:`OutputError` if ``output`` exists, even when another process created it during the
+    write; ``force=True`` renames it over ``output`` atomically. Then the directory is fsynced. ``force=None``
+    (the default) uses the ``force`` given to :func:`check_output_path` for this path, else True. The file
+    gets mode 0666 less the umask. An OS-level failure (ENOSPC, EFBIG, EIO, EROFS, EDQUOT) is an
+    :class:`OutputError` naming the file and the cause; nothing is left behind and an old file is intact.
     """
     import torch
 
@@ -668,40 +1042,94 @@ def write_checkpoint(
     form = "module" if module is not None else "state_dict"
     if form == "module" and output.suffix == ".safetensors":
         raise OutputError(f"{output}: a whole pickled module cannot be stored as .safetensors; use .pth")
+    if force is None:
+        force = _FORCE.get(os.path.abspath(output), True)
+    directory = output.parent
+    if not force and os.path.lexists(output):
+        raise OutputError(f"{output} already exists: pass --force to replace it")
+    _remove_stale_temporaries(directory, output.name)
+    existed = os.path.lexists(output)
+    kept = f"the previous {output.name} is untouched" if existed else f"no {output.name} was created"
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.stem}.tmp-", suffix=output.suffix,
-                                        dir=str(output.parent) or ".")
+        fd, named = _open_temporary(directory, output.name)
     except OSError as exc:
         raise OutputError(
-            f"cannot write {output}: {exc.strerror or exc} in the directory {output.parent}; choose another -o"
+            f"cannot write {output}: {_cause(exc)} in the directory {directory}; choose another -o"
         ) from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the output gets the usual permissions
+    tmp = named if named is not None else Path(f"/proc/self/fd/{fd}")
+    link: "Path | None" = None  # the name an anonymous file gets for an atomic replace
+    placed = False
     try:
+        writer = _FdWriter(fd)
         try:
             if output.suffix == ".safetensors":
-                from safetensors.torch import save_file
-
-                save_file(_safetensors_ready(state_dict), str(tmp), metadata={META_KEY: json.dumps(metadata)})
+                _write_safetensors(writer, state_dict, metadata, output)
             elif form == "module":
-                torch.save(module, tmp)
+                torch.save(module, writer)
             else:
-                torch.save({META_KEY: metadata, "state_dict": state_dict}, tmp)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-        except OSError as exc:
-            raise OutputError(f"cannot write {output}: {exc.strerror or exc} (nothing was left behind)") from exc
+                torch.save({META_KEY: metadata, "state_dict": state_dict}, writer)
+            os.fsync(fd)
+        except (OSError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and writer.error is None and "unexpected pos" not in str(exc):
+                raise  # not a failed write: a bug, or an object torch cannot save
+            cause = exc if isinstance(exc, OSError) else writer.error or _guess_cause(fd)
+            hint = _WRITE_HINTS.get(cause.errno or 0, "choose another -o or retry")
+            raise OutputError(
+                f"cannot write {output}: {_cause(cause)} after {os.fstat(fd).st_size:,} bytes; {hint}. The "
+                f"partial file was removed and {kept}"
+            ) from exc
         if _after_write is not None:
             _after_write(tmp)
         _verify_written(tmp, state_dict, metadata, form, output)
         try:
-            os.replace(tmp, output)
+            dirfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         except OSError as exc:
-            raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc
+            raise OutputError(f"cannot write {output}: {_cause(exc)} opening the directory {directory}") from exc
+        try:
+            try:
+                if named is None and not force:  # no name ever: a crash now leaves nothing
+                    os.link(str(tmp), output.name, dst_dir_fd=dirfd, follow_symlinks=True)
+                elif named is None:
+                    link = directory / _temp_name(output.name)
+                    os.link(str(tmp), link.name, dst_dir_fd=dirfd, follow_symlinks=True)
+                    os.replace(link.name, output.name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+                elif not force:
+                    os.link(named.name, output.name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+                else:
+                    os.replace(named.name, output.name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            except FileExistsError as exc:
+                raise OutputError(
+                    f"{output} was created by another process while bnfuse was writing it: it was left as it is "
+                    "and this result was not written; pass --force to replace it, or choose another -o"
+                ) from exc
+            except OSError as exc:
+                hint = _WRITE_HINTS.get(exc.errno or 0, "choose another -o or retry")
+                raise OutputError(f"cannot write {output}: {_cause(exc)} placing the file; {hint}. {kept}") from exc
+            _WRITTEN.append(output)
+            placed = True
+            try:
+                os.fsync(dirfd)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # directories that cannot sync
+                    raise OutputError(
+                        f"{output} was written and checked, but its directory could not be synced ({_cause(exc)}): "
+                        "a crash now could lose it; check the disk"
+                    ) from exc
+            if named is not None and not force:
+                os.unlink(named)  # linked into place: the temporary name goes
+        finally:
+            os.close(dirfd)
+        size = os.fstat(fd).st_size
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if not placed and _is_placed(output, fd):  # interrupted between placing it and recording that
+            _WRITTEN.append(output)
+        for name in (named, link):
+            if name is not None:
+                try:
+                    os.unlink(name)
+                except OSError:
+                    pass
         raise
-    return output.stat().st_size
+    finally:
+        os.close(fd)
+    return size

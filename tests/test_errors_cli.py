@@ -108,15 +108,15 @@ def test_output_paths(sd_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
     _fails(["convert", str(sd_file), "--arch", ARCH, "-o", str(tmp_path / "no" / "dir" / "f.pth")], "does not exist")
     _fails(["convert", str(sd_file), "--arch", ARCH, "-o", str(tmp_path / "f.onnx")], "unknown output suffix '.onnx'")
 
-    real = ckmod.tempfile.mkstemp
+    real = ckmod._open_temporary
 
-    def read_only(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        if kwargs.get("dir") and Path(kwargs["dir"]).resolve() == (tmp_path / "ro").resolve():
+    def read_only(directory: Path, name: str):  # noqa: ANN202
+        if Path(directory).resolve() == (tmp_path / "ro").resolve():
             raise PermissionError(13, "Permission denied")
-        return real(*args, **kwargs)
+        return real(directory, name)
 
     (tmp_path / "ro").mkdir()
-    monkeypatch.setattr(ckmod.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(ckmod, "_open_temporary", read_only)
     _fails(["convert", str(sd_file), "--arch", ARCH, "-o", str(tmp_path / "ro" / "f.pth")],
            "directory", "is not writable", "Permission denied")
     assert list((tmp_path / "ro").iterdir()) == []
