@@ -44,12 +44,21 @@ EXIT_CHECK_FAILED = 1
 
 def _run(fn: Callable[[], Any]) -> Any:
     """Call ``fn`` and turn a bnfuse error into a message and an exit code (no traceback)."""
+    from .checkpoint import write_mark, written_since  # no torch: the files layer's record of placed outputs
+
+    mark = write_mark()
     try:
         return fn()
     except tuple(cls for cls, _ in EXIT_CODES) as exc:
         code = next(c for cls, c in EXIT_CODES if isinstance(exc, cls))
         if isinstance(exc, KeyboardInterrupt):
-            err.print("[red]interrupted[/red]: nothing was written")
+            done = written_since(mark)  # exact even when the interrupt came mid-rename
+            if done:
+                names = ", ".join(str(p) for p in done)
+                err.print(f"[red]interrupted[/red] after writing {names} (complete and checked); a model "
+                          "file still being written was not placed", highlight=False, soft_wrap=True)
+            else:
+                err.print("[red]interrupted[/red]: nothing was written")
         else:
             err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(code) from None

@@ -88,7 +88,47 @@ def load_state_dict_strict(model: "nn.Module", sd: "dict[str, torch.Tensor]", *,
     return notes
 
 
-def _from_checkpoint(ck: Checkpoint, arch: "str | None") -> Source:
+def _normalised_keys(sd: "dict[str, Any]", expected: "set[str]") -> "set[str]":
+    """The keys of ``sd`` after the prefix stripping a load does (``module.``, ``_orig_mod.``, a wrapper's)."""
+    from .checkpoint import _strip_prefixes
+
+    stripped = _strip_prefixes(dict(sd), [])
+    return set(_strip_wrapper_prefix(expected, stripped)[0])
+
+
+def _pick_weights(ck: Checkpoint, expected: "set[str]", arch: str, *, explicit: bool) -> "tuple[dict[str, Any], list[str]]":
+    """The state_dict of ``ck`` to load into ``arch``, with the notes on how it was found (replacing
+    ``ck.notes`` when the choice changed): the one chosen with ``key`` (``explicit``), or the top level's or
+    the first well-known key's (:data:`NESTED_KEYS`) when its keys match the architecture, else the only
+    dict of tensors in the file whose keys match (searched under every key, nested too). Several matching
+    and none chosen: a CheckpointError listing them (pass --key)."""
+    from .checkpoint import NESTED_KEYS, _strip_prefixes
+
+    sd = ck.state_dict or {}
+    if explicit or not ck.candidates or len(ck.candidates) == 1 and ck.key in ck.candidates:
+        return sd, ck.notes
+    matching = [k for k, c in ck.candidates.items() if _normalised_keys(c, expected) == expected]
+    decided = ck.key == "" or ck.key in NESTED_KEYS
+    if decided and _normalised_keys(sd, expected) == expected:
+        others = [k for k in matching if k != ck.key]
+        if others and ck.key != "":
+            return sd, ck.notes + [f"the weights under {', '.join(map(repr, others))} also match {arch}: not used "
+                        f"(pass --key {others[0]} to use them)"]
+        return sd, ck.notes
+    if len(matching) == 1:
+        notes: list[str] = []
+        chosen = _strip_prefixes(dict(ck.candidates[matching[0]]), notes)
+        return chosen, [f"used the weights under {matching[0]!r}: the only dict of tensors in the file whose keys "
+                        f"match {arch}"] + notes
+    if len(matching) > 1:
+        raise CheckpointError(
+            f"{ck.path} holds {len(matching)} sets of weights that match {arch}, under "
+            f"{', '.join(map(repr, matching))}: pass --key with the one to use (for example --key {matching[0]})"
+        )
+    return sd, ck.notes  # none matches: the strict load lists what differs
+
+
+def _from_checkpoint(ck: Checkpoint, arch: "str | None", key: "str | None" = None) -> Source:
     from .rewrite import apply_structure
 
     if ck.kind == "module":
@@ -106,9 +146,10 @@ def _from_checkpoint(ck: Checkpoint, arch: "str | None") -> Source:
     folds = [Fold.from_list(row) for row in meta.get("folds", [])]
     if folds:
         apply_structure(model, folds)
+    sd, picked = _pick_weights(ck, set(model.state_dict()), use_arch, explicit=key is not None)
     notes = load_state_dict_strict(model, sd, what=str(ck.path), arch=use_arch)
     kind = "torchscript" if ck.kind == "torchscript" else "state_dict"
-    return Source(model, use_arch, kind, meta, ck.path, "file", ck.notes + notes)
+    return Source(model, use_arch, kind, meta, ck.path, "file", picked + notes)
 
 
 def load_source(
@@ -117,28 +158,38 @@ def load_source(
     arch: "str | None" = None,
     weights: str = "default",
     allow_pickle: bool = False,
+    key: "str | None" = None,
 ) -> Source:
     """Resolve ``source``: an existing file is a checkpoint, otherwise a model name.
 
     For a name, ``weights`` is ``default``, a torchvision weights name, ``none`` (random
     initialisation) or a path to a state_dict file.  The model is returned in eval mode.
+
+    ``key`` is the dotted key path of the weights inside the checkpoint file read (the source, or the
+    ``weights`` file of a name), such as ``"model_state"`` or ``"ema.model"``. Without it the weights are
+    found under the well-known keys or, failing a match with the architecture, as the one dict of tensors
+    anywhere in the file whose keys match it; when several match, a :class:`CheckpointError` lists them.
     """
     text = str(source)
     path = Path(text)
     looks_like_path = ":" not in text and ("/" in text or os.sep in text or bool(path.suffix))
     if path.exists():
-        src = _from_checkpoint(read_checkpoint(path, allow_pickle=allow_pickle), arch)
+        src = _from_checkpoint(read_checkpoint(path, allow_pickle=allow_pickle, key=key), arch, key)
     elif not looks_like_path:
         w = weights.strip()
+        if key is not None and (w.lower() == "none" or not Path(w).exists()):
+            raise UsageError(f"--key {key} chooses the weights inside a checkpoint file, but {text} is a model name "
+                             "without a --weights FILE: leave --key out")
         if w.lower() == "none":
             src = Source(build(text), text, "name", weights="none")
         elif Path(w).exists():
             model = build(text)
-            ck = read_checkpoint(w, allow_pickle=allow_pickle)
+            ck = read_checkpoint(w, allow_pickle=allow_pickle, key=key)
             if ck.kind == "module":
                 raise UsageError(f"--weights {w} holds a whole model, not a state_dict: convert it directly")
-            notes = load_state_dict_strict(model, ck.state_dict or {}, what=w, arch=text)
-            src = Source(model, text, "name", weights=w, notes=ck.notes + notes)
+            sd, picked = _pick_weights(ck, set(model.state_dict()), text, explicit=key is not None)
+            notes = load_state_dict_strict(model, sd, what=w, arch=text)
+            src = Source(model, text, "name", weights=w, notes=picked + notes)
         else:
             if ":" in text:
                 raise UsageError(f"--weights {w!r}: {text} can only take --weights none or a local state_dict file")
@@ -149,10 +200,11 @@ def load_source(
     return src
 
 
-def load(path: "str | os.PathLike[str]", *, allow_pickle: bool = False, arch: "str | None" = None) -> "nn.Module":
+def load(path: "str | os.PathLike[str]", *, allow_pickle: bool = False, arch: "str | None" = None,
+         key: "str | None" = None) -> "nn.Module":
     """Rebuild a ready, fused ``nn.Module`` (eval mode) from a file written by ``bnfuse convert``.
 
     A state_dict output (.pth or .safetensors) is loaded strictly into its architecture given the
     fused structure recorded in its metadata; a pickled-module output needs ``allow_pickle=True``.
     """
-    return load_source(path, arch=arch, allow_pickle=allow_pickle).model
+    return load_source(path, arch=arch, allow_pickle=allow_pickle, key=key).model
