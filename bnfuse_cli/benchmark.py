@@ -24,13 +24,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import __version__
-from .errors import BnfuseError, DeviceError, UsageError
+from .checks import json_number
+from .errors import BnfuseError, UsageError
+from .precision import parse_dtype, resolve_device
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .inputs import Comparison, InputSpec
+    from .checks import Comparison, Verdict
+    from .fusion import FuseResult
+    from .inputs import InputSpec
+    from .loading import Source
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -40,7 +45,6 @@ __all__ = [
     "bench",
     "randomize_bn",
     "resolve_device",
-    "parse_dtype",
     "machine_info",
 ]
 
@@ -49,8 +53,6 @@ DEFAULT_MODELS: tuple[str, ...] = ("resnet18", "resnet50", "mobilenet_v3_large",
 
 #: defaults by device type: (batch size, timed pairs, warm-up pairs, time budget per model in s)
 _DEFAULTS = {"cpu": (1, 20, 3, 8.0), "cuda": (32, 100, 10, 10.0)}
-
-_DTYPES = ("float32", "float16", "bfloat16")
 
 #: a progress callback: (description, completed steps, total steps) for the current model
 ProgressFn = Callable[[str, int, int], None]
@@ -92,43 +94,6 @@ def machine_info() -> dict[str, Any]:
         "torchvision": version("torchvision"),
         "bnfuse": __version__,
     }
-
-
-def resolve_device(text: str) -> "torch.device":
-    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available); :class:`DeviceError` if absent."""
-    import torch
-
-    name = text.strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            why = "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise DeviceError(
-                f"--device {text}: CUDA is not available ({why}; torch {torch.__version__}). "
-                "Run on a machine with an NVIDIA GPU and a CUDA build of PyTorch, or use --device cpu "
-                "(or auto)"
-            )
-        try:
-            dev = torch.device(name)
-        except RuntimeError as exc:
-            raise UsageError(f"--device {text!r} is not a device name: use cpu, cuda, cuda:N or auto") from exc
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-        return dev
-    raise UsageError(f"--device {text!r}: choose cpu, cuda (or cuda:N) or auto")
-
-
-def parse_dtype(text: str) -> "torch.dtype":
-    """``float32``, ``float16`` or ``bfloat16`` as a torch dtype, with a clear error otherwise."""
-    import torch
-
-    name = text.strip().lower()
-    if name not in _DTYPES:
-        raise UsageError(f"--dtype {text!r}: choose one of {', '.join(_DTYPES)}")
-    return getattr(torch, name)
 
 
 def randomize_bn(model: "nn.Module", *, seed: int = 0, example: "tuple[Any, ...] | None" = None) -> int:
@@ -232,7 +197,7 @@ class Stats:
 
 @dataclass
 class ModelBench:
-    """One model's race: times of the original and the fused model, their ratio, and the error."""
+    """One model's race: times of the original and the fused model, their ratio, and the verdict."""
 
     model: str
     arch: "str | None"
@@ -242,9 +207,8 @@ class ModelBench:
     bn_folded: int
     #: BatchNorms left in the fused model, as (layer, reason)
     bn_left: list[tuple[str, str]]
-    #: the fused model's output against the original's, both in the benchmarked dtype
-    error: "Comparison"
-    tolerance: float
+    #: the judge's verdict: fold sites, the fold's own check, and the run on the benchmark's device
+    check: "Verdict"
     #: per-call times in milliseconds, one per timed pair
     original_ms: list[float]
     fused_ms: list[float]
@@ -253,8 +217,25 @@ class ModelBench:
     warmup: int = 0
     fold_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
-    #: in float16/bfloat16: (original, fused) each against the original run in float32
-    vs_float32: "tuple[Comparison, Comparison] | None" = None
+
+    @property
+    def error(self) -> "Comparison":
+        """The fused model's output on the benchmark's device against the exact reference."""
+        return self.check.outputs[_DEVICE_RUN].error
+
+    @property
+    def noise(self) -> "Comparison":
+        """The original's own error there: the noise floor of the precision in use."""
+        return self.check.outputs[_DEVICE_RUN].noise
+
+    @property
+    def tolerance(self) -> float:
+        return self.check.tolerance.rtol
+
+    @property
+    def correct(self) -> bool:
+        """Every fold site, the fold's check and the device run within tolerance."""
+        return self.check.ok
 
     @property
     def original(self) -> Stats:
@@ -275,19 +256,6 @@ class ModelBench:
         s = self.speedup
         return s.n == 0 or s.q1 <= 1.0 <= s.q3
 
-    @property
-    def correct(self) -> bool:
-        """Fused output within ``tolerance`` of the original's, or, in float16/bfloat16 where both
-        carry rounding error, no further (within 25%) from the float32 output than the original."""
-        if self.error.mismatch is not None:
-            return False
-        if self.error.rel <= self.tolerance:
-            return True
-        if self.vs_float32 is None:
-            return False
-        orig, fused = self.vs_float32
-        return fused.mismatch is None and math.isfinite(fused.rel) and fused.rel <= max(self.tolerance, 1.25 * orig.rel)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
@@ -298,13 +266,10 @@ class ModelBench:
             "bn_folded": self.bn_folded,
             "bn_left": [{"norm": n, "reason": r} for n, r in self.bn_left],
             "error": {
-                "max_abs": self.error.max_abs, "rel": self.error.rel, "cosine": self.error.cosine,
-                "mismatch": self.error.mismatch, "tolerance": self.tolerance, "ok": self.correct,
-                "vs_float32": None if self.vs_float32 is None else {
-                    "original_rel": self.vs_float32[0].rel, "fused_rel": self.vs_float32[1].rel,
-                    "original_max_abs": self.vs_float32[0].max_abs, "fused_max_abs": self.vs_float32[1].max_abs,
-                },
+                **self.error.to_dict(), "tolerance": self.tolerance, "ok": self.correct,
+                "noise_rel": json_number(self.noise.rel), "noise_max_abs": json_number(self.noise.max_abs),
             },
+            "check": self.check.to_dict(),
             "original_ms": self.original.to_dict(),
             "fused_ms": self.fused.to_dict(),
             "speedup": self.speedup.to_dict(),
@@ -333,7 +298,7 @@ class BenchReport:
         return [r for r in self.results if not (r.speedup.median >= min_speedup)]
 
     def incorrect(self) -> list[ModelBench]:
-        """Models whose fused output differs from the original's by more than the tolerance."""
+        """Models whose fused model the judge rejects."""
         return [r for r in self.results if not r.correct]
 
     def passed(self, min_speedup: "float | None" = None) -> bool:
@@ -362,22 +327,23 @@ class BenchReport:
             f"{self.date}",
             "",
             "| model | input | BN folded | original ms (IQR) | fused ms (IQR) | speedup (IQR) | max abs err | rel err "
-            "| verdict |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            "| noise | verdict |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         for r in self.results:
             o, f, s = r.original, r.fused, r.speedup
             lines.append(
                 f"| {r.model} | {'x'.join(map(str, r.input.shape))} | {r.bn_folded}/{r.bn_found} | {o.median:.3f} ({o.iqr:.3f}) | {f.median:.3f} ({f.iqr:.3f}) "
                 f"| {s.median:.3f}x ({s.q1:.3f}-{s.q3:.3f}) | {r.error.max_abs:.2e} | {r.error.rel:.2e} "
-                f"| {verdict(r, min_speedup)} |"
+                f"| {r.noise.rel:.2e} | {verdict(r, min_speedup)} |"
             )
         left = [(r.model, n, why) for r in self.results for n, why in r.bn_left]
         if left:
             lines += ["", "BatchNorm layers left unfolded:", ""]
             lines += [f"- {m}: `{n}`: {why}" for m, n, why in left]
         lines += ["", "Speedup = original time / fused time per alternating pair; median and interquartile range. "
-                  "\"within noise\": the IQR contains 1.0.", ""]
+                  "\"within noise\": the IQR contains 1.0. rel err: the fused output against the original in "
+                  "float64; noise: the original's own relative error there (the precision's floor).", ""]
         return "\n".join(lines)
 
 
@@ -457,19 +423,16 @@ def _backend_flags() -> dict[str, Any]:
     }
 
 
-def _bench_spec(src: Any, input_shape: "str | tuple[int, ...] | None", batch_size: "int | None",
+def _bench_spec(src: "Source", input_shape: "str | tuple[int, ...] | None", batch_size: "int | None",
                 default_batch: int) -> "InputSpec":
-    from .inputs import InputSpec, infer_spec, parse_shape
+    """The input as ``convert`` and ``verify`` take it (the one recorded in a fused file, the
+    model's ``example_input_shape``, or ``--input-shape``), at the device's default batch size
+    unless ``--batch-size`` or a full ``--input-shape`` says otherwise."""
+    from .inputs import input_spec
 
-    auto = InputSpec.from_dict(src.metadata["input"]) if src.metadata.get("input") else infer_spec(src.model, src.arch)
-    shape = auto.shape
-    if input_shape is not None:
-        shape = parse_shape(input_shape) if isinstance(input_shape, str) else tuple(int(d) for d in input_shape)
-        if auto.kind == "images" and len(shape) == 3:
-            shape = (1, *shape)
-        if batch_size is None:
-            return InputSpec(shape, auto.kind)
-    return InputSpec((batch_size or default_batch, *shape[1:]), auto.kind)
+    if batch_size is None and input_shape is None:
+        batch_size = default_batch
+    return input_spec(src, input_shape, batch_size=batch_size)
 
 
 def _to_memory_format(x: Any, fmt: Any) -> Any:
@@ -531,111 +494,150 @@ def _first_call(fn: Callable[[], Any], name: str, compiled: bool) -> Any:
         ) from exc
 
 
-def _bench_one(
-    source: str,
-    *,
-    device: "torch.device",
-    dtype: "torch.dtype",
-    arch: "str | None",
-    weights: str,
-    allow_pickle: bool,
-    input_shape: Any,
-    batch_size: "int | None",
-    channels_last: bool,
-    compile: bool,
-    iters: int,
-    warmup: int,
-    time_budget: "float | None",
-    min_sample_ms: float,
-    seed: int,
-    progress: "ProgressFn | None",
-) -> ModelBench:
+@dataclass
+class _Settings:
+    """How every model is raced: one object instead of a long argument list."""
+
+    device: "torch.device"
+    dtype: "torch.dtype"
+    autocast: "str | None"
+    arch: "str | None"
+    weights: str
+    allow_pickle: bool
+    input_shape: Any
+    batch_size: "int | None"
+    channels_last: bool
+    compile: bool
+    iters: int
+    warmup: int
+    time_budget: "float | None"
+    min_sample_ms: float
+    seed: int
+    rtol: "float | None"
+    atol: "float | None"
+    progress: "ProgressFn | None"
+
+
+@dataclass
+class _Prepared:
+    """Stage 1's result: the original in float32 on the CPU, in eval mode, and its input."""
+
+    source: str
+    src: "Source"
+    original: "nn.Module"
+    spec: "InputSpec"
+    notes: list[str]
+
+
+def _prepare(source: str, st: _Settings) -> _Prepared:
+    """Stage 1: load the model; a randomly initialised one gets BN statistics worth folding."""
+    import torch
+
+    from .inputs import InputSpec, as_args, make_input
+    from .loading import load_source
+
+    src = load_source(source, arch=st.arch, weights=st.weights, allow_pickle=st.allow_pickle)
+    original = src.model.eval().to(torch.float32)
+    notes = list(src.notes)
+    spec = _bench_spec(src, st.input_shape, st.batch_size, _DEFAULTS[st.device.type][0])
+    if src.weights == "none":
+        calib = InputSpec((2, *spec.shape[1:]), spec.kind) if spec.kind == "tensor" else spec
+        n = randomize_bn(original, seed=st.seed, example=as_args(make_input(calib, dtype=torch.float32,
+                                                                            seed=st.seed + 1)))
+        notes.append(f"random weights: the {n} BatchNorm layers got random scale/shift and statistics "
+                     "measured on random input, so the check is not trivial")
+    return _Prepared(source, src, original, spec, notes)
+
+
+def _fold(prep: _Prepared, st: _Settings) -> "FuseResult":
+    """Stage 2: fuse a copy through the one pipeline, on the CPU in float32 (statistics in
+    float64), before any cast: a model folded after a cast to float16 would be folded from
+    rounded statistics.  The data flow does not depend on the batch, so one sample is enough."""
+    import torch
+
+    from .fusion import fuse
+    from .inputs import InputSpec, as_args, make_input
+
+    probe = InputSpec((1, *prep.spec.shape[1:]), prep.spec.kind)
+    return fuse(prep.original, as_args(make_input(probe, dtype=torch.float32, seed=st.seed)), inplace=False,
+                rtol=st.rtol, atol=st.atol)
+
+
+#: the verdict's name for the run on the benchmark's device, dtype and autocast
+_DEVICE_RUN = "benchmark run"
+
+
+def _judge(prep: _Prepared, result: "FuseResult", runners: tuple[Any, Any], args32: tuple[Any, ...],
+           args: tuple[Any, ...], st: _Settings) -> "Verdict":
+    """Stage 3: both models as benchmarked against the original in float64 on the same device.
+
+    The float64 copy is made before the models are cast and dropped before the timing starts."""
     import copy
+
+    import torch
+
+    from .checks import OutputCheck, Tolerance, Verdict
+    from .precision import autocast, precision_flags
+
+    ref_model = copy.deepcopy(prep.original).to(device=st.device, dtype=torch.float64)
+    ref_args = tuple(_cast_floats(a, torch.float64) for a in args32)
+    with torch.inference_mode():
+        ref = ref_model(*ref_args)
+    del ref_model, ref_args
+    run_orig, run_fused = runners
+    for m in (prep.original, result.model):
+        m.to(device=st.device, dtype=st.dtype)
+        fmt = _memory_format(prep.spec, st.channels_last)
+        if fmt is not None:
+            m.to(memory_format=fmt)
+    runtime = getattr(torch, st.autocast) if st.autocast else st.dtype
+    tol = Tolerance.for_dtype(runtime, st.rtol, st.atol)
+    check = OutputCheck(tol, reference="float64")
+    with torch.inference_mode(), autocast(st.device, st.autocast):
+        orig = _first_call(lambda: run_orig(*args), prep.source, st.compile)
+        fused = _first_call(lambda: run_fused(*args), prep.source, st.compile)
+    check.add(ref, fused, orig)
+    if not _finite(orig):
+        prep.notes.append(f"the original model's own output is not finite in {str(st.dtype).replace('torch.', '')}: "
+                          "the check cannot pass; try float32 or real weights")
+    outputs = dict(result.verdict.outputs)
+    outputs[_DEVICE_RUN] = check
+    name = str(runtime).replace("torch.", "")
+    return Verdict(tol, outputs, result.verdict.sites, precision_flags(st.device, st.autocast, st.dtype),
+                   basis=f"fold sites in float64; the fold on the CPU in float32; the {name} run on {st.device} "
+                         "against the original in float64 there")
+
+
+def _cast_floats(x: Any, dtype: Any) -> Any:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cast_floats(t, dtype) for t in x)
+    return x
+
+
+def _race(calls_of: tuple[Callable[[], Any], Callable[[], Any]], st: _Settings, tick: Callable[[str, int], None],
+          notes: list[str]) -> tuple[list[float], list[float], int]:
+    """Stage 4: warm-up, then timed pairs in alternating order; returns both time lists and the
+    calls per sample (the fastest of three probe calls decides it, so a sub-millisecond model is
+    not timed at the clock's resolution)."""
     import gc
 
     import torch
 
-    from .conversion import default_tolerance
-    from .graph import analyse
-    from .inputs import InputSpec, as_args, compare, make_input
-    from .loading import load_source
-    from .rewrite import apply_plan
+    from .precision import autocast
 
-    def tick(what: str, done: int, total: int) -> None:
-        if progress is not None:
-            progress(f"{source}: {what}", done, total)
-
-    total = warmup + iters
-    tick("loading", 0, total)
-    src = load_source(source, arch=arch, weights=weights, allow_pickle=allow_pickle)
-    original = src.model.eval()
-    notes = list(src.notes)
-    original.to(torch.float32)
-    spec = _bench_spec(src, input_shape, batch_size, _DEFAULTS[device.type][0])
-    if src.weights == "none":
-        calib = InputSpec((2, *spec.shape[1:]), spec.kind) if spec.kind == "tensor" else spec
-        n = randomize_bn(original, seed=seed, example=as_args(make_input(calib, dtype=torch.float32, seed=seed + 1)))
-        notes.append(f"random weights: the {n} BatchNorm layers got random scale/shift and statistics "
-                     "measured on random input, so the check is not trivial")
-    fmt = _memory_format(spec, channels_last)
-
-    # fold a copy on the CPU in float32 (the fold itself is float64), then cast: a model folded
-    # after a cast to float16 would be folded from rounded statistics
-    tick("folding", 0, total)
-    t0 = time.perf_counter()
-    fused = copy.deepcopy(original)
-    probe = InputSpec((1, *spec.shape[1:]), spec.kind)  # the data flow does not depend on the batch
-    analysis = analyse(fused, as_args(make_input(probe, dtype=torch.float32, seed=seed)))
-    apply_plan(fused, analysis.plan)
-    del analysis.output
-    fold_seconds = time.perf_counter() - t0
-    plan = analysis.plan
-
-    vs32 = None
-    if dtype != torch.float32:  # both reduced-precision models are judged against float32 too
-        tick("float32 reference", 0, total)
-        with torch.inference_mode():
-            x32 = as_args(make_input(spec, dtype=torch.float32, seed=seed))
-            ref32 = original(*x32)
-            vs32 = (ref32, x32)
-    for m in (original, fused):
-        m.to(device=device, dtype=dtype)
-        if fmt is not None:
-            m.to(memory_format=fmt)
-    args = as_args(_to_memory_format(make_input(spec, dtype=dtype, device=device, seed=seed), fmt))
-    run_orig: Any = original
-    run_fused: Any = fused
-    if compile:
-        run_orig, run_fused = _compiled(original, source), _compiled(fused, source)
-
-    timer = _Timer(device)
-    with torch.inference_mode():
-        tick("checking", 0, total)
-        ref = _first_call(lambda: run_orig(*args), source, compile)
-        out = _first_call(lambda: run_fused(*args), source, compile)
-        error = compare(ref, out)
-        if vs32 is not None:
-            vs32 = (compare(vs32[0], ref), compare(vs32[0], out))
-        if not _finite(ref):
-            notes.append(f"the original model's own output is not finite in {str(dtype).replace('torch.', '')}: "
-                         "the error check cannot pass; try float32 or real weights")
-        del ref, out
-
-        def call_orig() -> None:
-            run_orig(*args)
-
-        def call_fused() -> None:
-            run_fused(*args)
-
-        # warm-up, alternating; then the fastest of three probe calls decides how many calls
-        # make one timed sample, so a sub-millisecond model is not timed at the clock's resolution
-        for i in range(warmup):
+    call_orig, call_fused = calls_of
+    timer = _Timer(st.device)
+    with torch.inference_mode(), autocast(st.device, st.autocast):
+        for i in range(st.warmup):
             timer(call_orig, 1)
             timer(call_fused, 1)
-            tick("warm-up", i + 1, total)
+            tick("warm-up", i + 1)
         probe_ms = min(min(timer(call_orig, 1), timer(call_fused, 1)) for _ in range(3))
-        calls = max(1, math.ceil(min_sample_ms / probe_ms)) if probe_ms > 0 else 1
-
+        calls = max(1, math.ceil(st.min_sample_ms / probe_ms)) if probe_ms > 0 else 1
         orig_ms: list[float] = []
         fused_ms: list[float] = []
         gc_was_enabled = gc.isenabled()
@@ -643,47 +645,65 @@ def _bench_one(
         gc.disable()
         started = time.perf_counter()
         try:
-            for i in range(iters):
-                # alternate which model goes first, so neither always runs on a warmer machine
-                if i % 2 == 0:
-                    a = timer(call_orig, calls)
-                    b = timer(call_fused, calls)
-                else:
-                    b = timer(call_fused, calls)
-                    a = timer(call_orig, calls)
-                orig_ms.append(a)
-                fused_ms.append(b)
-                tick("timing", warmup + i + 1, total)
-                if (time_budget is not None and 5 <= i + 1 < iters
-                        and time.perf_counter() - started > time_budget):
-                    notes.append(f"time budget of {time_budget:g} s reached after {i + 1} of {iters} pairs")
+            for i in range(st.iters):
+                first, second = (call_orig, call_fused) if i % 2 == 0 else (call_fused, call_orig)
+                a, b = timer(first, calls), timer(second, calls)
+                orig_ms.append(a if i % 2 == 0 else b)
+                fused_ms.append(b if i % 2 == 0 else a)
+                tick("timing", st.warmup + i + 1)
+                if (st.time_budget is not None and 5 <= i + 1 < st.iters
+                        and time.perf_counter() - started > st.time_budget):
+                    notes.append(f"time budget of {st.time_budget:g} s reached after {i + 1} of {st.iters} pairs")
                     break
         finally:
             if gc_was_enabled:
                 gc.enable()
-    tick("done", total, total)
-    result = ModelBench(
-        model=source,
-        arch=src.arch,
-        weights=src.weights,
-        input=spec,
-        bn_found=len(plan.norms),
-        bn_folded=len(plan.folded_norms),
-        bn_left=[(s.norm, s.reason) for s in plan.skipped],
-        error=error,
-        tolerance=default_tolerance(dtype),
-        original_ms=orig_ms,
-        fused_ms=fused_ms,
-        calls_per_sample=calls,
-        warmup=warmup,
-        fold_seconds=fold_seconds,
-        notes=notes,
-        vs_float32=vs32,
+    return orig_ms, fused_ms, calls
+
+
+def _bench_one(source: str, st: _Settings) -> ModelBench:
+    """Prepare, fold through :func:`bnfuse_cli.fuse`, judge, time, report."""
+    import torch
+
+    from .inputs import as_args, make_input
+
+    total = st.warmup + st.iters
+
+    def tick(what: str, done: int) -> None:
+        if st.progress is not None:
+            st.progress(f"{source}: {what}", done, total)
+
+    tick("loading", 0)
+    prep = _prepare(source, st)
+    tick("folding", 0)
+    t0 = time.perf_counter()
+    result = _fold(prep, st)
+    fold_seconds = time.perf_counter() - t0
+    plan = result.plan
+
+    tick("checking", 0)
+    fmt = _memory_format(prep.spec, st.channels_last)
+    args32 = as_args(_to_memory_format(make_input(prep.spec, dtype=torch.float32, device=st.device, seed=st.seed),
+                                       fmt))
+    args = tuple(_cast_floats(a, st.dtype) for a in args32)
+    run_orig: Any = prep.original
+    run_fused: Any = result.model
+    if st.compile:
+        run_orig, run_fused = _compiled(prep.original, source), _compiled(result.model, source)
+    # the runners hold the modules, cast in place by _judge, so compiled ones see the cast weights
+    check = _judge(prep, result, (run_orig, run_fused), args32, args, st)
+    times = _race((lambda: run_orig(*args), lambda: run_fused(*args)), st, tick, prep.notes)
+    tick("done", total)
+    bench_result = ModelBench(
+        model=source, arch=prep.src.arch, weights=prep.src.weights, input=prep.spec,
+        bn_found=len(plan.norms), bn_folded=len(plan.folded_norms), bn_left=[(s.norm, s.reason) for s in plan.skipped],
+        check=check, original_ms=times[0], fused_ms=times[1], calls_per_sample=times[2], warmup=st.warmup,
+        fold_seconds=fold_seconds, notes=prep.notes,
     )
-    del run_orig, run_fused, original, fused, args
-    if device.type == "cuda":
+    del run_orig, run_fused, prep, result, args, args32
+    if st.device.type == "cuda":
         torch.cuda.empty_cache()
-    return result
+    return bench_result
 
 
 def bench(
@@ -691,6 +711,7 @@ def bench(
     *,
     device: str = "auto",
     dtype: str = "float32",
+    autocast: "str | None" = None,
     batch_size: "int | None" = None,
     input_shape: "str | tuple[int, ...] | None" = None,
     channels_last: bool = False,
@@ -702,25 +723,35 @@ def bench(
     arch: "str | None" = None,
     weights: str = "none",
     allow_pickle: bool = False,
+    rtol: "float | None" = None,
+    atol: "float | None" = None,
     min_sample_ms: float = 2.0,
     seed: int = 0,
     progress: "ProgressFn | None" = None,
 ) -> BenchReport:
-    """Time each model and its fused copy, alternating, and check the fused output.
+    """Time each model and its fused copy, alternating, and judge the fused model.
 
     ``models`` are torchvision names, ``timm:NAME``, ``pkg.mod:factory`` or checkpoint files
     (default: :data:`DEFAULT_MODELS`).  A model built with random weights (``weights="none"``,
     the default, so it runs offline) gets random BatchNorm statistics first.  The fold runs on
-    the CPU in float32 (statistics in float64); both models are then cast to ``dtype`` and
-    moved to ``device``.  Each of ``iters`` timed pairs runs both models once (or a few times,
-    for models faster than ``min_sample_ms``) after ``warmup`` untimed pairs; a model stops
-    early after ``time_budget`` seconds of timing (``-1``: the device default, None: no limit),
-    with at least 5 pairs.  ``threads`` sets torch's intra-op threads for the run only.
+    the CPU in float32 through :func:`bnfuse_cli.fuse` (statistics in float64); both models are
+    then cast to ``dtype`` and moved to ``device``, and run under ``autocast`` (float16 or
+    bfloat16) when given.  The verdict (``rtol``/``atol`` as in ``convert`` and ``verify``)
+    holds at that precision: see :mod:`bnfuse_cli.checks`.  Each of ``iters`` timed pairs runs
+    both models once (or a few times, for models faster than ``min_sample_ms``) after
+    ``warmup`` untimed pairs; a model stops early after ``time_budget`` seconds of timing
+    (``-1``: the device default, None: no limit), with at least 5 pairs.  ``threads`` sets
+    torch's intra-op threads for the run only.
     """
     import torch
 
+    from .checks import Tolerance
+    from .precision import check_autocast
+
     dev = resolve_device(device)
     dt = parse_dtype(dtype)
+    amp = check_autocast(autocast)
+    Tolerance.for_dtype(dt, rtol, atol)  # refuses a bad tolerance before any model is built
     d_batch, d_iters, d_warmup, d_budget = _DEFAULTS[dev.type]
     iters = d_iters if iters is None else iters
     warmup = d_warmup if warmup is None else warmup
@@ -736,20 +767,17 @@ def bench(
     sources = list(models) if models else list(DEFAULT_MODELS)
     if arch is not None and len(sources) > 1:
         raise UsageError("--arch applies to one checkpoint: bench one state_dict at a time with --arch")
+    st = _Settings(device=dev, dtype=dt, autocast=amp, arch=arch, weights=weights, allow_pickle=allow_pickle,
+                   input_shape=input_shape, batch_size=batch_size, channels_last=channels_last, compile=compile,
+                   iters=iters, warmup=warmup, time_budget=budget, min_sample_ms=min_sample_ms, seed=seed,
+                   rtol=rtol, atol=atol, progress=progress)
 
     old_threads = torch.get_num_threads()
     flags_before = _backend_flags()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        results = []
-        for src in sources:
-            results.append(_bench_one(
-                src, device=dev, dtype=dt, arch=arch, weights=weights, allow_pickle=allow_pickle,
-                input_shape=input_shape, batch_size=batch_size, channels_last=channels_last, compile=compile,
-                iters=iters, warmup=warmup, time_budget=budget, min_sample_ms=min_sample_ms, seed=seed,
-                progress=progress,
-            ))
+        results = [_bench_one(src, st) for src in sources]
         env = _environment(dev)
         if _backend_flags() != flags_before:  # pragma: no cover - a model changed global flags
             results[-1].notes.append("backend flags (TF32/cudnn.benchmark) changed during the run")
@@ -759,6 +787,7 @@ def bench(
     settings = {
         "device": str(dev),
         "dtype": str(dt).replace("torch.", ""),
+        "autocast": amp,
         "batch_size": batch_size if batch_size is not None else (None if input_shape else d_batch),
         "input_shape": input_shape if isinstance(input_shape, (str, type(None))) else list(input_shape),
         "channels_last": channels_last,
@@ -769,6 +798,8 @@ def bench(
         "time_budget_s": budget,
         "min_sample_ms": min_sample_ms,
         "weights": weights,
+        "rtol": rtol,
+        "atol": atol,
         "seed": seed,
     }
     date = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()

@@ -105,6 +105,42 @@ WeightsOpt = Annotated[str, typer.Option("--weights", help="For a model name: de
 ShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", help="Input shape for the checks, e.g. 1,3,224,224 (default: inferred from the model).")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow full unpickling (runs code from the file): only for files you trust.")]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.", dir_okay=False)]
+RtolOpt = Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance, of each output's largest magnitude, on top of the original's own error at this precision (default by dtype: 1e-4 for float32).", show_default=False)]
+AtolOpt = Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance (default by dtype: 1e-6 for float32).", show_default=False)]
+AutocastOpt = Annotated[Optional[str], typer.Option("--autocast", help="Run both models under torch.autocast: float16 or bfloat16 (mixed precision as deployed with AMP).", show_default=False)]
+
+
+def _note(text: str) -> None:
+    err.print(f"[yellow]note:[/yellow] {text}", highlight=False, soft_wrap=True)
+
+
+def _precision_text(flags: dict[str, Any]) -> str:
+    return (f"{flags.get('device')}, {flags.get('dtype')}, autocast {flags.get('autocast') or 'off'}, "
+            f"TF32 cuDNN {'on' if flags.get('cudnn_allow_tf32') else 'off'} / matmul "
+            f"{'on' if flags.get('cuda_matmul_allow_tf32') else 'off'}, "
+            f"float32 matmul precision {flags.get('float32_matmul_precision')}")
+
+
+def _check_rows(t: Table, verdict: Any) -> None:
+    """What a verdict rests on: errors, thresholds, the noise floor, fold sites, precision flags."""
+    tol = verdict.tolerance
+    for label, c in verdict.outputs.items():
+        e, n = c.error, c.noise
+        if e.mismatch:
+            t.add_row(label, f"[red]{e.mismatch}[/red]")
+            continue
+        noise = f", original's own error {n.max_abs:.3g}" if c.reference == "float64" else ""
+        t.add_row(label, f"max abs error {e.max_abs:.3g}, relative error {e.rel:.3g}{noise}; "
+                         f"{c.worst:.1%} of the allowance used")
+    t.add_row("allowance", f"|fused - ref| <= {tol.atol:g} + {tol.rtol:g} x max|ref| + {tol.noise_factor:g} x the "
+                           "original's own error, per output")
+    checked = [s for s in verdict.sites if s.skipped is None]
+    worst = verdict.worst_site
+    if verdict.sites:
+        t.add_row("fold sites", f"{len(checked)} of {len(verdict.sites)} checked in float64"
+                  + (f", worst {worst.rel_error:.2g} at {worst.layer} (limit {worst.tolerance:g})" if worst else ""))
+    t.add_row("precision", _precision_text(verdict.precision))
+    t.add_row("reference", verdict.basis)
 
 
 def _plan_tables(plan: Any, *, verbose: bool, limit: int = 25) -> list[Table]:
@@ -146,9 +182,13 @@ def _convert_table(r: Any) -> Table:
     t.add_row("removed", f"{_fmt_count(r.removed)} values")
     if r.output:
         t.add_row("written", f"{r.output} ({r.form.replace('_', '-')}, {_fmt_size(r.file_size)})")
-    if r.error is not None:
+    if r.verdict is not None:
         t.add_row("max abs error", f"{r.error.max_abs:.3g}")
         t.add_row("relative error", f"{r.error.rel:.3g} (tolerance {r.tolerance:g})")
+        worst = r.verdict.worst_site
+        if worst is not None:
+            t.add_row("fold sites", f"{sum(s.skipped is None for s in r.verdict.sites)} checked in float64, worst "
+                                    f"{worst.rel_error:.2g} at {worst.layer} (limit {worst.tolerance:g})")
     t.add_row("time", f"{r.seconds.get('total', 0):.2f} s (analyse {r.seconds.get('analyse', 0):.2f} s, fold {r.seconds.get('fold', 0):.2f} s)")
     return t
 
@@ -165,7 +205,9 @@ def convert(
     save_as: Annotated[Optional[str], typer.Option("--save-as", help="For .pth: module or state-dict (default mirrors the input).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     allow_pickle: PickleOpt = False,
-    tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Largest relative output error accepted (default by dtype; 1e-4 for float32).")] = None,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
+    tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Alias of --rtol.", show_default=False)] = None,
     json_file: JsonOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every fold and every BatchNorm left.")] = False,
 ) -> None:
@@ -193,14 +235,14 @@ def convert(
             if out_dir is not None:
                 dest = out_dir / (Path(src).stem.replace(".", "_") + ".fused" + suffix)
             r = convert_fn(src, dest, arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle,
-                           save_as=save_as, force=force, tolerance=tolerance)
+                           save_as=save_as, force=force, rtol=rtol, atol=atol, tolerance=tolerance)
             out.print(_convert_table(r))
             for table in _plan_tables(r.plan, verbose=verbose):
                 out.print(table)
             for note in r.notes:
-                err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+                _note(note)
             if dest is None:
-                err.print("[yellow]note:[/yellow] no -o given: checked only, nothing written", highlight=False)
+                _note("no -o given: checked only, nothing written")
             reports.append(r)
         data = [r.to_dict() for r in reports]
         _write_json(json_file, data[0] if len(data) == 1 else data)
@@ -252,25 +294,17 @@ def _verify_table(r: Any, *, verbose: bool) -> Table:
         t.add_row("remaining", ", ".join(st.bn_fused))
     t.add_row("parameters", f"{_fmt_count(st.params_orig)} -> {_fmt_count(st.params_fused)}")
     t.add_row("buffers", f"{_fmt_count(st.buffers_orig)} -> {_fmt_count(st.buffers_fused)}")
-    t.add_row("tolerance", f"max |orig - fused| <= {r.atol:g} + {r.rtol:g} x max |orig| per output ({r.dtype})")
-
-    def errors(label: str, c: Any, worst: float, agreement: Any, rows: int) -> None:
-        if c.mismatch:
-            t.add_row(label, f"[red]{c.mismatch}[/red]")
-            return
-        t.add_row(label, f"max abs error {c.max_abs:.3g}, relative error {c.rel:.3g}, cosine {c.cosine:.9f}, "
-                         f"{worst:.2%} of tolerance used")
-        if agreement is not None:
-            t.add_row("", f"top-1 agreement {agreement:.2%} ({rows} rows)")
-
     if r.samples:
-        errors(f"{r.samples} random inputs", r.error, r.worst, r.top1_agreement, r.top1_rows)
-        t.add_row("", f"{r.input.kind} {'x'.join(map(str, r.input.shape))}, seeds {r.seed}..{r.seed + r.samples - 1}")
+        t.add_row("random inputs", f"{r.samples}: {r.input.kind} {'x'.join(map(str, r.input.shape))}, "
+                                   f"seeds {r.seed}..{r.seed + r.samples - 1}")
+        if r.top1_agreement is not None:
+            t.add_row("", f"top-1 agreement {r.top1_agreement:.2%} ({r.top1_rows} rows)")
     if r.data is not None:
         d = r.data
-        errors(f"data ({d.count} inputs)", d.error, d.worst, d.agreement, d.count)
+        t.add_row("data", f"{d.path}: {d.count} inputs" + (f", top-1 agreement {d.agreement:.2%}" if d.agreement is not None else ""))
         if d.accuracy_orig is not None:
             t.add_row("accuracy", f"{d.accuracy_orig:.2%} original, {d.accuracy_fused:.2%} fused")
+    _check_rows(t, r.verdict)
     t.add_row("time", f"{r.seconds.get('total', 0):.2f} s (load {r.seconds.get('load', 0):.2f} s)")
     return t
 
@@ -284,8 +318,11 @@ def verify(
     input_shape: ShapeOpt = None,
     samples: Annotated[int, typer.Option("--samples", min=0, help="Number of seeded random inputs.")] = 3,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first random input.")] = 0,
-    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance, of each output's largest magnitude (default by dtype; 1e-4 for float32).")] = None,
-    atol: Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance (default by dtype; 1e-6 for float32).")] = None,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda (or cuda:N), or auto: run both models there.")] = "cpu",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, float16 or bfloat16 for both models (default: as stored).", show_default=False)] = None,
+    autocast: AutocastOpt = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="Tensor file of real inputs: a tensor, {'inputs': T, 'labels': T} or (inputs, labels).", dir_okay=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Inputs per forward pass with --data.")] = 256,
     allow_pickle: PickleOpt = False,
@@ -296,19 +333,22 @@ def verify(
 
     Runs both models on seeded random inputs (and on --data, with accuracy when it has labels) and
     reports max abs error, relative error, cosine similarity, top-1 agreement for classifier logits,
-    the BatchNorm layers removed and both parameter counts.  Exit 0: within tolerance
-    (max |orig - fused| <= atol + rtol * max |orig|, per output); 1: the outputs differ; 2: error.
-    --arch applies to a file holding only a state_dict; bnfuse outputs carry their own.
+    the BatchNorm layers removed and both parameter counts, on --device in --dtype (and under
+    --autocast), as deployed.  Exit 0: every fold site named in FUSED's metadata matches in float64
+    and every output is within atol + rtol * max|ref| + 4 x the original's own error of the
+    original run in float64; 1: they differ; 2: error.  --arch applies to a file holding only a
+    state_dict; bnfuse outputs carry their own.
     """
 
     def run() -> Any:
         from .verification import verify as verify_fn
 
         r = verify_fn(orig, fused, arch=arch, weights=weights, input_shape=input_shape, samples=samples, seed=seed,
-                      rtol=rtol, atol=atol, data=data, batch_size=batch_size, allow_pickle=allow_pickle)
+                      rtol=rtol, atol=atol, data=data, batch_size=batch_size, device=device, dtype=dtype,
+                      autocast=autocast, allow_pickle=allow_pickle)
         out.print(_verify_table(r, verbose=verbose))
         for note in r.notes:
-            err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+            _note(note)
         _write_json(json_file, r.to_dict())
         return r
 
@@ -316,8 +356,8 @@ def verify(
     if report.ok:
         out.print("[bold green]OK[/bold green]: the fused model matches the original within tolerance")
     else:
-        out.print("[bold red]DIFFERENT[/bold red]: the fused model's outputs differ from the original's "
-                  "beyond the tolerance (exit 1)", highlight=False)
+        out.print("[bold red]DIFFERENT[/bold red]: the fused model does not compute what the original computes "
+                  "(exit 1): " + "; ".join(report.verdict.reasons), highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
@@ -333,12 +373,14 @@ def _bench_table(report: Any, min_speedup: "float | None") -> Table:
         title=(f"bnfuse bench: {env.get('device_name')} ({st.get('device')}), torch {env.get('torch')}, "
                f"{st.get('dtype')}, {env.get('threads')} threads" + "".join(f", {x}" for x in extras)),
         title_justify="left",
-        caption="times: median (IQR) per call; speedup = original/fused per alternating pair, median (IQR)",
+        caption=("times: median (IQR) per call; speedup = original/fused per alternating pair, median (IQR); "
+                 "rel err: fused vs the original in float64; noise: the original's own rel err there. "
+                 + _precision_text(report.results[0].check.precision if report.results else {})),
         caption_justify="left",
     )
     for col, justify in (("model", "left"), ("input", "left"), ("BN folded", "right"), ("original ms", "right"),
                          ("fused ms", "right"), ("speedup", "right"), ("max abs err", "right"),
-                         ("rel err", "right"), ("verdict", "left")):
+                         ("rel err", "right"), ("noise", "right"), ("verdict", "left")):
         t.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for r in report.results:
         o, f, s = r.original, r.fused, r.speedup
@@ -348,7 +390,7 @@ def _bench_table(report: Any, min_speedup: "float | None") -> Table:
             r.model, "x".join(map(str, r.input.shape)), f"{r.bn_folded}/{r.bn_found}",
             f"{o.median:.3f} ({o.iqr:.3f})", f"{f.median:.3f} ({f.iqr:.3f})",
             f"{s.median:.3f}x ({s.q1:.3f}-{s.q3:.3f})", f"{r.error.max_abs:.2e}", f"{r.error.rel:.2e}",
-            f"[{style}]{v}[/{style}]",
+            f"{r.noise.rel:.2e}", f"[{style}]{v}[/{style}]",
         )
     return t
 
@@ -362,6 +404,7 @@ def bench(
     device: Annotated[str, typer.Option("--device", help="cpu, cuda (or cuda:N), or auto: CUDA when available.")] = "auto",
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Batch size (default 1 on CPU, 32 on CUDA).", show_default=False)] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16 (both models; the fold itself is float64).")] = "float32",
+    autocast: AutocastOpt = None,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Run both models and the input in channels_last memory format.")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch intra-op CPU threads (default: torch's choice).", show_default=False)] = None,
     iters: Annotated[Optional[int], typer.Option("--iters", help="Timed pairs per model (default 20 on CPU, 100 on CUDA).", show_default=False)] = None,
@@ -372,6 +415,8 @@ def bench(
     arch: ArchOpt = None,
     weights: Annotated[str, typer.Option("--weights", help="For a model name: none (random weights, random BN statistics; runs offline), default, a torchvision weights name, or a state_dict file.")] = "none",
     allow_pickle: PickleOpt = False,
+    rtol: RtolOpt = None,
+    atol: AtolOpt = None,
     json_file: JsonOpt = None,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write a Markdown table (for a CI job summary) to this file.", dir_okay=False)] = None,
     min_speedup: Annotated[Optional[float], typer.Option("--min-speedup", help="Exit 1 when a model's median speedup (original/fused) is below this.", show_default=False)] = None,
@@ -403,7 +448,7 @@ def bench(
             report = bench_fn(models or None, device=device, dtype=dtype, batch_size=batch_size,
                               input_shape=input_shape, channels_last=channels_last, threads=threads, iters=iters,
                               warmup=warmup, time_budget=budget, compile=compile_, arch=arch, weights=weights,
-                              allow_pickle=allow_pickle, progress=tick)
+                              allow_pickle=allow_pickle, autocast=autocast, rtol=rtol, atol=atol, progress=tick)
         out.print(_bench_table(report, min_speedup))
         for r in report.results:
             if r.bn_left:
@@ -414,7 +459,7 @@ def bench(
                     t.add_row(norm, reason)
                 out.print(t)
             for note in r.notes:
-                err.print(f"[yellow]note:[/yellow] {r.model}: {note}", highlight=False)
+                _note(f"{r.model}: {note}")
         _write_json(json_file, report.to_dict(min_speedup))
         if markdown is not None:
             try:
@@ -423,12 +468,12 @@ def bench(
                 raise OutputError(f"cannot write --markdown {markdown}: {exc.strerror or exc}") from exc
         code = 0
         for r in report.incorrect():
-            err.print(f"[bold red]check failed:[/bold red] {r.model}: the fused output differs from the original's "
-                      f"(relative error {r.error.rel:.3g}, tolerance {r.tolerance:g})", highlight=False)
+            err.print(f"[bold red]check failed:[/bold red] {r.model}: {'; '.join(r.check.reasons)}", highlight=False,
+                      soft_wrap=True)
             code = EXIT_CHECK_FAILED
         for r in report.slower_than(min_speedup):
             err.print(f"[bold red]too slow:[/bold red] {r.model}: median speedup {r.speedup.median:.3f}x is below "
-                      f"--min-speedup {min_speedup:g}", highlight=False)
+                      f"--min-speedup {min_speedup:g}", highlight=False, soft_wrap=True)
             code = EXIT_CHECK_FAILED
         return code
 

@@ -10,16 +10,17 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .checkpoint import check_output_path, write_checkpoint
+from .checks import Comparison, Verdict
 from .errors import FoldError, UsageError
+from .fusion import fuse
 from .graph import Plan, analyse
-from .inputs import Comparison, InputSpec, as_args, compare, infer_spec, make_input, model_dtype, parse_shape
+from .inputs import InputSpec, as_args, input_spec, make_input, model_dtype
 from .loading import Source, load_source
-from .rewrite import apply_plan
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["ConvertReport", "convert", "inspect", "count_tensors", "default_tolerance", "input_spec"]
+__all__ = ["ConvertReport", "convert", "inspect", "count_tensors"]
 
 
 @dataclass
@@ -39,10 +40,19 @@ class ConvertReport:
     buffers_after: int = 0
     file_size: int = 0
     form: str = "state_dict"
-    error: "Comparison | None" = None
-    tolerance: float = 0.0
+    #: the judge's verdict on the fused model (None until checked)
+    verdict: "Verdict | None" = None
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def error(self) -> "Comparison | None":
+        return None if self.verdict is None else self.verdict.error
+
+    @property
+    def tolerance(self) -> float:
+        """The relative tolerance (``rtol``) the check used."""
+        return 0.0 if self.verdict is None else self.verdict.tolerance.rtol
 
     @property
     def removed(self) -> int:
@@ -71,6 +81,7 @@ class ConvertReport:
             "max_abs_error": None if self.error is None else self.error.max_abs,
             "rel_error": None if self.error is None else self.error.rel,
             "tolerance": self.tolerance,
+            "check": None if self.verdict is None else self.verdict.to_dict(),
             "seconds": self.seconds,
             "notes": self.notes,
             "bnfuse_version": __version__,
@@ -84,39 +95,11 @@ def count_tensors(model: "nn.Module") -> tuple[int, int]:
     return params, buffers
 
 
-def default_tolerance(dtype: Any) -> float:
-    """Largest relative output error accepted from a correct fold, by dtype."""
-    import torch
-
-    return {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float64: 1e-9}.get(dtype, 1e-4)
-
-
-def input_spec(src: Source, input_shape: "str | tuple[int, ...] | None" = None) -> InputSpec:
-    """The input for the checks: ``input_shape``, else the one recorded by an earlier conversion,
-    else the model's own ``example_input_shape`` attribute, else inferred from its first layer."""
-    declared = getattr(src.model, "example_input_shape", None)
-    if src.metadata.get("input"):
-        auto = InputSpec.from_dict(src.metadata["input"])
-    elif isinstance(declared, (tuple, list)) and declared and all(isinstance(d, int) and d > 0 for d in declared):
-        auto = InputSpec(tuple(declared))
-    else:
-        auto = infer_spec(src.model, src.arch)
-    if input_shape is None:
-        return auto
-    shape = parse_shape(input_shape) if isinstance(input_shape, str) else tuple(input_shape)
-    if auto.kind == "images" and len(shape) == 3:
-        shape = (1, *shape)
-    return InputSpec(shape, auto.kind)
-
-
-_spec = input_spec
-
-
 def inspect(source: str, *, arch: "str | None" = None, weights: str = "default", input_shape: Any = None,
             allow_pickle: bool = False) -> tuple[Source, InputSpec, Plan]:
     """The fold plan for ``source`` without changing or writing anything."""
     src = load_source(source, arch=arch, weights=weights, allow_pickle=allow_pickle)
-    spec = _spec(src, input_shape)
+    spec = input_spec(src, input_shape)
     dtype, device = model_dtype(src.model)
     plan = analyse(src.model, as_args(make_input(spec, dtype=dtype, device=device))).plan
     return src, spec, plan
@@ -132,19 +115,24 @@ def convert(
     allow_pickle: bool = False,
     save_as: "str | None" = None,
     force: bool = False,
+    rtol: "float | None" = None,
+    atol: "float | None" = None,
     tolerance: "float | None" = None,
     seed: int = 0,
 ) -> ConvertReport:
     """Fold every foldable BatchNorm of ``source`` and write the fused model to ``output``.
 
-    The model runs once on a seeded random input while the data flow is recorded (its output is
-    the reference), is folded in place (no copy of the model is made), runs again, and the max
-    and relative errors are measured.  Nothing is written when the error exceeds ``tolerance``
-    (default by dtype: 1e-4 for float32).  ``output=None`` folds and checks without writing.
+    The model is fused in place through :func:`bnfuse_cli.fuse` (no copy of the model is made)
+    and judged by :mod:`bnfuse_cli.checks`: every fold site on the activation that reaches it,
+    and the output on a seeded random input, within ``atol + rtol * max|output|`` (defaults by
+    dtype; ``tolerance`` is an alias of ``rtol``).  Nothing is written when the verdict is
+    negative (:class:`FoldError`).  ``output=None`` folds and checks without writing.
     """
-    import torch
-
     t0 = time.perf_counter()
+    if tolerance is not None:
+        if rtol is not None and rtol != tolerance:
+            raise UsageError(f"--tolerance {tolerance:g} is an alias of --rtol, which is {rtol:g}: give one of them")
+        rtol = tolerance
     out_path = Path(output) if output is not None else None
     if save_as not in (None, "module", "state-dict"):
         raise UsageError(f"--save-as {save_as!r}: choose module or state-dict")
@@ -154,36 +142,28 @@ def convert(
         check_output_path(out_path, inputs=[Path(str(source))], force=force)
     src = load_source(source, arch=arch, weights=weights, allow_pickle=allow_pickle)
     model = src.model
-    spec = _spec(src, input_shape)
+    spec = input_spec(src, input_shape)
     dtype, device = model_dtype(model)
-    tol = default_tolerance(dtype) if tolerance is None else tolerance
     params_before, buffers_before = count_tensors(model)
-    t1 = time.perf_counter()
     args = as_args(make_input(spec, dtype=dtype, device=device, seed=seed))
-    analysis = analyse(model, args)
-    t2 = time.perf_counter()
-    apply_plan(model, analysis.plan)
-    t3 = time.perf_counter()
-    with torch.no_grad():
-        fused_out = model(*args)
-    error = compare(analysis.output, fused_out)
-    del analysis.output, fused_out
+    t1 = time.perf_counter()
+    result = fuse(model, args, inplace=True, rtol=rtol, atol=atol)
     t4 = time.perf_counter()
     params_after, buffers_after = count_tensors(model)
     report = ConvertReport(
         source=str(source), output=str(out_path) if out_path else None, arch=src.arch, weights=src.weights,
-        input=spec, dtype=str(dtype).replace("torch.", ""), plan=analysis.plan,
+        input=spec, dtype=str(dtype).replace("torch.", ""), plan=result.plan,
         params_before=params_before, params_after=params_after,
-        buffers_before=buffers_before, buffers_after=buffers_after, error=error, tolerance=tol,
+        buffers_before=buffers_before, buffers_after=buffers_after, verdict=result.verdict,
         notes=list(src.notes),
     )
     if src.weights == "none":
         report.notes.append("random initialisation (--weights none): no pretrained weights were loaded")
-    if error.mismatch or not (error.rel <= tol):
+    if not result.ok:
         raise FoldError(
-            f"the fused model's output differs from the original's (relative error {error.rel:.3g}, "
-            f"tolerance {tol:g}{'; ' + error.mismatch if error.mismatch else ''}); nothing was written. "
-            "This is a bug in bnfuse or a model it does not understand: please report it with the model"
+            f"the fused model does not compute what the original computes ({'; '.join(result.verdict.reasons)}); "
+            "nothing was written. This is a bug in bnfuse or a model it does not understand: please report it "
+            "with the model"
         )
     if out_path is not None:
         # mirror the input: a pickled module stays one, except in .safetensors (tensors only)
@@ -198,7 +178,7 @@ def convert(
             "version": __version__,
             "arch": src.arch,
             "arch_kwargs": src.metadata.get("arch_kwargs", {}),
-            "folds": [f.to_list() for f in _all_folds(src, analysis.plan)],
+            "folds": [f.to_list() for f in _all_folds(src, result.plan)],
             "input": spec.to_dict(),
             "dtype": report.dtype,
             "source": str(source),
@@ -209,8 +189,9 @@ def convert(
             out_path, state_dict=sd, metadata=meta, module=model if form == "module" else None
         )
     t5 = time.perf_counter()
-    report.seconds = {"load": t1 - t0, "analyse": t2 - t1, "fold": t3 - t2, "check": t4 - t3, "save": t5 - t4,
-                      "total": t5 - t0}
+    fs = result.seconds
+    report.seconds = {"load": t1 - t0, "analyse": fs["analyse"], "fold": fs["rewrite"], "check": fs["check"],
+                      "save": t5 - t4, "total": t5 - t0}
     return report
 
 

@@ -1,4 +1,8 @@
-"""The library entry point: fold every BatchNorm that can be folded in a model."""
+"""The one path from a model to a fused model: record, plan, fold, judge.
+
+``convert``, ``bench`` and the Python API all fuse through :func:`fuse`; the judge
+(:mod:`bnfuse_cli.checks`) decides whether the result is correct.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .checks import Comparison, OutputCheck, SiteProbe, Tolerance, Verdict
 from .errors import UsageError
 from .graph import Fold, Plan, Skip, analyse
-from .inputs import Comparison, as_args, compare, infer_spec, make_input, model_dtype
+from .inputs import as_args, infer_spec, make_input, model_dtype
+from .precision import exact_math, precision_flags
 from .rewrite import apply_plan
 
 if TYPE_CHECKING:
@@ -19,15 +25,24 @@ __all__ = ["FuseResult", "fuse", "plan"]
 
 @dataclass
 class FuseResult:
-    """The fused model, what was folded, what was left and why, and the output error."""
+    """The fused model, what was folded, what was left and why, and the judge's verdict."""
 
     model: "nn.Module"
     plan: Plan
-    #: error of the fused model against the original on the example input
-    error: Comparison
+    #: the fused model against the original on the example input, and every fold site
+    verdict: Verdict
     #: the model was in training mode and was switched to eval before folding
     switched_to_eval: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict.ok
+
+    @property
+    def error(self) -> Comparison:
+        """Error of the fused model against the original on the example input."""
+        return self.verdict.error
 
     @property
     def folds(self) -> list[Fold]:
@@ -38,10 +53,10 @@ class FuseResult:
         return self.plan.skipped
 
 
-def _example(model: "nn.Module", example_input: Any) -> tuple[Any, ...]:
+def _example(model: "nn.Module", example_input: Any, seed: int = 0) -> tuple[Any, ...]:
     if example_input is None:
         dtype, device = model_dtype(model)
-        example_input = make_input(infer_spec(model), dtype=dtype, device=device)
+        example_input = make_input(infer_spec(model), dtype=dtype, device=device, seed=seed)
     return as_args(example_input)
 
 
@@ -92,17 +107,30 @@ def plan(model: "nn.Module", example_input: Any = None) -> Plan:
         model.train(was_training)
 
 
-def fuse(model: "nn.Module", example_input: Any = None, *, inplace: bool = False) -> FuseResult:
-    """Fold every BatchNorm of ``model`` that can be folded exactly, and check the result.
+def fuse(
+    model: "nn.Module",
+    example_input: Any = None,
+    *,
+    inplace: bool = False,
+    rtol: "float | None" = None,
+    atol: "float | None" = None,
+) -> FuseResult:
+    """Fold every BatchNorm of ``model`` that can be folded exactly, and judge the result.
 
     ``example_input`` is a tensor, or a tuple of positional arguments (anything else, such as
     the list of images a torchvision detection model takes, is one argument); without it a
     seeded random input of an inferred shape is used.  The pairs are found from one recorded
-    forward pass on it, whose output is kept as the reference for the error check.
-    With ``inplace=False`` (the default) the caller's model is left untouched.
+    forward pass on it, whose output is kept as the reference, and a crop of the activation
+    reaching each fold site is kept for the per-site check.  The recording and the check run
+    with TF32 switched off (restored after), so the verdict does not depend on it.
+    ``rtol``/``atol`` default by the model's dtype (:data:`bnfuse_cli.checks.TOLERANCES`).
+    With ``inplace=False`` (the default) the caller's model is left untouched.  The result's
+    ``ok`` is the verdict; nothing is raised for a negative one.
     """
     import torch
 
+    dtype, device = model_dtype(model)
+    tol = Tolerance.for_dtype(dtype, rtol, atol)
     t0 = time.perf_counter()
     if not inplace:
         model = _copy(model)
@@ -110,18 +138,29 @@ def fuse(model: "nn.Module", example_input: Any = None, *, inplace: bool = False
     model.eval()
     args = _example(model, example_input)
     t1 = time.perf_counter()
-    analysis = analyse(model, args)
-    t2 = time.perf_counter()
-    apply_plan(model, analysis.plan)
-    t3 = time.perf_counter()
-    with torch.no_grad():
-        fused_out = model(*args)
-    error = compare(analysis.output, fused_out)
+    probe = SiteProbe()
+    with exact_math():
+        analysis = analyse(model, args, on_input=probe.capture)
+        probe.plan(analysis.plan.folds)
+        probe.reference(model)
+        t2 = time.perf_counter()
+        apply_plan(model, analysis.plan)
+        t3 = time.perf_counter()
+        with torch.no_grad():
+            fused_out = model(*args)
+        flags = precision_flags(device, dtype=dtype)
+    check = OutputCheck(tol, reference="original")
+    check.add(analysis.output, fused_out)
+    del analysis.output, fused_out
+    verdict = Verdict(
+        tol, {"example input": check}, probe.check(model, lambda dt: Tolerance.for_dtype(dt).site_rtol), flags,
+        basis=f"the original's own output in {str(dtype).replace('torch.', '')} on {device.type}, TF32 off",
+    )
     t4 = time.perf_counter()
     return FuseResult(
         model=model,
         plan=analysis.plan,
-        error=error,
+        verdict=verdict,
         switched_to_eval=switched,
         seconds={"copy": t1 - t0, "analyse": t2 - t1, "rewrite": t3 - t2, "check": t4 - t3},
     )

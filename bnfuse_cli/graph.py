@@ -29,8 +29,12 @@ from .errors import BnfuseError
 from .patterns import is_norm_like, is_producer_like, norm_rule, producer_row, producer_rule
 
 if TYPE_CHECKING:
+    from typing import Callable
+
     import torch
     from torch import nn
+
+    InputCallback = Callable[[str, "nn.Module", Any], None]
 
 __all__ = ["Fold", "Skip", "Plan", "Analysis", "analyse"]
 
@@ -259,8 +263,12 @@ def _tensors(obj: Any) -> list["torch.Tensor"]:
 class _Recorder:
     """Hooks and a torch function mode that record who produced and who read which tensor."""
 
-    def __init__(self, model: "nn.Module") -> None:
+    def __init__(self, model: "nn.Module", on_input: "InputCallback | None" = None) -> None:
         from torch.overrides import TorchFunctionMode
+
+        #: called with (name, module, first input) at every producer or norm call, outside the
+        #: recording (the judge keeps a crop of it for its per-site check)
+        self.on_input = on_input
 
         self.names: dict[int, str] = {}
         #: producers and norms; every producer class is recorded, foldable or not, so a BN after a
@@ -400,6 +408,11 @@ class _Recorder:
             call.input = self.track(first)
             if call.input is not None and call.input.origin is None:
                 call.input.origin = self.describe_origin(first)
+            if self.on_input is not None:
+                import torch
+
+                with torch._C.DisableTorchFunction():  # the callback's reads are not the model's
+                    self.on_input(call.name, module, first)
             self.calls.setdefault(id(module), []).append(call)
         self.stack.append(call)
 
@@ -811,10 +824,12 @@ def _raise_if_model_fails(
         ) from exc
 
 
-def analyse(model: "nn.Module", args: tuple[Any, ...], kwargs: "dict[str, Any] | None" = None) -> Analysis:
+def analyse(model: "nn.Module", args: tuple[Any, ...], kwargs: "dict[str, Any] | None" = None, *,
+            on_input: "InputCallback | None" = None) -> Analysis:
     """Run ``model(*args, **kwargs)`` once under recording and return the fold plan and output.
 
-    The model must already be in eval mode.  Nothing is changed.
+    The model must already be in eval mode.  Nothing is changed.  ``on_input(name, module, x)``
+    sees the first input of every producer and norm call, outside the recording.
     """
     import torch
 
@@ -825,7 +840,7 @@ def analyse(model: "nn.Module", args: tuple[Any, ...], kwargs: "dict[str, Any] |
             f"{type(model).__name__} is a TorchScript module: bnfuse follows the data flow of an "
             "eager model; load the model's Python class and its state_dict instead"
         )
-    rec = _Recorder(model)
+    rec = _Recorder(model, on_input)
     try:
         with torch.no_grad(), rec.mode:
             output = model(*args, **(kwargs or {}))

@@ -1,4 +1,4 @@
-"""Example inputs for a model, and how far apart two outputs are.
+"""Example inputs for a model: which shape, and a seeded random tensor of it.
 
 An input *spec* is a shape plus how the model takes it: ``tensor`` (``model(x)``) or ``images``
 (torchvision detection models take a list of CHW images, ``model([img, ...])``).
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["InputSpec", "parse_shape", "infer_spec", "make_input", "as_args", "compare", "Comparison"]
+__all__ = ["InputSpec", "parse_shape", "infer_spec", "input_spec", "make_input", "as_args", "model_dtype"]
 
 #: torchvision video classifiers and the clip shape they expect (C, T, H, W)
 _VIDEO_SHAPES = {"s3d": (3, 16, 224, 224), "mvit_v1_b": (3, 16, 224, 224), "mvit_v2_s": (3, 16, 224, 224)}
@@ -109,40 +109,24 @@ def model_dtype(model: "nn.Module") -> "tuple[torch.dtype, torch.device]":
     return torch.float32, torch.device("cpu")
 
 
-@dataclass(frozen=True)
-class Comparison:
-    max_abs: float
-    rel: float
-    cosine: float
-    #: the outputs differ in structure or shape (tensors could not be compared element-wise)
-    mismatch: "str | None" = None
-
-
-def _flat(out: Any) -> list["torch.Tensor"]:
-    import torch
-    from torch.utils._pytree import tree_flatten
-
-    leaves = tree_flatten(out)[0]
-    return [t for t in leaves if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
-
-
-def compare(reference: Any, output: Any) -> Comparison:
-    """Max abs error, relative error ``||a-b|| / ||a||`` and cosine similarity over all float outputs."""
-    import torch
-
-    a, b = _flat(reference), _flat(output)
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-        return Comparison(float("inf"), float("inf"), float("nan"), mismatch=(
-            f"output structure differs: {[tuple(x.shape) for x in a]} vs {[tuple(y.shape) for y in b]}"
-        ))
-    if not a:
-        return Comparison(0.0, 0.0, 1.0)
-    va = torch.cat([x.detach().reshape(-1).to(torch.float64).cpu() for x in a])
-    vb = torch.cat([y.detach().reshape(-1).to(torch.float64).cpu() for y in b])
-    diff = (va - vb).abs()
-    max_abs = float(diff.max()) if diff.numel() else 0.0
-    na = float(va.norm())
-    rel = float((va - vb).norm()) / na if na > 0 else (0.0 if max_abs == 0 else float("inf"))
-    nb = float(vb.norm())
-    cos = float(va.dot(vb)) / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
-    return Comparison(max_abs, rel, cos)
+def input_spec(src: Any, input_shape: "str | tuple[int, ...] | None" = None, *,
+               batch_size: "int | None" = None) -> InputSpec:
+    """The input for the checks of a loaded source (``.model``, ``.arch``, ``.metadata``):
+    ``input_shape``, else the one recorded by an earlier conversion, else the model's own
+    ``example_input_shape`` attribute, else inferred from its first layer.  ``batch_size``
+    replaces the first dimension."""
+    declared = getattr(src.model, "example_input_shape", None)
+    if src.metadata.get("input"):
+        auto = InputSpec.from_dict(src.metadata["input"])
+    elif isinstance(declared, (tuple, list)) and declared and all(isinstance(d, int) and d > 0 for d in declared):
+        auto = InputSpec(tuple(declared))
+    else:
+        auto = infer_spec(src.model, src.arch)
+    shape = auto.shape
+    if input_shape is not None:
+        shape = parse_shape(input_shape) if isinstance(input_shape, str) else tuple(int(d) for d in input_shape)
+        if auto.kind == "images" and len(shape) == 3:
+            shape = (1, *shape)
+    if batch_size is not None:
+        shape = (batch_size, *shape[1:])
+    return InputSpec(shape, auto.kind)

@@ -2,16 +2,13 @@
 
 Both models are loaded in any form bnfuse reads (a model name, a state_dict with ``arch``, a
 nested training checkpoint, a pickled module with ``allow_pickle``, TorchScript, .safetensors,
-bnfuse's own outputs rebuilt from their metadata), run on the same seeded random inputs and,
-optionally, on a file of real inputs with labels.  The report gives the max absolute error, the
-relative error ``||a - b|| / ||a||``, the cosine similarity, top-1 agreement for classifier
-logits, accuracy on labelled data, and the structure: which BatchNorm layers are gone and the
-parameter counts of both.
-
-The verdict is per output tensor: ``max |orig - fused| <= atol + rtol * max |orig|``.  Scaling by
-the output's own magnitude keeps the test meaningful for logits of any size; elements near zero
-are not judged on their own, because a correct float32 fold moves every output by rounding noise
-of the output's scale, not of the element's.  Nothing here prints or exits.
+bnfuse's own outputs rebuilt from their metadata), and judged by :mod:`bnfuse_cli.checks` on
+the device, dtype and autocast they will be deployed with: every fold site named in the fused
+file's metadata on the activation that reaches it (float64), and the outputs on seeded random
+inputs and, optionally, on a file of real inputs with labels, against the original in float64.
+The report adds the cosine similarity, top-1 agreement for classifier logits, accuracy on
+labelled data, and the structure: which BatchNorm layers are gone and both parameter counts.
+Nothing here prints or exits.
 """
 
 from __future__ import annotations
@@ -23,35 +20,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .conversion import count_tensors, input_spec
-from .errors import UsageError
-from .inputs import Comparison, InputSpec, as_args, make_input, model_dtype
+from .checks import Comparison, OutputCheck, SiteCheck, SiteProbe, Tolerance, Verdict, json_number as _num
+from .conversion import count_tensors
+from .errors import BnfuseError, UsageError
+from .graph import Fold
+from .inputs import InputSpec, as_args, input_spec, make_input, model_dtype
 from .loading import Source, load_source
+from .precision import autocast, check_autocast, parse_dtype, precision_flags, resolve_device
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["VerifyReport", "DataResult", "Structure", "verify", "default_tolerances", "read_data"]
+__all__ = ["VerifyReport", "DataResult", "Structure", "verify", "read_data"]
 
 #: keys under which a data file keeps its inputs and its labels
 INPUT_KEYS = ("inputs", "input", "x", "images", "data", "features")
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
-
-
-def default_tolerances(dtype: Any) -> tuple[float, float]:
-    """``(rtol, atol)`` that a correct fold passes with a wide margin, by the models' dtype.
-
-    A float32 fold of a resnet50 moves the logits by about 1e-6 of their largest magnitude,
-    so ``rtol=1e-4`` leaves two orders of magnitude; a wrong fold moves them by 1e-1 or more.
-    """
-    import torch
-
-    return {
-        torch.float64: (1e-9, 1e-12),
-        torch.float16: (2e-2, 1e-3),
-        torch.bfloat16: (5e-2, 1e-2),
-    }.get(dtype, (1e-4, 1e-6))
 
 
 @dataclass
@@ -60,23 +45,44 @@ class DataResult:
 
     path: str
     count: int
-    error: Comparison
-    #: largest ``max_abs / (atol + rtol * scale)`` over output tensors; at most 1 within tolerance
-    worst: float
-    #: fraction of inputs on which both models predict the same class (classifier outputs only)
-    agreement: "float | None" = None
-    accuracy_orig: "float | None" = None
-    accuracy_fused: "float | None" = None
+    check: OutputCheck
+
+    @property
+    def error(self) -> Comparison:
+        return self.check.error
+
+    @property
+    def worst(self) -> float:
+        """Largest share of its allowance that any output tensor used; at most 1 within tolerance."""
+        return self.check.worst
+
+    @property
+    def agreement(self) -> "float | None":
+        """Fraction of inputs on which both models predict the same class (classifier outputs only)."""
+        return self.check.agreement
+
+    @property
+    def accuracy_orig(self) -> "float | None":
+        c = self.check
+        return c.correct_orig / c.labelled if c.labelled else None
+
+    @property
+    def accuracy_fused(self) -> "float | None":
+        c = self.check
+        return c.correct_fused / c.labelled if c.labelled else None
 
     def to_dict(self) -> dict[str, Any]:
+        e = self.error
         return {
             "path": self.path,
             "count": self.count,
-            "max_abs_error": _num(self.error.max_abs),
-            "rel_error": _num(self.error.rel),
-            "cosine": _num(self.error.cosine),
-            "mismatch": self.error.mismatch,
+            "ok": self.check.ok,
+            "max_abs_error": _num(e.max_abs),
+            "rel_error": _num(e.rel),
+            "cosine": _num(e.cosine),
+            "mismatch": e.mismatch,
             "worst_ratio": _num(self.worst),
+            "noise_max_abs": _num(self.check.noise.max_abs),
             "top1_agreement": self.agreement,
             "accuracy_orig": self.accuracy_orig,
             "accuracy_fused": self.accuracy_fused,
@@ -124,28 +130,56 @@ class VerifyReport:
     arch: "str | None"
     fused_arch: "str | None"
     input: InputSpec
+    #: the dtype the outputs were computed in (the lower of the two models', or --dtype)
     dtype: str
+    device: str
+    autocast: "str | None"
     samples: int
     seed: int
-    rtol: float
-    atol: float
-    #: over all random samples
-    error: Comparison
-    worst: float
+    #: the judge's verdict: random samples, --data, and every fold site
+    verdict: Verdict
     structure: Structure
-    top1_agreement: "float | None" = None
-    top1_rows: int = 0
     data: "DataResult | None" = None
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        """Both models' outputs agree within ``atol + rtol * scale`` on every input checked."""
-        checks = [(self.error, self.worst)] if self.samples else []
-        if self.data is not None:
-            checks.append((self.data.error, self.data.worst))
-        return bool(checks) and all(c.mismatch is None and w <= 1.0 for c, w in checks)
+        """Every fold site and every output checked are within tolerance."""
+        return self.verdict.ok
+
+    @property
+    def rtol(self) -> float:
+        return self.verdict.tolerance.rtol
+
+    @property
+    def atol(self) -> float:
+        return self.verdict.tolerance.atol
+
+    @property
+    def _samples(self) -> "OutputCheck | None":
+        return self.verdict.outputs.get("random inputs")
+
+    @property
+    def error(self) -> Comparison:
+        """Over all random samples."""
+        c = self._samples
+        return Comparison(math.nan, math.nan, math.nan) if c is None else c.error
+
+    @property
+    def worst(self) -> float:
+        c = self._samples
+        return 0.0 if c is None else c.worst
+
+    @property
+    def top1_agreement(self) -> "float | None":
+        c = self._samples
+        return None if c is None else c.agreement
+
+    @property
+    def top1_rows(self) -> int:
+        c = self._samples
+        return 0 if c is None else c.rows
 
     def to_dict(self) -> dict[str, Any]:
         from . import __version__
@@ -160,6 +194,8 @@ class VerifyReport:
             "fused_arch": self.fused_arch,
             "input": self.input.to_dict(),
             "dtype": self.dtype,
+            "device": self.device,
+            "autocast": self.autocast,
             "samples": self.samples,
             "seed": self.seed,
             "rtol": self.rtol,
@@ -172,110 +208,12 @@ class VerifyReport:
             "top1_agreement": self.top1_agreement,
             "top1_rows": self.top1_rows,
             "data": None if self.data is None else self.data.to_dict(),
+            "check": self.verdict.to_dict(),
             "structure": self.structure.to_dict(),
             "notes": self.notes,
             "seconds": self.seconds,
             "bnfuse_version": __version__,
         }
-
-
-def _num(x: float) -> "float | None":
-    """JSON has no inf/NaN: those become null (the ``mismatch``/``ok`` fields say why)."""
-    return x if math.isfinite(x) else None
-
-
-# ----------------------------------------------------------------------------- comparing outputs
-
-
-def _float_leaves(out: Any) -> list["torch.Tensor"]:
-    import torch
-    from torch.utils._pytree import tree_flatten
-
-    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
-class _Tally:
-    """Accumulates the error between two models' outputs over several batches, in float64."""
-
-    def __init__(self, rtol: float, atol: float) -> None:
-        self.rtol, self.atol = rtol, atol
-        self.max_abs = 0.0
-        self.diff_sq = self.ref_sq = self.out_sq = self.dot = 0.0
-        self.leaf_err: list[float] = []
-        self.leaf_scale: list[float] = []
-        self.mismatch: "str | None" = None
-        self.nonfinite_both = 0
-        self.rows = self.agree = 0
-        self.labelled = self.correct_ref = self.correct_out = 0
-
-    def add(self, ref: Any, out: Any, labels: "torch.Tensor | None" = None) -> None:
-        import torch
-
-        a, b = _float_leaves(ref), _float_leaves(out)
-        if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-            self.mismatch = self.mismatch or (
-                f"the outputs differ in structure: {[tuple(x.shape) for x in a]} (original) vs "
-                f"{[tuple(y.shape) for y in b]} (fused)"
-            )
-            return
-        if not self.leaf_err:
-            self.leaf_err, self.leaf_scale = [0.0] * len(a), [0.0] * len(a)
-        elif len(self.leaf_err) != len(a):
-            self.mismatch = self.mismatch or "the models return a different number of outputs on different inputs"
-            return
-        for i, (x, y) in enumerate(zip(a, b)):
-            x = x.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
-            y = y.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
-            finite = torch.isfinite(x) & torch.isfinite(y)
-            if not bool(finite.all()):
-                same = (x.isnan() & y.isnan()) | (x == y)
-                if not bool((finite | same).all()):
-                    self.leaf_err[i] = math.inf
-                    self.max_abs = math.inf
-                self.nonfinite_both += int((~finite & same).sum())
-                x, y = x[finite], y[finite]
-            if x.numel() == 0:
-                continue
-            d = x - y
-            self.max_abs = max(self.max_abs, float(d.abs().max()))
-            self.leaf_err[i] = max(self.leaf_err[i], float(d.abs().max()))
-            self.leaf_scale[i] = max(self.leaf_scale[i], float(x.abs().max()))
-            self.diff_sq += float(d.dot(d))
-            self.ref_sq += float(x.dot(x))
-            self.out_sq += float(y.dot(y))
-            self.dot += float(x.dot(y))
-        if len(a) == 1 and a[0].dim() == 2 and a[0].shape[1] > 1:  # classifier logits (N, classes)
-            pa, pb = a[0].argmax(1).cpu(), b[0].argmax(1).cpu()
-            self.rows += pa.numel()
-            self.agree += int((pa == pb).sum())
-            if labels is not None:
-                self.labelled += labels.numel()
-                self.correct_ref += int((pa == labels).sum())
-                self.correct_out += int((pb == labels).sum())
-
-    def comparison(self) -> Comparison:
-        if self.mismatch:
-            return Comparison(math.inf, math.inf, math.nan, mismatch=self.mismatch)
-        na, nb = math.sqrt(self.ref_sq), math.sqrt(self.out_sq)
-        if math.isinf(self.max_abs):
-            rel = math.inf
-        else:
-            rel = math.sqrt(self.diff_sq) / na if na > 0 else (0.0 if self.max_abs == 0 else math.inf)
-        cos = self.dot / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
-        return Comparison(self.max_abs, rel, cos)
-
-    def worst(self) -> float:
-        """Largest share of its allowance that any output tensor used (at most 1 passes)."""
-        if self.mismatch:
-            return math.inf
-        ratios = []
-        for err, scale in zip(self.leaf_err, self.leaf_scale):
-            allowed = self.atol + self.rtol * scale
-            ratios.append(err / allowed if allowed > 0 else (0.0 if err == 0 else math.inf))
-        return max(ratios, default=0.0)
-
-    def agreement(self) -> "float | None":
-        return self.agree / self.rows if self.rows else None
 
 
 # ----------------------------------------------------------------------------- data files
@@ -362,6 +300,103 @@ def _lower_precision(*dtypes: Any) -> Any:
     return min(known, key=order.index) if known else torch.float32
 
 
+def _recorded_folds(src: Source) -> "list[Fold] | None":
+    """The fold rows in a bnfuse output's metadata (None for a file without them)."""
+    rows = src.metadata.get("folds")
+    if not isinstance(rows, list):
+        return None
+    folds = []
+    for row in rows:
+        try:
+            folds.append(Fold.from_list([str(x) for x in row]))
+        except (TypeError, ValueError):
+            continue
+    return folds
+
+
+def _site_checks(src_o: Source, src_f: Source, x: Any, name: str) -> tuple[list[SiteCheck], list[str]]:
+    """Every fold site the fused file names, checked on the activation that reaches it in the
+    original (one run of the original in its own dtype and device)."""
+    folds = _recorded_folds(src_f)
+    if folds is None:
+        return [], ["the fused file names no fold sites (not a bnfuse output): checked on outputs only"]
+    names = {n for n, _ in src_o.model.named_modules()}
+    here = [f for f in folds if f.norm in names and f.producer in names]
+    notes = []
+    if len(here) < len(folds):
+        notes.append(f"{len(folds) - len(here)} fold site(s) in the fused file's metadata name layers the original "
+                     "does not have (folded by an earlier conversion?): not checked by site")
+    probe = SiteProbe(here)
+    with probe.hooks(src_o.model):
+        _run(src_o.model, x, "original", name)
+    probe.reference(src_o.model)
+    return probe.check(src_f.model, lambda dt: Tolerance.for_dtype(dt).site_rtol), notes
+
+
+def _float64_copy(model: "nn.Module", device: Any) -> "nn.Module | None":
+    """The original in float64 on ``device``: the exact reference (None if it cannot be made)."""
+    import copy
+
+    import torch
+
+    try:
+        return copy.deepcopy(model).to(device=device, dtype=torch.float64)
+    except Exception:  # a module that cannot be copied or cast: judged against the original itself
+        return None
+
+
+def _run(model: "nn.Module", x: Any, what: str, name: str, device: Any = "cpu", amp: "str | None" = None) -> Any:
+    """``model(x)`` without autograd (under ``amp`` autocast); a failure names the model and input."""
+    import torch
+
+    try:
+        with torch.no_grad(), autocast(device, amp):
+            return model(*as_args(x))
+    except Exception as exc:  # wrong input shape for this model, most often
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        shape = tuple(x[0].shape) if isinstance(x, (list, tuple)) else tuple(x.shape)
+        raise BnfuseError(
+            f"running the {what} model ({name}) on an input of shape {shape} failed: {type(exc).__name__}: "
+            f"{first}. Pass --input-shape with the shape the model takes"
+        ) from exc
+
+
+class _Runner:
+    """Runs the reference, the original and the fused model on the same inputs, as deployed."""
+
+    def __init__(self, ref: "nn.Module | None", orig: "nn.Module", fused: "nn.Module", *, dtypes: tuple[Any, Any],
+                 device: Any, autocast_dtype: "str | None", names: tuple[str, str]) -> None:
+        self.ref, self.orig, self.fused = ref, orig, fused
+        self.dtypes, self.device, self.autocast, self.names = dtypes, device, autocast_dtype, names
+
+    def _call(self, model: "nn.Module", x: Any, what: str, *, amp: bool = True) -> Any:
+        name = self.names[1] if what == "fused" else self.names[0]
+        return _run(model, x, what, name, self.device, self.autocast if amp else None)
+
+    def add(self, check: OutputCheck, make: Any, labels: Any = None) -> None:
+        """``make(dtype)`` gives a fresh input (a model may change its input in place)."""
+        import torch
+
+        orig = self._call(self.orig, make(self.dtypes[0]), "original")
+        fused = self._call(self.fused, make(self.dtypes[1]), "fused")
+        if self.ref is None:
+            check.add(orig, fused, labels=labels)
+        else:
+            ref = self._call(self.ref, make(torch.float64), "original (float64)", amp=False)
+            check.add(ref, fused, orig, labels=labels)
+
+
+def _validate(samples: int, data: Any, batch_size: int, device: str, dtype: "str | None",
+              autocast_dtype: "str | None", rtol: Any, atol: Any) -> tuple[Any, Any, "str | None"]:
+    """Every option checked before anything is loaded."""
+    if samples < 0 or (samples == 0 and data is None):
+        raise UsageError(f"--samples {samples}: give at least 1 random sample, or --data with real inputs")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: give a positive number of inputs per batch")
+    Tolerance.for_dtype("float32", rtol, atol)  # refuses a negative or non-finite tolerance now
+    return resolve_device(device), None if dtype is None else parse_dtype(dtype), check_autocast(autocast_dtype)
+
+
 def verify(
     orig: "str | os.PathLike[str]",
     fused: "str | os.PathLike[str]",
@@ -375,23 +410,25 @@ def verify(
     atol: "float | None" = None,
     data: "str | os.PathLike[str] | None" = None,
     batch_size: int = 256,
+    device: str = "cpu",
+    dtype: "str | None" = None,
+    autocast: "str | None" = None,
     allow_pickle: bool = False,
 ) -> VerifyReport:
-    """Compare ``fused`` with ``orig`` on ``samples`` seeded random inputs and, with ``data``, on real ones.
+    """Judge ``fused`` against ``orig`` on ``samples`` seeded random inputs and, with ``data``, on real ones.
 
-    ``arch`` is used for a file that holds only a state_dict (a bnfuse output brings its own in
-    its metadata).  ``rtol``/``atol`` default by dtype (:func:`default_tolerances`).  The report's
-    ``ok`` is the verdict; a model that cannot be loaded or run raises a :class:`BnfuseError`.
+    Both models run on ``device`` (cpu, cuda, cuda:N, auto), in ``dtype`` (float32, float16,
+    bfloat16; default: each model's own) and under ``autocast`` (float16 or bfloat16), as they
+    will be deployed; the original also runs in float64 as the exact reference, so each output
+    may differ from it by ``atol + rtol * max|ref|`` plus a few times the original's own error.
+    ``rtol``/``atol`` default by dtype (:data:`bnfuse_cli.checks.TOLERANCES`).  Every fold site
+    named in the fused file's metadata is checked on the activation that reaches it.  ``arch``
+    is used for a file that holds only a state_dict (a bnfuse output brings its own).  The
+    report's ``ok`` is the verdict; a model that cannot be loaded or run raises a :class:`BnfuseError`.
     """
     import torch
 
-    if samples < 0 or (samples == 0 and data is None):
-        raise UsageError(f"--samples {samples}: give at least 1 random sample, or --data with real inputs")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size}: give a positive number of inputs per batch")
-    for name, value in (("--rtol", rtol), ("--atol", atol)):
-        if value is not None and not (value >= 0 and math.isfinite(value)):
-            raise UsageError(f"{name} {value}: give a finite number >= 0")
+    dev, want_dtype, amp = _validate(samples, data, batch_size, device, dtype, autocast, rtol, atol)
     t0 = time.perf_counter()
     inputs = labels = None
     if data is not None:
@@ -399,65 +436,57 @@ def verify(
     src_o = load_source(orig, arch=arch, weights=weights, allow_pickle=allow_pickle)
     src_f = load_source(fused, arch=arch, weights=weights, allow_pickle=allow_pickle)
     model_o, model_f = src_o.model, src_f.model
-    dtype_o, dev_o = model_dtype(model_o)
-    dtype_f, dev_f = model_dtype(model_f)
-    d_rtol, d_atol = default_tolerances(_lower_precision(dtype_o, dtype_f))
-    rtol = d_rtol if rtol is None else float(rtol)
-    atol = d_atol if atol is None else float(atol)
     spec = _pick_spec(src_o, src_f, input_shape, inputs)
+    structure = _structure(model_o, model_f)
     t1 = time.perf_counter()
 
-    def run(model: "nn.Module", args: tuple[Any, ...], what: str) -> Any:
-        try:
-            with torch.no_grad():
-                return model(*args)
-        except Exception as exc:  # wrong input shape for this model, most often
-            from .errors import BnfuseError
-
-            raise BnfuseError(
-                f"running the {what} model ({orig if what == 'original' else fused}) on an input of shape "
-                f"{spec.kind} {'x'.join(map(str, spec.shape)) if inputs is None else tuple(inputs.shape[1:])} "
-                f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. "
-                "Pass --input-shape with the shape the model takes"
-            ) from exc
-
-    tally = _Tally(rtol, atol)
-    for i in range(samples):
-        # a fresh copy for each model: a model may modify its input in place
-        ref = run(model_o, as_args(make_input(spec, dtype=dtype_o, device=dev_o, seed=seed + i)), "original")
-        out = run(model_f, as_args(make_input(spec, dtype=dtype_f, device=dev_f, seed=seed + i)), "fused")
-        tally.add(ref, out)
-        del ref, out
+    native, native_dev = model_dtype(model_o)
+    first = _cast(inputs[:1], native, native_dev) if inputs is not None else \
+        make_input(spec, dtype=native, device=native_dev, seed=seed)
+    sites, notes = _site_checks(src_o, src_f, first, str(orig))
+    ref_model = _float64_copy(model_o, dev)
+    for m in (model_o, model_f):
+        m.to(device=dev, dtype=want_dtype) if want_dtype is not None else m.to(device=dev)
+    dtypes = (model_dtype(model_o)[0], model_dtype(model_f)[0])
+    runtime = _lower_precision(*dtypes) if amp is None else getattr(torch, amp)
+    tol = Tolerance.for_dtype(runtime, rtol, atol)
+    runner = _Runner(ref_model, model_o, model_f, dtypes=dtypes, device=dev, autocast_dtype=amp,
+                     names=(str(orig), str(fused)))
+    reference = "float64" if ref_model is not None else "original"
+    outputs: dict[str, OutputCheck] = {}
+    if samples:
+        check = outputs["random inputs"] = OutputCheck(tol, reference=reference)
+        for i in range(samples):
+            runner.add(check, lambda dt, i=i: make_input(spec, dtype=dt, device=dev, seed=seed + i))
     t2 = time.perf_counter()
 
     data_result = None
     if inputs is not None:
-        dt = _Tally(rtol, atol)
+        check = outputs["data"] = OutputCheck(tol, reference=reference)
         for start in range(0, int(inputs.shape[0]), batch_size):
             chunk = inputs[start:start + batch_size]
             lab = None if labels is None else labels[start:start + batch_size]
-            ref = run(model_o, (_cast(chunk, dtype_o, dev_o),), "original")
-            out = run(model_f, (_cast(chunk, dtype_f, dev_f),), "fused")
-            dt.add(ref, out, lab)
-        data_result = DataResult(
-            path=str(data), count=int(inputs.shape[0]), error=dt.comparison(), worst=dt.worst(),
-            agreement=dt.agreement(),
-            accuracy_orig=dt.correct_ref / dt.labelled if dt.labelled else None,
-            accuracy_fused=dt.correct_out / dt.labelled if dt.labelled else None,
-        )
+            runner.add(check, lambda dt, c=chunk: _cast(c, dt, dev), labels=lab)
+        data_result = DataResult(path=str(data), count=int(inputs.shape[0]), check=check)
     t3 = time.perf_counter()
+    del runner
+    if ref_model is None:
+        notes.append("the original could not be copied to float64: judged against its own output")
+    del ref_model
 
-    structure = _structure(model_o, model_f)
-    report = VerifyReport(
+    verdict = Verdict(
+        tol, outputs, sites, precision_flags(dev, amp, runtime),
+        basis=(f"the original in float64 on {dev}" if reference == "float64" else "the original's own output")
+        + f"; both models in {str(runtime).replace('torch.', '')}" + (f" under autocast {amp}" if amp else ""),
+    )
+    return VerifyReport(
         orig=str(orig), fused=str(fused), orig_kind=src_o.kind, fused_kind=src_f.kind,
-        arch=src_o.arch, fused_arch=src_f.arch, input=spec,
-        dtype=str(_lower_precision(dtype_o, dtype_f)).replace("torch.", ""),
-        samples=samples, seed=seed, rtol=rtol, atol=atol, error=tally.comparison(), worst=tally.worst(),
-        structure=structure, top1_agreement=tally.agreement(), top1_rows=tally.rows, data=data_result,
-        notes=_notes(src_o, src_f, structure, tally, labels, data_result),
+        arch=src_o.arch, fused_arch=src_f.arch, input=spec, dtype=str(runtime).replace("torch.", ""),
+        device=str(dev), autocast=amp, samples=samples, seed=seed, verdict=verdict,
+        structure=structure, data=data_result,
+        notes=_notes(src_o, src_f, structure, outputs, labels, data_result) + notes,
         seconds={"load": t1 - t0, "samples": t2 - t1, "data": t3 - t2, "total": time.perf_counter() - t0},
     )
-    return report
 
 
 def _cast(x: "torch.Tensor", dtype: Any, device: Any) -> "torch.Tensor":
@@ -465,7 +494,7 @@ def _cast(x: "torch.Tensor", dtype: Any, device: Any) -> "torch.Tensor":
     return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype, copy=True)
 
 
-def _notes(src_o: Source, src_f: Source, st: Structure, tally: _Tally, labels: Any,
+def _notes(src_o: Source, src_f: Source, st: Structure, outputs: dict[str, OutputCheck], labels: Any,
            data: "DataResult | None") -> list[str]:
     notes = [f"original: {n}" for n in src_o.notes] + [f"fused: {n}" for n in src_f.notes]
     if not st.removed:
@@ -477,12 +506,13 @@ def _notes(src_o: Source, src_f: Source, st: Structure, tally: _Tally, labels: A
     added = [n for n in st.bn_fused if n not in set(st.bn_orig)]
     if added:
         notes.append(f"the fused model has BatchNorm layers the original lacks: {', '.join(added[:5])}")
-    recorded = {row[1] for row in src_f.metadata.get("folds", []) if isinstance(row, list) and len(row) == 4}
+    recorded = {f.norm for f in _recorded_folds(src_f) or []}
     kept = sorted(recorded & set(st.bn_fused))
     if kept:
         notes.append(f"the fused file's metadata says these were folded, yet they are still BatchNorm: {', '.join(kept[:5])}")
-    if tally.nonfinite_both:
-        notes.append(f"{tally.nonfinite_both} output values are NaN or infinite in both models (compared as equal)")
+    both = sum(c.nonfinite_both for c in outputs.values())
+    if both:
+        notes.append(f"{both} output values are NaN or infinite in both models (compared as equal)")
     if data is not None and labels is not None and data.accuracy_orig is None:
         notes.append("the models do not return classifier logits (N, classes): no accuracy was computed")
     if src_o.weights == "none":

@@ -49,7 +49,8 @@ def main() -> int:
 
     from bnfuse_cli.benchmark import machine_info, randomize_bn
     from bnfuse_cli.graph import analyse
-    from bnfuse_cli.inputs import compare, parse_shape
+    from bnfuse_cli.checks import compare
+    from bnfuse_cli.inputs import parse_shape
     from bnfuse_cli.rewrite import apply_plan
 
     info = machine_info()

@@ -162,7 +162,7 @@ def run_one(name: str, shape: tuple[int, ...], workdir: Path) -> Row:
     import torch
 
     from bnfuse_cli.fusion import fuse
-    from bnfuse_cli.inputs import compare
+    from bnfuse_cli.checks import compare
 
     row = Row(name)
     t0 = time.perf_counter()

@@ -14,6 +14,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 BNFUSE = Path(sys.executable).parent / "bnfuse"
+#: the real entry point, without relying on an installed ``bnfuse`` script
+BNFUSE_CMD = [sys.executable, "-m", "bnfuse_cli"]
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -25,10 +27,11 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def run_bnfuse(*args: str, cwd: "Path | str | None" = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real ``bnfuse`` entry point as a subprocess."""
-    env = dict(os.environ, COLUMNS="200")
-    return subprocess.run([str(BNFUSE), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+def run_bnfuse(*args: str, cwd: "Path | str | None" = None, timeout: int = 600,
+               columns: int = 80) -> subprocess.CompletedProcess:
+    """Run the real entry point (``python -m bnfuse_cli``) as a subprocess, at a fixed width."""
+    env = dict(os.environ, COLUMNS=str(columns))
+    return subprocess.run([*BNFUSE_CMD, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from bnfuse_cli.benchmark import DEFAULT_MODELS, ModelBench, Stats, bench, randomize_bn, resolve_device, verdict
 from bnfuse_cli.cli import app
-from bnfuse_cli.inputs import Comparison, InputSpec
+from bnfuse_cli.checks import OutputCheck, Tolerance, Verdict
+from bnfuse_cli.inputs import InputSpec
 
 from bench_tiny import TinyCNN
 from conftest import ROOT, randomize_bn as randomize_bn_test, run_bnfuse
@@ -46,8 +47,12 @@ def test_stats_quartiles_match_torch_quantile() -> None:
 
 
 def _result(orig: list[float], fused: list[float], rel: float = 0.0) -> ModelBench:
+    tol = Tolerance.for_dtype(torch.float32)
+    check = OutputCheck(tol, reference="float64")
+    ref = torch.ones(4, dtype=torch.float64)
+    check.add(ref, ref * (1 + rel), ref)
     return ModelBench(model="m", arch="m", weights="none", input=InputSpec((1, 3, 8, 8)), bn_found=1, bn_folded=1,
-                      bn_left=[], error=Comparison(rel, rel, 1.0), tolerance=1e-4, original_ms=orig, fused_ms=fused)
+                      bn_left=[], check=Verdict(tol, {"benchmark run": check}), original_ms=orig, fused_ms=fused)
 
 
 def test_within_noise_when_speedup_iqr_contains_one() -> None:
@@ -115,24 +120,59 @@ def test_bench_catches_a_wrong_fold(monkeypatch: pytest.MonkeyPatch) -> None:
         with torch.no_grad():
             model.conv2.weight.mul_(1.1)
 
-    monkeypatch.setattr(rewrite, "apply_plan", broken)
+    import bnfuse_cli.fusion as fusion
+
+    monkeypatch.setattr(fusion, "apply_plan", broken)
     report = bench([TINY], device="cpu", iters=2, warmup=0, input_shape="1,3,16,16")
     (r,) = report.results
-    assert not r.correct and r.error.rel > r.tolerance
+    assert not r.correct and [s.layer for s in r.check.failed_sites] == ["conv2"]
     assert report.incorrect() == [r] and not report.passed()
     result = _cli(TINY, *FAST, "--min-speedup", "0")
     assert result.exit_code == 1, result.output
-    assert "differs from the original" in result.output
+    assert "fold site conv2 (bn2)" in result.output
 
 
-def test_reduced_precision_is_judged_against_float32() -> None:
-    report = bench([TINY], device="cpu", dtype="bfloat16", iters=2, warmup=0, input_shape="1,3,16,16")
+def _perturb_unfolded_conv(monkeypatch: pytest.MonkeyPatch, factor: float) -> None:
+    """After folding, scale TinyResidual's conv2 (no fold site: its BN follows an add): only the
+    end-to-end check can see this."""
+    import bnfuse_cli.fusion as fusion
+
+    real = fusion.apply_plan
+
+    def perturbed(model, plan):  # noqa: ANN001, ANN202
+        real(model, plan)
+        with torch.no_grad():
+            model.conv2.weight.mul_(factor)
+
+    monkeypatch.setattr(fusion, "apply_plan", perturbed)
+
+
+def test_bench_float32_tolerance_catches_a_1e_3_output_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1000x looser float32 tolerance would let this through."""
+    _perturb_unfolded_conv(monkeypatch, 1.003)
+    (r,) = bench([RESIDUAL], device="cpu", iters=2, warmup=0, input_shape="1,3,16,16").results
+    assert not r.check.failed_sites and not r.correct
+    assert 1e-4 < r.error.rel < 1e-1 and r.tolerance == 1e-4
+    assert any("benchmark run: output 0" in why for why in r.check.reasons)
+
+
+def test_bench_rtol_option_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    _perturb_unfolded_conv(monkeypatch, 1.003)
+    (r,) = bench([RESIDUAL], device="cpu", iters=2, warmup=0, input_shape="1,3,16,16", rtol=0.1).results
+    assert r.correct and r.tolerance == 0.1
+    result = _cli(RESIDUAL, *FAST, "--rtol", "1e-5")
+    assert result.exit_code == 1, result.output
+
+
+@pytest.mark.parametrize("dtype, autocast", [("float16", None), ("bfloat16", None), ("float32", "bfloat16")])
+def test_reduced_precision_is_judged_against_float64_and_its_own_noise(dtype: str, autocast: "str | None") -> None:
+    report = bench([TINY], device="cpu", dtype=dtype, autocast=autocast, iters=2, warmup=0, input_shape="1,3,16,16")
     (r,) = report.results
-    assert r.vs_float32 is not None
-    orig, fused = r.vs_float32
-    assert orig.rel > 0 and math.isfinite(fused.rel)
-    assert r.correct
-    assert r.to_dict()["error"]["vs_float32"]["fused_rel"] == fused.rel
+    assert r.noise.rel > 1e-4  # the original's own error at this precision
+    assert r.correct, r.check.reasons
+    d = r.to_dict()
+    assert d["error"]["noise_rel"] == r.noise.rel and d["check"]["precision"]["autocast"] == autocast
+    assert d["check"]["outputs"]["benchmark run"]["reference"] == "float64"
 
 
 def test_checkpoint_source_is_not_rerandomised(tmp_path) -> None:  # noqa: ANN001
@@ -195,6 +235,13 @@ def test_cli_min_speedup_exit_codes() -> None:
     assert ok.exit_code == 0, ok.output
 
 
+@pytest.mark.parametrize("columns", [40, 200])
+def test_messages_do_not_depend_on_the_terminal_width(columns: int) -> None:
+    proc = run_bnfuse("bench", TINY, *FAST, "--min-speedup", "1000", cwd=ROOT / "tests", columns=columns)
+    assert proc.returncode == 1, proc.stderr
+    assert "is below --min-speedup 1000" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -202,6 +249,9 @@ def test_cli_min_speedup_exit_codes() -> None:
         (["--iters", "0"], "--iters 0"),
         (["--device", "tpu"], "--device 'tpu'"),
         (["--time-budget", "-1"], "--time-budget"),
+        (["--autocast", "float8"], "--autocast 'float8'"),
+        (["--rtol", "-1"], "--rtol -1"),
+        (["--atol", "nan"], "--atol nan"),
     ],
 )
 def test_cli_usage_errors_exit_2(args: list[str], message: str) -> None:

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 import bnfuse_cli
 from bnfuse_cli import cli
-from conftest import BNFUSE, randomize_bn
+from conftest import BNFUSE_CMD, randomize_bn
 
 SHAPE = "1,3,64,64"
 _BN = nn.modules.batchnorm._BatchNorm
@@ -70,7 +70,7 @@ class _Runs:
             "offline": (["convert", "resnet18", "--weights", "default", "--input-shape", SHAPE,
                          "-o", "pretrained.pth"], offline),
         }
-        procs = {k: subprocess.Popen([str(BNFUSE), *args], cwd=root, env=env, text=True,
+        procs = {k: subprocess.Popen([*BNFUSE_CMD, *args], cwd=root, env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                  for k, (args, env) in specs.items()}
         self.results: dict[str, Any] = {}

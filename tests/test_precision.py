@@ -27,7 +27,7 @@ from torchvision.models import resnet18
 
 from bnfuse_cli.errors import FoldError
 from bnfuse_cli.fusion import fuse
-from bnfuse_cli.inputs import compare
+from bnfuse_cli.checks import compare
 from conftest import randomize_bn
 
 DTYPES = [torch.float16, torch.bfloat16]

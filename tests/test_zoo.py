@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from bnfuse_cli.fusion import fuse
-from bnfuse_cli.inputs import compare
+from bnfuse_cli.checks import compare
 from bnfuse_cli.patterns import is_norm_like
 from conftest import ROOT, randomize_bn
 
