@@ -49,3 +49,26 @@ def tiny_cnn() -> nn.Module:
 
 def tiny_residual() -> nn.Module:
     return TinyResidual()
+
+
+class NoisyTinyCNN(TinyCNN):
+    """TinyCNN whose every stage carries relative noise of 1e-3 whenever reduced-precision float32
+    math is allowed (``torch.backends.cudnn.allow_tf32``, on by default) and the model does not
+    run in float64: what TF32 convolutions do on an Ampere-or-newer GPU, emulated on the CPU.
+    (The noise is applied after each BatchNorm, not by hooks on the convs: bnfuse never folds
+    into a layer with forward hooks.)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _tf32_like(torch.relu(self.bn1(self.conv1(x))))
+        x = _tf32_like(torch.relu(self.bn2(self.conv2(x))))
+        return _tf32_like(self.bn3(self.fc(x.mean((2, 3)))))
+
+
+def _tf32_like(out: torch.Tensor) -> torch.Tensor:
+    if out.dtype == torch.float64 or not torch.backends.cudnn.allow_tf32:
+        return out
+    return out * (1 + 1e-3 * torch.randn_like(out))
+
+
+def noisy_tiny_cnn() -> nn.Module:
+    return NoisyTinyCNN()

@@ -589,3 +589,17 @@ class CatPartReadTwice(nn.Module):
     def forward(self, x):
         a, b = self.c1(x), self.c2(x)
         return self.bn(torch.cat([a, b], 1))[:, :4] + a
+
+
+class GatedByMean(nn.Module):
+    """Conv -> BN, fed zeros unless the input's mean is above 2: random inputs never reach the
+    conv's weight (nor does the activation its fold site sees), only shifted real data does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = (x.mean() > 2).to(x.dtype)
+        return self.bn(self.conv(x * gate)).mean((2, 3))
