@@ -990,16 +990,16 @@ def _cause(exc: OSError) -> str:
 
 def _guess_cause(fd: int) -> OSError:
     """Why torch's own write failed when no OSError reached us: a full file system or the size limit."""
-    import resource
-
     try:
+        import resource
+
         st = os.fstatvfs(fd)
         if st.f_bavail == 0:
             return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         if limit != resource.RLIM_INFINITY and os.fstat(fd).st_size >= limit:
             return OSError(errno.EFBIG, os.strerror(errno.EFBIG))
-    except (OSError, ValueError):
+    except (ImportError, OSError, ValueError):
         pass
     return OSError(errno.EIO, "the write failed")
 
@@ -1058,7 +1058,7 @@ def write_checkpoint(
         ) from exc
     tmp = named if named is not None else Path(f"/proc/self/fd/{fd}")
     link: "Path | None" = None  # the name an anonymous file gets for an atomic replace
-    placed = False
+    entry = Path(output)  # this write's record in _WRITTEN (found by identity)
     try:
         writer = _FdWriter(fd)
         try:
@@ -1104,9 +1104,8 @@ def write_checkpoint(
                 ) from exc
             except OSError as exc:
                 hint = _WRITE_HINTS.get(exc.errno or 0, "choose another -o or retry")
-                raise OutputError(f"cannot write {output}: {_cause(exc)} placing the file; {hint}. {kept}") from exc
-            _WRITTEN.append(output)
-            placed = True
+                raise OutputError(f"cannot write {output}: {_cause(exc)} placing the file; {hint}; {kept}") from exc
+            _WRITTEN.append(entry)
             try:
                 os.fsync(dirfd)
             except OSError as exc:
@@ -1121,8 +1120,8 @@ def write_checkpoint(
             os.close(dirfd)
         size = os.fstat(fd).st_size
     except BaseException:
-        if not placed and _is_placed(output, fd):  # interrupted between placing it and recording that
-            _WRITTEN.append(output)
+        if not any(e is entry for e in _WRITTEN) and _is_placed(output, fd):  # interrupted right after placing
+            _WRITTEN.append(entry)
         for name in (named, link):
             if name is not None:
                 try:
