@@ -504,6 +504,7 @@ class _Settings:
     arch: "str | None"
     weights: str
     allow_pickle: bool
+    key: "str | None"
     input_shape: Any
     batch_size: "int | None"
     channels_last: bool
@@ -536,7 +537,7 @@ def _prepare(source: str, st: _Settings) -> _Prepared:
     from .inputs import InputSpec, as_args, make_input
     from .loading import load_source
 
-    src = load_source(source, arch=st.arch, weights=st.weights, allow_pickle=st.allow_pickle)
+    src = load_source(source, arch=st.arch, weights=st.weights, allow_pickle=st.allow_pickle, key=st.key)
     original = src.model.eval().to(torch.float32)
     notes = list(src.notes)
     spec = _bench_spec(src, st.input_shape, st.batch_size, _DEFAULTS[st.device.type][0])
@@ -723,6 +724,7 @@ def bench(
     arch: "str | None" = None,
     weights: str = "none",
     allow_pickle: bool = False,
+    key: "str | None" = None,
     rtol: "float | None" = None,
     atol: "float | None" = None,
     min_sample_ms: float = 2.0,
@@ -767,7 +769,7 @@ def bench(
     sources = list(models) if models else list(DEFAULT_MODELS)
     if arch is not None and len(sources) > 1:
         raise UsageError("--arch applies to one checkpoint: bench one state_dict at a time with --arch")
-    st = _Settings(device=dev, dtype=dt, autocast=amp, arch=arch, weights=weights, allow_pickle=allow_pickle,
+    st = _Settings(device=dev, dtype=dt, autocast=amp, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key,
                    input_shape=input_shape, batch_size=batch_size, channels_last=channels_last, compile=compile,
                    iters=iters, warmup=warmup, time_budget=budget, min_sample_ms=min_sample_ms, seed=seed,
                    rtol=rtol, atol=atol, progress=progress)

@@ -104,6 +104,7 @@ ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture for
 WeightsOpt = Annotated[str, typer.Option("--weights", help="For a model name: default, a torchvision weights name, none (random), or a state_dict file.")]
 ShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", help="Input shape for the checks, e.g. 1,3,224,224 (default: inferred from the model).")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow full unpickling (runs code from the file): only for files you trust.")]
+KeyOpt = Annotated[Optional[str], typer.Option("--key", help="Where the weights are in a checkpoint that holds several, as a dotted path (for example model_state or ema.model).", show_default=False)]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.", dir_okay=False)]
 RtolOpt = Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance, of each output's largest magnitude, on top of the original's own error at this precision (default by dtype: 1e-4 for float32).", show_default=False)]
 AtolOpt = Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance (default by dtype: 1e-6 for float32).", show_default=False)]
@@ -205,6 +206,7 @@ def convert(
     save_as: Annotated[Optional[str], typer.Option("--save-as", help="For .pth: module or state-dict (default mirrors the input).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     allow_pickle: PickleOpt = False,
+    key: KeyOpt = None,
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
     tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Alias of --rtol.", show_default=False)] = None,
@@ -234,7 +236,7 @@ def convert(
             dest = output
             if out_dir is not None:
                 dest = out_dir / (Path(src).stem.replace(".", "_") + ".fused" + suffix)
-            r = convert_fn(src, dest, arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle,
+            r = convert_fn(src, dest, arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle, key=key,
                            save_as=save_as, force=force, rtol=rtol, atol=atol, tolerance=tolerance)
             out.print(_convert_table(r))
             for table in _plan_tables(r.plan, verbose=verbose):
@@ -258,6 +260,7 @@ def inspect(
     weights: WeightsOpt = "default",
     input_shape: ShapeOpt = None,
     allow_pickle: PickleOpt = False,
+    key: KeyOpt = None,
     json_file: JsonOpt = None,
 ) -> None:
     """Show what would fold and what would not, and why, without writing anything."""
@@ -268,7 +271,7 @@ def inspect(
         from .conversion import inspect as inspect_fn
 
         src, spec, plan = inspect_fn(source, arch=arch, weights=weights, input_shape=input_shape,
-                                     allow_pickle=allow_pickle)
+                                     allow_pickle=allow_pickle, key=key)
         out.print(f"[bold]{source}[/bold]: {len(plan.norms)} BatchNorm layers, {len(plan.folded_norms)} would fold, "
                   f"{len(plan.skipped)} would stay (input {spec.kind} {'x'.join(map(str, spec.shape))})", highlight=False)
         for table in _plan_tables(plan, verbose=True):
@@ -326,6 +329,7 @@ def verify(
     data: Annotated[Optional[Path], typer.Option("--data", help="Tensor file of real inputs: a tensor, {'inputs': T, 'labels': T} or (inputs, labels).", dir_okay=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Inputs per forward pass with --data.")] = 256,
     allow_pickle: PickleOpt = False,
+    key: KeyOpt = None,
     json_file: JsonOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List the BatchNorm layers removed and remaining.")] = False,
 ) -> None:
@@ -345,7 +349,7 @@ def verify(
 
         r = verify_fn(orig, fused, arch=arch, weights=weights, input_shape=input_shape, samples=samples, seed=seed,
                       rtol=rtol, atol=atol, data=data, batch_size=batch_size, device=device, dtype=dtype,
-                      autocast=autocast, allow_pickle=allow_pickle)
+                      autocast=autocast, allow_pickle=allow_pickle, key=key)
         out.print(_verify_table(r, verbose=verbose))
         for note in r.notes:
             _note(note)
@@ -415,6 +419,7 @@ def bench(
     arch: ArchOpt = None,
     weights: Annotated[str, typer.Option("--weights", help="For a model name: none (random weights, random BN statistics; runs offline), default, a torchvision weights name, or a state_dict file.")] = "none",
     allow_pickle: PickleOpt = False,
+    key: KeyOpt = None,
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
     json_file: JsonOpt = None,
@@ -448,7 +453,8 @@ def bench(
             report = bench_fn(models or None, device=device, dtype=dtype, batch_size=batch_size,
                               input_shape=input_shape, channels_last=channels_last, threads=threads, iters=iters,
                               warmup=warmup, time_budget=budget, compile=compile_, arch=arch, weights=weights,
-                              allow_pickle=allow_pickle, autocast=autocast, rtol=rtol, atol=atol, progress=tick)
+                              allow_pickle=allow_pickle, key=key, autocast=autocast, rtol=rtol, atol=atol,
+                              progress=tick)
         out.print(_bench_table(report, min_speedup))
         for r in report.results:
             if r.bn_left:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .checkpoint import check_output_path, write_checkpoint
-from .checks import Comparison, Verdict
+from .checks import Comparison, Tolerance, Verdict
 from .errors import FoldError, UsageError
 from .fusion import fuse
 from .graph import Plan, analyse
@@ -96,9 +96,9 @@ def count_tensors(model: "nn.Module") -> tuple[int, int]:
 
 
 def inspect(source: str, *, arch: "str | None" = None, weights: str = "default", input_shape: Any = None,
-            allow_pickle: bool = False) -> tuple[Source, InputSpec, Plan]:
+            allow_pickle: bool = False, key: "str | None" = None) -> tuple[Source, InputSpec, Plan]:
     """The fold plan for ``source`` without changing or writing anything."""
-    src = load_source(source, arch=arch, weights=weights, allow_pickle=allow_pickle)
+    src = load_source(source, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key)
     spec = input_spec(src, input_shape)
     dtype, device = model_dtype(src.model)
     plan = analyse(src.model, as_args(make_input(spec, dtype=dtype, device=device))).plan
@@ -118,6 +118,7 @@ def convert(
     rtol: "float | None" = None,
     atol: "float | None" = None,
     tolerance: "float | None" = None,
+    key: "str | None" = None,
     seed: int = 0,
 ) -> ConvertReport:
     """Fold every foldable BatchNorm of ``source`` and write the fused model to ``output``.
@@ -126,7 +127,8 @@ def convert(
     and judged by :mod:`bnfuse_cli.checks`: every fold site on the activation that reaches it,
     and the output on a seeded random input, within ``atol + rtol * max|output|`` (defaults by
     dtype; ``tolerance`` is an alias of ``rtol``).  Nothing is written when the verdict is
-    negative (:class:`FoldError`).  ``output=None`` folds and checks without writing.
+    negative (:class:`FoldError`).  ``output=None`` folds and checks without writing.  ``key``
+    picks the weights inside a checkpoint that holds several (a dotted path, ``ema.model``).
     """
     t0 = time.perf_counter()
     if tolerance is not None:
@@ -140,7 +142,8 @@ def convert(
         raise UsageError(f"--save-as module needs a .pth output: .safetensors holds tensors only ({out_path})")
     if out_path is not None:
         check_output_path(out_path, inputs=[Path(str(source))], force=force)
-    src = load_source(source, arch=arch, weights=weights, allow_pickle=allow_pickle)
+    Tolerance.for_dtype("float32", rtol, atol)  # a bad tolerance is refused before any work
+    src = load_source(source, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key)
     model = src.model
     spec = input_spec(src, input_shape)
     dtype, device = model_dtype(model)
@@ -186,7 +189,7 @@ def convert(
         sd = model.state_dict()
         report.form = form.replace("-", "_")
         report.file_size = write_checkpoint(
-            out_path, state_dict=sd, metadata=meta, module=model if form == "module" else None
+            out_path, state_dict=sd, metadata=meta, module=model if form == "module" else None, force=force
         )
     t5 = time.perf_counter()
     fs = result.seconds

@@ -414,6 +414,7 @@ def verify(
     dtype: "str | None" = None,
     autocast: "str | None" = None,
     allow_pickle: bool = False,
+    key: "str | None" = None,
 ) -> VerifyReport:
     """Judge ``fused`` against ``orig`` on ``samples`` seeded random inputs and, with ``data``, on real ones.
 
@@ -423,8 +424,8 @@ def verify(
     may differ from it by ``atol + rtol * max|ref|`` plus a few times the original's own error.
     ``rtol``/``atol`` default by dtype (:data:`bnfuse_cli.checks.TOLERANCES`).  Every fold site
     named in the fused file's metadata is checked on the activation that reaches it.  ``arch``
-    is used for a file that holds only a state_dict (a bnfuse output brings its own).  The
-    report's ``ok`` is the verdict; a model that cannot be loaded or run raises a :class:`BnfuseError`.
+    is used for a file that holds only a state_dict (a bnfuse output brings its own); ``key``
+    picks the original's weights in a checkpoint that holds several.  The report's ``ok`` is the verdict; a model that cannot be loaded or run raises a :class:`BnfuseError`.
     """
     import torch
 
@@ -433,7 +434,7 @@ def verify(
     inputs = labels = None
     if data is not None:
         inputs, labels = read_data(data, allow_pickle=allow_pickle)
-    src_o = load_source(orig, arch=arch, weights=weights, allow_pickle=allow_pickle)
+    src_o = load_source(orig, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key)
     src_f = load_source(fused, arch=arch, weights=weights, allow_pickle=allow_pickle)
     model_o, model_f = src_o.model, src_f.model
     spec = _pick_spec(src_o, src_f, input_shape, inputs)

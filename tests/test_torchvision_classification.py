@@ -187,8 +187,8 @@ def test_check_fused_catches_an_unfolded_norm(monkeypatch: pytest.MonkeyPatch) -
 
     real = fuse_mod.analyse
 
-    def lossy(model: nn.Module, args: Any, kwargs: Any = None) -> Any:
-        analysis = real(model, args, kwargs)
+    def lossy(model: nn.Module, args: Any, kwargs: Any = None, **options: Any) -> Any:
+        analysis = real(model, args, kwargs, **options)
         dropped = analysis.plan.folds.pop()
         analysis.plan.skipped.append(Skip(dropped.norm, "dropped by this test"))
         return analysis
