@@ -354,7 +354,7 @@ def _bn(norm: "nn.Module", row: Any, y: "torch.Tensor", axis: int) -> "torch.Ten
     import torch
     import torch.nn.functional as F
 
-    from .patterns import norm_rule
+    from .engine.patterns import norm_rule
 
     rule, why = norm_rule(norm)
     if rule is None:
@@ -438,7 +438,7 @@ class SiteProbe:
                 h.remove()
 
     def _compute(self, model: "nn.Module", site: _Site, fused: bool) -> "torch.Tensor":
-        from .patterns import producer_rule
+        from .engine.patterns import producer_rule
 
         layer = model.get_submodule(site.layer)
         x = site.crop

@@ -13,7 +13,8 @@ from .checkpoint import check_output_path, write_checkpoint
 from .checks import Comparison, Tolerance, Verdict
 from .errors import FoldError, UsageError
 from .fusion import fuse
-from .graph import Plan, analyse
+from .engine.analyse import analyse
+from .engine.plan import Plan
 from .inputs import InputSpec, as_args, input_spec, make_input, model_dtype
 from .loading import Source, load_source
 
@@ -200,7 +201,7 @@ def convert(
 
 def _all_folds(src: Source, plan: Plan) -> list[Any]:
     """Folds of this run plus those of the conversion that produced the source, if any."""
-    from .graph import Fold
+    from .engine.plan import Fold
 
     earlier = [Fold.from_list(r) for r in src.metadata.get("folds", [])]
     return earlier + list(plan.folds)

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from .checks import Comparison, OutputCheck, SiteProbe, Tolerance, Verdict
 from .errors import UsageError
-from .graph import Fold, Plan, Skip, analyse
+from .engine.analyse import analyse
+from .engine.plan import Fold, Plan, Skip
 from .inputs import as_args, infer_spec, make_input, model_dtype
 from .precision import exact_math, precision_flags
-from .rewrite import apply_plan
+from .engine.rewrite import apply_plan
 
 if TYPE_CHECKING:
     from torch import nn

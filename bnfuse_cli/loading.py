@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint, read_checkpoint
 from .errors import CheckpointError, SourceError, UsageError
-from .graph import Fold
+from .engine.plan import Fold
 from .models import build
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ def _pick_weights(ck: Checkpoint, expected: "set[str]", arch: str, *, explicit: 
 
 
 def _from_checkpoint(ck: Checkpoint, arch: "str | None", key: "str | None" = None) -> Source:
-    from .rewrite import apply_structure
+    from .engine.rewrite import apply_structure
 
     if ck.kind == "module":
         return Source(ck.module, arch or ck.metadata.get("arch"), "module", ck.metadata, ck.path, "file", ck.notes)

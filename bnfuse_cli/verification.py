@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .checks import Comparison, OutputCheck, SiteCheck, SiteProbe, Tolerance, Verdict, json_number as _num
 from .conversion import count_tensors
 from .errors import BnfuseError, UsageError
-from .graph import Fold
+from .engine.plan import Fold
 from .inputs import InputSpec, as_args, input_spec, make_input, model_dtype
 from .loading import Source, load_source
 from .precision import autocast, check_autocast, parse_dtype, precision_flags, resolve_device
@@ -274,7 +274,7 @@ def read_data(path: "str | os.PathLike[str]", *, allow_pickle: bool = False) -> 
 
 
 def _norm_names(model: "nn.Module") -> list[str]:
-    from .patterns import is_norm_like
+    from .engine.patterns import is_norm_like
 
     return [name for name, m in model.named_modules() if is_norm_like(m)]
 

@@ -48,10 +48,10 @@ def main() -> int:
     from torch.fx.experimental.optimization import fuse as fx_fuse
 
     from bnfuse_cli.benchmark import machine_info, randomize_bn
-    from bnfuse_cli.graph import analyse
+    from bnfuse_cli.engine.analyse import analyse
     from bnfuse_cli.checks import compare
     from bnfuse_cli.inputs import parse_shape
-    from bnfuse_cli.rewrite import apply_plan
+    from bnfuse_cli.engine.rewrite import apply_plan
 
     info = machine_info()
     print(f"# bench_fold_vs_fx: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")

@@ -106,7 +106,7 @@ def _bn_calls(model: Any, x: Any) -> tuple[int, int]:
     """(BN-like modules, BN-like module calls) on one forward pass."""
     import torch
 
-    from bnfuse_cli.patterns import is_norm_like
+    from bnfuse_cli.engine.patterns import is_norm_like
 
     norms = [m for m in model.modules() if is_norm_like(m)]
     calls = 0

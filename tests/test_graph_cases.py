@@ -18,7 +18,7 @@ import models_edge as me
 from bnfuse_cli.errors import FoldError
 from bnfuse_cli.fusion import fuse
 from bnfuse_cli.checks import compare
-from bnfuse_cli.patterns import is_norm_like
+from bnfuse_cli.engine.patterns import is_norm_like
 from conftest import randomize_bn
 
 TOL = 1e-10
@@ -136,7 +136,7 @@ def test_conv_flattened_then_bn1d_folds():
 
 
 def test_fold_rows_round_trip():
-    from bnfuse_cli.graph import Fold
+    from bnfuse_cli.engine.plan import Fold
 
     for f in (Fold("bn", "conv"), Fold("bn", "convs.1", channels=(3, 8)), Fold("n", "c", "next", "activation")):
         assert Fold.from_list(f.to_list()) == f
@@ -240,7 +240,7 @@ def test_frozen_batchnorm_folds():
 @pytest.mark.parametrize("act", ["relu", "silu"])
 def test_timm_batchnormact_keeps_its_activation(act):
     timm_layers = pytest.importorskip("timm.layers")
-    from bnfuse_cli.layers import NormActivation
+    from bnfuse_cli.engine.layers import NormActivation
 
     norm = timm_layers.BatchNormAct2d(4, act_layer=act)
     res = run(me.ConvNorm(norm), _x(2, 3, 6, 6), folds=1, skipped=0)
@@ -509,7 +509,7 @@ def test_recording_keeps_no_activations_alive():
     last layer runs, the first BN's output (a tensor the recorder tracks) has been freed."""
     import weakref
 
-    from bnfuse_cli.graph import analyse
+    from bnfuse_cli.engine.analyse import analyse
 
     model = randomize_bn(nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -545,8 +545,8 @@ def test_a_plan_folding_two_batchnorms_into_one_side_of_a_layer_is_refused():
     """Two BNs cannot both read (or both feed) one layer's single output (input): such a plan is a
     bug, refused before anything is written rather than folded into a wrong model."""
     from bnfuse_cli.errors import BnfuseError
-    from bnfuse_cli.graph import Fold, Plan
-    from bnfuse_cli.rewrite import apply_plan
+    from bnfuse_cli.engine.plan import Fold, Plan
+    from bnfuse_cli.engine.rewrite import apply_plan
 
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.BatchNorm2d(8)).eval()
     randomize_bn(model)

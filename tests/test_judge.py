@@ -226,8 +226,8 @@ def test_judge_with_injected_1e_3_noise_per_layer() -> None:
     applied twice at one site fails by that site; a 5% output error fails end to end."""
     import copy
 
-    from bnfuse_cli.graph import analyse
-    from bnfuse_cli.rewrite import apply_plan
+    from bnfuse_cli.engine.analyse import analyse
+    from bnfuse_cli.engine.rewrite import apply_plan
 
     torch.manual_seed(0)
     model = NoisyTinyCNN().eval()

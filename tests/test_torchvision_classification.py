@@ -181,7 +181,7 @@ def test_check_fused_catches_an_unfolded_norm(monkeypatch: pytest.MonkeyPatch) -
     """A fuser that leaves a conv-fed BN in place must fail the check (the test can fail)."""
     import importlib
 
-    from bnfuse_cli.graph import Skip
+    from bnfuse_cli.engine.plan import Skip
 
     fuse_mod = importlib.import_module("bnfuse_cli.fusion")  # the module, not the function
 

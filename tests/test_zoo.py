@@ -28,7 +28,7 @@ from torch import nn
 
 from bnfuse_cli.fusion import fuse
 from bnfuse_cli.checks import compare
-from bnfuse_cli.patterns import is_norm_like
+from bnfuse_cli.engine.patterns import is_norm_like
 from conftest import ROOT, randomize_bn
 
 pytestmark = pytest.mark.zoo

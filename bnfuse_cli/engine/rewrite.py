@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
-from .errors import BnfuseError
+from ..errors import BnfuseError
 from .fold import affine_from_stats, apply_fold_, prepare_fold
-from .graph import Fold, Plan
+from .plan import Fold, Plan
 from .patterns import norm_rule, producer_rule
 
 if TYPE_CHECKING:

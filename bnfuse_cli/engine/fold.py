@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import FoldError
+from ..errors import FoldError
 
 if TYPE_CHECKING:
     import torch

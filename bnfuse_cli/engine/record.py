@@ -1,0 +1,377 @@
+"""The data-flow recorder: module hooks and a ``TorchFunctionMode`` that note, during one forward
+pass, which layer call produced each tensor and which operations read it.  Events only;
+nothing is decided here (:mod:`bnfuse_cli.engine.analyse` decides).
+
+Tensors are remembered by what the analysis needs (identity, shape, dtype), never kept alive:
+the recording run holds no more activations than a plain forward pass.  A tensor is known by
+its Python object while that lives (a weak reference guards against a reused ``id``).
+Reads are attributed to the innermost module call running; an in-place op returns the tensor
+it changed, so its read lands on that same tensor (conservative).  Ops that return their
+argument untouched (``.to`` to the same dtype, dropout in eval) are not reads.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BnfuseError
+from .patterns import is_norm_like, is_producer_like
+
+if TYPE_CHECKING:
+    from typing import Callable
+
+    import torch
+    from torch import nn
+
+    InputCallback = Callable[[str, "nn.Module", Any], None]
+
+__all__ = ["Recorder", "TensorRecord", "Call", "tensors_in", "pretty_op", "where"]
+
+#: reads that look only at a tensor's metadata, never its values
+_METADATA = frozenset(
+    """size dim shape dtype device ndim numel nelement __len__ is_floating_point is_complex
+    stride requires_grad is_cuda layout names is_sparse is_quantized is_meta is_nested grad_fn
+    is_leaf element_size get_device is_contiguous storage_offset __hash__ is_mkldnn is_xpu
+    is_cpu""".split()
+)
+
+#: ops that return their first argument itself when there is nothing to do (same dtype, already
+#: contiguous, dropout in eval): then nothing new was read or made, and nothing is recorded
+_PASSTHROUGH = frozenset(
+    """to type_as contiguous float double half bfloat16 cpu cuda type dropout dropout1d dropout2d
+    dropout3d alpha_dropout feature_alpha_dropout""".split()
+)
+#: ops that look only at their arguments' shape, dtype and device (their result is recorded)
+_VALUE_FREE = frozenset(
+    "new_zeros new_ones new_empty new_full zeros_like ones_like empty_like full_like rand_like randn_like".split()
+)
+#: ops that read the values of their first argument only (the second gives a dtype or shape)
+_SELF_ONLY = frozenset("type_as reshape_as view_as expand_as".split())
+#: reshapes that can keep a producer's channel axis as axis 1 of a 2-D BatchNorm1d input
+#: (levit's ``bn(linear(x).flatten(0, 1))``); results of these on a producer output are watched
+_RESHAPES = frozenset("flatten reshape view squeeze unsqueeze".split())
+#: concatenations; a cat of producer outputs along axis 1 is watched (MixNet's MixedConv2d)
+_CATS = frozenset("cat concat concatenate".split())
+
+
+@dataclass(eq=False)
+class TensorRecord:
+    """What the analysis remembers of a tensor: its identity (this object), shape and dtype,
+    and, for a BatchNorm input, where it came from (for messages)."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+    origin: "str | None" = None
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+@dataclass(eq=False)
+class Call:
+    module: "nn.Module"
+    name: str
+    #: the first argument and the result, when they are tensors
+    input: "TensorRecord | None" = None
+    output: "TensorRecord | None" = None
+    #: the module's training flag during this call (a model may switch a BN to train itself)
+    training: bool = False
+
+
+def _op_name(func: Any) -> str:
+    name = getattr(func, "__name__", None) or str(func)
+    if name in ("__get__", "__set__"):
+        owner = getattr(func, "__self__", None)
+        name = getattr(owner, "__name__", name)
+    return name
+
+
+#: operator names whose ``__iop__``/``__rop__`` forms are the same operation for a reader
+_BINARY_OPS = frozenset(
+    "add sub mul truediv floordiv div matmul mod pow and or xor lshift rshift".split()
+)
+_OP_WORDS = {"truediv": "div", "floordiv": "floor_divide", "getitem": "indexing", "setitem": "index assignment"}
+
+
+def pretty_op(op: str) -> str:
+    """A readable name for a recorded op: ``__add__``/``__iadd__``/``__radd__``/``add_`` ->
+    ``add``, ``relu_`` -> ``relu``, ``__getitem__`` -> ``indexing``."""
+    name = op
+    if op.startswith("__") and op.endswith("__") and len(op) > 4:
+        name = op[2:-2]
+        if name[:1] in ("i", "r") and name[1:] in _BINARY_OPS:
+            name = name[1:]
+    elif op.endswith("_") and not op.startswith("_"):
+        name = op.rstrip("_")
+    return _OP_WORDS.get(name, name)
+
+
+def where(call: "Call | None") -> str:
+    return call.name if call is not None and call.name else "the model forward"
+
+
+
+def tensors_in(obj: Any) -> list["torch.Tensor"]:
+    """The tensors in an op's arguments or result (tuples, lists and dicts of them).
+
+    Called for every recorded op, so a plain loop rather than pytree (several times faster).
+    """
+    import torch
+
+    found: list["torch.Tensor"] = []
+    todo = [obj]
+    while todo:
+        o = todo.pop()
+        if isinstance(o, torch.Tensor):
+            found.append(o)
+        elif isinstance(o, (list, tuple)):
+            todo.extend(o)
+        elif isinstance(o, dict):
+            todo.extend(o.values())
+    return found
+
+
+
+class Recorder:
+    """Hooks and a torch function mode that record who produced and who read which tensor."""
+
+    def __init__(self, model: "nn.Module", on_input: "InputCallback | None" = None) -> None:
+        #: called with (name, module, first input) at every producer or norm call, outside the
+        #: recording (the judge keeps a crop of it for its per-site check)
+        self.on_input = on_input
+        self.names: dict[int, str] = {}
+        #: producers and norms; every producer class is recorded, foldable or not, so a BN after a
+        #: re-parametrised or subclassed conv is reported against that conv, not as "not a Conv output"
+        self.interesting: set[int] = set()
+        self.stack: list[Call] = []
+        self.calls: dict[int, list[Call]] = {}
+        #: id(tensor) -> (weak reference, record) for the tensors the analysis remembers
+        self._live: dict[int, tuple[Any, TensorRecord]] = {}
+        #: every record made (records are small; this keeps their ids unique)
+        self.records: list[TensorRecord] = []
+        #: id(record) -> the producer or norm call whose result it is
+        self.produced: dict[int, Call] = {}
+        #: id(record) -> [(reader call or None, readable op name)] for watched tensors
+        self.reads: dict[int, list[tuple["Call | None", str]]] = {}
+        #: id(param or buffer) -> [(id(module), qualified name)] over every module holding it
+        self.holders: dict[int, list[tuple[int, str]]] = {}
+        #: storage address -> qualified names of the parameters and buffers using it
+        self.storages: dict[int, list[str]] = {}
+        #: id(param) -> ids of the producers and norms holding it (their calls may read it)
+        self.owner: dict[int, set[int]] = {}
+        #: id(param) -> (op, reader name) for params read outside their module's call
+        self.foreign_param_reads: dict[int, tuple[str, str]] = {}
+        #: id(tensor) -> (weakref, op name, module name), to explain where a BN input came from
+        self.origin: dict[int, tuple[Any, str, str]] = {}
+        #: id(record) -> (producer output record, op) for a reshape of a producer output (watched)
+        self.reshaped: dict[int, tuple[TensorRecord, str]] = {}
+        #: id(record) -> (part records, dim) for a cat whose every part is a producer output (watched)
+        self.cats: dict[int, tuple[tuple[TensorRecord, ...], Any]] = {}
+        self.handles: list[Any] = []
+        self._index(model)
+        self.mode = self._make_mode()
+        self._install_hooks(model)
+
+    def _index(self, model: "nn.Module") -> None:
+        """One pass over the module tree (shared modules included): names, the producers and
+        norms, who holds each parameter and buffer, and which storages they share."""
+        seen_tensors: set[int] = set()
+        for name, m in model.named_modules(remove_duplicate=False):
+            first_visit = id(m) not in self.names
+            if first_visit:
+                self.names[id(m)] = name
+                if is_norm_like(m) or is_producer_like(m):
+                    self.interesting.add(id(m))
+            for attr, t in (*m._parameters.items(), *m._buffers.items()):
+                if t is None:
+                    continue
+                qual = f"{name}.{attr}" if name else attr
+                if first_visit:
+                    self.holders.setdefault(id(t), []).append((id(m), qual))
+                    if id(m) in self.interesting:
+                        self.owner.setdefault(id(t), set()).add(id(m))
+                if id(t) in seen_tensors or t.device.type == "meta":
+                    continue
+                seen_tensors.add(id(t))
+                try:
+                    ptr = t.untyped_storage().data_ptr()
+                except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+                    continue
+                if ptr:
+                    self.storages.setdefault(ptr, []).append(qual)
+
+    def _make_mode(self) -> Any:
+        """The ``TorchFunctionMode`` that sees every torch operation of the forward pass."""
+        from torch.overrides import TorchFunctionMode
+
+        recorder = self
+
+        class _Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                kwargs = kwargs or {}
+                op = _op_name(func)
+                out = func(*args, **kwargs)
+                if op in _METADATA:
+                    return out
+                if kwargs.get("inplace") is True:  # F.relu(x, inplace=True) & co: a write
+                    op = op + "_"
+                elif op in _PASSTHROUGH and args and out is args[0]:
+                    return out
+                # recorded after the call: an op runs with the mode off, so nothing nests
+                if op not in _VALUE_FREE:
+                    recorder._on_read(op, args[:1] if op in _SELF_ONLY else args, kwargs)
+                recorder._on_result(op, out)
+                if op in _RESHAPES or op in _CATS:
+                    recorder._on_layout_op(op, args, kwargs, out)
+                return out
+
+        return _Mode()
+
+    def _install_hooks(self, model: "nn.Module") -> None:
+        """Pre- and post-hooks on every module; global hooks to see TorchScript submodules."""
+        import torch
+
+        scripted = False
+        for mod in model.modules():
+            if isinstance(mod, torch.jit.ScriptModule):  # hooks are refused; see _script_pre
+                scripted = True
+                continue
+            self.handles.append(mod.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self.handles.append(mod.register_forward_hook(self._post, with_kwargs=True))
+        if scripted:
+            from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+            self.handles.append(register_module_forward_pre_hook(self._script_pre))
+            self.handles.append(register_module_forward_hook(self._script_post))
+
+    def lookup(self, t: Any) -> "TensorRecord | None":
+        """The record of tensor ``t``, if the analysis made one (and ``t`` is that tensor)."""
+        entry = self._live.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
+    def track(self, t: Any) -> "TensorRecord | None":
+        """The record of tensor ``t``, made on first sight; None for anything but a tensor."""
+        import torch
+
+        if not isinstance(t, torch.Tensor):
+            return None
+        info = self.lookup(t)
+        if info is None:
+            info = TensorRecord(tuple(t.shape), t.dtype)
+            self._live[id(t)] = (weakref.ref(t), info)
+            self.records.append(info)
+        return info
+
+    def _script_pre(self, module: "nn.Module", args: Any) -> None:
+        """A TorchScript submodule runs without torch function calls we can see: count every
+        tensor handed to it as read by it (conservative), and what it returns as its result."""
+        import torch
+
+        if isinstance(module, torch.jit.ScriptModule) and id(module) in self.names:
+            reader = Call(module, self.names[id(module)] or type(module).__name__)
+            for t in tensors_in(args):
+                info = self.lookup(t)
+                if info is not None and id(info) in self.reads:
+                    self.reads[id(info)].append((reader, "TorchScript forward"))
+
+    def _script_post(self, module: "nn.Module", args: Any, output: Any) -> None:
+        import torch
+
+        if isinstance(module, torch.jit.ScriptModule) and id(module) in self.names:
+            where = self.names[id(module)]
+            for t in tensors_in(output):
+                try:
+                    self.origin[id(t)] = (weakref.ref(t), "TorchScript forward", where)
+                except TypeError:
+                    pass
+
+    def _pre(self, module: "nn.Module", args: Any, kwargs: Any) -> None:
+        call = Call(module, self.names.get(id(module), type(module).__name__), training=module.training)
+        if id(module) in self.interesting:
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            call.input = self.track(first)
+            if call.input is not None and call.input.origin is None:
+                call.input.origin = self.describe_origin(first)
+            if self.on_input is not None:
+                import torch
+
+                with torch._C.DisableTorchFunction():  # the callback's reads are not the model's
+                    self.on_input(call.name, module, first)
+            self.calls.setdefault(id(module), []).append(call)
+        self.stack.append(call)
+
+    def _post(self, module: "nn.Module", args: Any, kwargs: Any, output: Any) -> None:
+        call = self.stack.pop() if self.stack else None
+        if call is None or call.module is not module:  # unbalanced: a hook was skipped
+            raise BnfuseError(
+                f"module call records of {type(module).__name__} are out of order during the "
+                "analysis run; the model calls layers in a way bnfuse cannot follow"
+            )
+        if id(module) in self.interesting:
+            call.output = self.track(output)
+            if call.output is not None:
+                self.produced[id(call.output)] = call
+                self.reads.setdefault(id(call.output), [])
+
+    def _on_read(self, op: str, args: Any, kwargs: Any) -> None:
+        reader = self.stack[-1] if self.stack else None
+        for t in tensors_in((args, kwargs)):
+            key = id(t)
+            info = self.lookup(t)
+            if info is not None and id(info) in self.reads:
+                self.reads[id(info)].append((reader, pretty_op(op)))
+            owners = self.owner.get(key)
+            if owners is not None and key not in self.foreign_param_reads:
+                if not any(id(c.module) in owners for c in self.stack):
+                    self.foreign_param_reads[key] = (pretty_op(op), where(reader))
+
+    def _on_result(self, op: str, out: Any) -> None:
+        where = self.stack[-1].name if self.stack else ""
+        for t in tensors_in(out):
+            try:
+                self.origin[id(t)] = (weakref.ref(t), op, where)
+            except TypeError:
+                pass
+
+    def _on_layout_op(self, op: str, args: Any, kwargs: Any, out: Any) -> None:
+        """Watch a reshape or cat of producer outputs: a BN may still fold through it."""
+        import torch
+
+        if not isinstance(out, torch.Tensor):
+            return
+        if op in _RESHAPES:
+            src = self.lookup(args[0]) if args else None
+            if src is None or args[0] is out or id(src) not in self.produced:
+                return
+            info = self.track(out)
+            self.reshaped[id(info)] = (src, op)
+        else:
+            parts = args[0] if args else kwargs.get("tensors")
+            if not isinstance(parts, (list, tuple)) or not parts:
+                return
+            infos = [self.lookup(p) for p in parts]
+            if any(i is None or id(i) not in self.produced for i in infos):
+                return
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+            info = self.track(out)
+            self.cats[id(info)] = (tuple(infos), dim)  # type: ignore[arg-type]
+        self.reads.setdefault(id(info), [])
+
+    def describe_origin(self, t: Any) -> str:
+        """Where tensor ``t`` (alive) came from, for the reason a BatchNorm reading it stays.
+        A tensor record carries the description made while its tensor was alive."""
+        if isinstance(t, TensorRecord):
+            return t.origin or "reads a tensor bnfuse did not see being made"
+        rec = self.origin.get(id(t))
+        if rec is None or rec[0]() is not t:
+            return "reads a tensor not computed inside the model (the model input)"
+        _, op, where = rec
+        return f"follows {pretty_op(op)} in {where or 'the model forward'}, not a Conv/Linear output"
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
