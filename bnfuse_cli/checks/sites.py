@@ -1,0 +1,237 @@
+"""At every fold site, in float64: the fused layer on (a crop of) the activation that really
+reached it, against the original layer and BatchNorm on the same activation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from .outputs import json_number
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["SiteCheck", "SiteProbe"]
+
+
+@dataclass
+class SiteCheck:
+    """One fused layer checked against its original layer and BatchNorm(s), in float64."""
+
+    layer: str
+    norms: list[str]
+    rel_error: float = math.nan
+    tolerance: float = 0.0
+    #: why the site could not be checked (None when it was)
+    skipped: "str | None" = None
+
+    @property
+    def ok(self) -> bool:
+        return self.skipped is not None or self.rel_error <= self.tolerance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "norms": self.norms, "rel_error": json_number(self.rel_error),
+                "tolerance": self.tolerance, "ok": self.ok, "skipped": self.skipped}
+
+
+@dataclass
+class _Site:
+    layer: str
+    #: the BN whose output the layer absorbs (its fold row), and the BN before it
+    after: Any = None
+    before: Any = None
+    reference: "torch.Tensor | None" = None
+    crop: "torch.Tensor | None" = None
+
+
+def _crop(x: "torch.Tensor", spatial: int, batched: bool) -> "torch.Tensor":
+    """A small float64 CPU copy of ``x``: the first sample (rows, for 2-D inputs) and a
+    centred window of at most ``spatial`` along each axis after the channel axis."""
+    import torch
+
+    if batched:
+        x = x[:1] if x.dim() > 2 else x[:4]
+    lead = 2 if batched else 1
+    for axis in range(lead, x.dim()):
+        size = x.shape[axis]
+        if size > spatial:
+            x = x.narrow(axis, (size - spatial) // 2, spatial)
+    return x.detach().to(device="cpu", dtype=torch.float64, copy=True)
+
+
+def _spatial(layer: Any) -> int:
+    """Window wide enough for ``layer``'s kernel to produce output."""
+    k = getattr(layer, "kernel_size", None)
+    if not k:
+        return 4
+    d = getattr(layer, "dilation", (1,) * len(k))
+    return max(4, max(di * (ki - 1) + 1 for ki, di in zip(k, d)))
+
+
+def _params64(module: "nn.Module") -> dict[str, "torch.Tensor"]:
+    import torch
+
+    return {n: t.detach().to(device="cpu", dtype=torch.float64 if t.is_floating_point() else t.dtype)
+            for n, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))}
+
+
+def _run_layer(layer: "nn.Module", x: "torch.Tensor") -> "torch.Tensor":
+    """``layer``'s own forward in float64 on the CPU, its tensors copied (one layer at a time)."""
+    from torch.func import functional_call
+
+    return functional_call(layer, _params64(layer), (x,))
+
+
+def _bn(norm: "nn.Module", row: Any, y: "torch.Tensor", axis: int) -> "torch.Tensor":
+    """The BatchNorm's eval-mode affine map on ``y``'s channel ``axis``, by ``F.batch_norm``
+    from the norm's own statistics (sliced to the channels this site gives, for a concat)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..engine.patterns import norm_rule
+
+    rule, why = norm_rule(norm)
+    if rule is None:
+        raise ValueError(why or "not a BatchNorm bnfuse can read")
+    mean, var, weight, bias, eps = rule.stats(norm)
+
+    def part(t: "torch.Tensor | None") -> "torch.Tensor | None":
+        if t is None:
+            return None
+        t = t.detach().to(device="cpu", dtype=torch.float64)
+        return t[row.channels[0]:row.channels[1]] if row.channels is not None else t
+
+    moved = y.movedim(axis, 1)
+    z = F.batch_norm(moved, part(mean), part(var), part(weight), part(bias), False, 0.0, float(eps))
+    return z.movedim(1, axis)
+
+
+class SiteProbe:
+    """Checks each fold site on the activation that really reached it.
+
+    Usage: hand :meth:`capture` to the recording run (or call :meth:`hooks` around a plain run
+    of the original), then :meth:`reference` with the *original* model, then, once the model is
+    fused, :meth:`check` with the fused model.  Per site it keeps a crop of the layer's input
+    (the first sample, a few positions of each spatial axis) and the float64 reference output on
+    it, never an activation or a copy of the model.
+    """
+
+    def __init__(self, folds: "list[Any] | None" = None) -> None:
+        self.crops: dict[str, "torch.Tensor"] = {}
+        self.sites: dict[str, _Site] = {}
+        self.wanted: "set[str] | None" = None
+        if folds is not None:
+            self.plan(folds)
+
+    def plan(self, folds: list[Any]) -> None:
+        """Group fold rows (``Fold`` objects) by layer: one site per fused layer."""
+        self.sites = {}
+        for f in folds:
+            site = self.sites.setdefault(f.producer, _Site(f.producer))
+            setattr(site, "after" if f.direction == "previous" else "before", f)
+        self.wanted = {s.before.norm if s.before is not None else s.layer for s in self.sites.values()}
+
+    def capture(self, name: str, module: "nn.Module", x: Any) -> None:
+        """Keep a crop of ``x``, the first input seen by ``module`` (a producer or a norm)."""
+        import torch
+
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or name in self.crops:
+            return
+        if self.wanted is not None and name not in self.wanted:
+            return
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 3:  # a conv: keep its kernel's reach
+            self.crops[name] = _crop(x, _spatial(module), batched=x.dim() == weight.dim())
+        elif isinstance(weight, torch.Tensor) and weight.dim() == 2:  # a linear: a few rows of features
+            self.crops[name] = _crop(x.reshape(-1, x.shape[-1]), 0, batched=True)
+        else:
+            self.crops[name] = _crop(x, 16, batched=x.dim() >= 2)
+
+    @contextlib.contextmanager
+    def hooks(self, model: "nn.Module") -> Iterator[None]:
+        """Capture the inputs of the sites' modules during one plain run of ``model``."""
+        import torch
+
+        handles = []
+        for name in sorted(self.wanted or ()):
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                continue
+
+            def pre(mod: Any, args: Any, _name: str = name) -> None:
+                if args:
+                    with torch._C.DisableTorchFunction():
+                        self.capture(_name, mod, args[0])
+
+            handles.append(module.register_forward_pre_hook(pre))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _compute(self, model: "nn.Module", site: _Site, fused: bool) -> "torch.Tensor":
+        from ..engine.patterns import producer_rule
+
+        layer = model.get_submodule(site.layer)
+        x = site.crop
+        if fused:
+            return _run_layer(layer, x)
+        rule, why = producer_rule(layer)
+        if rule is None:
+            raise ValueError(why or "not a layer bnfuse folds into")
+        axis = 1 if rule.kind == "conv" else -1
+        if site.before is not None:
+            x = _bn(model.get_submodule(site.before.norm), site.before, x, 1 if x.dim() > 1 else 0)
+        y = _run_layer(layer, x)
+        if site.after is not None:
+            y = _bn(model.get_submodule(site.after.norm), site.after, y, axis if y.dim() > 1 else 0)
+        return y
+
+    def reference(self, original: "nn.Module") -> None:
+        """Compute each site's float64 reference from the original, unfused model."""
+        for site in self.sites.values():
+            key = site.before.norm if site.before is not None else site.layer
+            site.crop = self.crops.pop(key, None) if site.before is None else self.crops.get(key)
+            if site.crop is None:
+                continue
+            try:
+                site.reference = self._compute(original, site, fused=False)
+            except Exception:  # a layer that needs more than its first input: checked end to end only
+                site.reference = None
+        self.crops.clear()
+
+    def check(self, fused: "nn.Module", site_rtol: "float | Callable[[Any], float]") -> list[SiteCheck]:
+        """Each site of the fused model against its reference, one layer at a time."""
+        results = []
+        for site in self.sites.values():
+            norms = [f.norm for f in (site.before, site.after) if f is not None]
+            res = SiteCheck(site.layer, norms)
+            if site.crop is None:
+                res.skipped = "its input was not seen on the example input"
+            elif site.reference is None:
+                res.skipped = "its original output could not be recomputed on a crop of its input"
+            else:
+                try:
+                    out = self._compute(fused, site, fused=True)
+                except Exception as exc:  # pragma: no cover - the fused layer ran in the model
+                    res.skipped = f"the fused layer could not run on its input crop ({type(exc).__name__})"
+                else:
+                    ref = site.reference
+                    if out.shape != ref.shape:
+                        res.rel_error = math.inf
+                    elif ref.numel() == 0:
+                        res.skipped = "its input crop is too small for its kernel"
+                    else:
+                        scale = max(float(ref.norm()), 1e-300)
+                        res.rel_error = float((out - ref).norm()) / scale
+                    weight = getattr(fused.get_submodule(site.layer), "weight", None)
+                    res.tolerance = site_rtol(weight.dtype) if callable(site_rtol) else site_rtol
+            results.append(res)
+        return results
+

@@ -1,0 +1,73 @@
+"""The verdict: both checks together, with what they rest on and why a negative one failed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .outputs import Comparison, OutputCheck, Tolerance
+from .sites import SiteCheck
+
+__all__ = ["Verdict"]
+
+
+@dataclass
+class Verdict:
+    """The judgement and what it rests on: errors, thresholds, the original's own error (the
+    noise floor), every fold site, and the precision flags in effect."""
+
+    tolerance: Tolerance
+    outputs: dict[str, OutputCheck]
+    sites: list[SiteCheck] = field(default_factory=list)
+    precision: dict[str, Any] = field(default_factory=dict)
+    #: what the runtime precision check was based on (for example "float64 reference on cuda")
+    basis: str = ""
+
+    @property
+    def failed_sites(self) -> list[SiteCheck]:
+        return [s for s in self.sites if not s.ok]
+
+    @property
+    def worst_site(self) -> "SiteCheck | None":
+        checked = [s for s in self.sites if s.skipped is None]
+        return max(checked, key=lambda s: s.rel_error / max(s.tolerance, 1e-300), default=None)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.outputs) and all(c.ok for c in self.outputs.values()) and not self.failed_sites
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the verdict is negative, one sentence each (empty when it passed)."""
+        out = [r for label, c in self.outputs.items() if (r := c.reason(label)) is not None]
+        if not self.outputs:
+            out.append("nothing was compared")
+        for s in self.failed_sites:
+            out.append(
+                f"fold site {s.layer} ({', '.join(s.norms)}): the fused layer is {s.rel_error:.3g} (relative) away "
+                f"from the original layer and BatchNorm on the activation that reaches it, above {s.tolerance:g}"
+            )
+        return out
+
+    @property
+    def error(self) -> Comparison:
+        """The first output check's error (the main one)."""
+        return next(iter(self.outputs.values())).error
+
+    def to_dict(self) -> dict[str, Any]:
+        worst = self.worst_site
+        return {
+            "ok": self.ok,
+            "basis": self.basis,
+            "tolerance": self.tolerance.to_dict(),
+            "outputs": {k: v.to_dict() for k, v in self.outputs.items()},
+            "sites": {
+                "checked": sum(s.skipped is None for s in self.sites),
+                "unchecked": [s.to_dict() for s in self.sites if s.skipped is not None],
+                "failed": [s.to_dict() for s in self.failed_sites],
+                "worst": None if worst is None else worst.to_dict(),
+            },
+            "precision": self.precision,
+            "reasons": self.reasons,
+        }
+
