@@ -43,7 +43,6 @@ __all__ = [
     "ModelBench",
     "Stats",
     "bench",
-    "randomize_bn",
     "resolve_device",
     "machine_info",
 ]
@@ -94,64 +93,6 @@ def machine_info() -> dict[str, Any]:
         "torchvision": version("torchvision"),
         "bnfuse": __version__,
     }
-
-
-def randomize_bn(model: "nn.Module", *, seed: int = 0, example: "tuple[Any, ...] | None" = None) -> int:
-    """Give every BatchNorm-like layer random affine parameters and non-trivial statistics, in place.
-
-    A randomly initialised model has fresh BatchNorms (mean 0, variance 1, weight 1, bias 0),
-    which are the identity: a fold of them checks nothing.  Scale and shift are drawn around 1
-    and 0 (standard deviation 0.4) and running statistics around 0 and 1 (mean +-0.5, variance
-    0.25 to 1.75).  With ``example`` (the model's positional arguments), the running statistics
-    are then measured on it instead, as training would: every layer then normalises what it
-    really sees, so activations stay of order 1 and a float16 run does not overflow the way
-    an un-normalised random ResNet-50 does.  A model whose BatchNorms cannot run in training
-    mode on ``example`` keeps the random statistics.  Returns the number of layers changed.
-    """
-    import torch
-    from torch import nn
-
-    g = torch.Generator().manual_seed(seed)
-    norms = []
-    with torch.no_grad():
-        for m in model.modules():
-            rm = getattr(m, "running_mean", None)
-            rv = getattr(m, "running_var", None)
-            if not isinstance(rm, torch.Tensor) or not isinstance(rv, torch.Tensor) or rm.shape != rv.shape:
-                continue
-            n = rm.numel()
-            rm.copy_((torch.randn(n, generator=g) * 0.5).to(rm.dtype))
-            rv.copy_((torch.rand(n, generator=g) * 1.5 + 0.25).to(rv.dtype))
-            w, b = getattr(m, "weight", None), getattr(m, "bias", None)
-            if isinstance(w, torch.Tensor) and w.numel() == n:
-                w.copy_((torch.randn(n, generator=g) * 0.4 + 1.0).to(w.dtype))
-            if isinstance(b, torch.Tensor) and b.numel() == n:
-                b.copy_((torch.randn(n, generator=g) * 0.4).to(b.dtype))
-            norms.append(m)
-    calibrate = [m for m in norms if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if example is None or not calibrate:
-        return len(norms)
-    saved = {id(m): (m.running_mean.clone(), m.running_var.clone(), m.momentum, m.training) for m in calibrate}
-    was_training = model.training
-    model.eval()
-    try:
-        for m in calibrate:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: after one batch, exactly its statistics
-            m.train()
-        with torch.no_grad():
-            model(*example)
-    except (ValueError, RuntimeError):  # e.g. one value per channel: keep the random statistics
-        with torch.no_grad():
-            for m in calibrate:
-                m.running_mean.copy_(saved[id(m)][0])
-                m.running_var.copy_(saved[id(m)][1])
-    finally:
-        for m in calibrate:
-            m.momentum = saved[id(m)][2]
-            m.train(saved[id(m)][3])
-        model.train(was_training)
-    return len(norms)
 
 
 def _quantile(sorted_xs: Sequence[float], q: float) -> float:
@@ -534,7 +475,7 @@ def _prepare(source: str, st: _Settings) -> _Prepared:
     """Stage 1: load the model; a randomly initialised one gets BN statistics worth folding."""
     import torch
 
-    from .inputs import InputSpec, as_args, make_input
+    from .inputs import InputSpec, as_args, make_input, randomize_bn
     from .loading import load_source
 
     src = load_source(source, arch=st.arch, weights=st.weights, allow_pickle=st.allow_pickle, key=st.key)
@@ -701,9 +642,6 @@ def _bench_one(source: str, st: _Settings) -> ModelBench:
         check=check, original_ms=times[0], fused_ms=times[1], calls_per_sample=times[2], warmup=st.warmup,
         fold_seconds=fold_seconds, notes=prep.notes,
     )
-    del run_orig, run_fused, prep, result, args, args32
-    if st.device.type == "cuda":
-        torch.cuda.empty_cache()
     return bench_result
 
 
@@ -748,12 +686,14 @@ def bench(
     import torch
 
     from .checks import Tolerance
+    from .inputs import check_shape_option
     from .precision import check_autocast
 
     dev = resolve_device(device)
     dt = parse_dtype(dtype)
     amp = check_autocast(autocast)
-    Tolerance.for_dtype(dt, rtol, atol)  # refuses a bad tolerance before any model is built
+    Tolerance.for_dtype(dt, rtol, atol)  # refuses a bad tolerance or shape before any model is built
+    check_shape_option(input_shape)
     d_batch, d_iters, d_warmup, d_budget = _DEFAULTS[dev.type]
     iters = d_iters if iters is None else iters
     warmup = d_warmup if warmup is None else warmup
@@ -779,7 +719,11 @@ def bench(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        results = [_bench_one(src, st) for src in sources]
+        results = []
+        for src in sources:
+            results.append(_bench_one(src, st))
+            if dev.type == "cuda":  # the last model's tensors are gone with _bench_one's frame
+                torch.cuda.empty_cache()
         env = _environment(dev)
         if _backend_flags() != flags_before:  # pragma: no cover - a model changed global flags
             results[-1].notes.append("backend flags (TF32/cudnn.benchmark) changed during the run")

@@ -1,20 +1,22 @@
-"""The ``bnfuse`` command: a thin Typer layer over the library.
+"""The ``bnfuse`` command: Typer only.
 
-Each command parses options, calls one library function, and renders its report with Rich.
-Results go to stdout, diagnostics to stderr.  Exit codes live in ``EXIT_CODES`` below.
-Nothing here imports torch at module level, so ``bnfuse --help`` stays fast.
+Each command checks its options, calls one library workflow, and renders the report it returns
+(:mod:`bnfuse_cli.render`).  Results go to stdout (or, with ``--json -``, the JSON does and the
+tables go to stderr); notes, progress and errors go to stderr.  Exit codes live in
+``EXIT_CODES`` below.  Nothing here imports torch at module level, so ``bnfuse --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from . import __version__
 from .errors import BnfuseError, DeviceError, OutputError, UnsafeCheckpointError, UsageError
@@ -64,25 +66,61 @@ def _run(fn: Callable[[], Any]) -> Any:
         raise typer.Exit(code) from None
 
 
-def _write_json(path: "Path | None", data: Any) -> None:
+@contextlib.contextmanager
+def _library_output_to_stderr() -> Iterator[None]:
+    """Whatever a library prints while a workflow runs (torch hub's ``Downloading: ...``) is a
+    diagnostic: it goes to stderr, so stdout carries nothing but results."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def _check_report_path(option: str, path: "Path | None") -> None:
+    """Refuse a ``--json``/``--markdown`` path that cannot be written, before any work."""
+    if path is None or str(path) == "-":
+        return
+    if path.is_dir():
+        raise OutputError(f"{option} {path} is a directory: give a file name")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"{option} {path}: the folder {folder} does not exist; create it or choose another path")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"{option} {path}: the folder {folder} is not writable; choose another path")
+
+
+def _results(json_path: "Path | None") -> Console:
+    """Where tables go: stdout, or stderr when ``--json -`` claims stdout for the JSON."""
+    return err if json_path is not None and str(json_path) == "-" else out
+
+
+def _write_report(option: str, path: "Path | None", text: str) -> None:
+    """The report to a file (whole or not at all), or to stdout for ``-``."""
     if path is None:
         return
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
     try:
-        path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        _PENDING_write_text(path, text)
     except OSError as exc:
-        raise OutputError(f"cannot write --json {path}: {exc.strerror or exc}") from exc
+        raise OutputError(f"cannot write {option} {path}: {exc.strerror or exc}") from exc
 
 
-def _fmt_count(n: int) -> str:
-    return f"{n:,}"
+def _PENDING_write_text(path: Path, text: str) -> None:  # replaced by the files layer's atomic writer
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def _fmt_size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+def _json(data: Any) -> str:
+    return json.dumps(data, indent=2, default=str) + "\n"
+
+
+def _note(text: str) -> None:
+    err.print(f"[yellow]note:[/yellow] {text}", highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -105,93 +143,13 @@ WeightsOpt = Annotated[str, typer.Option("--weights", help="For a model name: de
 ShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", help="Input shape for the checks, e.g. 1,3,224,224 (default: inferred from the model).")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow full unpickling (runs code from the file): only for files you trust.")]
 KeyOpt = Annotated[Optional[str], typer.Option("--key", help="Where the weights are in a checkpoint that holds several, as a dotted path (for example model_state or ema.model).", show_default=False)]
-JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.", dir_okay=False)]
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file (- for stdout: the tables then go to stderr).", dir_okay=False)]
 RtolOpt = Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance, of each output's largest magnitude, on top of the original's own error at this precision (default by dtype: 1e-4 for float32).", show_default=False)]
 AtolOpt = Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance (default by dtype: 1e-6 for float32).", show_default=False)]
 AutocastOpt = Annotated[Optional[str], typer.Option("--autocast", help="Run both models under torch.autocast: float16 or bfloat16 (mixed precision as deployed with AMP).", show_default=False)]
 
 
-def _note(text: str) -> None:
-    err.print(f"[yellow]note:[/yellow] {text}", highlight=False, soft_wrap=True)
-
-
-def _precision_text(flags: dict[str, Any]) -> str:
-    return (f"{flags.get('device')}, {flags.get('dtype')}, autocast {flags.get('autocast') or 'off'}, "
-            f"TF32 cuDNN {'on' if flags.get('cudnn_allow_tf32') else 'off'} / matmul "
-            f"{'on' if flags.get('cuda_matmul_allow_tf32') else 'off'}, "
-            f"float32 matmul precision {flags.get('float32_matmul_precision')}")
-
-
-def _check_rows(t: Table, verdict: Any) -> None:
-    """What a verdict rests on: errors, thresholds, the noise floor, fold sites, precision flags."""
-    tol = verdict.tolerance
-    for label, c in verdict.outputs.items():
-        e, n = c.error, c.noise
-        if e.mismatch:
-            t.add_row(label, f"[red]{e.mismatch}[/red]")
-            continue
-        noise = f", original's own error {n.max_abs:.3g}" if c.reference == "float64" else ""
-        t.add_row(label, f"max abs error {e.max_abs:.3g}, relative error {e.rel:.3g}{noise}; "
-                         f"{c.worst:.1%} of the allowance used")
-    t.add_row("allowance", f"|fused - ref| <= {tol.atol:g} + {tol.rtol:g} x max|ref| + {tol.noise_factor:g} x the "
-                           "original's own error, per output")
-    checked = [s for s in verdict.sites if s.skipped is None]
-    worst = verdict.worst_site
-    if verdict.sites:
-        t.add_row("fold sites", f"{len(checked)} of {len(verdict.sites)} checked in float64"
-                  + (f", worst {worst.rel_error:.2g} at {worst.layer} (limit {worst.tolerance:g})" if worst else ""))
-    t.add_row("precision", _precision_text(verdict.precision))
-    t.add_row("reference", verdict.basis)
-
-
-def _plan_tables(plan: Any, *, verbose: bool, limit: int = 25) -> list[Table]:
-    tables = []
-    if verbose and plan.folds:
-        t = Table(title="Folded", title_justify="left")
-        t.add_column("BatchNorm", overflow="fold")
-        t.add_column("into", overflow="fold")
-        t.add_column("direction")
-        t.add_column("left in its place")
-        for f in plan.folds:
-            t.add_row(f.norm, f.producer, "after the layer" if f.direction == "previous" else "before the layer",
-                      f.replacement)
-        tables.append(t)
-    if plan.skipped:
-        t = Table(title="Left in place", title_justify="left")
-        t.add_column("BatchNorm", overflow="fold")
-        t.add_column("reason", overflow="fold")
-        shown = plan.skipped if verbose else plan.skipped[:limit]
-        for s in shown:
-            t.add_row(s.norm, s.reason)
-        if len(shown) < len(plan.skipped):
-            t.add_row(f"(+{len(plan.skipped) - len(shown)} more)", "see --verbose or --json")
-        tables.append(t)
-    return tables
-
-
-def _convert_table(r: Any) -> Table:
-    t = Table(title=f"bnfuse convert {r.source}" + (f" -> {r.output}" if r.output else ""), title_justify="left",
-              show_header=False)
-    t.add_column(style="bold")
-    t.add_column()
-    t.add_row("architecture", str(r.arch or "(pickled module)"))
-    t.add_row("weights", r.weights)
-    t.add_row("input", f"{r.input.kind} {'x'.join(map(str, r.input.shape))} {r.dtype}")
-    t.add_row("BatchNorm layers", f"{len(r.plan.norms)} found, {len(r.plan.folded_norms)} folded, {len(r.plan.skipped)} left")
-    t.add_row("parameters", f"{_fmt_count(r.params_before)} -> {_fmt_count(r.params_after)}")
-    t.add_row("buffers", f"{_fmt_count(r.buffers_before)} -> {_fmt_count(r.buffers_after)}")
-    t.add_row("removed", f"{_fmt_count(r.removed)} values")
-    if r.output:
-        t.add_row("written", f"{r.output} ({r.form.replace('_', '-')}, {_fmt_size(r.file_size)})")
-    if r.verdict is not None:
-        t.add_row("max abs error", f"{r.error.max_abs:.3g}")
-        t.add_row("relative error", f"{r.error.rel:.3g} (tolerance {r.tolerance:g})")
-        worst = r.verdict.worst_site
-        if worst is not None:
-            t.add_row("fold sites", f"{sum(s.skipped is None for s in r.verdict.sites)} checked in float64, worst "
-                                    f"{worst.rel_error:.2g} at {worst.layer} (limit {worst.tolerance:g})")
-    t.add_row("time", f"{r.seconds.get('total', 0):.2f} s (analyse {r.seconds.get('analyse', 0):.2f} s, fold {r.seconds.get('fold', 0):.2f} s)")
-    return t
+# ----------------------------------------------------------------------------- commands
 
 
 @app.command()
@@ -216,39 +174,32 @@ def convert(
     """Fold every BatchNorm that can be folded and write the fused checkpoint.
 
     Loads SOURCE (a torchvision model name or a checkpoint), switches it to eval, finds fold sites
-    by recording one forward pass, folds in place, checks the output against the original on a
-    seeded random input, and writes .pth or .safetensors.  Nothing is written if the check fails.
+    by recording one forward pass, folds in place, checks every fold site in float64 and the output
+    against the original on a seeded random input, and writes .pth or .safetensors.  Nothing is
+    written if the check fails.
     """
 
-    def run() -> list[Any]:
-        from .conversion import convert as convert_fn
+    def run() -> None:
+        from .conversion import convert as convert_fn, outputs_for
+        from .render import convert_table, plan_tables
 
-        if len(sources) > 1 and out_dir is None:
-            raise UsageError("several sources need --out-dir DIR (one output per source) instead of -o")
-        if output is not None and out_dir is not None:
-            raise UsageError("give either -o/--output or --out-dir, not both")
-        if out_dir is not None and not out_dir.is_dir():
-            raise OutputError(f"--out-dir {out_dir} does not exist or is not a directory")
-        if suffix not in (".pth", ".pt", ".safetensors"):
-            raise UsageError(f"--suffix {suffix!r}: use .pth or .safetensors")
+        _check_report_path("--json", json_file)
+        dests = outputs_for(sources, output, out_dir, suffix)
+        res = _results(json_file)
         reports = []
-        for src in sources:
-            dest = output
-            if out_dir is not None:
-                dest = out_dir / (Path(src).stem.replace(".", "_") + ".fused" + suffix)
-            r = convert_fn(src, dest, arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle, key=key,
-                           save_as=save_as, force=force, rtol=rtol, atol=atol, tolerance=tolerance)
-            out.print(_convert_table(r))
-            for table in _plan_tables(r.plan, verbose=verbose):
-                out.print(table)
+        for src, dest in zip(sources, dests):
+            with _library_output_to_stderr():
+                r = convert_fn(src, dest, arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle,
+                               key=key, save_as=save_as, force=force, rtol=rtol, atol=atol, tolerance=tolerance)
+            res.print(convert_table(r))
+            for table in plan_tables(r.plan, verbose=verbose):
+                res.print(table)
             for note in r.notes:
                 _note(note)
             if dest is None:
                 _note("no -o given: checked only, nothing written")
-            reports.append(r)
-        data = [r.to_dict() for r in reports]
-        _write_json(json_file, data[0] if len(data) == 1 else data)
-        return reports
+            reports.append(r.to_dict())
+        _write_report("--json", json_file, _json(reports[0] if len(reports) == 1 else reports))
 
     _run(run)
 
@@ -266,50 +217,20 @@ def inspect(
     """Show what would fold and what would not, and why, without writing anything."""
 
     def run() -> None:
-        from dataclasses import asdict
-
         from .conversion import inspect as inspect_fn
+        from .render import inspect_line, plan_tables
 
-        src, spec, plan = inspect_fn(source, arch=arch, weights=weights, input_shape=input_shape,
-                                     allow_pickle=allow_pickle, key=key)
-        out.print(f"[bold]{source}[/bold]: {len(plan.norms)} BatchNorm layers, {len(plan.folded_norms)} would fold, "
-                  f"{len(plan.skipped)} would stay (input {spec.kind} {'x'.join(map(str, spec.shape))})", highlight=False)
-        for table in _plan_tables(plan, verbose=True):
-            out.print(table)
-        _write_json(json_file, {"source": source, "arch": src.arch, "input": spec.to_dict(), "bn_found": len(plan.norms),
-                                "folds": [asdict(f) for f in plan.folds], "skipped": [asdict(s) for s in plan.skipped]})
+        _check_report_path("--json", json_file)
+        with _library_output_to_stderr():
+            r = inspect_fn(source, arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle,
+                           key=key)
+        res = _results(json_file)
+        res.print(inspect_line(r), highlight=False)
+        for table in plan_tables(r.plan, verbose=True):
+            res.print(table)
+        _write_report("--json", json_file, _json(r.to_dict()))
 
     _run(run)
-
-
-def _verify_table(r: Any, *, verbose: bool) -> Table:
-    t = Table(title=f"bnfuse verify {r.orig} vs {r.fused}", title_justify="left", show_header=False)
-    t.add_column(style="bold")
-    t.add_column(overflow="fold")
-    t.add_row("original", f"{r.orig_kind}, {r.arch or '(pickled module)'}")
-    t.add_row("fused", f"{r.fused_kind}, {r.fused_arch or '(pickled module)'}")
-    st = r.structure
-    removed = st.removed
-    t.add_row("BatchNorm layers", f"{len(st.bn_orig)} -> {len(st.bn_fused)} ({len(removed)} removed)")
-    if verbose and removed:
-        t.add_row("removed", ", ".join(removed))
-    if verbose and st.bn_fused:
-        t.add_row("remaining", ", ".join(st.bn_fused))
-    t.add_row("parameters", f"{_fmt_count(st.params_orig)} -> {_fmt_count(st.params_fused)}")
-    t.add_row("buffers", f"{_fmt_count(st.buffers_orig)} -> {_fmt_count(st.buffers_fused)}")
-    if r.samples:
-        t.add_row("random inputs", f"{r.samples}: {r.input.kind} {'x'.join(map(str, r.input.shape))}, "
-                                   f"seeds {r.seed}..{r.seed + r.samples - 1}")
-        if r.top1_agreement is not None:
-            t.add_row("", f"top-1 agreement {r.top1_agreement:.2%} ({r.top1_rows} rows)")
-    if r.data is not None:
-        d = r.data
-        t.add_row("data", f"{d.path}: {d.count} inputs" + (f", top-1 agreement {d.agreement:.2%}" if d.agreement is not None else ""))
-        if d.accuracy_orig is not None:
-            t.add_row("accuracy", f"{d.accuracy_orig:.2%} original, {d.accuracy_fused:.2%} fused")
-    _check_rows(t, r.verdict)
-    t.add_row("time", f"{r.seconds.get('total', 0):.2f} s (load {r.seconds.get('load', 0):.2f} s)")
-    return t
 
 
 @app.command()
@@ -345,58 +266,29 @@ def verify(
     """
 
     def run() -> Any:
+        from .render import verify_table
         from .verification import verify as verify_fn
 
-        r = verify_fn(orig, fused, arch=arch, weights=weights, input_shape=input_shape, samples=samples, seed=seed,
-                      rtol=rtol, atol=atol, data=data, batch_size=batch_size, device=device, dtype=dtype,
-                      autocast=autocast, allow_pickle=allow_pickle, key=key)
-        out.print(_verify_table(r, verbose=verbose))
+        _check_report_path("--json", json_file)
+        with _library_output_to_stderr():
+            r = verify_fn(orig, fused, arch=arch, weights=weights, input_shape=input_shape, samples=samples, seed=seed,
+                          rtol=rtol, atol=atol, data=data, batch_size=batch_size, device=device, dtype=dtype,
+                          autocast=autocast, allow_pickle=allow_pickle, key=key)
+        res = _results(json_file)
+        res.print(verify_table(r, verbose=verbose))
         for note in r.notes:
             _note(note)
-        _write_json(json_file, r.to_dict())
+        _write_report("--json", json_file, _json(r.to_dict()))
+        if r.ok:
+            res.print("[bold green]OK[/bold green]: the fused model matches the original within tolerance")
+        else:
+            res.print("[bold red]DIFFERENT[/bold red]: the fused model does not compute what the original computes "
+                      "(exit 1): " + "; ".join(r.verdict.reasons), highlight=False, soft_wrap=True)
         return r
 
     report = _run(run)
-    if report.ok:
-        out.print("[bold green]OK[/bold green]: the fused model matches the original within tolerance")
-    else:
-        out.print("[bold red]DIFFERENT[/bold red]: the fused model does not compute what the original computes "
-                  "(exit 1): " + "; ".join(report.verdict.reasons), highlight=False, soft_wrap=True)
+    if not report.ok:
         raise typer.Exit(EXIT_CHECK_FAILED)
-
-
-# ----------------------------------------------------------------------------- bench
-
-
-def _bench_table(report: Any, min_speedup: "float | None") -> Table:
-    from .benchmark import verdict
-
-    env, st = report.environment, report.settings
-    extras = [x for x, on in (("channels_last", st.get("channels_last")), ("torch.compile", st.get("compile"))) if on]
-    t = Table(
-        title=(f"bnfuse bench: {env.get('device_name')} ({st.get('device')}), torch {env.get('torch')}, "
-               f"{st.get('dtype')}, {env.get('threads')} threads" + "".join(f", {x}" for x in extras)),
-        title_justify="left",
-        caption=("times: median (IQR) per call; speedup = original/fused per alternating pair, median (IQR); "
-                 "rel err: fused vs the original in float64; noise: the original's own rel err there. "
-                 + _precision_text(report.results[0].check.precision if report.results else {})),
-        caption_justify="left",
-    )
-    for col, justify in (("model", "left"), ("input", "left"), ("BN folded", "right"), ("original ms", "right"),
-                         ("fused ms", "right"), ("speedup", "right"), ("max abs err", "right"),
-                         ("rel err", "right"), ("noise", "right"), ("verdict", "left")):
-        t.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    for r in report.results:
-        o, f, s = r.original, r.fused, r.speedup
-        v = verdict(r, min_speedup)
-        style = "red" if v.startswith(("WRONG", "BELOW")) else ("yellow" if v in ("within noise", "slower") else "green")
-        t.add_row(
-            r.model, "x".join(map(str, r.input.shape)), f"{r.bn_folded}/{r.bn_found}",
-            f"{o.median:.3f} ({o.iqr:.3f})", f"{f.median:.3f} ({f.iqr:.3f})",
-            f"{s.median:.3f}x ({s.q1:.3f}-{s.q3:.3f})", f"{r.error.max_abs:.2e}", f"{r.error.rel:.2e}",
-            f"{r.noise.rel:.2e}", f"[{style}]{v}[/{style}]",
-        )
-    return t
 
 
 @app.command()
@@ -438,7 +330,10 @@ def bench(
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from .benchmark import bench as bench_fn
+        from .render import bench_tables, left_tables
 
+        _check_report_path("--json", json_file)
+        _check_report_path("--markdown", markdown)
         if time_budget is not None and time_budget < 0:
             raise UsageError(f"--time-budget {time_budget:g}: give seconds per model, or 0 for no limit")
         budget = -1.0 if time_budget is None else (None if time_budget == 0 else time_budget)
@@ -449,29 +344,20 @@ def bench(
         def tick(description: str, done: int, total: int) -> None:
             progress.update(task, description=description, completed=done, total=total)
 
-        with progress:
+        with progress, _library_output_to_stderr():
             report = bench_fn(models or None, device=device, dtype=dtype, batch_size=batch_size,
                               input_shape=input_shape, channels_last=channels_last, threads=threads, iters=iters,
                               warmup=warmup, time_budget=budget, compile=compile_, arch=arch, weights=weights,
                               allow_pickle=allow_pickle, key=key, autocast=autocast, rtol=rtol, atol=atol,
                               progress=tick)
-        out.print(_bench_table(report, min_speedup))
+        res = _results(json_file)
+        for table in bench_tables(report, min_speedup, res.width) + left_tables(report):
+            res.print(table)
         for r in report.results:
-            if r.bn_left:
-                t = Table(title=f"{r.model}: BatchNorm left unfolded", title_justify="left")
-                t.add_column("BatchNorm", overflow="fold")
-                t.add_column("reason", overflow="fold")
-                for norm, reason in r.bn_left:
-                    t.add_row(norm, reason)
-                out.print(t)
             for note in r.notes:
                 _note(f"{r.model}: {note}")
-        _write_json(json_file, report.to_dict(min_speedup))
-        if markdown is not None:
-            try:
-                markdown.write_text(report.to_markdown(min_speedup))
-            except OSError as exc:
-                raise OutputError(f"cannot write --markdown {markdown}: {exc.strerror or exc}") from exc
+        _write_report("--json", json_file, _json(report.to_dict(min_speedup)))
+        _write_report("--markdown", markdown, report.to_markdown(min_speedup))
         code = 0
         for r in report.incorrect():
             err.print(f"[bold red]check failed:[/bold red] {r.model}: {'; '.join(r.check.reasons)}", highlight=False,

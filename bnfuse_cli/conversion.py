@@ -11,17 +11,17 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .checkpoint import check_output_path, write_checkpoint
 from .checks import Comparison, Tolerance, Verdict
-from .errors import FoldError, UsageError
+from .errors import FoldError, OutputError, UsageError
 from .fusion import fuse
 from .engine.analyse import analyse
 from .engine.plan import Plan
-from .inputs import InputSpec, as_args, input_spec, make_input, model_dtype
+from .inputs import InputSpec, as_args, check_shape_option, input_spec, make_input, model_dtype
 from .loading import Source, load_source
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["ConvertReport", "convert", "inspect", "count_tensors"]
+__all__ = ["ConvertReport", "InspectReport", "convert", "inspect", "outputs_for", "count_tensors"]
 
 
 @dataclass
@@ -96,14 +96,61 @@ def count_tensors(model: "nn.Module") -> tuple[int, int]:
     return params, buffers
 
 
+@dataclass
+class InspectReport:
+    """What would fold and what would not, and why (``bnfuse inspect``); nothing changed or written."""
+
+    source: str
+    arch: "str | None"
+    input: InputSpec
+    plan: Plan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "arch": self.arch,
+            "input": self.input.to_dict(),
+            "bn_found": len(self.plan.norms),
+            "bn_folded": len(self.plan.folded_norms),
+            "bn_skipped": len(self.plan.skipped),
+            "folds": [asdict(f) for f in self.plan.folds],
+            "skipped": [asdict(s) for s in self.plan.skipped],
+            "bnfuse_version": __version__,
+        }
+
+
 def inspect(source: str, *, arch: "str | None" = None, weights: str = "default", input_shape: Any = None,
-            allow_pickle: bool = False, key: "str | None" = None) -> tuple[Source, InputSpec, Plan]:
+            allow_pickle: bool = False, key: "str | None" = None) -> InspectReport:
     """The fold plan for ``source`` without changing or writing anything."""
+    check_shape_option(input_shape)
     src = load_source(source, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key)
     spec = input_spec(src, input_shape)
     dtype, device = model_dtype(src.model)
     plan = analyse(src.model, as_args(make_input(spec, dtype=dtype, device=device))).plan
-    return src, spec, plan
+    return InspectReport(str(source), src.arch, spec, plan)
+
+
+def outputs_for(sources: "list[str]", output: "str | os.PathLike[str] | None", out_dir: "str | os.PathLike[str] | None",
+                suffix: str = ".pth") -> "list[Path | None]":
+    """One output path per source: ``output`` for a single source, ``out_dir/<stem>.fused<suffix>``
+    for several; None (check only) when neither is given for a single source."""
+    if not sources:
+        raise UsageError("give at least one source: a model name or a checkpoint file")
+    if len(sources) > 1 and out_dir is None:
+        raise UsageError("several sources need --out-dir DIR (one output per source) instead of -o")
+    if output is not None and out_dir is not None:
+        raise UsageError("give either -o/--output or --out-dir, not both")
+    if suffix not in (".pth", ".pt", ".safetensors"):
+        raise UsageError(f"--suffix {suffix!r}: use .pth or .safetensors")
+    if out_dir is None:
+        return [Path(output) if output is not None else None]
+    if not Path(out_dir).is_dir():
+        raise OutputError(f"--out-dir {out_dir} does not exist or is not a directory")
+    dests = [Path(out_dir) / (Path(s).stem.replace(".", "_") + ".fused" + suffix) for s in sources]
+    clash = next((d for d in dests if dests.count(d) > 1), None)
+    if clash is not None:
+        raise UsageError(f"two sources would both be written to {clash}: convert them in separate calls")
+    return dests
 
 
 def convert(
@@ -143,7 +190,8 @@ def convert(
         raise UsageError(f"--save-as module needs a .pth output: .safetensors holds tensors only ({out_path})")
     if out_path is not None:
         check_output_path(out_path, inputs=[Path(str(source))], force=force)
-    Tolerance.for_dtype("float32", rtol, atol)  # a bad tolerance is refused before any work
+    Tolerance.for_dtype("float32", rtol, atol)  # a bad tolerance or shape is refused before any work
+    check_shape_option(input_shape)
     src = load_source(source, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key)
     model = src.model
     spec = input_spec(src, input_shape)

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["InputSpec", "parse_shape", "infer_spec", "input_spec", "make_input", "as_args", "model_dtype"]
+__all__ = ["InputSpec", "parse_shape", "check_shape_option", "check_budget", "input_budget", "infer_spec", "input_spec",
+           "make_input", "as_args", "model_dtype", "randomize_bn"]
 
 #: torchvision video classifiers and the clip shape they expect (C, T, H, W)
 _VIDEO_SHAPES = {"s3d": (3, 16, 224, 224), "mvit_v1_b": (3, 16, 224, 224), "mvit_v2_s": (3, 16, 224, 224)}
@@ -32,6 +33,58 @@ class InputSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "InputSpec":
         return cls(tuple(int(x) for x in d["shape"]), str(d.get("kind", "tensor")))
+
+
+#: environment variable that raises (or lowers) the example-input budget, in MiB
+BUDGET_ENV = "BNFUSE_MAX_INPUT_MIB"
+#: default budget for one example input: 1 GiB of float64 (the input is drawn in float64)
+DEFAULT_BUDGET_MIB = 1024
+
+
+def input_budget() -> int:
+    """The largest example input bnfuse allocates, in bytes (``BNFUSE_MAX_INPUT_MIB``, default 1024)."""
+    import os
+
+    text = os.environ.get(BUDGET_ENV, "").strip()
+    if not text:
+        return DEFAULT_BUDGET_MIB * 2**20
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = -1.0
+    if not (mib > 0 and mib < 2**40):
+        raise UsageError(f"{BUDGET_ENV}={text!r}: give the example-input budget as a positive number of MiB")
+    return int(mib * 2**20)
+
+
+def check_budget(shape: tuple[int, ...], what: str = "--input-shape") -> None:
+    """Refuse an example input larger than the budget, before anything is allocated."""
+    elements = 1
+    for d in shape:
+        elements *= d
+    size, budget = elements * 8, input_budget()
+    if size > budget:
+        raise UsageError(
+            f"{what} {'x'.join(map(str, shape))} needs {size / 2**30:,.1f} GiB for one example input (drawn in "
+            f"float64), above the {budget / 2**20:,.0f} MiB budget: give a smaller shape, or raise the budget "
+            f"with the environment variable {BUDGET_ENV}"
+        )
+
+
+def check_shape_option(input_shape: "str | tuple[int, ...] | list[int] | None") -> None:
+    """Validate an ``--input-shape`` option (parsed, positive, within the budget) before any work."""
+    if input_shape is None:
+        return
+    if isinstance(input_shape, str):
+        shape = parse_shape(input_shape)
+    else:
+        try:
+            shape = tuple(int(d) for d in input_shape)
+        except (TypeError, ValueError):
+            shape = ()
+        if not shape or any(d <= 0 for d in shape):
+            raise UsageError(f"input_shape {input_shape!r} is not a shape: give positive integers, e.g. (1, 3, 224, 224)")
+    check_budget(shape)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -83,9 +136,11 @@ def infer_spec(model: "nn.Module", arch: "str | None" = None) -> InputSpec:
 
 
 def make_input(spec: InputSpec, *, dtype: "torch.dtype", device: "torch.device | str" = "cpu", seed: int = 0) -> Any:
-    """A seeded standard-normal input for ``spec``, as the model's single argument."""
+    """A seeded standard-normal input for ``spec``, as the model's single argument (refused above
+    the budget of :func:`input_budget`, before allocating it)."""
     import torch
 
+    check_budget(spec.shape, "the example input")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(spec.shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
     if spec.kind == "images":
@@ -130,3 +185,61 @@ def input_spec(src: Any, input_shape: "str | tuple[int, ...] | None" = None, *,
     if batch_size is not None:
         shape = (batch_size, *shape[1:])
     return InputSpec(shape, auto.kind)
+
+
+def randomize_bn(model: "nn.Module", *, seed: int = 0, example: "tuple[Any, ...] | None" = None) -> int:
+    """Give every BatchNorm-like layer random affine parameters and non-trivial statistics, in place.
+
+    A randomly initialised model has fresh BatchNorms (mean 0, variance 1, weight 1, bias 0),
+    which are the identity: a fold of them checks nothing.  Scale and shift are drawn around 1
+    and 0 (standard deviation 0.4) and running statistics around 0 and 1 (mean +-0.5, variance
+    0.25 to 1.75).  With ``example`` (the model's positional arguments), the running statistics
+    are then measured on it instead, as training would: every layer then normalises what it
+    really sees, so activations stay of order 1 and a float16 run does not overflow the way
+    an un-normalised random ResNet-50 does.  A model whose BatchNorms cannot run in training
+    mode on ``example`` keeps the random statistics.  Returns the number of layers changed.
+    """
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    norms = []
+    with torch.no_grad():
+        for m in model.modules():
+            rm = getattr(m, "running_mean", None)
+            rv = getattr(m, "running_var", None)
+            if not isinstance(rm, torch.Tensor) or not isinstance(rv, torch.Tensor) or rm.shape != rv.shape:
+                continue
+            n = rm.numel()
+            rm.copy_((torch.randn(n, generator=g) * 0.5).to(rm.dtype))
+            rv.copy_((torch.rand(n, generator=g) * 1.5 + 0.25).to(rv.dtype))
+            w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+            if isinstance(w, torch.Tensor) and w.numel() == n:
+                w.copy_((torch.randn(n, generator=g) * 0.4 + 1.0).to(w.dtype))
+            if isinstance(b, torch.Tensor) and b.numel() == n:
+                b.copy_((torch.randn(n, generator=g) * 0.4).to(b.dtype))
+            norms.append(m)
+    calibrate = [m for m in norms if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if example is None or not calibrate:
+        return len(norms)
+    saved = {id(m): (m.running_mean.clone(), m.running_var.clone(), m.momentum, m.training) for m in calibrate}
+    was_training = model.training
+    model.eval()
+    try:
+        for m in calibrate:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: after one batch, exactly its statistics
+            m.train()
+        with torch.no_grad():
+            model(*example)
+    except (ValueError, RuntimeError):  # e.g. one value per channel: keep the random statistics
+        with torch.no_grad():
+            for m in calibrate:
+                m.running_mean.copy_(saved[id(m)][0])
+                m.running_var.copy_(saved[id(m)][1])
+    finally:
+        for m in calibrate:
+            m.momentum = saved[id(m)][2]
+            m.train(saved[id(m)][3])
+        model.train(was_training)
+    return len(norms)

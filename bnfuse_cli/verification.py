@@ -24,7 +24,7 @@ from .checks import Comparison, OutputCheck, SiteCheck, SiteProbe, Tolerance, Ve
 from .conversion import count_tensors
 from .errors import BnfuseError, UsageError
 from .engine.plan import Fold
-from .inputs import InputSpec, as_args, input_spec, make_input, model_dtype
+from .inputs import InputSpec, as_args, check_shape_option, input_spec, make_input, model_dtype
 from .loading import Source, load_source
 from .precision import autocast, check_autocast, parse_dtype, precision_flags, resolve_device
 
@@ -387,13 +387,14 @@ class _Runner:
 
 
 def _validate(samples: int, data: Any, batch_size: int, device: str, dtype: "str | None",
-              autocast_dtype: "str | None", rtol: Any, atol: Any) -> tuple[Any, Any, "str | None"]:
+              autocast_dtype: "str | None", rtol: Any, atol: Any, input_shape: Any) -> tuple[Any, Any, "str | None"]:
     """Every option checked before anything is loaded."""
     if samples < 0 or (samples == 0 and data is None):
         raise UsageError(f"--samples {samples}: give at least 1 random sample, or --data with real inputs")
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: give a positive number of inputs per batch")
     Tolerance.for_dtype("float32", rtol, atol)  # refuses a negative or non-finite tolerance now
+    check_shape_option(input_shape)
     return resolve_device(device), None if dtype is None else parse_dtype(dtype), check_autocast(autocast_dtype)
 
 
@@ -429,7 +430,7 @@ def verify(
     """
     import torch
 
-    dev, want_dtype, amp = _validate(samples, data, batch_size, device, dtype, autocast, rtol, atol)
+    dev, want_dtype, amp = _validate(samples, data, batch_size, device, dtype, autocast, rtol, atol, input_shape)
     t0 = time.perf_counter()
     inputs = labels = None
     if data is not None:

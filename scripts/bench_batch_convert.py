@@ -26,7 +26,7 @@ BNFUSE = str(Path(PY).parent / "bnfuse")
 
 MAKE = """
 import sys, torch
-from bnfuse_cli.benchmark import randomize_bn
+from bnfuse_cli.inputs import randomize_bn
 from bnfuse_cli.models import build
 arch, *paths = sys.argv[1:]
 for i, path in enumerate(paths):

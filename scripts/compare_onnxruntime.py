@@ -86,7 +86,7 @@ class Row:
 def _build(name: str, shape: tuple[int, ...]) -> Any:
     import torch
 
-    from bnfuse_cli.benchmark import randomize_bn
+    from bnfuse_cli.inputs import randomize_bn
     from bnfuse_cli.models import build
 
     torch.manual_seed(0)  # the same random weights on every run

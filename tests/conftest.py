@@ -21,7 +21,7 @@ BNFUSE_CMD = [sys.executable, "-m", "bnfuse_cli"]
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm-like layer random running stats and affine parameters, in place
     (``bnfuse bench``'s own helper, without calibration); returns ``model`` for chaining."""
-    from bnfuse_cli.benchmark import randomize_bn as randomize
+    from bnfuse_cli.inputs import randomize_bn as randomize
 
     randomize(model, seed=seed)
     return model

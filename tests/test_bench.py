@@ -13,7 +13,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bnfuse_cli.benchmark import DEFAULT_MODELS, ModelBench, Stats, bench, randomize_bn, resolve_device, verdict
+from bnfuse_cli.benchmark import DEFAULT_MODELS, ModelBench, Stats, bench, resolve_device, verdict
+from bnfuse_cli.inputs import randomize_bn
 from bnfuse_cli.cli import app
 from bnfuse_cli.checks import OutputCheck, Tolerance, Verdict
 from bnfuse_cli.inputs import InputSpec

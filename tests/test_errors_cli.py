@@ -34,15 +34,28 @@ def sd_file(tmp_path: Path) -> Path:
 
 
 def _fails(args: list[str], *patterns: str) -> str:
-    """Run the app; expect exit 2, one error paragraph matching every pattern, and no traceback."""
-    res = runner.invoke(app, args)
+    """Run the real entry point (``python -m bnfuse_cli``); expect exit 2, one error paragraph on
+    stderr matching every pattern, no traceback, and nothing on stdout."""
+    res = run_bnfuse(*args, cwd=ROOT)
     text = res.stderr
-    assert res.exit_code == 2, (res.exit_code, res.output)
-    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
+    assert res.returncode == 2, (res.returncode, res.stdout, text)
+    assert "Traceback" not in text, text
     assert text.count("error:") == 1, text
+    assert res.stdout == "", res.stdout
     for p in patterns:
-        assert p in text, (p, text)
+        assert p in text.replace("\n", " "), (p, text)
     return text
+
+
+def _fails_in_process(args: list[str], *patterns: str) -> str:
+    """As :func:`_fails`, in this process (for a monkeypatched fault): the app must end with a
+    SystemExit of 2, never with another exception."""
+    res = runner.invoke(app, args)
+    assert isinstance(res.exception, SystemExit) and res.exit_code == 2, (res.exit_code, res.exception, res.output)
+    assert res.stderr.count("error:") == 1, res.stderr
+    for p in patterns:
+        assert p in res.stderr, (p, res.stderr)
+    return res.stderr
 
 
 def _bad_stats(sd_file: Path, layer: str, value: float) -> Path:
@@ -117,7 +130,7 @@ def test_output_paths(sd_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     (tmp_path / "ro").mkdir()
     monkeypatch.setattr(ckmod, "_open_temporary", read_only)
-    _fails(["convert", str(sd_file), "--arch", ARCH, "-o", str(tmp_path / "ro" / "f.pth")],
+    _fails_in_process(["convert", str(sd_file), "--arch", ARCH, "-o", str(tmp_path / "ro" / "f.pth")],
            "directory", "is not writable", "Permission denied")
     assert list((tmp_path / "ro").iterdir()) == []
 
