@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -180,6 +181,8 @@ def convert(
     """
     t0 = time.perf_counter()
     if tolerance is not None:
+        if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+            raise UsageError(f"--tolerance {tolerance}: give a finite number >= 0 (it is an alias of --rtol)")
         if rtol is not None and rtol != tolerance:
             raise UsageError(f"--tolerance {tolerance:g} is an alias of --rtol, which is {rtol:g}: give one of them")
         rtol = tolerance
