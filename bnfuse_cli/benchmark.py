@@ -459,6 +459,18 @@ class _Settings:
     atol: "float | None"
     progress: "ProgressFn | None"
 
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as the JSON report gives them."""
+        shape = self.input_shape
+        return {
+            "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""), "autocast": self.autocast,
+            "batch_size": self.batch_size,
+            "input_shape": shape if isinstance(shape, (str, type(None))) else list(shape),
+            "channels_last": self.channels_last, "threads": None, "compile": self.compile, "iters": self.iters,
+            "warmup": self.warmup, "time_budget_s": self.time_budget, "min_sample_ms": self.min_sample_ms,
+            "weights": self.weights, "rtol": self.rtol, "atol": self.atol, "seed": self.seed,
+        }
+
 
 @dataclass
 class _Prepared:
@@ -645,6 +657,16 @@ def _bench_one(source: str, st: _Settings) -> ModelBench:
     return bench_result
 
 
+def _check_counts(*, iters: int, warmup: int, batch_size: "int | None", threads: "int | None",
+                  budget: "float | None") -> None:
+    for name, value, low in (("--iters", iters, 1), ("--warmup", warmup, 0), ("--batch-size", batch_size, 1),
+                             ("--threads", threads, 1)):
+        if value is not None and value < low:
+            raise UsageError(f"{name} {value}: must be at least {low}")
+    if budget is not None and budget <= 0:
+        raise UsageError(f"--time-budget {budget:g}: must be positive (seconds of timing per model)")
+
+
 def bench(
     models: "Sequence[str] | None" = None,
     *,
@@ -698,12 +720,7 @@ def bench(
     iters = d_iters if iters is None else iters
     warmup = d_warmup if warmup is None else warmup
     budget = d_budget if time_budget is not None and time_budget < 0 else time_budget
-    for name, value, low in (("--iters", iters, 1), ("--warmup", warmup, 0), ("--batch-size", batch_size, 1),
-                             ("--threads", threads, 1)):
-        if value is not None and value < low:
-            raise UsageError(f"{name} {value}: must be at least {low}")
-    if budget is not None and budget <= 0:
-        raise UsageError(f"--time-budget {budget:g}: must be positive (seconds of timing per model)")
+    _check_counts(iters=iters, warmup=warmup, batch_size=batch_size, threads=threads, budget=budget)
     if compile:
         warmup = max(warmup, 2)  # the first calls compile
     sources = list(models) if models else list(DEFAULT_MODELS)
@@ -730,23 +747,8 @@ def bench(
     finally:
         if threads is not None:
             torch.set_num_threads(old_threads)
-    settings = {
-        "device": str(dev),
-        "dtype": str(dt).replace("torch.", ""),
-        "autocast": amp,
-        "batch_size": batch_size if batch_size is not None else (None if input_shape else d_batch),
-        "input_shape": input_shape if isinstance(input_shape, (str, type(None))) else list(input_shape),
-        "channels_last": channels_last,
-        "threads": threads,
-        "compile": compile,
-        "iters": iters,
-        "warmup": warmup,
-        "time_budget_s": budget,
-        "min_sample_ms": min_sample_ms,
-        "weights": weights,
-        "rtol": rtol,
-        "atol": atol,
-        "seed": seed,
-    }
+    settings = st.to_dict()
+    settings["batch_size"] = batch_size if batch_size is not None else (None if input_shape else d_batch)
+    settings["threads"] = threads
     date = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     return BenchReport(results=results, settings=settings, environment=env, date=date)

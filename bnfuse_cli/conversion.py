@@ -180,22 +180,11 @@ def convert(
     picks the weights inside a checkpoint that holds several (a dotted path, ``ema.model``).
     """
     t0 = time.perf_counter()
-    if tolerance is not None:
-        if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
-            raise UsageError(f"--tolerance {tolerance}: give a finite number >= 0 (it is an alias of --rtol)")
-        if rtol is not None and rtol != tolerance:
-            raise UsageError(f"--tolerance {tolerance:g} is an alias of --rtol, which is {rtol:g}: give one of them")
-        rtol = tolerance
+    rtol = _rtol(rtol, tolerance)
     out_path = Path(output) if output is not None else None
-    if save_as not in (None, "module", "state-dict"):
-        raise UsageError(f"--save-as {save_as!r}: choose module or state-dict")
-    if save_as == "module" and out_path is not None and out_path.suffix == ".safetensors":
-        raise UsageError(f"--save-as module needs a .pth output: .safetensors holds tensors only ({out_path})")
-    if out_path is not None:
-        check_output_path(out_path, inputs=[Path(str(source))], force=force)
-    Tolerance.for_dtype("float32", rtol, atol)  # a bad tolerance or shape is refused before any work
-    check_shape_option(input_shape)
+    _check_options(source, out_path, save_as=save_as, force=force, rtol=rtol, atol=atol, input_shape=input_shape)
     src = load_source(source, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key)
+    form = _output_form(src, source, out_path, save_as)
     model = src.model
     spec = input_spec(src, input_shape)
     dtype, device = model_dtype(model)
@@ -210,44 +199,77 @@ def convert(
         input=spec, dtype=str(dtype).replace("torch.", ""), plan=result.plan,
         params_before=params_before, params_after=params_after,
         buffers_before=buffers_before, buffers_after=buffers_after, verdict=result.verdict,
-        notes=list(src.notes),
+        notes=list(src.notes) + (["random initialisation (--weights none): no pretrained weights were loaded"]
+                                 if src.weights == "none" else []),
     )
-    if src.weights == "none":
-        report.notes.append("random initialisation (--weights none): no pretrained weights were loaded")
     if not result.ok:
         raise FoldError(
             f"the fused model does not compute what the original computes ({'; '.join(result.verdict.reasons)}); "
             "nothing was written. This is a bug in bnfuse or a model it does not understand: please report it "
             "with the model"
         )
-    if out_path is not None:
-        # mirror the input: a pickled module stays one, except in .safetensors (tensors only)
-        form = save_as or ("module" if src.kind == "module" and out_path.suffix != ".safetensors" else "state-dict")
-        if form == "state-dict" and not src.arch:
-            raise UsageError(
-                f"{source} is a pickled module of unknown architecture: a state_dict output ({out_path.name}) "
-                "could not be rebuilt; pass --arch, or write a .pth with --save-as module"
-            )
-        meta = {
-            "format": "bnfuse",
-            "version": __version__,
-            "arch": src.arch,
-            "arch_kwargs": src.metadata.get("arch_kwargs", {}),
-            "folds": [f.to_list() for f in _all_folds(src, result.plan)],
-            "input": spec.to_dict(),
-            "dtype": report.dtype,
-            "source": str(source),
-        }
-        sd = model.state_dict()
+    if out_path is not None and form is not None:
         report.form = form.replace("-", "_")
-        report.file_size = write_checkpoint(
-            out_path, state_dict=sd, metadata=meta, module=model if form == "module" else None, force=force
-        )
+        report.file_size = _write(model, src, report, out_path, form, force)
     t5 = time.perf_counter()
     fs = result.seconds
     report.seconds = {"load": t1 - t0, "analyse": fs["analyse"], "fold": fs["rewrite"], "check": fs["check"],
                       "save": t5 - t4, "total": t5 - t0}
     return report
+
+
+def _rtol(rtol: "float | None", tolerance: "float | None") -> "float | None":
+    """``--tolerance`` is an alias of ``--rtol``."""
+    if tolerance is None:
+        return rtol
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+        raise UsageError(f"--tolerance {tolerance}: give a finite number >= 0 (it is an alias of --rtol)")
+    if rtol is not None and rtol != tolerance:
+        raise UsageError(f"--tolerance {tolerance:g} is an alias of --rtol, which is {rtol:g}: give one of them")
+    return tolerance
+
+
+def _check_options(source: Any, out_path: "Path | None", *, save_as: "str | None", force: bool,
+                   rtol: "float | None", atol: "float | None", input_shape: Any) -> None:
+    """Every option that can be checked without the model, before any work."""
+    if save_as not in (None, "module", "state-dict"):
+        raise UsageError(f"--save-as {save_as!r}: choose module or state-dict")
+    if save_as == "module" and out_path is not None and out_path.suffix == ".safetensors":
+        raise UsageError(f"--save-as module needs a .pth output: .safetensors holds tensors only ({out_path})")
+    if out_path is not None:
+        check_output_path(out_path, inputs=[Path(str(source))], force=force)
+    Tolerance.for_dtype("float32", rtol, atol)
+    check_shape_option(input_shape)
+
+
+def _output_form(src: Source, source: Any, out_path: "Path | None", save_as: "str | None") -> "str | None":
+    """``module`` or ``state-dict``: mirror the input (a pickled module stays one, except in
+    .safetensors, which holds tensors only).  Checked before the work, not after."""
+    if out_path is None:
+        return None
+    form = save_as or ("module" if src.kind == "module" and out_path.suffix != ".safetensors" else "state-dict")
+    if form == "state-dict" and not src.arch:
+        raise UsageError(
+            f"{source} is a pickled module of unknown architecture: a state_dict output ({out_path.name}) "
+            "could not be rebuilt; pass --arch, or write a .pth with --save-as module"
+        )
+    return form
+
+
+def _write(model: "nn.Module", src: Source, report: ConvertReport, out_path: Path, form: str, force: bool) -> int:
+    """Write the fused model with the metadata that rebuilds it; the file's size."""
+    meta = {
+        "format": "bnfuse",
+        "version": __version__,
+        "arch": src.arch,
+        "arch_kwargs": src.metadata.get("arch_kwargs", {}),
+        "folds": [f.to_list() for f in _all_folds(src, report.plan)],
+        "input": report.input.to_dict(),
+        "dtype": report.dtype,
+        "source": report.source,
+    }
+    return write_checkpoint(out_path, state_dict=model.state_dict(), metadata=meta,
+                            module=model if form == "module" else None, force=force)
 
 
 def _all_folds(src: Source, plan: Plan) -> list[Any]:

@@ -386,6 +386,16 @@ class _Runner:
             check.add(ref, fused, orig, labels=labels)
 
 
+def _data_check(runner: _Runner, inputs: "torch.Tensor", labels: "torch.Tensor | None", batch_size: int,
+                device: Any, check: OutputCheck) -> OutputCheck:
+    """The models on ``--data``, ``batch_size`` inputs at a time."""
+    for start in range(0, int(inputs.shape[0]), batch_size):
+        chunk = inputs[start:start + batch_size]
+        lab = None if labels is None else labels[start:start + batch_size]
+        runner.add(check, lambda dt, c=chunk: _cast(c, dt, device), labels=lab)
+    return check
+
+
 def _validate(samples: int, data: Any, batch_size: int, device: str, dtype: "str | None",
               autocast_dtype: "str | None", rtol: Any, atol: Any, input_shape: Any) -> tuple[Any, Any, "str | None"]:
     """Every option checked before anything is loaded."""
@@ -464,12 +474,8 @@ def verify(
 
     data_result = None
     if inputs is not None:
-        check = outputs["data"] = OutputCheck(tol, reference=reference)
-        for start in range(0, int(inputs.shape[0]), batch_size):
-            chunk = inputs[start:start + batch_size]
-            lab = None if labels is None else labels[start:start + batch_size]
-            runner.add(check, lambda dt, c=chunk: _cast(c, dt, dev), labels=lab)
-        data_result = DataResult(path=str(data), count=int(inputs.shape[0]), check=check)
+        outputs["data"] = _data_check(runner, inputs, labels, batch_size, dev, OutputCheck(tol, reference=reference))
+        data_result = DataResult(path=str(data), count=int(inputs.shape[0]), check=outputs["data"])
     t3 = time.perf_counter()
     del runner
     if ref_model is None:
