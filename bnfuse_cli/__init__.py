@@ -29,15 +29,16 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it.  The modules are named after what they do
 #: (``fusion``, ``conversion``...), never after a function, so importing one never replaces
-#: the function of the same name on this package.
+#: the function of the same name on this package (``files.load`` is an attribute of ``files``, not of
+#: this package).
 _LAZY = {
     "fuse": "fusion",
     "plan": "fusion",
     "FuseResult": "fusion",
     "convert": "conversion",
     "ConvertReport": "conversion",
-    "load": "loading",
-    "read_checkpoint": "checkpoint",
+    "load": "files.load",
+    "read_checkpoint": "files.read",
     "verify": "verification",
     "VerifyReport": "verification",
     "bench": "benchmark",
@@ -59,10 +60,10 @@ __all__ = [
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .benchmark import BenchReport, bench
-    from .checkpoint import read_checkpoint
     from .conversion import ConvertReport, convert
+    from .files.load import load
+    from .files.read import read_checkpoint
     from .fusion import FuseResult, fuse, plan
-    from .loading import load
     from .verification import VerifyReport, verify
 
 

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .checks import Comparison, Verdict
     from .fusion import FuseResult
     from .inputs import InputSpec
-    from .loading import Source
+    from .files.load import Source
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -488,7 +488,7 @@ def _prepare(source: str, st: _Settings) -> _Prepared:
     import torch
 
     from .inputs import InputSpec, as_args, make_input, randomize_bn
-    from .loading import load_source
+    from .files.load import load_source
 
     src = load_source(source, arch=st.arch, weights=st.weights, allow_pickle=st.allow_pickle, key=st.key)
     original = src.model.eval().to(torch.float32)

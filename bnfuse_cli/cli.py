@@ -46,7 +46,7 @@ EXIT_CHECK_FAILED = 1
 
 def _run(fn: Callable[[], Any]) -> Any:
     """Call ``fn`` and turn a bnfuse error into a message and an exit code (no traceback)."""
-    from .checkpoint import write_mark, written_since  # no torch: the files layer's record of placed outputs
+    from .files.write import write_mark, written_since  # no torch: the files layer's record of placed outputs
 
     mark = write_mark()
     try:

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .checkpoint import check_output_path, write_checkpoint
+from .files.write import check_output_path, write_checkpoint
 from .checks import Comparison, Tolerance, Verdict
 from .errors import FoldError, OutputError, UsageError
 from .fusion import fuse
 from .engine.analyse import analyse
 from .engine.plan import Plan
 from .inputs import InputSpec, as_args, check_shape_option, input_spec, make_input, model_dtype
-from .loading import Source, load_source
+from .files.load import Source, load_source
 
 if TYPE_CHECKING:
     from torch import nn

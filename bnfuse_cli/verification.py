@@ -25,7 +25,7 @@ from .conversion import count_tensors
 from .errors import BnfuseError, UsageError
 from .engine.plan import Fold
 from .inputs import InputSpec, as_args, check_shape_option, input_spec, make_input, model_dtype
-from .loading import Source, load_source
+from .files.load import Source, load_source
 from .precision import autocast, check_autocast, parse_dtype, precision_flags, resolve_device
 
 if TYPE_CHECKING:
@@ -228,7 +228,7 @@ def read_data(path: "str | os.PathLike[str]", *, allow_pickle: bool = False) -> 
     """
     import torch
 
-    from .checkpoint import read_object
+    from .files.read import read_object
     from .errors import CheckpointError
 
     path = Path(path)

@@ -27,7 +27,7 @@ BNFUSE = str(Path(PY).parent / "bnfuse")
 MAKE = """
 import sys, torch
 from bnfuse_cli.inputs import randomize_bn
-from bnfuse_cli.models import build
+from bnfuse_cli.files.models import build
 arch, *paths = sys.argv[1:]
 for i, path in enumerate(paths):
     torch.manual_seed(i)

@@ -71,7 +71,7 @@ BASELINE = "import torch, torchvision"
 
 BUILD = """
 import sys, torch
-from bnfuse_cli.models import build
+from bnfuse_cli.files.models import build
 m = build(sys.argv[1]).eval()
 size = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
 params = sum(p.numel() for p in m.parameters())
@@ -80,7 +80,7 @@ print(size, params)
 
 BUILD_RUN = """
 import sys, torch
-from bnfuse_cli.models import build
+from bnfuse_cli.files.models import build
 m = build(sys.argv[1]).eval()
 with torch.no_grad():
     m(torch.randn(1, 3, 224, 224))  # what any check of the model costs: one forward at convert's input
@@ -89,7 +89,7 @@ with torch.no_grad():
 FX = """
 import sys, torch
 from torch.fx.experimental.optimization import fuse
-from bnfuse_cli.models import build
+from bnfuse_cli.files.models import build
 m = build(sys.argv[1]).eval()
 fused = fuse(m)  # inplace=False: deep-copies the model first
 torch.save(fused.state_dict(), sys.argv[2])
@@ -136,7 +136,7 @@ def wrap(owner, attr, label):
 
 import importlib
 import safetensors.torch
-ck = importlib.import_module("bnfuse_cli.checkpoint")
+ck = importlib.import_module("bnfuse_cli.files.write")
 cv = importlib.import_module("bnfuse_cli.conversion")
 wrap(cv, "load_source", "load_source (build model, random init)")
 wrap(cv, "analyse", "analyse (recorded forward pass, 224x224)")
@@ -144,9 +144,7 @@ wrap(cv, "apply_plan", "apply_plan (fold in place)")
 wrap(cv, "compare", "compare (reference vs fused output)")
 wrap(cv, "write_checkpoint", "write_checkpoint (total)")
 wrap(safetensors.torch, "save_file", "safetensors save_file")
-wrap(ck, "_safetensors_ready", "_safetensors_ready (contiguous, unshared)")
-wrap(ck, "_verify_written", "read-back verification")
-wrap(ck, "read_checkpoint", "read_checkpoint (in read-back)")
+wrap(ck, "verify_written", "read-back verification")
 reset_peak()
 report = cv.convert(sys.argv[1], sys.argv[2], weights="none", force=True)
 print(json.dumps({"rows": rows, "end": status()}))

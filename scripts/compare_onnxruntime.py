@@ -87,7 +87,7 @@ def _build(name: str, shape: tuple[int, ...]) -> Any:
     import torch
 
     from bnfuse_cli.inputs import randomize_bn
-    from bnfuse_cli.models import build
+    from bnfuse_cli.files.models import build
 
     torch.manual_seed(0)  # the same random weights on every run
     kwargs: dict[str, Any] = {}

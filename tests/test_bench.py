@@ -187,7 +187,7 @@ def test_checkpoint_source_is_not_rerandomised(tmp_path) -> None:  # noqa: ANN00
 
 
 def test_default_models_are_torchvision_names() -> None:
-    from bnfuse_cli.models import torchvision_names
+    from bnfuse_cli.files.models import torchvision_names
 
     assert len(DEFAULT_MODELS) >= 4 and set(DEFAULT_MODELS) <= set(torchvision_names())
 

@@ -18,11 +18,12 @@ from conftest import ROOT, randomize_bn
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bnfuse_cli import checkpoint as ckmod  # noqa: E402
-from bnfuse_cli.checkpoint import NESTED_KEYS, check_output_path, read_checkpoint, write_checkpoint  # noqa: E402
+from bnfuse_cli.files import readback, write  # noqa: E402
+from bnfuse_cli.files.read import NESTED_KEYS, read_checkpoint  # noqa: E402
+from bnfuse_cli.files.write import check_output_path, write_checkpoint  # noqa: E402
 from bnfuse_cli.conversion import convert  # noqa: E402
 from bnfuse_cli.errors import CheckpointError, OutputError, UnsafeCheckpointError, UsageError  # noqa: E402
-from bnfuse_cli.loading import load, load_source  # noqa: E402
+from bnfuse_cli.files.load import load, load_source  # noqa: E402
 from examples.digits import DigitsCNN  # noqa: E402
 
 ARCH = "examples.digits:DigitsCNN"
@@ -308,7 +309,7 @@ def test_write_failure_is_an_output_error(tmp_path: Path, model: nn.Module, monk
     def no_space(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckmod, "_open_temporary", no_space)
+    monkeypatch.setattr(write, "_open_temporary", no_space)
     with pytest.raises(OutputError, match="No space left"):
         _write(tmp_path / "out.pth", model.state_dict())
 
@@ -332,7 +333,7 @@ def test_check_output_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     def denied(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(ckmod, "_open_temporary", denied)
+    monkeypatch.setattr(write, "_open_temporary", denied)
     with pytest.raises(OutputError, match="not writable"):
         check_output_path(tmp_path / "out.pth")
 
@@ -565,7 +566,7 @@ import json, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, sys.argv[1])
-from bnfuse_cli import checkpoint as ck
+from bnfuse_cli.files import write as ck
 
 def hwm():
     with open("/proc/self/status") as fh:
@@ -615,7 +616,7 @@ def test_pth_check_without_placing_storages_still_checks_contents(tmp_path: Path
     """Should a torch's mmap loader not let the check see where each storage lies, the .pth check falls
     back to comparing the (size, CRC-32) multisets of the storages: writes still go through, and a
     damaged tensor is still refused."""
-    monkeypatch.setattr(ckmod, "_place", lambda storages, data: {})
+    monkeypatch.setattr(readback, "_place", lambda storages, data: {})
     sd, key = _sd(), "big.weight"
     out = tmp_path / "out.pth"
     write_checkpoint(out, state_dict=sd, metadata=_META)

@@ -14,7 +14,7 @@ from conftest import ROOT, randomize_bn, run_bnfuse
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bnfuse_cli import checkpoint as ckmod  # noqa: E402
+from bnfuse_cli.files import write as ckmod  # noqa: E402
 from bnfuse_cli.cli import app  # noqa: E402
 from examples.digits import DigitsCNN  # noqa: E402
 

@@ -27,18 +27,17 @@ from conftest import ROOT, randomize_bn
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bnfuse_cli import checkpoint as ckmod  # noqa: E402
-from bnfuse_cli.checkpoint import (  # noqa: E402
+from bnfuse_cli.files import write as ckmod  # noqa: E402
+from bnfuse_cli.files.read import read_checkpoint, read_object  # noqa: E402
+from bnfuse_cli.files.write import (  # noqa: E402
     check_output_path,
-    read_checkpoint,
-    read_object,
     write_checkpoint,
     write_mark,
     written_since,
 )
 from bnfuse_cli.cli import app  # noqa: E402
 from bnfuse_cli.errors import CheckpointError, OutputError, UsageError  # noqa: E402
-from bnfuse_cli.loading import load_source  # noqa: E402
+from bnfuse_cli.files.load import load_source  # noqa: E402
 from examples.digits import DigitsCNN  # noqa: E402
 
 ARCH = "examples.digits:DigitsCNN"
@@ -287,7 +286,7 @@ sys.path.insert(0, sys.argv[1])
 if sys.argv[4] == "named":
     del os.O_TMPFILE  # a platform without it: the named fallback
 import torch
-from bnfuse_cli.checkpoint import write_checkpoint
+from bnfuse_cli.files.write import write_checkpoint
 g = torch.Generator().manual_seed(0)
 sd = {f"w{i}": torch.randn(2 ** 20, generator=g) for i in range(48)}  # 192 MiB
 out = Path(sys.argv[2])
@@ -448,7 +447,7 @@ def test_interrupt_message_says_what_was_written(sd_file: Path, tmp_path: Path, 
     if stage == "read-back":
         def interrupted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
             raise KeyboardInterrupt
-        monkeypatch.setattr(ckmod, "_verify_written", interrupted)
+        monkeypatch.setattr(ckmod, "verify_written", interrupted)
     elif stage == "just after the link":
         _interrupt_after(monkeypatch, "link")
     elif stage == "just after the rename":

@@ -20,7 +20,8 @@ import bnfuse_cli.fusion as fusion
 from bnfuse_cli import fuse
 from bnfuse_cli.benchmark import bench
 from bnfuse_cli.inputs import randomize_bn
-from bnfuse_cli.checkpoint import read_checkpoint, write_checkpoint
+from bnfuse_cli.files.read import read_checkpoint
+from bnfuse_cli.files.write import write_checkpoint
 from bnfuse_cli.checks import OutputCheck, SiteProbe, Tolerance, Verdict
 from bnfuse_cli.cli import app
 from bnfuse_cli.conversion import convert

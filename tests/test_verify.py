@@ -17,7 +17,8 @@ from conftest import ROOT, randomize_bn, run_bnfuse
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bnfuse_cli.checkpoint import read_checkpoint, write_checkpoint  # noqa: E402
+from bnfuse_cli.files.read import read_checkpoint  # noqa: E402
+from bnfuse_cli.files.write import write_checkpoint  # noqa: E402
 from bnfuse_cli.cli import app  # noqa: E402
 from bnfuse_cli.conversion import convert  # noqa: E402
 from bnfuse_cli.errors import CheckpointError, UsageError  # noqa: E402

@@ -1,4 +1,5 @@
-"""Resolve a model name to an ``nn.Module``: torchvision names, ``timm:NAME``, ``pkg.mod:factory``."""
+"""Turn a model name into an ``nn.Module``: torchvision names (with their pretrained weights),
+``timm:NAME`` and ``package.module:factory`` for the user's own code."""
 
 from __future__ import annotations
 
@@ -6,14 +7,12 @@ import difflib
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import SourceError
+from ..errors import SourceError
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["build", "torchvision_names", "is_arch_name", "load_weights_enum"]
-
-_TV_MODULES = ("", "segmentation", "detection", "video", "optical_flow", "quantization")
+__all__ = ["build", "torchvision_names", "load_weights_enum"]
 
 
 def torchvision_names() -> list[str]:
@@ -21,11 +20,6 @@ def torchvision_names() -> list[str]:
     from torchvision import models
 
     return sorted(models.list_models())
-
-
-def is_arch_name(text: str) -> bool:
-    """A torchvision name, ``timm:NAME`` or ``pkg.mod:callable`` (not a path to a file)."""
-    return ":" in text or text in torchvision_names()
 
 
 def _suggest(name: str, candidates: list[str]) -> str:
@@ -89,60 +83,9 @@ def build(arch: str, *, weights: "str | None" = None, **kwargs: Any) -> "nn.Modu
     random initialisation; timm and factory models are always built without pretrained weights.
     """
     if arch.startswith("timm:"):
-        try:
-            import timm
-        except ImportError as exc:
-            raise SourceError(
-                f"{arch} needs timm, which is not installed: pip install 'bnfuse[timm]' (or pip install timm)"
-            ) from exc
-        name = arch[5:]
-        try:
-            return timm.create_model(name, pretrained=False, **kwargs)
-        except RuntimeError as exc:
-            raise SourceError(
-                f"timm has no model {name!r}.{_suggest(name, timm.list_models())} ({exc})"
-            ) from exc
+        return _build_timm(arch, kwargs)
     if ":" in arch:
-        module_name, _, attr = arch.partition(":")
-        import os
-        import sys
-
-        if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` would: user code in cwd
-            sys.path.insert(0, os.getcwd())
-        if not module_name or not attr:
-            raise SourceError(
-                f"--arch {arch!r} is not of the form package.module:callable (for example mypkg.models:Net)"
-            )
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise SourceError(
-                f"cannot import {module_name!r} for --arch {arch}: {exc}. Make sure the package is "
-                "installed or on PYTHONPATH (the current directory is searched too)"
-            ) from exc
-        except Exception as exc:  # the user's module raised while importing: their code, not ours
-            raise SourceError(
-                f"importing {module_name!r} for --arch {arch} failed: {type(exc).__name__}: {exc}"
-            ) from exc
-        factory = module
-        for part in attr.split("."):
-            factory = getattr(factory, part, None)
-            if factory is None:
-                raise SourceError(f"{module_name} has no attribute {attr!r} (from --arch {arch})")
-        if not callable(factory):
-            raise SourceError(f"{arch} is not callable: point --arch at a model class or factory function")
-        try:
-            model = factory(**kwargs)
-        except Exception as exc:  # a factory needing arguments, or failing in the user's code
-            raise SourceError(
-                f"calling {arch}() to build the model failed: {type(exc).__name__}: {exc}. bnfuse calls it "
-                "without arguments: point --arch at a function that returns the model ready to load weights"
-            ) from exc
-        from torch import nn
-
-        if not isinstance(model, nn.Module):
-            raise SourceError(f"{arch}() returned {type(model).__name__}, not a torch.nn.Module")
-        return model
+        return _build_factory(arch, kwargs)
     resolved = None
     if weights is not None:
         names = torchvision_names()
@@ -150,3 +93,68 @@ def build(arch: str, *, weights: "str | None" = None, **kwargs: Any) -> "nn.Modu
             return _build_torchvision(arch, None, dict(kwargs))
         resolved = load_weights_enum(arch, weights)
     return _build_torchvision(arch, resolved, dict(kwargs))
+
+
+def _build_timm(arch: str, kwargs: dict[str, Any]) -> "nn.Module":
+    try:
+        import timm
+    except ImportError as exc:
+        raise SourceError(
+            f"{arch} needs timm, which is not installed: pip install 'bnfuse[timm]' (or pip install timm)"
+        ) from exc
+    name = arch[5:]
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as exc:
+        raise SourceError(
+            f"timm has no model {name!r}.{_suggest(name, timm.list_models())} ({exc})"
+        ) from exc
+
+
+def _build_factory(arch: str, kwargs: dict[str, Any]) -> "nn.Module":
+    """``package.module:callable`` called without arguments (the current directory is searched, as by
+    ``python -m``), checked to return an ``nn.Module``."""
+    import os
+    import sys
+
+    module_name, _, attr = arch.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` would: user code in cwd
+        sys.path.insert(0, os.getcwd())
+    if not module_name or not attr:
+        raise SourceError(
+            f"--arch {arch!r} is not of the form package.module:callable (for example mypkg.models:Net)"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SourceError(
+            f"cannot import {module_name!r} for --arch {arch}: {exc}. Make sure the package is "
+            "installed or on PYTHONPATH (the current directory is searched too)"
+        ) from exc
+    except Exception as exc:  # the user's module raised while importing: their code, not ours
+        raise SourceError(
+            f"importing {module_name!r} for --arch {arch} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise SourceError(f"{module_name} has no attribute {attr!r} (from --arch {arch})")
+    if not callable(factory):
+        raise SourceError(f"{arch} is not callable: point --arch at a model class or factory function")
+    return _call_factory(arch, factory, kwargs)
+
+
+def _call_factory(arch: str, factory: Any, kwargs: dict[str, Any]) -> "nn.Module":
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # a factory needing arguments, or failing in the user's code
+        raise SourceError(
+            f"calling {arch}() to build the model failed: {type(exc).__name__}: {exc}. bnfuse calls it "
+            "without arguments: point --arch at a function that returns the model ready to load weights"
+        ) from exc
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise SourceError(f"{arch}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -1,4 +1,5 @@
-"""Turn a source (model name or checkpoint file) into a ready ``nn.Module`` in eval mode."""
+"""Turn a source (a model name, with or without a weights file, or a checkpoint file) into a ready
+``nn.Module`` in eval mode, choosing the weights in the file that match the architecture."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import Checkpoint, read_checkpoint
-from .errors import CheckpointError, SourceError, UsageError
-from .engine.plan import Fold
+from ..engine.plan import Fold
+from ..errors import CheckpointError, UsageError
 from .models import build
+from .read import NESTED_KEYS, Checkpoint, read_checkpoint, strip_prefixes
 
 if TYPE_CHECKING:
     import torch
@@ -90,9 +91,7 @@ def load_state_dict_strict(model: "nn.Module", sd: "dict[str, torch.Tensor]", *,
 
 def _normalised_keys(sd: "dict[str, Any]", expected: "set[str]") -> "set[str]":
     """The keys of ``sd`` after the prefix stripping a load does (``module.``, ``_orig_mod.``, a wrapper's)."""
-    from .checkpoint import _strip_prefixes
-
-    stripped = _strip_prefixes(dict(sd), [])
+    stripped = strip_prefixes(dict(sd), [])
     return set(_strip_wrapper_prefix(expected, stripped)[0])
 
 
@@ -102,8 +101,6 @@ def _pick_weights(ck: Checkpoint, expected: "set[str]", arch: str, *, explicit: 
     the first well-known key's (:data:`NESTED_KEYS`) when its keys match the architecture, else the only
     dict of tensors in the file whose keys match (searched under every key, nested too). Several matching
     and none chosen: a CheckpointError listing them (pass --key)."""
-    from .checkpoint import NESTED_KEYS, _strip_prefixes
-
     sd = ck.state_dict or {}
     if explicit or not ck.candidates or len(ck.candidates) == 1 and ck.key in ck.candidates:
         return sd, ck.notes
@@ -117,7 +114,7 @@ def _pick_weights(ck: Checkpoint, expected: "set[str]", arch: str, *, explicit: 
         return sd, ck.notes
     if len(matching) == 1:
         notes: list[str] = []
-        chosen = _strip_prefixes(dict(ck.candidates[matching[0]]), notes)
+        chosen = strip_prefixes(dict(ck.candidates[matching[0]]), notes)
         return chosen, [f"used the weights under {matching[0]!r}: the only dict of tensors in the file whose keys "
                         f"match {arch}"] + notes
     if len(matching) > 1:
@@ -129,7 +126,7 @@ def _pick_weights(ck: Checkpoint, expected: "set[str]", arch: str, *, explicit: 
 
 
 def _from_checkpoint(ck: Checkpoint, arch: "str | None", key: "str | None" = None) -> Source:
-    from .engine.rewrite import apply_structure
+    from ..engine.rewrite import apply_structure
 
     if ck.kind == "module":
         return Source(ck.module, arch or ck.metadata.get("arch"), "module", ck.metadata, ck.path, "file", ck.notes)

@@ -1,0 +1,375 @@
+"""Write a checkpoint without ever losing a file: an anonymous temporary file, fsynced, read back and
+checked (:mod:`.readback`), then linked or renamed into place; every OS failure an :class:`OutputError`.
+
+Where ``O_TMPFILE`` is missing, a named ``.NAME.bnfuse-tmp.HOST.PID.RANDOM`` file is used, and a later
+write removes those left by dead processes. :func:`written_since` says exactly which outputs were placed.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import re
+import socket
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import OutputError
+from .formats import META_KEY, byte_view, st_dtype
+from .readback import verify_written
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["write_checkpoint", "check_output_path", "write_mark", "written_since"]
+
+#: outputs this process has placed, complete and checked, in order (see :func:`written_since`)
+_WRITTEN: "list[Path]" = []
+#: ``force`` as given to :func:`check_output_path` for each output path (absolute), for write_checkpoint
+_FORCE: "dict[str, bool]" = {}
+
+#: what to do about a failed write, by errno
+_WRITE_HINTS = {
+    errno.ENOSPC: "the file system is full: free space there or choose another -o",
+    errno.EDQUOT: "the disk quota is used up: free space or choose another -o",
+    errno.EFBIG: "the file is larger than the file size limit allows (ulimit -f, or the file system's own limit): "
+                 "raise the limit or choose another -o",
+    errno.EROFS: "the file system is read-only: choose another -o",
+    errno.EIO: "the device reported an I/O error: check the disk or network file system and retry",
+}
+
+
+def write_mark() -> int:
+    """A mark in this process's record of placed outputs: pass it to :func:`written_since` later."""
+    return len(_WRITTEN)
+
+
+def written_since(mark: int) -> "list[Path]":
+    """The outputs :func:`write_checkpoint` placed since ``mark`` (each complete and checked).
+
+    True at every instant, also when a ``KeyboardInterrupt`` arrives during a write: an output is
+    recorded as soon as the link or rename that places it has happened (an interrupt between that call
+    and the record is caught by comparing the output's inode with the written file's), and an output
+    that is not recorded was not created or changed.
+    """
+    return list(_WRITTEN[mark:])
+
+
+def check_output_path(output: Path, *, inputs: "list[Path]" = (), force: bool = False) -> None:  # type: ignore[assignment]
+    """Refuse to overwrite an input, an existing file without ``force``, or write where we cannot.
+
+    ``force`` is remembered for this path: a later :func:`write_checkpoint` of it without an explicit
+    ``force`` places the file without overwriting (``os.link``) unless ``force`` was given here.
+    """
+    if output.suffix not in (".pth", ".pt", ".safetensors"):
+        raise OutputError(
+            f"{output}: unknown output suffix {output.suffix or '(none)'!r}; use .pth, .pt or .safetensors"
+        )
+    for src in inputs:
+        if src.exists() and output.exists() and output.resolve() == src.resolve():
+            raise OutputError(f"{output} is the input file: bnfuse never overwrites its input; choose another -o")
+    if output.is_dir():
+        raise OutputError(f"{output} is a directory: give a file name such as {output / 'fused.pth'}")
+    if output.exists() and not force:
+        raise OutputError(f"{output} already exists: pass --force to replace it (the old file stays until the new "
+                          "one is complete)")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {output}: the directory {parent} does not exist")
+    # a real probe: os.access says yes to root on read-only file systems and /sys
+    try:
+        fd, named = _open_temporary(parent, output.name)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {output}: the directory {parent} is not writable ({exc.strerror or exc}); "
+            "choose another -o"
+        ) from exc
+    os.close(fd)
+    if named is not None:
+        named.unlink(missing_ok=True)
+    _FORCE[os.path.abspath(output)] = force
+
+
+def write_checkpoint(
+    output: "str | os.PathLike[str]",
+    *,
+    state_dict: "dict[str, torch.Tensor]",
+    metadata: dict[str, Any],
+    module: "nn.Module | None" = None,
+    force: "bool | None" = None,
+    _after_write: "Callable[[Path], None] | None" = None,
+) -> int:
+    """Write atomically; return the file size.  ``module`` given: a pickled module (.pth only).
+
+    ``.safetensors``: the state_dict, with ``metadata`` as a JSON string under ``bnfuse``.
+    ``.pth``/``.pt``: ``{"bnfuse": metadata, "state_dict": ...}`` (loads with weights_only=True),
+    or ``torch.save(module)`` when ``module`` is given.
+
+    The data goes to an anonymous file (``O_TMPFILE``; a named ``.NAME.bnfuse-tmp.*`` file where that is
+    not supported), is fsynced, read back and checked, and placed: ``force=False`` links it into place and
+    fails with :class:`OutputError` if ``output`` exists, even when another process created it during the
+    write; ``force=True`` renames it over ``output`` atomically. Then the directory is fsynced. ``force=None``
+    (the default) uses the ``force`` given to :func:`check_output_path` for this path, else True. The file
+    gets mode 0666 less the umask. An OS-level failure (ENOSPC, EFBIG, EIO, EROFS, EDQUOT) is an
+    :class:`OutputError` naming the file and the cause; nothing is left behind and an old file is intact.
+    """
+    output = Path(output)
+    form = "module" if module is not None else "state_dict"
+    force = _may_write(output, form, force)
+    _remove_stale_temporaries(output.parent, output.name)
+    existed = os.path.lexists(output)
+    kept = f"the previous {output.name} is untouched" if existed else f"no {output.name} was created"
+    try:
+        fd, named = _open_temporary(output.parent, output.name)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {output}: {_cause(exc)} in the directory {output.parent}; choose another -o"
+        ) from exc
+    tmp = named if named is not None else Path(f"/proc/self/fd/{fd}")
+    leftovers = [] if named is None else [named]  # names to remove should the write not complete
+    entry = Path(output)  # this write's record in _WRITTEN (found by identity)
+    try:
+        _write_data(fd, output, state_dict, metadata, module, kept)
+        if _after_write is not None:
+            _after_write(tmp)
+        verify_written(tmp, state_dict, metadata, form, output)
+        _put_in_place(output, tmp, named, force=force, kept=kept, entry=entry, leftovers=leftovers)
+        return os.fstat(fd).st_size
+    except BaseException:
+        if not any(e is entry for e in _WRITTEN) and _is_placed(output, fd):  # interrupted right after placing
+            _WRITTEN.append(entry)
+        for name in leftovers:
+            try:
+                os.unlink(name)
+            except OSError:
+                pass
+        raise
+    finally:
+        os.close(fd)
+
+
+def _may_write(output: Path, form: str, force: "bool | None") -> bool:
+    """``force`` resolved (given, else as given to :func:`check_output_path`, else True); an OutputError
+    for what cannot be written at all."""
+    if form == "module" and output.suffix == ".safetensors":
+        raise OutputError(f"{output}: a whole pickled module cannot be stored as .safetensors; use .pth")
+    if force is None:
+        force = _FORCE.get(os.path.abspath(output), True)
+    if not force and os.path.lexists(output):
+        raise OutputError(f"{output} already exists: pass --force to replace it")
+    return force
+
+
+def _write_data(fd: int, output: Path, state_dict: "dict[str, torch.Tensor]", metadata: dict[str, Any],
+                module: "nn.Module | None", kept: str) -> None:
+    """Write the file's contents to ``fd`` and fsync them; a failed write is an OutputError with its cause."""
+    import torch
+
+    writer = _FdWriter(fd)
+    try:
+        if output.suffix == ".safetensors":
+            _write_safetensors(writer, state_dict, metadata, output)
+        elif module is not None:
+            torch.save(module, writer)
+        else:
+            torch.save({META_KEY: metadata, "state_dict": state_dict}, writer)
+        os.fsync(fd)
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and writer.error is None and "unexpected pos" not in str(exc):
+            raise  # not a failed write: a bug, or an object torch cannot save
+        cause = exc if isinstance(exc, OSError) else writer.error or _guess_cause(fd)
+        hint = _WRITE_HINTS.get(cause.errno or 0, "choose another -o or retry")
+        raise OutputError(
+            f"cannot write {output}: {_cause(cause)} after {os.fstat(fd).st_size:,} bytes; {hint}. The "
+            f"partial file was removed and {kept}"
+        ) from exc
+
+
+def _put_in_place(output: Path, tmp: Path, named: "Path | None", *, force: bool, kept: str, entry: Path,
+                  leftovers: "list[Path]") -> None:
+    """Link (``force`` False: never over a file) or rename the checked file into place, record it, fsync
+    the directory. A name made for the rename is added to ``leftovers`` before it exists."""
+    directory = output.parent
+    try:
+        dirfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        raise OutputError(f"cannot write {output}: {_cause(exc)} opening the directory {directory}") from exc
+    try:
+        try:
+            if named is None and not force:  # no name ever: a crash now leaves nothing
+                os.link(str(tmp), output.name, dst_dir_fd=dirfd, follow_symlinks=True)
+            elif named is None:
+                leftovers.append(directory / _temp_name(output.name))
+                os.link(str(tmp), leftovers[-1].name, dst_dir_fd=dirfd, follow_symlinks=True)
+                os.replace(leftovers[-1].name, output.name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            elif not force:
+                os.link(named.name, output.name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            else:
+                os.replace(named.name, output.name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        except FileExistsError as exc:
+            raise OutputError(
+                f"{output} was created by another process while bnfuse was writing it: it was left as it is "
+                "and this result was not written; pass --force to replace it, or choose another -o"
+            ) from exc
+        except OSError as exc:
+            hint = _WRITE_HINTS.get(exc.errno or 0, "choose another -o or retry")
+            raise OutputError(f"cannot write {output}: {_cause(exc)} placing the file; {hint}; {kept}") from exc
+        _WRITTEN.append(entry)
+        _sync_directory(dirfd, output)
+        if named is not None and not force:
+            os.unlink(named)  # linked into place: the temporary name goes
+    finally:
+        os.close(dirfd)
+
+
+def _sync_directory(dirfd: int, output: Path) -> None:
+    try:
+        os.fsync(dirfd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # directories that cannot sync
+            raise OutputError(
+                f"{output} was written and checked, but its directory could not be synced ({_cause(exc)}): "
+                "a crash now could lose it; check the disk"
+            ) from exc
+
+
+def _is_placed(output: Path, fd: int) -> bool:
+    """Whether ``output`` now is the file open as ``fd`` (a link or rename happened)."""
+    try:
+        a, b = os.lstat(output), os.fstat(fd)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+# --------------------------------------------------------------------------- the bytes
+
+
+class _FdWriter(io.RawIOBase):
+    """A file object over a raw descriptor for ``torch.save`` that keeps the first ``OSError``: torch turns a
+    failed write into ``RuntimeError: ... inline_container.cc ... unexpected pos``, losing the cause."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.error: "OSError | None" = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += os.write(self.fd, view[done:done + (1 << 30)])
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+        return done
+
+
+def _write_safetensors(out: _FdWriter, state_dict: "dict[str, torch.Tensor]", metadata: dict[str, Any],
+                       output: Path) -> None:
+    """The .safetensors format, streamed one tensor at a time (safetensors' own writer goes through a named
+    temporary file of its own, mode 0600, which neither an anonymous file nor the umask allow)."""
+    names = sorted(state_dict, key=lambda k: -state_dict[k].element_size())  # widest first: every offset aligned
+    header: dict[str, Any] = {"__metadata__": {META_KEY: json.dumps(metadata)}}
+    offset = 0
+    for k in names:
+        t = state_dict[k]
+        dtype = st_dtype(t.dtype)
+        if dtype is None:
+            raise OutputError(f"cannot write {output}: tensor {k!r} has dtype {t.dtype}, which .safetensors cannot "
+                              "store; write a .pth instead")
+        nbytes = t.numel() * t.element_size()
+        header[k] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    out.write(struct.pack("<Q", len(raw)) + raw)
+    for k in names:
+        out.write(byte_view(state_dict[k]))
+
+
+def _cause(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0)
+    return f"{exc.strerror or exc}" + (f" ({name})" if name else "")
+
+
+def _guess_cause(fd: int) -> OSError:
+    """Why torch's own write failed when no OSError reached us: a full file system or the size limit."""
+    try:
+        import resource
+
+        st = os.fstatvfs(fd)
+        if st.f_bavail == 0:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and os.fstat(fd).st_size >= limit:
+            return OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+    except (ImportError, OSError, ValueError):
+        pass
+    return OSError(errno.EIO, "the write failed")
+
+
+# --------------------------------------------------------------------------- temporary files
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname()) or "host"
+
+
+def _temp_name(output_name: str) -> str:
+    """``.NAME.bnfuse-tmp.HOST.PID.RANDOM``: whose it is, so a later write can tell a stale one."""
+    return f".{output_name}.bnfuse-tmp.{_host()}.{os.getpid()}.{os.urandom(4).hex()}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def _remove_stale_temporaries(directory: Path, output_name: str) -> None:
+    """Remove named temporary files of earlier writes of ``output_name`` whose process has died (kill -9,
+    power loss) on this host. Only bnfuse's own pattern, only dead processes, only this host: a
+    temporary file of a write still running, here or on another machine sharing the directory, stays."""
+    prefix = f".{output_name}.bnfuse-tmp."
+    pattern = re.compile(re.escape(prefix) + r"(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}")
+    try:
+        names = [e.name for e in os.scandir(directory) if e.name.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        found = pattern.fullmatch(name)
+        if found and found["host"] == _host() and not _alive(int(found["pid"])):
+            try:
+                os.unlink(directory / name)
+            except OSError:
+                pass
+
+
+def _open_temporary(directory: Path, output_name: str) -> "tuple[int, Path | None]":
+    """A new empty file in ``directory``, mode 0666 less the umask: (fd, None) for an anonymous file
+    (Linux ``O_TMPFILE``: it has no name, so no crash can leave it behind), else (fd, its name)."""
+    cloexec = getattr(os, "O_CLOEXEC", 0)
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    if tmpfile and os.path.isdir("/proc/self/fd"):  # linking it into place needs /proc/self/fd
+        try:
+            return os.open(directory, tmpfile | os.O_RDWR | cloexec, 0o666), None
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):  # not supported here: fall back
+                raise
+    named = directory / _temp_name(output_name)
+    return os.open(named, os.O_RDWR | os.O_CREAT | os.O_EXCL | cloexec, 0o666), named
