@@ -100,19 +100,9 @@ def _write_report(option: str, path: "Path | None", text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    try:
-        _PENDING_write_text(path, text)
-    except OSError as exc:
-        raise OutputError(f"cannot write {option} {path}: {exc.strerror or exc}") from exc
+    from .files.write import write_text  # the files layer's atomic writer (no torch)
 
-
-def _PENDING_write_text(path: Path, text: str) -> None:  # replaced by the files layer's atomic writer
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(path, text)
 
 
 def _json(data: Any) -> str:

@@ -600,3 +600,37 @@ def test_cli_key_picks_the_weights_in_every_command(tmp_path: Path) -> None:
     bench = run_bnfuse("bench", str(ck), *common, "--key", "student", "--device", "cpu", "--iters", "2",
                        "--warmup", "0", cwd=ROOT / "tests")
     assert bench.returncode == 0, bench.stdout + bench.stderr
+
+
+@pytest.mark.parametrize("stage", ["writing", "placed"])
+def test_json_report_is_atomic_and_the_interrupt_message_true(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              stage: str) -> None:
+    """--json goes through the files layer like a checkpoint: whole or not at all, and recorded."""
+    from typer.testing import CliRunner
+
+    import bnfuse_cli.files.write as fw
+    from bnfuse_cli.cli import app
+
+    report = tmp_path / "plan.json"
+    real_write, real_sync = fw._FdWriter.write, fw._sync_directory
+
+    def interrupted_write(self, data):  # noqa: ANN001, ANN202
+        real_write(self, bytes(data)[:10])
+        raise KeyboardInterrupt
+
+    def interrupted_sync(dirfd, output):  # noqa: ANN001, ANN202
+        real_sync(dirfd, output)
+        raise KeyboardInterrupt
+
+    if stage == "writing":
+        monkeypatch.setattr(fw._FdWriter, "write", interrupted_write)
+    else:
+        monkeypatch.setattr(fw, "_sync_directory", interrupted_sync)
+    res = CliRunner().invoke(app, ["inspect", "resnet18", "--weights", "none", "--input-shape", "1,3,32,32",
+                                   "--json", str(report)])
+    assert res.exit_code == 130, res.output
+    if stage == "writing":
+        assert "nothing was written" in res.stderr and not report.exists()
+    else:
+        assert f"after writing {report}" in res.stderr and json.loads(report.read_text())["bn_found"] == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["plan.json"] if stage == "placed" else [])

@@ -7,6 +7,7 @@ write removes those left by dead processes. :func:`written_since` says exactly w
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -15,7 +16,7 @@ import re
 import socket
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import OutputError
 from .formats import META_KEY, byte_view, st_dtype
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["write_checkpoint", "check_output_path", "write_mark", "written_since"]
+__all__ = ["write_checkpoint", "write_text", "check_output_path", "write_mark", "written_since"]
 
 #: outputs this process has placed, complete and checked, in order (see :func:`written_since`)
 _WRITTEN: "list[Path]" = []
@@ -120,28 +121,52 @@ def write_checkpoint(
     output = Path(output)
     form = "module" if module is not None else "state_dict"
     force = _may_write(output, form, force)
-    _remove_stale_temporaries(output.parent, output.name)
-    existed = os.path.lexists(output)
-    kept = f"the previous {output.name} is untouched" if existed else f"no {output.name} was created"
-    try:
-        fd, named = _open_temporary(output.parent, output.name)
-    except OSError as exc:
-        raise OutputError(
-            f"cannot write {output}: {_cause(exc)} in the directory {output.parent}; choose another -o"
-        ) from exc
-    tmp = named if named is not None else Path(f"/proc/self/fd/{fd}")
-    leftovers = [] if named is None else [named]  # names to remove should the write not complete
-    entry = Path(output)  # this write's record in _WRITTEN (found by identity)
-    try:
+    with _temporary(output) as (fd, tmp, named, kept, leftovers):
         _write_data(fd, output, state_dict, metadata, module, kept)
         if _after_write is not None:
             _after_write(tmp)
         verify_written(tmp, state_dict, metadata, form, output)
-        _put_in_place(output, tmp, named, force=force, kept=kept, entry=entry, leftovers=leftovers)
+        _put_in_place(output, tmp, named, force=force, kept=kept, entry=output, leftovers=leftovers)
         return os.fstat(fd).st_size
+
+
+def write_text(output: "str | os.PathLike[str]", text: str) -> int:
+    """A report (JSON, Markdown) written whole or not at all, replacing ``output``: into a temporary
+    file, fsynced, renamed into place, the directory fsynced, and recorded like a checkpoint (so an
+    interrupt's message is true).  An OS-level failure is an :class:`OutputError`; returns the size."""
+    output = Path(output)
+    data = text.encode()
+    with _temporary(output) as (fd, tmp, named, kept, leftovers):
+        try:
+            _FdWriter(fd).write(data)
+            os.fsync(fd)
+        except OSError as exc:
+            hint = _WRITE_HINTS.get(exc.errno or 0, "choose another path or retry")
+            raise OutputError(f"cannot write {output}: {_cause(exc)}; {hint}. {kept[0].upper() + kept[1:]}") from exc
+        _put_in_place(output, tmp, named, force=True, kept=kept, entry=output, leftovers=leftovers)
+        return len(data)
+
+
+@contextlib.contextmanager
+def _temporary(output: Path) -> "Iterator[tuple[int, Path, Path | None, str, list[Path]]]":
+    """An empty temporary file for ``output`` in its directory: (fd, a path to it, its name or None
+    when anonymous, what stays if the write fails, names to remove should it not complete).  On any
+    failure or interrupt the temporary goes, and a file already placed is recorded as written."""
+    _remove_stale_temporaries(output.parent, output.name)
+    kept = f"the previous {output.name} is untouched" if os.path.lexists(output) else f"no {output.name} was created"
+    try:
+        fd, named = _open_temporary(output.parent, output.name)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {output}: {_cause(exc)} in the directory {output.parent}; choose another path"
+        ) from exc
+    tmp = named if named is not None else Path(f"/proc/self/fd/{fd}")
+    leftovers = [] if named is None else [named]  # names to remove should the write not complete
+    try:
+        yield fd, tmp, named, kept, leftovers
     except BaseException:
-        if not any(e is entry for e in _WRITTEN) and _is_placed(output, fd):  # interrupted right after placing
-            _WRITTEN.append(entry)
+        if not any(e is output for e in _WRITTEN) and _is_placed(output, fd):  # interrupted right after placing
+            _WRITTEN.append(output)
         for name in leftovers:
             try:
                 os.unlink(name)
