@@ -27,22 +27,21 @@ from .errors import (
 
 __version__ = "0.1.0"
 
-#: public name -> the module that defines it.  The modules are named after what they do
-#: (``fusion``, ``conversion``...), never after a function, so importing one never replaces
-#: the function of the same name on this package (``files.load`` is an attribute of ``files``, not of
-#: this package).
+#: public name -> the module that defines it.  Those modules live in subpackages
+#: (``workflows.convert`` is an attribute of ``workflows``, ``files.load`` of ``files``), so importing
+#: one never replaces the function of the same name on this package.
 _LAZY = {
-    "fuse": "fusion",
-    "plan": "fusion",
-    "FuseResult": "fusion",
-    "convert": "conversion",
-    "ConvertReport": "conversion",
+    "fuse": "workflows.fuse",
+    "plan": "workflows.fuse",
+    "FuseResult": "workflows.fuse",
+    "convert": "workflows.convert",
+    "ConvertReport": "workflows.convert",
     "load": "files.load",
     "read_checkpoint": "files.read",
-    "verify": "verification",
-    "VerifyReport": "verification",
-    "bench": "benchmark",
-    "BenchReport": "benchmark",
+    "verify": "workflows.verify",
+    "VerifyReport": "workflows.verify",
+    "bench": "workflows.bench",
+    "BenchReport": "workflows.bench",
 }
 
 __all__ = [
@@ -59,12 +58,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
-    from .benchmark import BenchReport, bench
-    from .conversion import ConvertReport, convert
+    from .workflows.bench import BenchReport, bench
+    from .workflows.convert import ConvertReport, convert
     from .files.load import load
     from .files.read import read_checkpoint
-    from .fusion import FuseResult, fuse, plan
-    from .verification import VerifyReport, verify
+    from .workflows.fuse import FuseResult, fuse, plan
+    from .workflows.verify import VerifyReport, verify
 
 
 def __getattr__(name: str) -> Any:

@@ -170,7 +170,7 @@ def convert(
     """
 
     def run() -> None:
-        from .conversion import convert as convert_fn, outputs_for
+        from .workflows.convert import convert as convert_fn, outputs_for
         from .render import convert_table, plan_tables
 
         _check_report_path("--json", json_file)
@@ -207,7 +207,7 @@ def inspect(
     """Show what would fold and what would not, and why, without writing anything."""
 
     def run() -> None:
-        from .conversion import inspect as inspect_fn
+        from .workflows.convert import inspect as inspect_fn
         from .render import inspect_line, plan_tables
 
         _check_report_path("--json", json_file)
@@ -257,7 +257,7 @@ def verify(
 
     def run() -> Any:
         from .render import verify_table
-        from .verification import verify as verify_fn
+        from .workflows.verify import verify as verify_fn
 
         _check_report_path("--json", json_file)
         with _library_output_to_stderr():
@@ -319,7 +319,7 @@ def bench(
     def run() -> int:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from .benchmark import bench as bench_fn
+        from .workflows.bench import bench as bench_fn
         from .render import bench_tables, left_tables
 
         _check_report_path("--json", json_file)

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["InputSpec", "parse_shape", "check_shape_option", "check_budget", "input_budget", "infer_spec", "input_spec",
-           "make_input", "as_args", "model_dtype", "randomize_bn"]
+           "make_input", "as_args", "model_dtype", "randomize_bn", "memory_format", "to_memory_format",
+           "cast_floats"]
 
 #: torchvision video classifiers and the clip shape they expect (C, T, H, W)
 _VIDEO_SHAPES = {"s3d": (3, 16, 224, 224), "mvit_v1_b": (3, 16, 224, 224), "mvit_v2_s": (3, 16, 224, 224)}
@@ -243,3 +244,40 @@ def randomize_bn(model: "nn.Module", *, seed: int = 0, example: "tuple[Any, ...]
             m.train(saved[id(m)][3])
         model.train(was_training)
     return len(norms)
+
+
+def to_memory_format(x: Any, fmt: Any) -> Any:
+    import torch
+
+    if fmt is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.contiguous(memory_format=fmt) if x.dim() == (4 if fmt is torch.channels_last else 5) else x
+    if isinstance(x, list):
+        return [to_memory_format(t, fmt) for t in x]
+    return x
+
+
+def memory_format(spec: "InputSpec", channels_last: bool) -> Any:
+    import torch
+
+    if not channels_last:
+        return None
+    rank = len(spec.shape) + (1 if spec.kind == "images" and len(spec.shape) == 3 else 0)
+    if rank == 4:
+        return torch.channels_last
+    if rank == 5:
+        return torch.channels_last_3d
+    raise UsageError(
+        f"--channels-last needs a 4-D (N,C,H,W) or 5-D input; this model takes {'x'.join(map(str, spec.shape))}"
+    )
+
+
+def cast_floats(x: Any, dtype: Any) -> Any:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(cast_floats(t, dtype) for t in x)
+    return x

@@ -139,7 +139,7 @@ def verify_table(r: Any, *, verbose: bool) -> Table:
 
 
 def bench_table(report: Any, min_speedup: "float | None") -> Table:
-    from .benchmark import verdict
+    from .workflows.bench import verdict
 
     env, st = report.environment, report.settings
     extras = [x for x, on in (("channels_last", st.get("channels_last")), ("torch.compile", st.get("compile"))) if on]
@@ -177,7 +177,7 @@ def inspect_line(r: Any) -> str:
 
 def _bench_stacked(report: Any, min_speedup: "float | None") -> list[Table]:
     """One two-column table per model: for terminals narrower than :data:`NARROW`."""
-    from .benchmark import verdict
+    from .workflows.bench import verdict
 
     tables = []
     for r in report.results:

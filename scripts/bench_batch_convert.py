@@ -54,7 +54,7 @@ def main() -> int:
     opts = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from bnfuse_cli.benchmark import machine_info
+    from bnfuse_cli.workflows.bench import machine_info
 
     info = machine_info()
     print(f"# bench_batch_convert: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")

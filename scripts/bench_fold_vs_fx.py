@@ -47,7 +47,7 @@ def main() -> int:
     import torchvision
     from torch.fx.experimental.optimization import fuse as fx_fuse
 
-    from bnfuse_cli.benchmark import machine_info
+    from bnfuse_cli.workflows.bench import machine_info
     from bnfuse_cli.inputs import randomize_bn
     from bnfuse_cli.engine.analyse import analyse
     from bnfuse_cli.checks import compare

@@ -53,7 +53,7 @@ def main() -> int:
     opts = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from bnfuse_cli.benchmark import machine_info  # standard library only: no torch here
+    from bnfuse_cli.workflows.bench import machine_info  # standard library only: no torch here
 
     info = machine_info()
     print(f"# bench_help: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")

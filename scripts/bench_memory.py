@@ -137,7 +137,7 @@ def wrap(owner, attr, label):
 import importlib
 import safetensors.torch
 ck = importlib.import_module("bnfuse_cli.files.write")
-cv = importlib.import_module("bnfuse_cli.conversion")
+cv = importlib.import_module("bnfuse_cli.workflows.convert")
 wrap(cv, "load_source", "load_source (build model, random init)")
 wrap(cv, "analyse", "analyse (recorded forward pass, 224x224)")
 wrap(cv, "apply_plan", "apply_plan (fold in place)")
@@ -171,7 +171,7 @@ def main() -> int:
     opts = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from bnfuse_cli.benchmark import machine_info
+    from bnfuse_cli.workflows.bench import machine_info
 
     info = machine_info()
     print(f"# bench_memory: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")

@@ -161,7 +161,7 @@ def _ort_optimise(src: Path, dst: Path) -> None:
 def run_one(name: str, shape: tuple[int, ...], workdir: Path) -> Row:
     import torch
 
-    from bnfuse_cli.fusion import fuse
+    from bnfuse_cli.workflows.fuse import fuse
     from bnfuse_cli.checks import compare
 
     row = Row(name)

@@ -19,8 +19,8 @@ from torch import nn
 from torchvision import models
 
 import bnfuse_cli
-from bnfuse_cli.conversion import convert
-from bnfuse_cli.fusion import fuse
+from bnfuse_cli.workflows.convert import convert
+from bnfuse_cli.workflows.fuse import fuse
 from conftest import ROOT, randomize_bn
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -295,7 +295,7 @@ def test_public_names_survive_importing_the_submodules_first() -> None:
     code = textwrap.dedent(
         """
         import inspect
-        import bnfuse_cli.fusion, bnfuse_cli.conversion, bnfuse_cli.verification, bnfuse_cli.benchmark
+        import bnfuse_cli.workflows.fuse, bnfuse_cli.workflows.convert, bnfuse_cli.workflows.verify, bnfuse_cli.workflows.bench
         import bnfuse_cli
         for name in ("fuse", "plan", "convert", "verify", "bench", "load"):
             assert inspect.isfunction(getattr(bnfuse_cli, name)), (name, getattr(bnfuse_cli, name))

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 from bnfuse_cli.files import readback, write  # noqa: E402
 from bnfuse_cli.files.read import NESTED_KEYS, read_checkpoint  # noqa: E402
 from bnfuse_cli.files.write import check_output_path, write_checkpoint  # noqa: E402
-from bnfuse_cli.conversion import convert  # noqa: E402
+from bnfuse_cli.workflows.convert import convert  # noqa: E402
 from bnfuse_cli.errors import CheckpointError, OutputError, UnsafeCheckpointError, UsageError  # noqa: E402
 from bnfuse_cli.files.load import load, load_source  # noqa: E402
 from examples.digits import DigitsCNN  # noqa: E402

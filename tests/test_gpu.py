@@ -26,7 +26,7 @@ FAST = ["--device", "cuda", "--iters", "10", "--warmup", "3"]
 #: runs the real CLI with one fold deliberately wrong (conv scaled x1.5 after folding)
 _WRONG = """
 import sys, torch
-import bnfuse_cli.fusion as fusion
+import bnfuse_cli.workflows.fuse as fusion
 real = fusion.apply_plan
 def wrong(model, plan):
     real(model, plan)
@@ -74,7 +74,7 @@ def test_bench_cuda_precisions(model: str, extra: list[str]) -> None:
 
 
 def test_bench_cuda_float32_tf32_off() -> None:
-    from bnfuse_cli.benchmark import bench
+    from bnfuse_cli.workflows.bench import bench
 
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -94,7 +94,7 @@ def resnet_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     from bnfuse_cli.files.read import read_checkpoint
     from bnfuse_cli.files.write import write_checkpoint
-    from bnfuse_cli.conversion import convert
+    from bnfuse_cli.workflows.convert import convert
 
     d = tmp_path_factory.mktemp("gpu")
     model = torchvision.models.resnet18().eval()

@@ -16,7 +16,7 @@ from torch import nn
 
 import models_edge as me
 from bnfuse_cli.errors import FoldError
-from bnfuse_cli.fusion import fuse
+from bnfuse_cli.workflows.fuse import fuse
 from bnfuse_cli.checks import compare
 from bnfuse_cli.engine.patterns import is_norm_like
 from conftest import randomize_bn

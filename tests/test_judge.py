@@ -16,17 +16,17 @@ import torch
 import torchvision
 from typer.testing import CliRunner
 
-import bnfuse_cli.fusion as fusion
+import bnfuse_cli.workflows.fuse as fusion
 from bnfuse_cli import fuse
-from bnfuse_cli.benchmark import bench
+from bnfuse_cli.workflows.bench import bench
 from bnfuse_cli.inputs import randomize_bn
 from bnfuse_cli.files.read import read_checkpoint
 from bnfuse_cli.files.write import write_checkpoint
 from bnfuse_cli.checks import OutputCheck, SiteProbe, Tolerance, Verdict
 from bnfuse_cli.cli import app
-from bnfuse_cli.conversion import convert
+from bnfuse_cli.workflows.convert import convert
 from bnfuse_cli.errors import FoldError
-from bnfuse_cli.verification import verify
+from bnfuse_cli.workflows.verify import verify
 
 from bench_tiny import NoisyTinyCNN, TinyCNN
 from conftest import ROOT, run_bnfuse

@@ -26,7 +26,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 from bnfuse_cli.errors import FoldError
-from bnfuse_cli.fusion import fuse
+from bnfuse_cli.workflows.fuse import fuse
 from bnfuse_cli.checks import compare
 from conftest import randomize_bn
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from bnfuse_cli.fusion import fuse
+from bnfuse_cli.workflows.fuse import fuse
 from conftest import randomize_bn
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -183,7 +183,7 @@ def test_check_fused_catches_an_unfolded_norm(monkeypatch: pytest.MonkeyPatch) -
 
     from bnfuse_cli.engine.plan import Skip
 
-    fuse_mod = importlib.import_module("bnfuse_cli.fusion")  # the module, not the function
+    fuse_mod = importlib.import_module("bnfuse_cli.workflows.fuse")  # the module, not the function
 
     real = fuse_mod.analyse
 

@@ -20,9 +20,10 @@ if str(ROOT) not in sys.path:
 from bnfuse_cli.files.read import read_checkpoint  # noqa: E402
 from bnfuse_cli.files.write import write_checkpoint  # noqa: E402
 from bnfuse_cli.cli import app  # noqa: E402
-from bnfuse_cli.conversion import convert  # noqa: E402
+from bnfuse_cli.workflows.convert import convert  # noqa: E402
 from bnfuse_cli.errors import CheckpointError, UsageError  # noqa: E402
-from bnfuse_cli.verification import read_data, verify  # noqa: E402
+from bnfuse_cli.files.data import read_data  # noqa: E402
+from bnfuse_cli.workflows.verify import verify  # noqa: E402
 from examples.digits import DigitsCNN  # noqa: E402
 
 ARCH = "examples.digits:DigitsCNN"

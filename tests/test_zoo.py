@@ -26,7 +26,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnfuse_cli.fusion import fuse
+from bnfuse_cli.workflows.fuse import fuse
 from bnfuse_cli.checks import compare
 from bnfuse_cli.engine.patterns import is_norm_like
 from conftest import ROOT, randomize_bn

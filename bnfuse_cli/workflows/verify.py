@@ -13,268 +13,31 @@ Nothing here prints or exits.
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checks import Comparison, OutputCheck, SiteCheck, SiteProbe, Tolerance, Verdict, json_number as _num
-from .conversion import count_tensors
-from .errors import BnfuseError, UsageError
-from .engine.plan import Fold
-from .inputs import InputSpec, as_args, check_shape_option, input_spec, make_input, model_dtype
-from .files.load import Source, load_source
-from .precision import autocast, check_autocast, parse_dtype, precision_flags, resolve_device
+from ..checks import OutputCheck, SiteCheck, SiteProbe, Tolerance, Verdict
+from .convert import count_tensors
+from ..errors import BnfuseError, UsageError
+from ..engine.plan import Fold
+from ..inputs import InputSpec, as_args, check_shape_option, input_spec, make_input, model_dtype
+from ..files.load import Source, load_source
+from ..files.data import read_data
+from ..precision import autocast, check_autocast, parse_dtype, precision_flags, resolve_device
+from .verify_report import DataResult, Structure, VerifyReport
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["VerifyReport", "DataResult", "Structure", "verify", "read_data"]
-
-#: keys under which a data file keeps its inputs and its labels
-INPUT_KEYS = ("inputs", "input", "x", "images", "data", "features")
-LABEL_KEYS = ("labels", "label", "targets", "target", "y")
-
-
-@dataclass
-class DataResult:
-    """How both models did on the inputs (and labels) of ``--data``."""
-
-    path: str
-    count: int
-    check: OutputCheck
-
-    @property
-    def error(self) -> Comparison:
-        return self.check.error
-
-    @property
-    def worst(self) -> float:
-        """Largest share of its allowance that any output tensor used; at most 1 within tolerance."""
-        return self.check.worst
-
-    @property
-    def agreement(self) -> "float | None":
-        """Fraction of inputs on which both models predict the same class (classifier outputs only)."""
-        return self.check.agreement
-
-    @property
-    def accuracy_orig(self) -> "float | None":
-        c = self.check
-        return c.correct_orig / c.labelled if c.labelled else None
-
-    @property
-    def accuracy_fused(self) -> "float | None":
-        c = self.check
-        return c.correct_fused / c.labelled if c.labelled else None
-
-    def to_dict(self) -> dict[str, Any]:
-        e = self.error
-        return {
-            "path": self.path,
-            "count": self.count,
-            "ok": self.check.ok,
-            "max_abs_error": _num(e.max_abs),
-            "rel_error": _num(e.rel),
-            "cosine": _num(e.cosine),
-            "mismatch": e.mismatch,
-            "worst_ratio": _num(self.worst),
-            "noise_max_abs": _num(self.check.noise.max_abs),
-            "top1_agreement": self.agreement,
-            "accuracy_orig": self.accuracy_orig,
-            "accuracy_fused": self.accuracy_fused,
-        }
-
-
-@dataclass
-class Structure:
-    """BatchNorm layers and tensor counts of both models."""
-
-    bn_orig: list[str]
-    bn_fused: list[str]
-    params_orig: int
-    params_fused: int
-    buffers_orig: int
-    buffers_fused: int
-
-    @property
-    def removed(self) -> list[str]:
-        """BatchNorm layers of the original that the fused model no longer has."""
-        left = set(self.bn_fused)
-        return [n for n in self.bn_orig if n not in left]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "bn_orig": len(self.bn_orig),
-            "bn_fused": len(self.bn_fused),
-            "bn_removed": self.removed,
-            "bn_remaining": list(self.bn_fused),
-            "params_orig": self.params_orig,
-            "params_fused": self.params_fused,
-            "buffers_orig": self.buffers_orig,
-            "buffers_fused": self.buffers_fused,
-        }
-
-
-@dataclass
-class VerifyReport:
-    """Everything ``bnfuse verify`` prints, as data (``to_dict`` for --json); ``ok`` is the verdict."""
-
-    orig: str
-    fused: str
-    orig_kind: str
-    fused_kind: str
-    arch: "str | None"
-    fused_arch: "str | None"
-    input: InputSpec
-    #: the dtype the outputs were computed in (the lower of the two models', or --dtype)
-    dtype: str
-    device: str
-    autocast: "str | None"
-    samples: int
-    seed: int
-    #: the judge's verdict: random samples, --data, and every fold site
-    verdict: Verdict
-    structure: Structure
-    data: "DataResult | None" = None
-    notes: list[str] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        """Every fold site and every output checked are within tolerance."""
-        return self.verdict.ok
-
-    @property
-    def rtol(self) -> float:
-        return self.verdict.tolerance.rtol
-
-    @property
-    def atol(self) -> float:
-        return self.verdict.tolerance.atol
-
-    @property
-    def _samples(self) -> "OutputCheck | None":
-        return self.verdict.outputs.get("random inputs")
-
-    @property
-    def error(self) -> Comparison:
-        """Over all random samples."""
-        c = self._samples
-        return Comparison(math.nan, math.nan, math.nan) if c is None else c.error
-
-    @property
-    def worst(self) -> float:
-        c = self._samples
-        return 0.0 if c is None else c.worst
-
-    @property
-    def top1_agreement(self) -> "float | None":
-        c = self._samples
-        return None if c is None else c.agreement
-
-    @property
-    def top1_rows(self) -> int:
-        c = self._samples
-        return 0 if c is None else c.rows
-
-    def to_dict(self) -> dict[str, Any]:
-        from . import __version__
-
-        return {
-            "ok": self.ok,
-            "orig": self.orig,
-            "fused": self.fused,
-            "orig_kind": self.orig_kind,
-            "fused_kind": self.fused_kind,
-            "arch": self.arch,
-            "fused_arch": self.fused_arch,
-            "input": self.input.to_dict(),
-            "dtype": self.dtype,
-            "device": self.device,
-            "autocast": self.autocast,
-            "samples": self.samples,
-            "seed": self.seed,
-            "rtol": self.rtol,
-            "atol": self.atol,
-            "max_abs_error": _num(self.error.max_abs),
-            "rel_error": _num(self.error.rel),
-            "cosine": _num(self.error.cosine),
-            "mismatch": self.error.mismatch,
-            "worst_ratio": _num(self.worst),
-            "top1_agreement": self.top1_agreement,
-            "top1_rows": self.top1_rows,
-            "data": None if self.data is None else self.data.to_dict(),
-            "check": self.verdict.to_dict(),
-            "structure": self.structure.to_dict(),
-            "notes": self.notes,
-            "seconds": self.seconds,
-            "bnfuse_version": __version__,
-        }
-
-
-# ----------------------------------------------------------------------------- data files
-
-
-def read_data(path: "str | os.PathLike[str]", *, allow_pickle: bool = False) -> tuple["torch.Tensor", "torch.Tensor | None"]:
-    """``(inputs, labels or None)`` from a tensor file.
-
-    Accepted: a tensor of inputs; a dict with inputs under ``inputs``/``x``/``images``/... and
-    labels under ``labels``/``targets``/``y``/...; a tuple or list ``(inputs[, labels])``.
-    Labels are class indices (N,) or one-hot/probabilities (N, classes).
-    """
-    import torch
-
-    from .files.read import read_object
-    from .errors import CheckpointError
-
-    path = Path(path)
-    obj = read_object(path, allow_pickle=allow_pickle, what="data")
-    labels = None
-    if isinstance(obj, torch.Tensor):
-        inputs = obj
-    elif isinstance(obj, dict):
-        ikey = next((k for k in INPUT_KEYS if isinstance(obj.get(k), torch.Tensor)), None)
-        if ikey is None:
-            keys = ", ".join(map(repr, list(obj)[:8])) or "none"
-            raise CheckpointError(
-                f"--data {path}: found keys {keys} but no inputs: store the input tensor under one of "
-                f"{', '.join(INPUT_KEYS)} (and labels under {', '.join(LABEL_KEYS)})"
-            )
-        inputs = obj[ikey]
-        lkey = next((k for k in LABEL_KEYS if k in obj), None)
-        labels = obj[lkey] if lkey is not None else None
-    elif isinstance(obj, (tuple, list)) and 1 <= len(obj) <= 2 and isinstance(obj[0], torch.Tensor):
-        inputs = obj[0]
-        labels = obj[1] if len(obj) == 2 else None
-    else:
-        raise CheckpointError(
-            f"--data {path} holds a {type(obj).__name__}: give a tensor of inputs, a dict "
-            "{'inputs': Tensor, 'labels': Tensor}, or a tuple (inputs, labels)"
-        )
-    if inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise CheckpointError(f"--data {path}: the inputs tensor is empty (shape {tuple(inputs.shape)})")
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor):
-            raise CheckpointError(f"--data {path}: the labels are a {type(labels).__name__}, not a tensor")
-        if labels.dim() == 2 and labels.is_floating_point():
-            labels = labels.argmax(1)
-        if labels.dim() != 1 or labels.shape[0] != inputs.shape[0] or labels.is_floating_point():
-            raise CheckpointError(
-                f"--data {path}: labels of shape {tuple(labels.shape)} ({labels.dtype}) do not fit "
-                f"{inputs.shape[0]} inputs: give one integer class index per input"
-            )
-    return inputs, labels
-
+__all__ = ["VerifyReport", "DataResult", "Structure", "verify"]
 
 # ----------------------------------------------------------------------------- verify
 
 
 def _norm_names(model: "nn.Module") -> list[str]:
-    from .engine.patterns import is_norm_like
+    from ..engine.patterns import is_norm_like
 
     return [name for name, m in model.named_modules() if is_norm_like(m)]
 

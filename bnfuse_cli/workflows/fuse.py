@@ -10,13 +10,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .checks import Comparison, OutputCheck, SiteProbe, Tolerance, Verdict
-from .errors import UsageError
-from .engine.analyse import analyse
-from .engine.plan import Fold, Plan, Skip
-from .inputs import as_args, infer_spec, make_input, model_dtype
-from .precision import exact_math, precision_flags
-from .engine.rewrite import apply_plan
+from ..checks import Comparison, OutputCheck, SiteProbe, Tolerance, Verdict
+from ..errors import UsageError
+from ..engine.analyse import analyse
+from ..engine.plan import Fold, Plan, Skip
+from ..inputs import as_args, infer_spec, make_input, model_dtype
+from ..precision import exact_math, precision_flags
+from ..engine.rewrite import apply_plan
 
 if TYPE_CHECKING:
     from torch import nn

@@ -9,15 +9,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .files.write import check_output_path, write_checkpoint
-from .checks import Comparison, Tolerance, Verdict
-from .errors import FoldError, OutputError, UsageError
-from .fusion import fuse
-from .engine.analyse import analyse
-from .engine.plan import Plan
-from .inputs import InputSpec, as_args, check_shape_option, input_spec, make_input, model_dtype
-from .files.load import Source, load_source
+from .. import __version__
+from ..files.write import check_output_path, write_checkpoint
+from ..checks import Comparison, Tolerance, Verdict
+from ..errors import FoldError, OutputError, UsageError
+from .fuse import fuse
+from ..engine.analyse import analyse
+from ..engine.plan import Plan
+from ..inputs import InputSpec, as_args, check_shape_option, input_spec, make_input, model_dtype
+from ..files.load import Source, load_source
 
 if TYPE_CHECKING:
     from torch import nn
@@ -274,7 +274,7 @@ def _write(model: "nn.Module", src: Source, report: ConvertReport, out_path: Pat
 
 def _all_folds(src: Source, plan: Plan) -> list[Any]:
     """Folds of this run plus those of the conversion that produced the source, if any."""
-    from .engine.plan import Fold
+    from ..engine.plan import Fold
 
     earlier = [Fold.from_list(r) for r in src.metadata.get("folds", [])]
     return earlier + list(plan.folds)

@@ -1,0 +1,348 @@
+"""``bench``: time an original model and its fused copy side by side, and check they agree.
+
+Numbers a team can gate on need a fair race: both models live in one process, on the same
+device, dtype, memory format, thread count and backend flags (TF32, cudnn.benchmark), and they
+run alternately (orig, fused, fused, orig, ...) so that drift in clock speed or load hits both
+alike.  Each pair of runs gives one speedup ratio; the report gives the median and the
+interquartile range (IQR) of the times and of the ratios, and says when the ratios' IQR
+contains 1.0, i.e. when the difference is within noise.  On CUDA the runs are timed with CUDA
+events after a synchronisation (:mod:`.timing`).  The fused model is judged first
+(:mod:`bnfuse_cli.checks`), because a fast wrong model is worthless: every fold site in float64,
+and the output on the benchmark's own device, dtype and autocast against the original in float64
+there, allowing a few times the original's own error (TF32 convolutions, half precision).
+
+Stages, top to bottom: prepare (load, random BN statistics), fold (through :func:`fuse`), judge,
+race, report (:mod:`.bench_report`).
+
+Nothing here prints: progress goes to an optional callback, results to a :class:`BenchReport`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from ..errors import UsageError
+from ..inputs import cast_floats, memory_format, to_memory_format
+from ..precision import parse_dtype, resolve_device
+from .bench_report import DEVICE_RUN, BenchReport, ModelBench, Stats, verdict
+from .timing import backend_flags, compiled, environment, first_call, machine_info, race
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..checks import Verdict
+    from .fuse import FuseResult
+    from ..inputs import InputSpec
+    from ..files.load import Source
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "BenchReport",
+    "ModelBench",
+    "Stats",
+    "bench",
+    "verdict",
+    "resolve_device",
+    "machine_info",
+]
+
+#: representative torchvision architectures with BatchNorm (plain, bottleneck, depthwise, SE, RegNet)
+DEFAULT_MODELS: tuple[str, ...] = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf")
+
+#: defaults by device type: (batch size, timed pairs, warm-up pairs, time budget per model in s)
+_DEFAULTS = {"cpu": (1, 20, 3, 8.0), "cuda": (32, 100, 10, 10.0)}
+
+#: a progress callback: (description, completed steps, total steps) for the current model
+ProgressFn = Callable[[str, int, int], None]
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+# ----------------------------------------------------------------------------- the race
+
+
+def _bench_spec(src: "Source", input_shape: "str | tuple[int, ...] | None", batch_size: "int | None",
+                default_batch: int) -> "InputSpec":
+    """The input as ``convert`` and ``verify`` take it (the one recorded in a fused file, the
+    model's ``example_input_shape``, or ``--input-shape``), at the device's default batch size
+    unless ``--batch-size`` or a full ``--input-shape`` says otherwise."""
+    from ..inputs import input_spec
+
+    if batch_size is None and input_shape is None:
+        batch_size = default_batch
+    return input_spec(src, input_shape, batch_size=batch_size)
+
+
+def _finite(out: Any) -> bool:
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    return all(bool(torch.isfinite(t).all()) for t in tree_flatten(out)[0]
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+@dataclass
+class _Settings:
+    """How every model is raced: one object instead of a long argument list."""
+
+    device: "torch.device"
+    dtype: "torch.dtype"
+    autocast: "str | None"
+    arch: "str | None"
+    weights: str
+    allow_pickle: bool
+    key: "str | None"
+    input_shape: Any
+    batch_size: "int | None"
+    channels_last: bool
+    compile: bool
+    iters: int
+    warmup: int
+    time_budget: "float | None"
+    min_sample_ms: float
+    seed: int
+    rtol: "float | None"
+    atol: "float | None"
+    progress: "ProgressFn | None"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as the JSON report gives them."""
+        shape = self.input_shape
+        return {
+            "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""), "autocast": self.autocast,
+            "batch_size": self.batch_size,
+            "input_shape": shape if isinstance(shape, (str, type(None))) else list(shape),
+            "channels_last": self.channels_last, "threads": None, "compile": self.compile, "iters": self.iters,
+            "warmup": self.warmup, "time_budget_s": self.time_budget, "min_sample_ms": self.min_sample_ms,
+            "weights": self.weights, "rtol": self.rtol, "atol": self.atol, "seed": self.seed,
+        }
+
+
+@dataclass
+class _Prepared:
+    """Stage 1's result: the original in float32 on the CPU, in eval mode, and its input."""
+
+    source: str
+    src: "Source"
+    original: "nn.Module"
+    spec: "InputSpec"
+    notes: list[str]
+
+
+def _prepare(source: str, st: _Settings) -> _Prepared:
+    """Stage 1: load the model; a randomly initialised one gets BN statistics worth folding."""
+    import torch
+
+    from ..inputs import InputSpec, as_args, make_input, randomize_bn
+    from ..files.load import load_source
+
+    src = load_source(source, arch=st.arch, weights=st.weights, allow_pickle=st.allow_pickle, key=st.key)
+    original = src.model.eval().to(torch.float32)
+    notes = list(src.notes)
+    spec = _bench_spec(src, st.input_shape, st.batch_size, _DEFAULTS[st.device.type][0])
+    if src.weights == "none":
+        calib = InputSpec((2, *spec.shape[1:]), spec.kind) if spec.kind == "tensor" else spec
+        n = randomize_bn(original, seed=st.seed, example=as_args(make_input(calib, dtype=torch.float32,
+                                                                            seed=st.seed + 1)))
+        notes.append(f"random weights: the {n} BatchNorm layers got random scale/shift and statistics "
+                     "measured on random input, so the check is not trivial")
+    return _Prepared(source, src, original, spec, notes)
+
+
+def _fold(prep: _Prepared, st: _Settings) -> "FuseResult":
+    """Stage 2: fuse a copy through the one pipeline, on the CPU in float32 (statistics in
+    float64), before any cast: a model folded after a cast to float16 would be folded from
+    rounded statistics.  The data flow does not depend on the batch, so one sample is enough."""
+    import torch
+
+    from .fuse import fuse
+    from ..inputs import InputSpec, as_args, make_input
+
+    probe = InputSpec((1, *prep.spec.shape[1:]), prep.spec.kind)
+    return fuse(prep.original, as_args(make_input(probe, dtype=torch.float32, seed=st.seed)), inplace=False,
+                rtol=st.rtol, atol=st.atol)
+
+
+def _judge(prep: _Prepared, result: "FuseResult", runners: tuple[Any, Any], args32: tuple[Any, ...],
+           args: tuple[Any, ...], st: _Settings) -> "Verdict":
+    """Stage 3: both models as benchmarked against the original in float64 on the same device.
+
+    The float64 copy is made before the models are cast and dropped before the timing starts."""
+    import copy
+
+    import torch
+
+    from ..checks import OutputCheck, Tolerance, Verdict
+    from ..precision import autocast, precision_flags
+
+    ref_model = copy.deepcopy(prep.original).to(device=st.device, dtype=torch.float64)
+    ref_args = tuple(cast_floats(a, torch.float64) for a in args32)
+    with torch.inference_mode():
+        ref = ref_model(*ref_args)
+    del ref_model, ref_args
+    run_orig, run_fused = runners
+    for m in (prep.original, result.model):
+        m.to(device=st.device, dtype=st.dtype)
+        fmt = memory_format(prep.spec, st.channels_last)
+        if fmt is not None:
+            m.to(memory_format=fmt)
+    runtime = getattr(torch, st.autocast) if st.autocast else st.dtype
+    tol = Tolerance.for_dtype(runtime, st.rtol, st.atol)
+    check = OutputCheck(tol, reference="float64")
+    with torch.inference_mode(), autocast(st.device, st.autocast):
+        orig = first_call(lambda: run_orig(*args), prep.source, st.compile)
+        fused = first_call(lambda: run_fused(*args), prep.source, st.compile)
+    check.add(ref, fused, orig)
+    if not _finite(orig):
+        prep.notes.append(f"the original model's own output is not finite in {str(st.dtype).replace('torch.', '')}: "
+                          "the check cannot pass; try float32 or real weights")
+    outputs = dict(result.verdict.outputs)
+    outputs[DEVICE_RUN] = check
+    name = str(runtime).replace("torch.", "")
+    return Verdict(tol, outputs, result.verdict.sites, precision_flags(st.device, st.autocast, st.dtype),
+                   basis=f"fold sites in float64; the fold on the CPU in float32; the {name} run on {st.device} "
+                         "against the original in float64 there")
+
+
+def _bench_one(source: str, st: _Settings) -> ModelBench:
+    """Prepare, fold through :func:`bnfuse_cli.fuse`, judge, time, report."""
+    import torch
+
+    from ..inputs import as_args, make_input
+
+    total = st.warmup + st.iters
+
+    def tick(what: str, done: int) -> None:
+        if st.progress is not None:
+            st.progress(f"{source}: {what}", done, total)
+
+    tick("loading", 0)
+    prep = _prepare(source, st)
+    tick("folding", 0)
+    t0 = time.perf_counter()
+    result = _fold(prep, st)
+    fold_seconds = time.perf_counter() - t0
+    plan = result.plan
+
+    tick("checking", 0)
+    fmt = memory_format(prep.spec, st.channels_last)
+    args32 = as_args(to_memory_format(make_input(prep.spec, dtype=torch.float32, device=st.device, seed=st.seed),
+                                       fmt))
+    args = tuple(cast_floats(a, st.dtype) for a in args32)
+    run_orig: Any = prep.original
+    run_fused: Any = result.model
+    if st.compile:
+        run_orig, run_fused = compiled(prep.original, source), compiled(result.model, source)
+    # the runners hold the modules, cast in place by _judge, so compiled ones see the cast weights
+    check = _judge(prep, result, (run_orig, run_fused), args32, args, st)
+    times = race((lambda: run_orig(*args), lambda: run_fused(*args)), st, tick, prep.notes)
+    tick("done", total)
+    bench_result = ModelBench(
+        model=source, arch=prep.src.arch, weights=prep.src.weights, input=prep.spec,
+        bn_found=len(plan.norms), bn_folded=len(plan.folded_norms), bn_left=[(s.norm, s.reason) for s in plan.skipped],
+        check=check, original_ms=times[0], fused_ms=times[1], calls_per_sample=times[2], warmup=st.warmup,
+        fold_seconds=fold_seconds, notes=prep.notes,
+    )
+    return bench_result
+
+
+def _check_counts(*, iters: int, warmup: int, batch_size: "int | None", threads: "int | None",
+                  budget: "float | None") -> None:
+    for name, value, low in (("--iters", iters, 1), ("--warmup", warmup, 0), ("--batch-size", batch_size, 1),
+                             ("--threads", threads, 1)):
+        if value is not None and value < low:
+            raise UsageError(f"{name} {value}: must be at least {low}")
+    if budget is not None and budget <= 0:
+        raise UsageError(f"--time-budget {budget:g}: must be positive (seconds of timing per model)")
+
+
+def bench(
+    models: "Sequence[str] | None" = None,
+    *,
+    device: str = "auto",
+    dtype: str = "float32",
+    autocast: "str | None" = None,
+    batch_size: "int | None" = None,
+    input_shape: "str | tuple[int, ...] | None" = None,
+    channels_last: bool = False,
+    threads: "int | None" = None,
+    iters: "int | None" = None,
+    warmup: "int | None" = None,
+    time_budget: "float | None" = -1.0,
+    compile: bool = False,
+    arch: "str | None" = None,
+    weights: str = "none",
+    allow_pickle: bool = False,
+    key: "str | None" = None,
+    rtol: "float | None" = None,
+    atol: "float | None" = None,
+    min_sample_ms: float = 2.0,
+    seed: int = 0,
+    progress: "ProgressFn | None" = None,
+) -> BenchReport:
+    """Time each model and its fused copy, alternating, and judge the fused model.
+
+    ``models`` are torchvision names, ``timm:NAME``, ``pkg.mod:factory`` or checkpoint files
+    (default: :data:`DEFAULT_MODELS`).  A model built with random weights (``weights="none"``,
+    the default, so it runs offline) gets random BatchNorm statistics first.  The fold runs on
+    the CPU in float32 through :func:`bnfuse_cli.fuse` (statistics in float64); both models are
+    then cast to ``dtype`` and moved to ``device``, and run under ``autocast`` (float16 or
+    bfloat16) when given.  The verdict (``rtol``/``atol`` as in ``convert`` and ``verify``)
+    holds at that precision: see :mod:`bnfuse_cli.checks`.  Each of ``iters`` timed pairs runs
+    both models once (or a few times, for models faster than ``min_sample_ms``) after
+    ``warmup`` untimed pairs; a model stops early after ``time_budget`` seconds of timing
+    (``-1``: the device default, None: no limit), with at least 5 pairs.  ``threads`` sets
+    torch's intra-op threads for the run only.
+    """
+    import torch
+
+    from ..checks import Tolerance
+    from ..inputs import check_shape_option
+    from ..precision import check_autocast
+
+    dev = resolve_device(device)
+    dt = parse_dtype(dtype)
+    amp = check_autocast(autocast)
+    Tolerance.for_dtype(dt, rtol, atol)  # refuses a bad tolerance or shape before any model is built
+    check_shape_option(input_shape)
+    d_batch, d_iters, d_warmup, d_budget = _DEFAULTS[dev.type]
+    iters = d_iters if iters is None else iters
+    warmup = d_warmup if warmup is None else warmup
+    budget = d_budget if time_budget is not None and time_budget < 0 else time_budget
+    _check_counts(iters=iters, warmup=warmup, batch_size=batch_size, threads=threads, budget=budget)
+    if compile:
+        warmup = max(warmup, 2)  # the first calls compile
+    sources = list(models) if models else list(DEFAULT_MODELS)
+    if arch is not None and len(sources) > 1:
+        raise UsageError("--arch applies to one checkpoint: bench one state_dict at a time with --arch")
+    st = _Settings(device=dev, dtype=dt, autocast=amp, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key,
+                   input_shape=input_shape, batch_size=batch_size, channels_last=channels_last, compile=compile,
+                   iters=iters, warmup=warmup, time_budget=budget, min_sample_ms=min_sample_ms, seed=seed,
+                   rtol=rtol, atol=atol, progress=progress)
+
+    old_threads = torch.get_num_threads()
+    flags_before = backend_flags()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        results = []
+        for src in sources:
+            results.append(_bench_one(src, st))
+            if dev.type == "cuda":  # the last model's tensors are gone with _bench_one's frame
+                torch.cuda.empty_cache()
+        env = environment(dev)
+        if backend_flags() != flags_before:  # pragma: no cover - a model changed global flags
+            results[-1].notes.append("backend flags (TF32/cudnn.benchmark) changed during the run")
+    finally:
+        if threads is not None:
+            torch.set_num_threads(old_threads)
+    settings = st.to_dict()
+    settings["batch_size"] = batch_size if batch_size is not None else (None if input_shape else d_batch)
+    settings["threads"] = threads
+    date = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return BenchReport(results=results, settings=settings, environment=env, date=date)
