@@ -25,7 +25,7 @@ from .errors import (
     UsageError,
 )
 
-__version__ = "0.1.0"
+from .version import __version__
 
 #: public name -> the module that defines it.  Those modules live in subpackages
 #: (``workflows.convert`` is an attribute of ``workflows``, ``files.load`` of ``files``), so importing

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 import typer
 from rich.console import Console
 
-from . import __version__
+from .version import __version__
 from .errors import BnfuseError, DeviceError, OutputError, UnsafeCheckpointError, UsageError
 
 app = typer.Typer(

@@ -8,7 +8,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .. import __version__
+from ..version import __version__
 from ..checks import json_number
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
+from ..version import __version__
 from ..files.write import check_output_path, write_checkpoint
 from ..checks import Comparison, Tolerance, Verdict
 from ..errors import FoldError, OutputError, UsageError

@@ -10,7 +10,7 @@ import platform
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import __version__
+from ..version import __version__
 from ..errors import BnfuseError, UsageError
 
 if TYPE_CHECKING:

@@ -156,7 +156,7 @@ class VerifyReport:
         return 0 if c is None else c.rows
 
     def to_dict(self) -> dict[str, Any]:
-        from .. import __version__
+        from ..version import __version__
 
         return {
             "ok": self.ok,
