@@ -271,3 +271,28 @@ def test_tolerances_are_validated_before_any_work() -> None:
             Tolerance.for_dtype(torch.float32, rtol=bad)
     proc = run_bnfuse("convert", "resnet18", "--weights", "none", "--rtol", "nan", cwd=ROOT)
     assert proc.returncode == 2 and "--rtol nan" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (torch.nn.Linear(37, 53), (4, 37)),
+    (torch.nn.Conv2d(16, 24, 3, padding=1), (1, 16, 5, 5)),
+    (torch.nn.Conv2d(16, 24, 3, padding=1, groups=4, padding_mode="reflect"), (1, 16, 5, 5)),
+    (torch.nn.Conv1d(8, 8, 3, groups=8, bias=False), (1, 8, 9)),
+    (torch.nn.Conv3d(4, 6, 1, groups=2), (1, 4, 3, 3, 3)),
+], ids=["linear", "conv", "grouped-reflect", "depthwise", "conv3d"])
+def test_site_layers_run_in_blocks_exactly(monkeypatch: pytest.MonkeyPatch, layer: torch.nn.Module,
+                                           shape: tuple[int, ...]) -> None:
+    """A large layer is checked a few output channels at a time (bounded float64 memory), with the
+    same result as the whole layer."""
+    import bnfuse_cli.checks.sites as sites
+    from torch.func import functional_call
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    whole = functional_call(layer, sites._params64(layer), (x.double(),))
+    monkeypatch.setattr(sites, "BLOCK_BYTES", 64)  # below one output channel's weights: one block each
+    calls = []
+    real = sites._blocks
+    monkeypatch.setattr(sites, "_blocks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = sites._run_layer(layer, x)
+    assert calls and got.shape == whole.shape
+    assert torch.allclose(got, whole, rtol=1e-13, atol=1e-13)

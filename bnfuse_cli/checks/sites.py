@@ -48,11 +48,17 @@ class _Site:
     crop: "torch.Tensor | None" = None
 
 
-def _crop(x: "torch.Tensor", spatial: int, batched: bool) -> "torch.Tensor":
-    """A small float64 CPU copy of ``x``: the first sample (rows, for 2-D inputs) and a
-    centred window of at most ``spatial`` along each axis after the channel axis."""
-    import torch
+#: window kept of a BatchNorm's input, per spatial axis (for a fold into the layer after it, which
+#: never zero-pads: 1x1 convs and Linear layers in practice)
+NORM_WINDOW = 8
+#: float64 weights held at once by a site check: a Conv or Linear runs in blocks of output channels
+BLOCK_BYTES = 2 * 2**20
 
+
+def _crop(x: "torch.Tensor", spatial: int, batched: bool) -> "torch.Tensor":
+    """A small CPU copy of ``x`` in its own dtype (float64 only when computed with): the first
+    sample (rows, for 2-D inputs) and a centred window of at most ``spatial`` along each axis
+    after the channel axis."""
     if batched:
         x = x[:1] if x.dim() > 2 else x[:4]
     lead = 2 if batched else 1
@@ -60,7 +66,7 @@ def _crop(x: "torch.Tensor", spatial: int, batched: bool) -> "torch.Tensor":
         size = x.shape[axis]
         if size > spatial:
             x = x.narrow(axis, (size - spatial) // 2, spatial)
-    return x.detach().to(device="cpu", dtype=torch.float64, copy=True)
+    return x.detach().to(device="cpu", copy=True)
 
 
 def _spatial(layer: Any) -> int:
@@ -80,10 +86,61 @@ def _params64(module: "nn.Module") -> dict[str, "torch.Tensor"]:
 
 
 def _run_layer(layer: "nn.Module", x: "torch.Tensor") -> "torch.Tensor":
-    """``layer``'s own forward in float64 on the CPU, its tensors copied (one layer at a time)."""
+    """``layer``'s own forward in float64 on the CPU.  A plain Conv or Linear runs a few output
+    channels at a time through one reused float64 buffer of :data:`BLOCK_BYTES` (as the fold
+    itself does), so the check never holds a float64 copy of a large layer; any other layer runs
+    with its own tensors copied to float64, one layer at a time."""
+    import torch
+    from torch import nn
     from torch.func import functional_call
 
+    x = x.to(torch.float64)
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        if type(layer).forward is nn.Linear.forward:
+            return _blocks(layer, x, weight, groups=1, run=lambda xs, w, b: torch.nn.functional.linear(xs, w, b))
+        if type(layer).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward):
+            return _blocks(layer, x, weight, groups=layer.groups,
+                           run=lambda xs, w, b, _l=layer: _l._conv_forward(xs, w, b))
     return functional_call(layer, _params64(layer), (x,))
+
+
+def _blocks(layer: Any, x: "torch.Tensor", weight: "torch.Tensor", *, groups: int,
+            run: Callable[..., "torch.Tensor"]) -> "torch.Tensor":
+    """A linear or (grouped) conv layer in float64, a few output channels (whole groups) at a time."""
+    import torch
+
+    out_ch, in_ch = weight.shape[0], x.shape[1 if x.dim() > 1 else 0]
+    per_group = out_ch // groups
+    unit = per_group if groups > 1 else 1  # grouped: whole groups per block; else any rows
+    row = max(1, weight[0].numel())
+    step = max(1, BLOCK_BYTES // (8 * row * unit)) * unit
+    workspace = torch.empty(min(out_ch, step) * row, dtype=torch.float64)
+    bias = getattr(layer, "bias", None)
+    parts = []
+    for start in range(0, out_ch, step):
+        stop = min(out_ch, start + step)
+        w = workspace[: (stop - start) * row].view(stop - start, *weight.shape[1:])
+        w.copy_(weight[start:stop].detach())
+        b = None if bias is None else bias[start:stop].detach().to(device="cpu", dtype=torch.float64)
+        if groups == 1:
+            parts.append(run(x, w, b))
+        else:  # these groups read their own input channels
+            g0, g1 = start // per_group, stop // per_group
+            xs = x.narrow(1, g0 * (in_ch // groups), (g1 - g0) * (in_ch // groups))
+            parts.append(_grouped(layer, xs, w, b, g1 - g0))
+    return torch.cat(parts, dim=-1 if weight.dim() == 2 else 1)  # Linear: features last; conv: channels
+
+
+def _grouped(layer: Any, x: "torch.Tensor", w: "torch.Tensor", b: "torch.Tensor | None", groups: int) -> "torch.Tensor":
+    """``layer``'s convolution with ``groups`` of its groups (padding mode and all)."""
+    import torch.nn.functional as F
+
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
+    if layer.padding_mode != "zeros":
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        return conv(x, w, b, layer.stride, 0, layer.dilation, groups)
+    return conv(x, w, b, layer.stride, layer.padding, layer.dilation, groups)
 
 
 def _bn(norm: "nn.Module", row: Any, y: "torch.Tensor", axis: int) -> "torch.Tensor":
@@ -149,7 +206,7 @@ class SiteProbe:
         elif isinstance(weight, torch.Tensor) and weight.dim() == 2:  # a linear: a few rows of features
             self.crops[name] = _crop(x.reshape(-1, x.shape[-1]), 0, batched=True)
         else:
-            self.crops[name] = _crop(x, 16, batched=x.dim() >= 2)
+            self.crops[name] = _crop(x, NORM_WINDOW, batched=x.dim() >= 2)
 
     @contextlib.contextmanager
     def hooks(self, model: "nn.Module") -> Iterator[None]:
@@ -178,8 +235,10 @@ class SiteProbe:
     def _compute(self, model: "nn.Module", site: _Site, fused: bool) -> "torch.Tensor":
         from ..engine.patterns import producer_rule
 
+        import torch
+
         layer = model.get_submodule(site.layer)
-        x = site.crop
+        x = site.crop.to(torch.float64)
         if fused:
             return _run_layer(layer, x)
         rule, why = producer_rule(layer)
