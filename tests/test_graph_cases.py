@@ -40,6 +40,7 @@ def run(model: nn.Module, *args: torch.Tensor, folds: int, skipped: int, seed: i
     assert err.mismatch is None, err.mismatch
     assert err.rel < TOL, (err, res.plan)
     assert res.error.rel < TOL
+    assert res.ok, res.verdict.reasons  # every fold site checked in float64, and the output
     assert len(res.plan.folds) == folds, res.plan
     assert len(res.plan.skipped) == skipped, res.plan
     # every BN not folded is still in the model, every folded one is gone

@@ -107,6 +107,8 @@ def _check_fused(name: str, dtype: torch.dtype, model: nn.Module, x: torch.Tenso
     assert out.shape == ref.shape and out.dtype == dtype
     rel = rel_error(ref, out)
     assert rel < tol, f"{name} {dtype}: relative error {rel:.3g} >= {tol:g}"
+    assert result.ok, f"{name} {dtype}: the judge rejected a correct fold: {result.verdict.reasons}"
+    assert len(result.verdict.sites) == len({f.producer for f in result.plan.folds})
 
     folded = set(result.plan.folded_norms)
     skipped = {s.norm: s.reason for s in result.plan.skipped}

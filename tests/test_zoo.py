@@ -482,6 +482,11 @@ def _run(case: Case, row: Row) -> None:
         if detection and not all(torch.equal(a["labels"], b["labels"]) for a, b in zip(reference, output)):
             problems.append("the detected labels differ")
 
+    failed_sites = result.verdict.failed_sites
+    if failed_sites:  # the judge's float64 check of every fold site must hold on every model
+        problems.append("fold sites failed: " + "; ".join(f"{f.layer} {f.rel_error:.2e}" for f in failed_sites[:3]))
+    if not result.ok and not (detection and result.error.mismatch):
+        problems.append("the judge rejected the fold: " + "; ".join(result.verdict.reasons)[:300])
     if len(plan.norms) != found:
         problems.append(f"plan lists {len(plan.norms)} BatchNorms, the model has {found}")
     if left != len(plan.skipped):
