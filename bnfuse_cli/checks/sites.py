@@ -28,19 +28,25 @@ class SiteCheck:
     tolerance: float = 0.0
     #: why the site could not be checked (None when it was)
     skipped: "str | None" = None
+    #: "fold" (``norms`` are the BatchNorms folded) or "merge" (``norms`` are the branches summed)
+    kind: str = "fold"
 
     @property
     def ok(self) -> bool:
         return self.skipped is not None or self.rel_error <= self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "norms": self.norms, "rel_error": json_number(self.rel_error),
+        return {"layer": self.layer, "kind": self.kind, "norms": self.norms, "rel_error": json_number(self.rel_error),
                 "tolerance": self.tolerance, "ok": self.ok, "skipped": self.skipped}
 
 
 @dataclass
 class _Site:
     layer: str
+    #: a merge of parallel branches into the conv at ``layer`` (None: a fold site)
+    merge: Any = None
+    #: the name whose input crop this site uses
+    key: str = ""
     #: the BN whose output the layer absorbs (its fold row), and the BN before it
     after: Any = None
     before: Any = None
@@ -167,6 +173,26 @@ def _bn(norm: "nn.Module", row: Any, y: "torch.Tensor", axis: int) -> "torch.Ten
     return z.movedim(1, axis)
 
 
+def _branches(model: "nn.Module", merge: Any, x: "torch.Tensor") -> "torch.Tensor":
+    """The sum of a merge's original branches on ``x``, in float64, one branch at a time (each
+    branch module copied to float64 on its own: a conv and its BatchNorm, or a BatchNorm)."""
+    import copy
+
+    import torch
+
+    total = None
+    for b in merge.branches:
+        if b.kind == "identity":
+            y = x
+        else:
+            branch = copy.deepcopy(model.get_submodule(b.module)).to(device="cpu", dtype=torch.float64).eval()
+            with torch.no_grad():
+                y = branch(x)
+            del branch
+        total = y if total is None else total + y
+    return total
+
+
 class SiteProbe:
     """Checks each fold site on the activation that really reached it.
 
@@ -184,13 +210,23 @@ class SiteProbe:
         if folds is not None:
             self.plan(folds)
 
-    def plan(self, folds: list[Any]) -> None:
-        """Group fold rows (``Fold`` objects) by layer: one site per fused layer."""
+    def plan(self, folds: list[Any], merges: "list[Any] | None" = None,
+             main_convs: "dict[str, str] | None" = None) -> None:
+        """Group fold rows (``Fold`` objects) by layer: one site per fused layer; and one site per
+        merge (``main_convs`` maps its ``into`` to the main conv, whose input is the shared one).
+        A fold inside a merged branch is checked as part of its merge."""
+        merges = merges or []
+        merged = [b.module for m in merges for b in m.branches if b.module]
         self.sites = {}
         for f in folds:
+            if any(f.producer == b or f.producer.startswith(b + ".") for b in merged):
+                continue
             site = self.sites.setdefault(f.producer, _Site(f.producer))
             setattr(site, "after" if f.direction == "previous" else "before", f)
-        self.wanted = {s.before.norm if s.before is not None else s.layer for s in self.sites.values()}
+            site.key = site.before.norm if site.before is not None else site.layer
+        for m in merges:
+            self.sites[f"merge:{m.into}"] = _Site(m.into, merge=m, key=(main_convs or {}).get(m.into, m.into))
+        self.wanted = {s.key for s in self.sites.values()}
 
     def capture(self, name: str, module: "nn.Module", x: Any) -> None:
         """Keep a crop of ``x``, the first input seen by ``module`` (a producer or a norm)."""
@@ -237,8 +273,10 @@ class SiteProbe:
 
         import torch
 
-        layer = model.get_submodule(site.layer)
         x = site.crop.to(torch.float64)
+        if site.merge is not None:
+            return _run_layer(model.get_submodule(site.layer), x) if fused else _branches(model, site.merge, x)
+        layer = model.get_submodule(site.layer)
         if fused:
             return _run_layer(layer, x)
         rule, why = producer_rule(layer)
@@ -255,8 +293,7 @@ class SiteProbe:
     def reference(self, original: "nn.Module") -> None:
         """Compute each site's float64 reference from the original, unfused model."""
         for site in self.sites.values():
-            key = site.before.norm if site.before is not None else site.layer
-            site.crop = self.crops.pop(key, None) if site.before is None else self.crops.get(key)
+            site.crop = self.crops.get(site.key)
             if site.crop is None:
                 continue
             try:
@@ -270,7 +307,9 @@ class SiteProbe:
         results = []
         for site in self.sites.values():
             norms = [f.norm for f in (site.before, site.after) if f is not None]
-            res = SiteCheck(site.layer, norms)
+            if site.merge is not None:
+                norms = [b.module or "input" for b in site.merge.branches]
+            res = SiteCheck(site.layer, norms, kind="fold" if site.merge is None else "merge")
             if site.crop is None:
                 res.skipped = "its input was not seen on the example input"
             elif site.reference is None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BnfuseError
 from .escape import escapes
+from .merge import find_merges
 from .guards import channel_count, norm_problem, producer_problem, zero_pads
 from .patterns import is_norm_like, norm_rule, producer_row, producer_rule
 from .plan import Analysis, Fold, Plan, Skip
@@ -329,11 +330,12 @@ def _plan_norm(name: str, module: "nn.Module", rec: Recorder, out_ids: dict[int,
 
 
 def analyse(model: "nn.Module", args: tuple[Any, ...], kwargs: "dict[str, Any] | None" = None, *,
-            on_input: "InputCallback | None" = None) -> Analysis:
+            on_input: "InputCallback | None" = None, merge: bool = True) -> Analysis:
     """Run ``model(*args, **kwargs)`` once under recording and return the fold plan and output.
 
     The model must already be in eval mode.  Nothing is changed.  ``on_input(name, module, x)``
-    sees the first input of every producer and norm call, outside the recording.
+    sees the first input of every producer and norm call, outside the recording.  With ``merge``,
+    sums of parallel branches that can become one conv are planned too (:mod:`.merge`).
     """
     rec, output = _record(model, args, kwargs, on_input)
     out_ids = escapes(model, output, rec)
@@ -346,4 +348,6 @@ def analyse(model: "nn.Module", args: tuple[Any, ...], kwargs: "dict[str, Any] |
         seen.add(id(module))
         plan.norms.append(name)
         _plan_norm(name, module, rec, out_ids, plan, used_producers)
+    if merge:
+        find_merges(model, rec, plan)
     return Analysis(plan=plan, output=output)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Fold", "Skip", "Plan", "Analysis"]
+__all__ = ["Fold", "Skip", "Branch", "Merge", "MergeSkip", "Plan", "Analysis"]
 
 
 @dataclass(frozen=True)
@@ -47,17 +47,77 @@ class Skip:
     reason: str
 
 
+@dataclass(frozen=True)
+class Branch:
+    """One branch of a sum that merges into one conv: ``conv`` (a conv, its BN folded into it
+    first), ``norm`` (a BatchNorm on the shared input) or ``identity`` (the input itself)."""
+
+    kind: str
+    #: the module that computes the branch (the block's child), None for ``identity``
+    module: "str | None" = None
+    #: the BatchNorm the branch absorbs: the BN of a ``norm`` branch (a ``conv`` branch's BN is a Fold)
+    norm: "str | None" = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "module": self.module, "norm": self.norm}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Branch":
+        return cls(str(d["kind"]), d.get("module"), d.get("norm"))
+
+
+@dataclass(frozen=True)
+class Merge:
+    """A sum of parallel branches reading one tensor, merged into one conv placed at ``into``
+    (the main branch's module), inside ``block`` (the module whose forward computes the sum;
+    ``node`` names the sum in its traced graph)."""
+
+    block: str
+    node: str
+    into: str
+    branches: tuple[Branch, ...]
+
+    @property
+    def norms(self) -> list[str]:
+        return [b.norm for b in self.branches if b.norm]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"block": self.block, "node": self.node, "into": self.into,
+                "branches": [b.to_dict() for b in self.branches]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Merge":
+        return cls(str(d["block"]), str(d["node"]), str(d["into"]),
+                   tuple(Branch.from_dict(b) for b in d["branches"]))
+
+
+@dataclass(frozen=True)
+class MergeSkip:
+    """A sum of branches left as it is, and why."""
+
+    block: str
+    reason: str
+
+
 @dataclass
 class Plan:
-    """What would fold and what would not.  ``norms`` lists every BatchNorm-like layer found."""
+    """What would fold and merge and what would not.  ``norms`` lists every BatchNorm-like layer
+    found; a BatchNorm absorbed by a merge is listed in a merge, not in ``skipped``."""
 
     norms: list[str] = field(default_factory=list)
     folds: list[Fold] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
+    merges: list[Merge] = field(default_factory=list)
+    merge_skips: list[MergeSkip] = field(default_factory=list)
+    #: (folds, merges) applied in each round, in order: a merge can make a fold possible (a
+    #: BatchNorm after a merged sum), so a fused file is rebuilt round by round
+    rounds: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def folded_norms(self) -> list[str]:
-        return list(dict.fromkeys(f.norm for f in self.folds))
+        """BatchNorms gone from the model: folded into a layer, or merged with their branch."""
+        merged = [n for m in self.merges for n in m.norms]
+        return list(dict.fromkeys([f.norm for f in self.folds] + merged))
 
 
 @dataclass

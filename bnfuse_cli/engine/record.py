@@ -52,6 +52,8 @@ _SELF_ONLY = frozenset("type_as reshape_as view_as expand_as".split())
 #: reshapes that can keep a producer's channel axis as axis 1 of a 2-D BatchNorm1d input
 #: (levit's ``bn(linear(x).flatten(0, 1))``); results of these on a producer output are watched
 _RESHAPES = frozenset("flatten reshape view squeeze unsqueeze".split())
+#: additions: a module inside whose call one runs may hold parallel branches to merge
+_ADDS = frozenset("add add_ __add__ __iadd__ __radd__".split())
 #: concatenations; a cat of producer outputs along axis 1 is watched (MixNet's MixedConv2d)
 _CATS = frozenset("cat concat concatenate".split())
 
@@ -169,6 +171,10 @@ class Recorder:
         self.reshaped: dict[int, tuple[TensorRecord, str]] = {}
         #: id(record) -> (part records, dim) for a cat whose every part is a producer output (watched)
         self.cats: dict[int, tuple[tuple[TensorRecord, ...], Any]] = {}
+        #: id(module) -> its calls, for modules that are neither producers nor norms (containers)
+        self.module_calls: dict[int, list[Call]] = {}
+        #: ids of the modules inside whose call a tensor sum ran (candidate blocks for merging)
+        self.sum_blocks: set[int] = set()
         self.handles: list[Any] = []
         self._index(model)
         self.mode = self._make_mode()
@@ -220,6 +226,8 @@ class Recorder:
                 elif op in _PASSTHROUGH and args and out is args[0]:
                     return out
                 # recorded after the call: an op runs with the mode off, so nothing nests
+                if op in _ADDS and recorder.stack:
+                    recorder.sum_blocks.add(id(recorder.stack[-1].module))
                 if op not in _VALUE_FREE:
                     recorder._on_read(op, args[:1] if op in _SELF_ONLY else args, kwargs)
                 recorder._on_result(op, out)
@@ -289,7 +297,11 @@ class Recorder:
 
     def _pre(self, module: "nn.Module", args: Any, kwargs: Any) -> None:
         call = Call(module, self.names.get(id(module), type(module).__name__), training=module.training)
-        if id(module) in self.interesting:
+        if id(module) not in self.interesting:  # any other module: its calls, for branch merging
+            first = args[0] if args else None
+            call.input = self.track(first)
+            self.module_calls.setdefault(id(module), []).append(call)
+        else:
             first = args[0] if args else next(iter(kwargs.values()), None)
             call.input = self.track(first)
             if call.input is not None and call.input.origin is None:
@@ -309,11 +321,10 @@ class Recorder:
                 f"module call records of {type(module).__name__} are out of order during the "
                 "analysis run; the model calls layers in a way bnfuse cannot follow"
             )
-        if id(module) in self.interesting:
-            call.output = self.track(output)
-            if call.output is not None:
-                self.produced[id(call.output)] = call
-                self.reads.setdefault(id(call.output), [])
+        call.output = self.track(output)
+        if id(module) in self.interesting and call.output is not None:
+            self.produced[id(call.output)] = call
+            self.reads.setdefault(id(call.output), [])
 
     def _on_read(self, op: str, args: Any, kwargs: Any) -> None:
         reader = self.stack[-1] if self.stack else None

@@ -115,8 +115,10 @@ def fuse(
     inplace: bool = False,
     rtol: "float | None" = None,
     atol: "float | None" = None,
+    merge: bool = True,
 ) -> FuseResult:
-    """Fold every BatchNorm of ``model`` that can be folded exactly, and judge the result.
+    """Fold every BatchNorm of ``model`` that can be folded exactly, merge every sum of parallel
+    branches that can become one conv (``merge=True``), and judge the result.
 
     ``example_input`` is a tensor, or a tuple of positional arguments (anything else, such as
     the list of images a torchvision detection model takes, is one argument); without it a
@@ -139,29 +141,68 @@ def fuse(
     model.eval()
     args = _example(model, example_input)
     t1 = time.perf_counter()
-    probe = SiteProbe()
+    site_rtol = lambda dt: Tolerance.for_dtype(dt).site_rtol  # noqa: E731
     with exact_math():
-        analysis = analyse(model, args, on_input=probe.capture)
-        probe.plan(analysis.plan.folds)
-        probe.reference(model)
-        t2 = time.perf_counter()
-        apply_plan(model, analysis.plan)
+        plan, reference, sites, seconds = _rounds(model, args, site_rtol, merge=merge)
         t3 = time.perf_counter()
         with torch.no_grad():
             fused_out = model(*args)
         flags = precision_flags(device, dtype=dtype)
     check = OutputCheck(tol, reference="original")
-    check.add(analysis.output, fused_out)
-    del analysis.output, fused_out
+    check.add(reference, fused_out)
+    del reference, fused_out
     verdict = Verdict(
-        tol, {"example input": check}, probe.check(model, lambda dt: Tolerance.for_dtype(dt).site_rtol), flags,
+        tol, {"example input": check}, sites, flags,
         basis=f"the original's own output in {str(dtype).replace('torch.', '')} on {device.type}, TF32 off",
     )
     t4 = time.perf_counter()
     return FuseResult(
         model=model,
-        plan=analysis.plan,
+        plan=plan,
         verdict=verdict,
         switched_to_eval=switched,
-        seconds={"copy": t1 - t0, "analyse": t2 - t1, "rewrite": t3 - t2, "check": t4 - t3},
+        seconds={"copy": t1 - t0, "analyse": seconds["analyse"], "rewrite": seconds["rewrite"],
+                 "check": t4 - t3 + seconds["check"]},
     )
+
+
+#: at most this many rounds: a merge can leave a BatchNorm after the merged conv (RepViT's
+#: ``bn(conv(x) + conv1(x) + x)``) that the next round folds
+MAX_ROUNDS = 3
+
+
+def _rounds(model: "nn.Module", args: tuple[Any, ...], site_rtol: Any, *, merge: bool
+            ) -> "tuple[Plan, Any, list[Any], dict[str, float]]":
+    """Record, plan, fold and merge until a round merges nothing; each round's sites are checked
+    right after it.  Returns the combined plan, the original output, the site checks, timings."""
+    from ..engine.merge_rewrite import apply_merges, main_conv_name
+
+    plan = Plan()
+    sites: list[Any] = []
+    seconds = {"analyse": 0.0, "rewrite": 0.0, "check": 0.0}
+    reference = None
+    for round_no in range(MAX_ROUNDS):
+        t0 = time.perf_counter()
+        probe = SiteProbe()
+        analysis = analyse(model, args, on_input=probe.capture, merge=merge)
+        step = analysis.plan
+        if reference is None:
+            reference, plan.norms = analysis.output, list(step.norms)
+        del analysis.output
+        probe.plan(step.folds, step.merges, {m.into: main_conv_name(model, m.into) for m in step.merges})
+        probe.reference(model)
+        t1 = time.perf_counter()
+        apply_plan(model, step)
+        apply_merges(model, step.merges)
+        t2 = time.perf_counter()
+        sites += probe.check(model, site_rtol)
+        seconds["analyse"] += t1 - t0
+        seconds["rewrite"] += t2 - t1
+        seconds["check"] += time.perf_counter() - t2
+        plan.folds += step.folds
+        plan.merges += step.merges
+        plan.rounds.append((len(step.folds), len(step.merges)))
+        plan.skipped, plan.merge_skips = step.skipped, step.merge_skips
+        if not step.merges:
+            break
+    return plan, reference, sites, seconds

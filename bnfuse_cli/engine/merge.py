@@ -1,0 +1,247 @@
+"""Find sums of parallel branches that can become one convolution (structural re-parameterisation).
+
+A *block* is a module inside whose forward a tensor sum ran during the recorded pass.  Its forward
+is traced with ``torch.fx`` one level deep (every child is a leaf), and every tree of additions is
+flattened through additions and eval-mode identities (``drop_path``) whose intermediate results
+nothing else reads.  The tree merges when every leaf is a *branch* that reads the same tensor
+``x``: a conv (its BatchNorm folded into it), a BatchNorm on ``x``, or ``x`` itself; when the
+convs agree in stride, dilation, groups and channels and their kernel centres align; and when
+each branch is called once and does nothing else (checked on the recorded data flow).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING, Any
+
+from .merge_math import centre_padding
+from .patterns import is_norm_like, is_producer_like, norm_rule, producer_rule
+from .plan import Branch, Merge, MergeSkip, Plan
+
+if TYPE_CHECKING:
+    from torch import fx, nn
+
+    from .record import Recorder
+
+__all__ = ["find_merges", "trace_block", "sum_trees"]
+
+_ADD_FUNCS = (operator.add, operator.iadd)
+_ADD_METHODS = ("add", "add_", "__add__", "__iadd__")
+
+
+def trace_block(block: "nn.Module") -> "fx.Graph":
+    """The block's forward as an fx graph in which every child module is one call."""
+    from torch import fx
+
+    class _ChildrenAsLeaves(fx.Tracer):
+        def is_leaf_module(self, m: "nn.Module", qualname: str) -> bool:  # noqa: ARG002
+            return True
+
+    return _ChildrenAsLeaves().trace(block)
+
+
+def _is_add(node: "fx.Node") -> bool:
+    import torch
+
+    if node.op == "call_function" and (node.target in _ADD_FUNCS or node.target is torch.add):
+        return node.kwargs.get("alpha", 1) == 1 and not node.kwargs.get("out")
+    return node.op == "call_method" and node.target in _ADD_METHODS and node.kwargs.get("alpha", 1) == 1
+
+
+def _passthrough(node: "fx.Node", block: "nn.Module", rec: "Recorder") -> bool:
+    """A child call that returned its input unchanged on every recorded call (eval-mode drop_path)."""
+    from torch import nn
+
+    if node.op != "call_module":
+        return False
+    module = block.get_submodule(str(node.target))
+    if isinstance(module, nn.Identity):
+        return True
+    calls = rec.module_calls.get(id(module), [])
+    return bool(calls) and all(c.input is not None and c.output is c.input for c in calls)
+
+
+def sum_trees(graph: "fx.Graph", block: "nn.Module", rec: "Recorder") -> list[tuple["fx.Node", list[Any]]]:
+    """Each tree of additions as (root node, leaves): leaves are fx nodes or Python numbers."""
+    trees = []
+    inside: set[Any] = set()
+    for node in reversed(list(graph.nodes)):
+        if not _is_add(node) or node in inside:
+            continue
+        leaves: list[Any] = []
+        todo = list(node.args[:2])
+        while todo:
+            a = todo.pop()
+            while hasattr(a, "op") and len(a.users) == 1 and _passthrough(a, block, rec) and a.args:
+                a = a.args[0]
+            if hasattr(a, "op") and len(a.users) == 1 and _is_add(a):
+                inside.add(a)
+                todo.extend(a.args[:2])
+            else:
+                leaves.append(a)
+        trees.append((node, leaves))
+    return trees
+
+
+def _single_call(module: "nn.Module", rec: "Recorder") -> Any:
+    calls = rec.calls.get(id(module)) or rec.module_calls.get(id(module)) or []
+    return calls[0] if len(calls) == 1 else None
+
+
+def _plain_conv(module: "nn.Module") -> bool:
+    from torch import nn
+
+    return type(module).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+
+
+def _identity_norm(norm: "nn.Module") -> "str | None":
+    """Why this BatchNorm is not a plain affine map (None when it is)."""
+    from torch import nn
+
+    rule, why = norm_rule(norm)
+    if rule is None:
+        return why or "not a BatchNorm bnfuse can read"
+    for extra in ("act", "drop"):
+        part = getattr(norm, extra, None)
+        if part is not None and not isinstance(part, nn.Identity):
+            return f"it applies {type(part).__name__} after normalising"
+    return None
+
+
+def _branch(name: str, module: "nn.Module", rec: "Recorder", folds: dict[str, str]) -> "tuple[Branch | None, Any, str | None]":
+    """Classify one child: (branch, its conv or None, why it is not a linear branch)."""
+    call = _single_call(module, rec)
+    if call is None:
+        return None, None, f"{name} is called more than once"
+    if is_producer_like(module):
+        rule, why = producer_rule(module)
+        if rule is None or rule.kind != "conv" or rule.transposed or not _plain_conv(module):
+            return None, None, f"{name} is not a plain Conv ({why or type(module).__name__})"
+        return Branch("conv", name), module, None
+    if is_norm_like(module):
+        why = _identity_norm(module)
+        return (None, None, f"{name}: {why}") if why else (Branch("norm", name, name), None, None)
+    inner = [(n, m) for n, m in module.named_modules() if n and (is_producer_like(m) or is_norm_like(m))]
+    convs = [(n, m) for n, m in inner if is_producer_like(m) and rec.calls.get(id(m))]
+    norms = [(n, m) for n, m in inner if is_norm_like(m) and rec.calls.get(id(m))]
+    if len(convs) != 1 or len(norms) > 1:
+        return None, None, f"{name} holds {len(convs)} called convs and {len(norms)} BatchNorms, not one conv and its BN"
+    (cname, conv), = convs
+    branch, _, why = _branch(f"{name}.{cname}", conv, rec, folds)
+    pcall = _single_call(conv, rec)
+    if branch is None or pcall is None or pcall.input is not call.input:
+        return None, None, why or f"{name}.{cname} does not read the block's input directly"
+    out = pcall.output
+    if norms:
+        nname, norm = norms[0]
+        ncall = _single_call(norm, rec)
+        if folds.get(f"{name}.{nname}") != f"{name}.{cname}" or ncall is None or ncall.input is not out:
+            return None, None, f"{name}.{nname} is not folded into {name}.{cname}"
+        why = _identity_norm(norm)
+        if why:
+            return None, None, f"{name}.{nname}: {why}"
+        out = ncall.output
+    if call.output is not out:
+        return None, None, f"{name} does more than its conv and BatchNorm"
+    return Branch("conv", name), conv, None
+
+
+def _check_convs(convs: list[tuple[Branch, Any]], identities: bool) -> "tuple[int | None, str | None]":
+    """Index of the main conv (the largest kernel), or why the convs cannot merge."""
+    def size(c: Any) -> int:
+        n = 1
+        for k in c.kernel_size:
+            n *= k
+        return n
+
+    main_i = max(range(len(convs)), key=lambda i: size(convs[i][1]))
+    main = convs[main_i][1]
+    for b, c in convs:
+        for attr in ("stride", "dilation", "groups", "out_channels", "in_channels"):
+            if getattr(c, attr) != getattr(main, attr):
+                return None, f"{b.module} has {attr} {getattr(c, attr)}, the main branch {getattr(main, attr)}"
+        if isinstance(c.padding, str) or isinstance(main.padding, str) or c.padding_mode != "zeros":
+            return None, f"{b.module} pads with {c.padding_mode} {c.padding!r}: only explicit zero padding merges"
+        if centre_padding(main.padding, main.dilation, main.kernel_size, c.kernel_size) != tuple(c.padding):
+            return None, f"{b.module}'s kernel centre does not align with the main branch's (padding {c.padding})"
+    if identities:
+        centred = tuple(d * (k - 1) // 2 for d, k in zip(main.dilation, main.kernel_size))
+        if (main.in_channels != main.out_channels or any(s != 1 for s in main.stride)
+                or any(k % 2 == 0 for k in main.kernel_size) or tuple(main.padding) != centred):
+            return None, "an identity branch needs stride 1, as many input as output channels and a centred odd kernel"
+    return main_i, None
+
+
+def _merge_tree(block_name: str, block: "nn.Module", root: "fx.Node", leaves: list[Any], rec: "Recorder",
+                folds: dict[str, str]) -> "Merge | MergeSkip | None":
+    """A Merge for this tree, a MergeSkip when it looks like branches but cannot merge, else None."""
+    nodes = [a for a in leaves if hasattr(a, "op")]
+    if any(not hasattr(a, "op") and a != 0 for a in leaves):
+        return None  # a constant offset: not a sum of branches
+    if len(nodes) < 2:
+        return None
+
+    def source(n: Any) -> Any:  # what a child reads, through identities (RepGhost's fusion_conv)
+        a = n.args[0]
+        while hasattr(a, "op") and _passthrough(a, block, rec) and a.args:
+            a = a.args[0]
+        return a
+
+    reads = [source(n) for n in nodes if n.op == "call_module" and len(n.args) == 1 and not n.kwargs]
+    x = max(set(reads), key=reads.count) if reads else None
+    linear = [n for n in nodes if n is x or (n.op == "call_module" and len(n.args) == 1 and not n.kwargs
+                                               and source(n) is x)]
+    if x is None or not any(n is not x for n in linear) or len(linear) < 2:
+        return None
+    where = f"sum in {block_name or 'the model'}"
+    if len(linear) < len(nodes):
+        return MergeSkip(block_name, f"{where}: not every branch reads the same tensor")
+    branches: list[Branch] = []
+    convs: list[tuple[Branch, Any]] = []
+    for n in nodes:
+        if n is x:
+            branches.append(Branch("identity"))
+            continue
+        name = f"{block_name}.{n.target}" if block_name else str(n.target)
+        branch, conv, why = _branch(name, block.get_submodule(str(n.target)), rec, folds)
+        if branch is None:
+            return MergeSkip(block_name, f"{where}: {why}")
+        branches.append(branch)
+        if conv is not None:
+            convs.append((branch, conv))
+    if not convs:
+        return MergeSkip(block_name, f"{where}: no conv branch to merge into")
+    main_i, why = _check_convs(convs, any(b.kind != "conv" for b in branches))
+    if main_i is None:
+        return MergeSkip(block_name, f"{where}: {why}")
+    return Merge(block_name, root.name, str(convs[main_i][0].module), tuple(branches))
+
+
+def find_merges(model: "nn.Module", rec: "Recorder", plan: Plan) -> None:
+    """Add every mergeable sum of branches to ``plan`` (and, as a MergeSkip, every sum of
+    branches that cannot merge); BatchNorms absorbed by a merge leave ``plan.skipped``."""
+    folds = {f.norm: f.producer for f in plan.folds if f.direction == "previous" and f.channels is None}
+    claimed: set[str] = set()
+    for block_id in sorted(rec.sum_blocks, key=lambda i: rec.names.get(i, "")):
+        block_name = rec.names.get(block_id)
+        if block_name is None:
+            continue
+        block = model.get_submodule(block_name) if block_name else model
+        if block._forward_hooks or block._forward_pre_hooks or _single_call(block, rec) is None and block_name:
+            continue
+        try:
+            graph = trace_block(block)
+        except Exception:  # noqa: BLE001 - a forward fx cannot follow: its sums stay
+            continue
+        for root, leaves in sum_trees(graph, block, rec):
+            found = _merge_tree(block_name, block, root, leaves, rec, folds)
+            if isinstance(found, Merge):
+                mods = {b.module for b in found.branches if b.module}
+                if mods & claimed:
+                    continue
+                claimed |= mods
+                plan.merges.append(found)
+            elif found is not None:
+                plan.merge_skips.append(found)
+    merged = {n for m in plan.merges for n in m.norms}
+    plan.skipped = [s for s in plan.skipped if s.norm not in merged]

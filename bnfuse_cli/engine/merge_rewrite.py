@@ -1,0 +1,144 @@
+"""Apply merges to the module tree: each merged sum becomes one conv and its branches are gone.
+
+The block whose forward computes the sum is traced (every child a leaf), the sum's node is
+replaced by one call of a new conv placed at the main branch's name, and the block becomes a
+``torch.fx.GraphModule`` of that graph: the branches are not called at all, whatever the block's
+own forward said.  The merged kernel is computed in float64 from the branches after their
+BatchNorms were folded (:mod:`.merge_math`) and cast once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+from ..errors import BnfuseError
+from .fold import affine_from_stats
+from .merge import trace_block
+from .merge_math import identity_kernel, merge_kernels
+from .patterns import is_producer_like, norm_rule
+from .plan import Merge
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["apply_merges", "apply_merge_structure", "main_conv", "main_conv_name"]
+
+
+def main_conv_name(model: "nn.Module", into: str) -> str:
+    """The name of the conv inside the merge's main branch ``into`` (its input is the shared one)."""
+    module = model.get_submodule(into)
+    if is_producer_like(module):
+        return into
+    names = [n for n, m in module.named_modules() if n and is_producer_like(m)]
+    return f"{into}.{names[0]}" if len(names) == 1 else into
+
+
+def main_conv(module: "nn.Module") -> "nn.Module":
+    """The conv of a branch: the module itself, or the one conv inside it."""
+    if is_producer_like(module):
+        return module
+    convs = [m for m in module.modules() if is_producer_like(m)]
+    if len(convs) != 1:
+        raise BnfuseError(f"a merge's main branch {type(module).__name__} holds {len(convs)} convs, not one")
+    return convs[0]
+
+
+def _new_conv(like: "nn.Module") -> "nn.Module":
+    """An empty conv with ``like``'s shape and geometry, with a bias."""
+    from torch import nn
+
+    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(like.kernel_size)]
+    return cls(like.in_channels, like.out_channels, like.kernel_size, stride=like.stride, padding=like.padding,
+               dilation=like.dilation, groups=like.groups, bias=True, device=like.weight.device,
+               dtype=like.weight.dtype)
+
+
+def _branch_kernel(model: "nn.Module", branch, conv: "nn.Module") -> "tuple[torch.Tensor, torch.Tensor | None]":  # noqa: ANN001
+    """One branch as a float64 (weight, bias) in the main conv's geometry (unpadded)."""
+    if branch.kind == "conv":
+        c = main_conv(model.get_submodule(branch.module))
+        return c.weight.detach(), None if c.bias is None else c.bias.detach()
+    ident = identity_kernel(conv.out_channels, conv.groups, conv.kernel_size)
+    if branch.kind == "identity":
+        return ident, None
+    norm = model.get_submodule(branch.norm)
+    rule, why = norm_rule(norm)
+    if rule is None:
+        raise BnfuseError(f"cannot merge {branch.norm}: {why}")
+    scale, shift = affine_from_stats(*rule.stats(norm), name=branch.norm)
+    return ident * scale.reshape(-1, *([1] * (ident.dim() - 1))), shift
+
+
+def _rewrite_block(model: "nn.Module", block_name: str, merges: "list[Merge]",
+                   convs: "dict[str, nn.Module]") -> None:
+    """Replace each merge's sum in ``block_name`` by a call of its conv; the block becomes a GraphModule."""
+    from torch import fx, nn
+
+    from .rewrite import _set
+
+    block = model.get_submodule(block_name) if block_name else model
+    graph = trace_block(block)
+    nodes = {n.name: n for n in graph.nodes}
+    for m in merges:
+        root = nodes.get(m.node)
+        rel = m.into[len(block_name) + 1:] if block_name else m.into
+        x = next((n.args[0] for n in nodes.values() if n.op == "call_module" and str(n.target) == rel), None)
+        while x is not None and x.op == "call_module" and isinstance(block.get_submodule(str(x.target)), nn.Identity):
+            x = x.args[0]
+        if root is None or x is None:
+            raise BnfuseError(f"cannot find the merged sum {m.node} of {block_name or 'the model'} in its forward")
+        with graph.inserting_before(root):
+            new = graph.call_module(rel, (x,))
+        root.replace_all_uses_with(new)
+        graph.erase_node(root)
+        _set_path(block, rel, convs[m.into])
+    gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()  # the branches: gone from the module tree and the state_dict
+    gm.recompile()
+    gm.train(block.training)
+    if block_name:
+        _set(model, block_name, gm)
+    else:
+        raise BnfuseError("a sum in the model's own forward cannot be merged in place: wrap the model")
+
+
+def _set_path(root: "nn.Module", path: str, module: "nn.Module") -> None:
+    parent_name, _, attr = path.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, module)
+
+
+def apply_merges(model: "nn.Module", merges: "Iterable[Merge]") -> None:
+    """Merge each sum in place (after the plan's folds were applied to its branches)."""
+    import torch
+
+    merges = list(merges)
+    convs = {}
+    for m in merges:
+        main = main_conv(model.get_submodule(m.into))
+        weight, bias = merge_kernels([_branch_kernel(model, b, main) for b in m.branches], main.kernel_size)
+        new = _new_conv(main)
+        with torch.no_grad():
+            new.weight.copy_(weight)
+            new.bias.copy_(bias)
+        new.weight.requires_grad_(main.weight.requires_grad)
+        new.bias.requires_grad_(main.weight.requires_grad)
+        convs[m.into] = new
+    _by_block(model, merges, convs)
+
+
+def apply_merge_structure(model: "nn.Module", merges: "Iterable[Merge]") -> None:
+    """Give an unmerged model the merged structure (its values come from a state_dict loaded next)."""
+    merges = list(merges)
+    convs = {m.into: _new_conv(main_conv(model.get_submodule(m.into))) for m in merges}
+    _by_block(model, merges, convs)
+
+
+def _by_block(model: "nn.Module", merges: "list[Merge]", convs: "dict[str, nn.Module]") -> None:
+    blocks: dict[str, list[Merge]] = {}
+    for m in merges:
+        blocks.setdefault(m.block, []).append(m)
+    for name in sorted(blocks, key=lambda n: -n.count(".")):  # inner blocks first
+        _rewrite_block(model, name, blocks[name], convs)
