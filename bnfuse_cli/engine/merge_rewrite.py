@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["apply_merges", "apply_merge_structure", "main_conv", "main_conv_name"]
+__all__ = ["apply_merges", "apply_merge_structure", "apply_saved_structure", "main_conv", "main_conv_name"]
 
 
 def main_conv_name(model: "nn.Module", into: str) -> str:
@@ -142,3 +142,21 @@ def _by_block(model: "nn.Module", merges: "list[Merge]", convs: "dict[str, nn.Mo
         blocks.setdefault(m.block, []).append(m)
     for name in sorted(blocks, key=lambda n: -n.count(".")):  # inner blocks first
         _rewrite_block(model, name, blocks[name], convs)
+
+
+def apply_saved_structure(model: "nn.Module", metadata: dict) -> None:  # type: ignore[type-arg]
+    """Give a freshly built model the structure a fused file records (its ``steps``: the folds
+    and merges of each round, in order; a file without steps lists folds only)."""
+    from .plan import Fold
+    from .rewrite import apply_structure
+
+    steps = metadata.get("steps")
+    if not isinstance(steps, list):
+        steps = [{"folds": metadata.get("folds", []), "merges": []}]
+    for step in steps:
+        folds = [Fold.from_list([str(x) for x in row]) for row in step.get("folds", [])]
+        if folds:
+            apply_structure(model, folds)
+        merges = [Merge.from_dict(d) for d in step.get("merges", [])]
+        if merges:
+            apply_merge_structure(model, merges)

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..engine.plan import Fold
 from ..errors import CheckpointError, UsageError
 from .models import build
 from .read import NESTED_KEYS, Checkpoint, read_checkpoint, strip_prefixes
@@ -126,7 +125,7 @@ def _pick_weights(ck: Checkpoint, expected: "set[str]", arch: str, *, explicit: 
 
 
 def _from_checkpoint(ck: Checkpoint, arch: "str | None", key: "str | None" = None) -> Source:
-    from ..engine.rewrite import apply_structure
+    from ..engine.merge_rewrite import apply_saved_structure
 
     if ck.kind == "module":
         return Source(ck.module, arch or ck.metadata.get("arch"), "module", ck.metadata, ck.path, "file", ck.notes)
@@ -140,9 +139,7 @@ def _from_checkpoint(ck: Checkpoint, arch: "str | None", key: "str | None" = Non
             "(a torchvision name such as resnet50, timm:NAME, or package.module:factory)"
         )
     model = build(use_arch, weights=None, **meta.get("arch_kwargs", {}))
-    folds = [Fold.from_list(row) for row in meta.get("folds", [])]
-    if folds:
-        apply_structure(model, folds)
+    apply_saved_structure(model, meta)  # the folds and merges of each round, as recorded
     sd, picked = _pick_weights(ck, set(model.state_dict()), use_arch, explicit=key is not None)
     notes = load_state_dict_strict(model, sd, what=str(ck.path), arch=use_arch)
     kind = "torchscript" if ck.kind == "torchscript" else "state_dict"

@@ -264,12 +264,23 @@ def _write(model: "nn.Module", src: Source, report: ConvertReport, out_path: Pat
         "arch": src.arch,
         "arch_kwargs": src.metadata.get("arch_kwargs", {}),
         "folds": [f.to_list() for f in _all_folds(src, report.plan)],
+        "merges": [m.to_dict() for m in report.plan.merges],
+        "steps": _earlier_steps(src) + report.plan.steps(),
         "input": report.input.to_dict(),
         "dtype": report.dtype,
         "source": report.source,
     }
     return write_checkpoint(out_path, state_dict=model.state_dict(), metadata=meta,
                             module=model if form == "module" else None, force=force)
+
+
+def _earlier_steps(src: Source) -> list[Any]:
+    """The rounds of the conversion that produced the source, if any (older files: folds only)."""
+    steps = src.metadata.get("steps")
+    if isinstance(steps, list):
+        return list(steps)
+    rows = src.metadata.get("folds", [])
+    return [{"folds": rows, "merges": []}] if rows else []
 
 
 def _all_folds(src: Source, plan: Plan) -> list[Any]:

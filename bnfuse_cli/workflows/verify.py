@@ -77,19 +77,37 @@ def _recorded_folds(src: Source) -> "list[Fold] | None":
     return folds
 
 
+def _recorded_merges(src: Source) -> list[Any]:
+    """The merges in a bnfuse output's metadata."""
+    from ..engine.plan import Merge
+
+    out = []
+    for d in src.metadata.get("merges", []) or []:
+        try:
+            out.append(Merge.from_dict(d))
+        except (TypeError, KeyError, ValueError):
+            continue
+    return out
+
+
 def _site_checks(src_o: Source, src_f: Source, x: Any, name: str) -> tuple[list[SiteCheck], list[str]]:
-    """Every fold site the fused file names, checked on the activation that reaches it in the
-    original (one run of the original in its own dtype and device)."""
+    """Every fold site and merge the fused file names, checked on the activation that reaches it in
+    the original (one run of the original in its own dtype and device)."""
+    from ..engine.merge_rewrite import main_conv_name
+
     folds = _recorded_folds(src_f)
     if folds is None:
         return [], ["the fused file names no fold sites (not a bnfuse output): checked on outputs only"]
     names = {n for n, _ in src_o.model.named_modules()}
-    here = [f for f in folds if f.norm in names and f.producer in names]
+    merges = [m for m in _recorded_merges(src_f) if m.into in names]
+    intos = {m.into for m in merges}
+    here = [f for f in folds if f.norm in names and f.producer in names and f.producer not in intos]
     notes = []
-    if len(here) < len(folds):
+    if len(here) + sum(f.producer in intos for f in folds) < len(folds):
         notes.append(f"{len(folds) - len(here)} fold site(s) in the fused file's metadata name layers the original "
                      "does not have (folded by an earlier conversion?): not checked by site")
     probe = SiteProbe(here)
+    probe.plan(here, merges, {m.into: main_conv_name(src_o.model, m.into) for m in merges})
     with probe.hooks(src_o.model):
         _run(src_o.model, x, "original", name)
     probe.reference(src_o.model)
