@@ -52,7 +52,7 @@ def check_rows(t: Table, verdict: Any) -> None:
     checked = [s for s in verdict.sites if s.skipped is None]
     worst = verdict.worst_site
     if verdict.sites:
-        t.add_row("fold sites", f"{len(checked)} of {len(verdict.sites)} checked in float64"
+        t.add_row("sites", f"{len(checked)} of {len(verdict.sites)} folds and merges checked in float64"
                   + (f", worst {worst.rel_error:.2g} at {worst.layer} (limit {worst.tolerance:g})" if worst else ""))
     t.add_row("precision", precision_text(verdict.precision))
     t.add_row("reference", verdict.basis)
@@ -80,6 +80,29 @@ def plan_tables(plan: Any, *, verbose: bool, limit: int = 25) -> list[Table]:
         if len(shown) < len(plan.skipped):
             t.add_row(f"(+{len(plan.skipped) - len(shown)} more)", "see --verbose or --json")
         tables.append(t)
+    return tables + merge_tables(plan, verbose=verbose, limit=limit)
+
+
+def merge_tables(plan: Any, *, verbose: bool, limit: int = 25) -> list[Table]:
+    """Each sum of branches merged into one conv, with its branches; each sum left, with why."""
+    tables = []
+    if verbose and plan.merges:
+        t = Table(title="Merged (parallel branches -> one conv)", title_justify="left")
+        t.add_column("one conv at", overflow="fold")
+        t.add_column("branches summed", overflow="fold")
+        for m in plan.merges:
+            t.add_row(m.into, ", ".join(b.module or "the input itself" for b in m.branches))
+        tables.append(t)
+    if plan.merge_skips:
+        t = Table(title="Sums of branches left as they are", title_justify="left")
+        t.add_column("block", overflow="fold")
+        t.add_column("reason", overflow="fold")
+        shown = plan.merge_skips if verbose else plan.merge_skips[:limit]
+        for s in shown:
+            t.add_row(s.block or "(the model)", s.reason)
+        if len(shown) < len(plan.merge_skips):
+            t.add_row(f"(+{len(plan.merge_skips) - len(shown)} more)", "see --verbose or --json")
+        tables.append(t)
     return tables
 
 
@@ -91,7 +114,12 @@ def convert_table(r: Any) -> Table:
     t.add_row("architecture", str(r.arch or "(pickled module)"))
     t.add_row("weights", r.weights)
     t.add_row("input", f"{r.input.kind} {'x'.join(map(str, r.input.shape))} {r.dtype}")
-    t.add_row("BatchNorm layers", f"{len(r.plan.norms)} found, {len(r.plan.folded_norms)} folded, {len(r.plan.skipped)} left")
+    merged = sum(len(m.norms) for m in r.plan.merges)
+    t.add_row("BatchNorm layers", f"{len(r.plan.norms)} found, {len(r.plan.folded_norms) - merged} folded"
+              + (f", {merged} merged" if merged else "") + f", {len(r.plan.skipped)} left")
+    if r.plan.merges:
+        branches = sum(len(m.branches) for m in r.plan.merges)
+        t.add_row("branches merged", f"{len(r.plan.merges)} sums of {branches} branches -> one conv each")
     t.add_row("parameters", f"{fmt_count(r.params_before)} -> {fmt_count(r.params_after)}")
     t.add_row("buffers", f"{fmt_count(r.buffers_before)} -> {fmt_count(r.buffers_after)}")
     t.add_row("removed", f"{fmt_count(r.removed)} values")
@@ -102,7 +130,7 @@ def convert_table(r: Any) -> Table:
         t.add_row("relative error", f"{r.error.rel:.3g} (tolerance {r.tolerance:g})")
         worst = r.verdict.worst_site
         if worst is not None:
-            t.add_row("fold sites", f"{sum(s.skipped is None for s in r.verdict.sites)} checked in float64, worst "
+            t.add_row("sites", f"{sum(s.skipped is None for s in r.verdict.sites)} checked in float64, worst "
                                     f"{worst.rel_error:.2g} at {worst.layer} (limit {worst.tolerance:g})")
     t.add_row("time", f"{r.seconds.get('total', 0):.2f} s (analyse {r.seconds.get('analyse', 0):.2f} s, fold {r.seconds.get('fold', 0):.2f} s)")
     return t

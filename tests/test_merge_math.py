@@ -304,8 +304,6 @@ def test_a_branch_between_dilated_taps_cannot_be_merged():
         merge_kernels([_branch(main), _branch(one)], (4,))
 
 
-@pytest.mark.xfail(strict=True, reason="merge_math bug: centre_padding ignores the parity of k - k_b "
-                   "when the dilation is even, so it claims a centred padding the merge then refuses")
 def test_centre_padding_rejects_a_branch_between_dilated_taps():
     assert centre_padding((3,), (2,), (4,), (1,)) is None
     assert centre_padding((1,), (2,), (3,), (2,)) is None
@@ -379,16 +377,12 @@ def test_merge_kernels_leaves_its_inputs_alone_and_works_in_float64():
     assert torch.equal(w[..., 1, 1], w32.double()[..., 1, 1] + w64[..., 0, 0])
 
 
-@pytest.mark.xfail(strict=True, reason="merge_math bug: merge_kernels checks only (out, in/groups), so "
-                   "a branch of lower spatial rank is broadcast across the kernel instead of refused")
 def test_merge_kernels_refuses_a_branch_of_another_rank():
     with pytest.raises(FoldError):
         merge_kernels([(torch.zeros(3, 3, 3, 3, dtype=torch.float64), None),
                        (torch.ones(3, 3, 1, dtype=torch.float64), None)], (3, 3))
 
 
-@pytest.mark.xfail(strict=True, reason="merge_math bug: merge_kernels does not check a bias's length, "
-                   "so a one-element bias is broadcast to every output channel instead of refused")
 def test_merge_kernels_refuses_a_bias_of_the_wrong_length():
     with pytest.raises(FoldError):
         merge_kernels([(torch.zeros(4, 2, 3, dtype=torch.float64), torch.ones(1, dtype=torch.float64))], (3,))

@@ -124,6 +124,8 @@ def _branch(name: str, module: "nn.Module", rec: "Recorder", folds: dict[str, st
     inner = [(n, m) for n, m in module.named_modules() if n and (is_producer_like(m) or is_norm_like(m))]
     convs = [(n, m) for n, m in inner if is_producer_like(m) and rec.calls.get(id(m))]
     norms = [(n, m) for n, m in inner if is_norm_like(m) and rec.calls.get(id(m))]
+    if not convs:
+        return None, None, f"{name} is a {type(module).__name__}, not a conv, a BatchNorm or the input itself"
     if len(convs) != 1 or len(norms) > 1:
         return None, None, f"{name} holds {len(convs)} called convs and {len(norms)} BatchNorms, not one conv and its BN"
     (cname, conv), = convs
@@ -157,7 +159,10 @@ def _check_convs(convs: list[tuple[Branch, Any]], identities: bool) -> "tuple[in
     main_i = max(range(len(convs)), key=lambda i: size(convs[i][1]))
     main = convs[main_i][1]
     for b, c in convs:
+        pointwise = all(k == 1 for k in c.kernel_size)  # a 1x1 kernel reads one tap: its dilation is moot
         for attr in ("stride", "dilation", "groups", "out_channels", "in_channels"):
+            if attr == "dilation" and pointwise:
+                continue
             if getattr(c, attr) != getattr(main, attr):
                 return None, f"{b.module} has {attr} {getattr(c, attr)}, the main branch {getattr(main, attr)}"
         if isinstance(c.padding, str) or isinstance(main.padding, str) or c.padding_mode != "zeros":
@@ -198,11 +203,16 @@ def _merge_tree(block_name: str, block: "nn.Module", root: "fx.Node", leaves: li
         return MergeSkip(block_name, f"{where}: not every branch reads the same tensor")
     branches: list[Branch] = []
     convs: list[tuple[Branch, Any]] = []
+    if not block_name:
+        return MergeSkip(block_name, f"{where}: a sum in the model's own forward is not merged (bnfuse rewrites the "
+                                     "module that computes the sum; wrap the model in a module to merge it)")
     for n in nodes:
         if n is x:
             branches.append(Branch("identity"))
             continue
-        name = f"{block_name}.{n.target}" if block_name else str(n.target)
+        name = f"{block_name}.{n.target}"
+        if len(n.users) > 1:
+            return MergeSkip(block_name, f"{where}: the output of {name} is also read elsewhere")
         branch, conv, why = _branch(name, block.get_submodule(str(n.target)), rec, folds)
         if branch is None:
             return MergeSkip(block_name, f"{where}: {why}")

@@ -27,7 +27,7 @@ def centre_padding(padding: Sequence[int], dilation: Sequence[int], kernel: Sequ
     out = []
     for p, d, k, kb in zip(padding, dilation, kernel, branch_kernel):
         twice = 2 * p - d * (k - kb)
-        if kb > k or twice < 0 or twice % 2:
+        if kb > k or (k - kb) % 2 or twice < 0 or twice % 2:  # an odd difference has no centred place
             return None
         out.append(twice // 2)
     return tuple(out)
@@ -53,7 +53,7 @@ def identity_kernel(channels: int, groups: int, kernel: Sequence[int]) -> "torch
     a one at the centre for each output channel's own input channel within its group."""
     import torch
 
-    if channels % groups:
+    if groups < 1 or channels % groups:
         raise FoldError(f"{channels} channels cannot be split into {groups} groups")
     if any(k % 2 == 0 for k in kernel):
         raise FoldError(f"an even kernel {tuple(kernel)} has no centre for an identity branch")
@@ -77,8 +77,10 @@ def merge_kernels(branches: "Sequence[tuple[torch.Tensor, torch.Tensor | None]]"
     weight = torch.zeros((out_ch, *branches[0][0].shape[1:2], *kernel), dtype=torch.float64)
     bias = torch.zeros(out_ch, dtype=torch.float64)
     for w, b in branches:
-        if w.shape[:2] != weight.shape[:2]:
+        if w.shape[:2] != weight.shape[:2] or w.dim() != weight.dim():
             raise FoldError(f"a branch kernel {tuple(w.shape)} does not match {tuple(weight.shape)}")
+        if b is not None and tuple(b.shape) != (out_ch,):
+            raise FoldError(f"a branch bias of shape {tuple(b.shape)} does not match {out_ch} output channels")
         weight += pad_kernel(w, kernel)
         if b is not None:
             bias += b.detach().to(torch.float64)

@@ -73,6 +73,8 @@ class ConvertReport:
             "bn_skipped": len(self.plan.skipped),
             "folds": [asdict(f) for f in self.plan.folds],
             "skipped": [asdict(s) for s in self.plan.skipped],
+            "merges": [m.to_dict() for m in self.plan.merges],
+            "merge_skips": [asdict(s) for s in self.plan.merge_skips],
             "params_before": self.params_before,
             "params_after": self.params_after,
             "buffers_before": self.buffers_before,
@@ -116,6 +118,8 @@ class InspectReport:
             "bn_skipped": len(self.plan.skipped),
             "folds": [asdict(f) for f in self.plan.folds],
             "skipped": [asdict(s) for s in self.plan.skipped],
+            "merges": [m.to_dict() for m in self.plan.merges],
+            "merge_skips": [asdict(s) for s in self.plan.merge_skips],
             "bnfuse_version": __version__,
         }
 

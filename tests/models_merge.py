@@ -1,0 +1,216 @@
+"""Tiny hand-made blocks with parallel branches, one per rule of merging, each inside a small model
+(``models_merge:NAME`` builds one, so the CLI tests can use them too): bnfuse rewrites the module
+that computes a sum, so a sum in a model's own forward is left alone."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _cbn(cin: int, cout: int, k, stride: int = 1, padding=0, groups: int = 1, dilation: int = 1) -> nn.Sequential:  # noqa: ANN001
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, dilation=dilation, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout))
+
+
+class RepVGGBlock(nn.Module):
+    """3x3 conv+BN + 1x1 conv+BN + BN on the input, summed (in place, as timm writes it), then ReLU."""
+
+    def __init__(self, c: int = 8, groups: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.kxk = _cbn(c, c, 3, padding=1, groups=groups)
+        self.k1 = _cbn(c, c, 1, groups=groups)
+        self.identity = nn.BatchNorm2d(c)
+        self.drop_path = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        ident = self.identity(x)
+        y = self.k1(x) + self.kxk(x)
+        y = self.drop_path(y)
+        y += ident
+        return torch.relu(y)
+
+
+class ACNetBlock(nn.Module):
+    """3x3 + 1x3 + 3x1 (asymmetric kernels, centred by their padding), each with its BN."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.square = _cbn(c, c, 3, padding=1)
+        self.hor = _cbn(c, c, (1, 3), padding=(0, 1))
+        self.ver = _cbn(c, c, (3, 1), padding=(1, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.add(torch.add(self.square(x), self.hor(x)), self.ver(x))
+
+
+class ResidualBlock(nn.Module):
+    """A depthwise conv plus the input itself (RepCPE), written with ``sum``; and a plain conv
+    without BN next to a conv+BN (RepViT's conv1), with dilation 2."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.pe = nn.Conv2d(c, c, 5, padding=2, groups=c)
+        self.a = _cbn(c, c, 3, padding=2, dilation=2)
+        self.b = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = sum([self.pe(x), x])
+        return self.a(x) + self.b(x)
+
+
+class StridedBlock(nn.Module):
+    """A 3x3 stride-2 branch and a 5x5 stride-1 branch whose outputs happen to match in size
+    (8x8 in, 4x4 out): different strides, so they must not merge."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.a = _cbn(c, c, 3, stride=2, padding=1)
+        self.b = _cbn(c, c, 5, stride=1, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+class ReadTwiceBlock(nn.Module):
+    """A branch output also returned: must not merge."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.a = _cbn(c, c, 3, padding=1)
+        self.b = _cbn(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.b(x)
+        return self.a(x) + b, b
+
+
+class ReluInBranchBlock(nn.Module):
+    """A ReLU inside a branch: must not merge."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.a = _cbn(c, c, 3, padding=1)
+        self.b = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+class MisalignedBlock(nn.Module):
+    """A 1x1 branch with padding 1 next to a 3x3 with padding 1, both stride 3: on a 10x10 input
+    both give 4x4, but the 1x1 does not read the 3x3's centre tap, so they must not merge."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.a = _cbn(c, c, 3, stride=3, padding=1)
+        self.b = _cbn(c, c, 1, stride=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+class SharedConvBlock(nn.Module):
+    """A branch conv that is also called elsewhere: must not merge."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.a = _cbn(c, c, 3, padding=1)
+        self.b = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x) + self.b(x))
+
+
+class ReflectPadBlock(nn.Module):
+    """Branches that pad by reflection: left as they are (only zero padding merges)."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, padding_mode="reflect", bias=False), nn.BatchNorm2d(c))
+        self.b = _cbn(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+class AvgPoolBranchBlock(nn.Module):
+    """An average-pool branch (DiverseBranchBlock): left as it is, with its reason."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.a = _cbn(c, c, 3, padding=1)
+        self.pool = nn.AvgPool2d(3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.pool(x)
+
+
+class PostSumBNBlock(nn.Module):
+    """``bn(conv(x) + conv1(x) + x)`` (RepViT): merged, then the BN after the sum folds next round."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv = _cbn(c, c, 3, padding=1, groups=c)
+        self.conv1 = nn.Conv2d(c, c, 1, groups=c)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x) + self.conv1(x) + x)
+
+
+class Wrapped(nn.Module):
+    """A model holding one block (as real models hold their blocks)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor):  # noqa: ANN201
+        return self.block(x)
+
+
+def RepVGG(**kwargs) -> nn.Module:  # noqa: N802
+    return Wrapped(RepVGGBlock(**kwargs))
+
+
+def ACNet(**kwargs) -> nn.Module:  # noqa: N802
+    return Wrapped(ACNetBlock(**kwargs))
+
+
+def Residual(**kwargs) -> nn.Module:  # noqa: N802
+    return Wrapped(ResidualBlock(**kwargs))
+
+
+def Strided(**kwargs) -> nn.Module:  # noqa: N802
+    return Wrapped(StridedBlock(**kwargs))
+
+
+def ReadTwice(**kwargs) -> nn.Module:  # noqa: N802
+    return Wrapped(ReadTwiceBlock(**kwargs))
+
+
+def ReluInBranch(**kwargs) -> nn.Module:  # noqa: N802
+    return Wrapped(ReluInBranchBlock(**kwargs))
+
+
+def Misaligned(**kwargs) -> nn.Module:  # noqa: N802
+    return Wrapped(MisalignedBlock(**kwargs))
+
+
+def SharedConv(**kwargs) -> nn.Module:  # noqa: N802
+    return Wrapped(SharedConvBlock(**kwargs))
+
+
+def ReflectPad(**kwargs) -> nn.Module:  # noqa: N802
+    return Wrapped(ReflectPadBlock(**kwargs))
+
+
+def AvgPoolBranch(**kwargs) -> nn.Module:  # noqa: N802
+    return Wrapped(AvgPoolBranchBlock(**kwargs))
+
+
+def PostSumBN(**kwargs) -> nn.Module:  # noqa: N802
+    return Wrapped(PostSumBNBlock(**kwargs))

@@ -1,0 +1,143 @@
+"""Merging parallel branches into one conv (structural re-parameterisation), by data flow.
+
+Every mergeable block must give one conv call where it ran several convs, BatchNorms and adds,
+exactly (float64); every must-not-merge block stays as it is, exact, with its reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import models_merge as mm
+from bnfuse_cli import fuse
+from conftest import ROOT, randomize_bn, run_bnfuse
+
+TESTS = ROOT / "tests"
+
+
+def _calls(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(conv calls, BatchNorm calls) in one forward pass."""
+    counts = {"conv": 0, "bn": 0}
+    hooks = []
+    for m in model.modules():
+        kind = "conv" if isinstance(m, nn.modules.conv._ConvNd) else (
+            "bn" if isinstance(m, nn.modules.batchnorm._BatchNorm) else None)
+        if kind:
+            hooks.append(m.register_forward_hook(lambda *_, k=kind: counts.__setitem__(k, counts[k] + 1)))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return counts["conv"], counts["bn"]
+
+
+def _fused(cls: Any, x: torch.Tensor, seed: int = 0):  # noqa: ANN202
+    model = randomize_bn(cls(), seed=seed).double().eval()
+    with torch.no_grad():
+        ref = model(x)
+    result = fuse(model, x)
+    with torch.no_grad():
+        out = result.model(x)
+    outs = [(out, ref)] if isinstance(ref, torch.Tensor) else list(zip(out, ref))
+    rel = max(float((o - r).norm() / r.norm()) for o, r in outs)
+    return model, result, rel
+
+
+X8 = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+X6 = X8[:, :6]
+
+
+@pytest.mark.parametrize("cls, x, merges, convs_after", [
+    (mm.RepVGG, torch.randn(2, 3, 8, 8, dtype=torch.float64), 1, 2),  # stem + the merged conv
+    (mm.ACNet, X6, 1, 1),
+    (mm.Residual, X8, 2, 2),
+    (mm.PostSumBN, X8, 1, 1),
+], ids=["repvgg", "acnet", "residual-and-dilation", "post-sum-bn"])
+def test_branches_merge_into_one_conv_exactly(cls: Any, x: torch.Tensor, merges: int, convs_after: int) -> None:
+    model, result, rel = _fused(cls, x)
+    assert rel < 1e-10, rel
+    assert len(result.plan.merges) == merges and result.ok, result.verdict.reasons
+    assert _calls(result.model, x) == (convs_after, 0)  # no BatchNorm runs, one conv per merged sum
+    merge_sites = [s for s in result.verdict.sites if s.kind == "merge"]
+    assert len(merge_sites) == merges and all(s.skipped is None and s.rel_error < 1e-10 for s in merge_sites)
+
+
+def test_grouped_repvgg_and_the_post_sum_bn_folds_next_round() -> None:
+    _, result, rel = _fused(lambda: mm.RepVGG(groups=2), torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    assert rel < 1e-10 and len(result.plan.merges) == 1
+    _, post, rel = _fused(mm.PostSumBN, X8)
+    assert rel < 1e-10 and post.plan.rounds == [(1, 1), (1, 0)]  # conv's BN, the merge; then the outer bn
+    assert [f.producer for f in post.plan.folds[1:]] == ["block.conv"]
+
+
+@pytest.mark.parametrize("cls, x, reason", [
+    (mm.Strided, X6, "has stride"),
+    (mm.ReadTwice, X6, "also read elsewhere"),
+    (mm.ReluInBranch, X6, "does more than its conv and BatchNorm"),
+    (mm.Misaligned, torch.randn(2, 6, 10, 10, dtype=torch.float64), "centre does not align"),
+    (mm.SharedConv, X6, "called more than once"),
+    (mm.ReflectPad, X6, "only explicit zero padding merges"),
+    (mm.AvgPoolBranch, X6, "is a AvgPool2d, not a conv"),
+], ids=["strides", "read-twice", "relu-in-branch", "misaligned", "shared-conv", "reflect-pad", "avg-pool"])
+def test_must_not_merge_stays_exact_with_its_reason(cls: Any, x: torch.Tensor, reason: "str | None") -> None:
+    model, result, rel = _fused(cls, x)
+    assert rel < 1e-10 and result.ok, (rel, result.verdict.reasons)
+    assert result.plan.merges == []
+    reasons = [s.reason for s in result.plan.merge_skips]
+    assert any(reason in r for r in reasons), reasons
+
+
+def test_merge_can_be_switched_off() -> None:
+    model = randomize_bn(mm.RepVGG(), seed=1).double().eval()
+    result = fuse(model, torch.randn(1, 3, 8, 8, dtype=torch.float64), merge=False)
+    assert result.plan.merges == [] and result.ok
+    assert [s.norm for s in result.plan.skipped] == ["block.identity"]
+
+
+def test_merged_file_saves_reloads_and_verifies(tmp_path: Path) -> None:
+    from bnfuse_cli import convert, load, verify
+    from bnfuse_cli.files.read import read_checkpoint
+    from bnfuse_cli.files.write import write_checkpoint
+
+    model = randomize_bn(mm.RepVGG(), seed=3).eval()
+    torch.save(model.state_dict(), tmp_path / "orig.pth")
+    arch = "models_merge:RepVGG"
+    for suffix in (".safetensors", ".pth"):
+        out = tmp_path / f"fused{suffix}"
+        report = convert(tmp_path / "orig.pth", out, arch=arch, input_shape="1,3,16,16")
+        assert len(report.plan.merges) == 1 and report.to_dict()["merges"][0]["into"] == "block.kxk"
+        fused = load(out).double()
+        x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+        with torch.no_grad():
+            ref = copy.deepcopy(model).double()(x)
+            rel = float((fused(x) - ref).norm() / ref.norm())
+        assert rel < 1e-6 and _calls(fused, x) == (2, 0)  # float32 weights, compared in float64
+        v = verify(tmp_path / "orig.pth", out, arch=arch)
+        assert v.ok and any(s.kind == "merge" and s.skipped is None for s in v.verdict.sites)
+    ck = read_checkpoint(tmp_path / "fused.safetensors")
+    sd = dict(ck.state_dict)
+    sd["block.kxk.weight"] = sd["block.kxk.weight"] * 1.01
+    write_checkpoint(tmp_path / "bad.safetensors", state_dict=sd, metadata=ck.metadata)
+    bad = verify(tmp_path / "orig.pth", tmp_path / "bad.safetensors", arch=arch)
+    assert not bad.ok and [s.layer for s in bad.verdict.failed_sites] == ["block.kxk"]
+
+
+def test_cli_inspect_and_convert_show_the_merges(tmp_path: Path) -> None:
+    proc = run_bnfuse("inspect", "models_merge:RepVGG", "--weights", "none", "--input-shape", "1,3,16,16",
+                      "--json", "-", cwd=TESTS, columns=160)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    kinds = {b["kind"]: b for b in data["merges"][0]["branches"]}
+    assert kinds["norm"] == {"kind": "norm", "module": "block.identity", "norm": "block.identity"}
+    assert "Merged (parallel branches -> one conv)" in proc.stderr and "kxk" in proc.stderr
+    conv = run_bnfuse("convert", "models_merge:Misaligned", "--weights", "none", "--input-shape", "1,6,10,10",
+                      "-o", str(tmp_path / "m.safetensors"), cwd=TESTS, columns=160)
+    assert conv.returncode == 0, conv.stderr
+    assert "Sums of branches left as they are" in conv.stdout and "does not align" in conv.stdout
