@@ -141,3 +141,25 @@ def test_cli_inspect_and_convert_show_the_merges(tmp_path: Path) -> None:
                       "-o", str(tmp_path / "m.safetensors"), cwd=TESTS, columns=160)
     assert conv.returncode == 0, conv.stderr
     assert "Sums of branches left as they are" in conv.stdout and "does not align" in conv.stdout
+
+
+def test_tracing_a_block_leaves_it_as_it_was() -> None:
+    """A block that stores on itself during forward (a feature cache) is traced to look for
+    sums; what the trace stored (a proxy) is undone, so the model still runs."""
+    from bnfuse_cli.engine.merge import trace_block
+
+    class Caching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 3, 1)
+            self.last = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.last = self.a(x)
+            self.register_buffer("seen", torch.ones(1))
+            return self.last + x
+
+    block = Caching()
+    trace_block(block)
+    assert block.last is None and "seen" not in block._buffers
+    assert block(torch.randn(1, 3, 4, 4)).shape == (1, 3, 4, 4)

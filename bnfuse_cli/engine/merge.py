@@ -37,7 +37,17 @@ def trace_block(block: "nn.Module") -> "fx.Graph":
         def is_leaf_module(self, m: "nn.Module", qualname: str) -> bool:  # noqa: ARG002
             return True
 
-    return _ChildrenAsLeaves().trace(block)
+    # tracing runs the block's own forward with proxies: whatever it stores on itself is undone
+    saved = dict(block.__dict__)
+    tables = {k: dict(v) for k, v in saved.items() if k in ("_modules", "_parameters", "_buffers")}
+    try:
+        return _ChildrenAsLeaves().trace(block)
+    finally:
+        block.__dict__.clear()
+        block.__dict__.update(saved)
+        for k, v in tables.items():
+            saved[k].clear()
+            saved[k].update(v)
 
 
 def _is_add(node: "fx.Node") -> bool:
