@@ -214,3 +214,39 @@ def AvgPoolBranch(**kwargs) -> nn.Module:  # noqa: N802
 
 def PostSumBN(**kwargs) -> nn.Module:  # noqa: N802
     return Wrapped(PostSumBNBlock(**kwargs))
+
+
+class InPlaceActBlock(nn.Module):
+    """torchvision's FusedMBConv: conv+BN+SiLU(inplace=True) plus the input; the in-place activation
+    returns the BN's output tensor itself, changed, so the branch is not linear."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.SiLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        out += x
+        return out
+
+
+class InputChangedBlock(nn.Module):
+    """The branches' input is changed in place before the sum reads it: must not merge."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.a = _cbn(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(x)  # a tensor of the block's own, so the caller's input is not changed
+        y = self.a(x)
+        x.mul_(2)
+        return y + x
+
+
+def InPlaceAct(**kwargs) -> nn.Module:  # noqa: N802
+    return Wrapped(InPlaceActBlock(**kwargs))
+
+
+def InputChanged(**kwargs) -> nn.Module:  # noqa: N802
+    return Wrapped(InputChangedBlock(**kwargs))

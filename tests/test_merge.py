@@ -85,7 +85,10 @@ def test_grouped_repvgg_and_the_post_sum_bn_folds_next_round() -> None:
     (mm.SharedConv, X6, "called more than once"),
     (mm.ReflectPad, X6, "only explicit zero padding merges"),
     (mm.AvgPoolBranch, X6, "is a AvgPool2d, not a conv"),
-], ids=["strides", "read-twice", "relu-in-branch", "misaligned", "shared-conv", "reflect-pad", "avg-pool"])
+    (mm.InPlaceAct, X6, "not by the sum alone"),
+    (mm.InputChanged, X6, "changed in place"),
+], ids=["strides", "read-twice", "relu-in-branch", "misaligned", "shared-conv", "reflect-pad", "avg-pool",
+        "inplace-activation", "input-changed"])
 def test_must_not_merge_stays_exact_with_its_reason(cls: Any, x: torch.Tensor, reason: "str | None") -> None:
     model, result, rel = _fused(cls, x)
     assert rel < 1e-10 and result.ok, (rel, result.verdict.reasons)

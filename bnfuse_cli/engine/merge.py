@@ -93,6 +93,17 @@ def sum_trees(graph: "fx.Graph", block: "nn.Module", rec: "Recorder") -> list[tu
     return trees
 
 
+def _writes_in_place(node: "fx.Node", block: "nn.Module") -> bool:
+    """Whether ``node`` may change its first argument in place (``relu_``, ``+=``, ``inplace=True``)."""
+    name = getattr(node.target, "__name__", str(node.target))
+    if node.op in ("call_function", "call_method"):
+        return name.endswith("_") and not name.startswith("_") or name.startswith("__i") or \
+            bool(node.kwargs.get("inplace"))
+    if node.op == "call_module":
+        return bool(getattr(block.get_submodule(str(node.target)), "inplace", False))
+    return False
+
+
 def _single_call(module: "nn.Module", rec: "Recorder") -> Any:
     calls = rec.calls.get(id(module)) or rec.module_calls.get(id(module)) or []
     return calls[0] if len(calls) == 1 else None
@@ -119,7 +130,22 @@ def _identity_norm(norm: "nn.Module") -> "str | None":
 
 
 def _branch(name: str, module: "nn.Module", rec: "Recorder", folds: dict[str, str]) -> "tuple[Branch | None, Any, str | None]":
-    """Classify one child: (branch, its conv or None, why it is not a linear branch)."""
+    """Classify one child: (branch, its conv or None, why it is not a linear branch).  Its output
+    must be read by the sum alone: an in-place activation after a BatchNorm (``SiLU(inplace=True)``)
+    returns the same tensor, changed, and shows up here as a second read."""
+    branch, conv, why = _classify(name, module, rec, folds)
+    if branch is None:
+        return branch, conv, why
+    call = _single_call(module, rec)
+    reads = rec.reads.get(id(call.output)) if call is not None and call.output is not None else None
+    if reads is None or len(reads) != 1 or reads[0][1] != "add":
+        ops = ", ".join(op for _, op in reads or []) or "nothing bnfuse saw"
+        return None, None, f"the output of {name} is read by {ops}, not by the sum alone"
+    return branch, conv, why
+
+
+def _classify(name: str, module: "nn.Module", rec: "Recorder", folds: dict[str, str]) -> "tuple[Branch | None, Any, str | None]":
+    """What one child computes, by the recorded data flow: a conv (its BN folded), a BN, or neither."""
     call = _single_call(module, rec)
     if call is None:
         return None, None, f"{name} is called more than once"
@@ -139,7 +165,7 @@ def _branch(name: str, module: "nn.Module", rec: "Recorder", folds: dict[str, st
     if len(convs) != 1 or len(norms) > 1:
         return None, None, f"{name} holds {len(convs)} called convs and {len(norms)} BatchNorms, not one conv and its BN"
     (cname, conv), = convs
-    branch, _, why = _branch(f"{name}.{cname}", conv, rec, folds)
+    branch, _, why = _classify(f"{name}.{cname}", conv, rec, folds)
     pcall = _single_call(conv, rec)
     if branch is None or pcall is None or pcall.input is not call.input:
         return None, None, why or f"{name}.{cname} does not read the block's input directly"
@@ -209,6 +235,8 @@ def _merge_tree(block_name: str, block: "nn.Module", root: "fx.Node", leaves: li
     if x is None or not any(n is not x for n in linear) or len(linear) < 2:
         return None
     where = f"sum in {block_name or 'the model'}"
+    if any(_writes_in_place(u, block) for u in x.users if u not in nodes):
+        return MergeSkip(block_name, f"{where}: the branches' input is changed in place in {block_name}")
     if len(linear) < len(nodes):
         return MergeSkip(block_name, f"{where}: not every branch reads the same tensor")
     branches: list[Branch] = []
