@@ -37,3 +37,21 @@ def run_bnfuse(*args: str, cwd: "Path | str | None" = None, timeout: int = 600,
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def count_calls(model: nn.Module, *args: torch.Tensor) -> tuple[int, int]:
+    """(conv calls, BatchNorm calls) in one forward pass of ``model``, by forward hooks."""
+    counts = {"conv": 0, "bn": 0}
+    hooks = []
+    for m in model.modules():
+        kind = "conv" if isinstance(m, nn.modules.conv._ConvNd) else (
+            "bn" if isinstance(m, nn.modules.batchnorm._BatchNorm) else None)
+        if kind:
+            hooks.append(m.register_forward_hook(lambda *_, k=kind: counts.__setitem__(k, counts[k] + 1)))
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts["conv"], counts["bn"]

@@ -17,25 +17,9 @@ from torch import nn
 
 import models_merge as mm
 from bnfuse_cli import fuse
-from conftest import ROOT, randomize_bn, run_bnfuse
+from conftest import ROOT, count_calls, randomize_bn, run_bnfuse
 
 TESTS = ROOT / "tests"
-
-
-def _calls(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """(conv calls, BatchNorm calls) in one forward pass."""
-    counts = {"conv": 0, "bn": 0}
-    hooks = []
-    for m in model.modules():
-        kind = "conv" if isinstance(m, nn.modules.conv._ConvNd) else (
-            "bn" if isinstance(m, nn.modules.batchnorm._BatchNorm) else None)
-        if kind:
-            hooks.append(m.register_forward_hook(lambda *_, k=kind: counts.__setitem__(k, counts[k] + 1)))
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return counts["conv"], counts["bn"]
 
 
 def _fused(cls: Any, x: torch.Tensor, seed: int = 0):  # noqa: ANN202
@@ -64,7 +48,7 @@ def test_branches_merge_into_one_conv_exactly(cls: Any, x: torch.Tensor, merges:
     model, result, rel = _fused(cls, x)
     assert rel < 1e-10, rel
     assert len(result.plan.merges) == merges and result.ok, result.verdict.reasons
-    assert _calls(result.model, x) == (convs_after, 0)  # no BatchNorm runs, one conv per merged sum
+    assert count_calls(result.model, x) == (convs_after, 0)  # no BatchNorm runs, one conv per merged sum
     merge_sites = [s for s in result.verdict.sites if s.kind == "merge"]
     assert len(merge_sites) == merges and all(s.skipped is None and s.rel_error < 1e-10 for s in merge_sites)
 
@@ -121,7 +105,7 @@ def test_merged_file_saves_reloads_and_verifies(tmp_path: Path) -> None:
         with torch.no_grad():
             ref = copy.deepcopy(model).double()(x)
             rel = float((fused(x) - ref).norm() / ref.norm())
-        assert rel < 1e-6 and _calls(fused, x) == (2, 0)  # float32 weights, compared in float64
+        assert rel < 1e-6 and count_calls(fused, x) == (2, 0)  # float32 weights, compared in float64
         v = verify(tmp_path / "orig.pth", out, arch=arch)
         assert v.ok and any(s.kind == "merge" and s.skipped is None for s in v.verdict.sites)
     ck = read_checkpoint(tmp_path / "fused.safetensors")

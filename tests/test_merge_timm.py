@@ -8,10 +8,10 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from bnfuse_cli import fuse
 from bnfuse_cli.inputs import randomize_bn
+from conftest import count_calls
 
 timm = pytest.importorskip("timm")
 
@@ -19,21 +19,6 @@ pytestmark = pytest.mark.zoo
 
 MODELS = ["repvgg_a0", "repvgg_a2", "repvgg_b0", "mobileone_s0", "mobileone_s1", "fastvit_t8", "fastvit_sa12",
           "repghostnet_050", "repvit_m0_9", "ghostnetv3_050"]
-
-
-def _calls(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    counts = {"conv": 0, "bn": 0}
-    hooks = []
-    for m in model.modules():
-        kind = "conv" if isinstance(m, nn.modules.conv._ConvNd) else (
-            "bn" if isinstance(m, nn.modules.batchnorm._BatchNorm) else None)
-        if kind:
-            hooks.append(m.register_forward_hook(lambda *_, k=kind: counts.__setitem__(k, counts[k] + 1)))
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return counts["conv"], counts["bn"]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -46,8 +31,8 @@ def test_timm_family_merges_as_far_as_timm_and_exactly(name: str) -> None:
     x = torch.randn(1, *size, generator=torch.Generator().manual_seed(2))
     ours = fuse(model, x).model
     theirs = reparameterize_model(copy.deepcopy(model))
-    conv_ours, bn_ours = _calls(ours, x)
-    conv_theirs, bn_theirs = _calls(theirs, x)
+    conv_ours, bn_ours = count_calls(ours, x)
+    conv_theirs, bn_theirs = count_calls(theirs, x)
     assert bn_ours <= bn_theirs and conv_ours <= conv_theirs, (bn_ours, bn_theirs, conv_ours, conv_theirs)
     m64 = copy.deepcopy(model).double()
     x64 = x.double()

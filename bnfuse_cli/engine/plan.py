@@ -113,6 +113,20 @@ class Plan:
     #: BatchNorm after a merged sum), so a fused file is rebuilt round by round
     rounds: list[tuple[int, int]] = field(default_factory=list)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as the JSON reports give it."""
+        from dataclasses import asdict
+
+        return {
+            "bn_found": len(self.norms),
+            "bn_folded": len(self.folded_norms),
+            "bn_skipped": len(self.skipped),
+            "folds": [asdict(f) for f in self.folds],
+            "skipped": [asdict(s) for s in self.skipped],
+            "merges": [m.to_dict() for m in self.merges],
+            "merge_skips": [asdict(s) for s in self.merge_skips],
+        }
+
     def steps(self) -> list[dict[str, Any]]:
         """The plan's rounds as a fused file records them: ``{"folds": rows, "merges": dicts}`` each."""
         rounds = self.rounds or [(len(self.folds), len(self.merges))]

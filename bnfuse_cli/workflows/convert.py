@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,13 +68,7 @@ class ConvertReport:
             "weights": self.weights,
             "input": self.input.to_dict(),
             "dtype": self.dtype,
-            "bn_found": len(self.plan.norms),
-            "bn_folded": len(self.plan.folded_norms),
-            "bn_skipped": len(self.plan.skipped),
-            "folds": [asdict(f) for f in self.plan.folds],
-            "skipped": [asdict(s) for s in self.plan.skipped],
-            "merges": [m.to_dict() for m in self.plan.merges],
-            "merge_skips": [asdict(s) for s in self.plan.merge_skips],
+            **self.plan.to_dict(),
             "params_before": self.params_before,
             "params_after": self.params_after,
             "buffers_before": self.buffers_before,
@@ -113,13 +107,7 @@ class InspectReport:
             "source": self.source,
             "arch": self.arch,
             "input": self.input.to_dict(),
-            "bn_found": len(self.plan.norms),
-            "bn_folded": len(self.plan.folded_norms),
-            "bn_skipped": len(self.plan.skipped),
-            "folds": [asdict(f) for f in self.plan.folds],
-            "skipped": [asdict(s) for s in self.plan.skipped],
-            "merges": [m.to_dict() for m in self.plan.merges],
-            "merge_skips": [asdict(s) for s in self.plan.merge_skips],
+            **self.plan.to_dict(),
             "bnfuse_version": __version__,
         }
 
