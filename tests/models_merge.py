@@ -250,3 +250,24 @@ def InPlaceAct(**kwargs) -> nn.Module:  # noqa: N802
 
 def InputChanged(**kwargs) -> nn.Module:  # noqa: N802
     return Wrapped(InputChangedBlock(**kwargs))
+
+
+class InPlaceBetweenBlock(nn.Module):
+    """``y = a(x) + b(x); relu_(y); y + c(x)``: the in-place ReLU between the sums returns its input,
+    changed, so it is not an identity to flatten through: only a + b merges."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.a = _cbn(c, c, 3, padding=1)
+        self.b = _cbn(c, c, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.c = _cbn(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x) + self.b(x)
+        y = self.act(y)
+        return y + self.c(x)
+
+
+def InPlaceBetween(**kwargs) -> nn.Module:  # noqa: N802
+    return Wrapped(InPlaceBetweenBlock(**kwargs))

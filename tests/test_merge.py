@@ -150,3 +150,9 @@ def test_tracing_a_block_leaves_it_as_it_was() -> None:
     trace_block(block)
     assert block.last is None and "seen" not in block._buffers
     assert block(torch.randn(1, 3, 4, 4)).shape == (1, 3, 4, 4)
+
+
+def test_an_in_place_activation_between_sums_is_not_an_identity() -> None:
+    model, result, rel = _fused(mm.InPlaceBetween, X6)
+    assert rel < 1e-10 and result.ok, (rel, result.verdict.reasons)
+    assert [len(m.branches) for m in result.plan.merges] == [2]  # a + b; the sum after the ReLU stays

@@ -58,14 +58,20 @@ def _is_add(node: "fx.Node") -> bool:
     return node.op == "call_method" and node.target in _ADD_METHODS and node.kwargs.get("alpha", 1) == 1
 
 
-def _passthrough(node: "fx.Node", block: "nn.Module", rec: "Recorder") -> bool:
-    """A child call that returned its input unchanged on every recorded call (eval-mode drop_path)."""
-    from torch import nn
+#: modules that are the identity in eval mode (when their recorded call returned its input)
+_EVAL_IDENTITIES = ("Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "DropPath",
+                    "StochasticDepth", "DropBlock2d")
 
+
+def _passthrough(node: "fx.Node", block: "nn.Module", rec: "Recorder") -> bool:
+    """A child call that returned its input unchanged on every recorded call: an eval-mode identity
+    (``drop_path``, dropout).  An in-place activation also returns its input, changed: never this."""
     if node.op != "call_module":
         return False
     module = block.get_submodule(str(node.target))
-    if isinstance(module, nn.Identity):
+    if type(module).__name__ not in _EVAL_IDENTITIES or getattr(module, "inplace", False) or module.training:
+        return False
+    if type(module).__name__ == "Identity":
         return True
     calls = rec.module_calls.get(id(module), [])
     return bool(calls) and all(c.input is not None and c.output is c.input for c in calls)
@@ -131,14 +137,16 @@ def _identity_norm(norm: "nn.Module") -> "str | None":
 
 def _branch(name: str, module: "nn.Module", rec: "Recorder", folds: dict[str, str]) -> "tuple[Branch | None, Any, str | None]":
     """Classify one child: (branch, its conv or None, why it is not a linear branch).  Its output
-    must be read by the sum alone: an in-place activation after a BatchNorm (``SiLU(inplace=True)``)
-    returns the same tensor, changed, and shows up here as a second read."""
+    must be read first by the sum: an in-place activation after a BatchNorm (``SiLU(inplace=True)``)
+    returns the same tensor, changed, and shows up here as an earlier read."""
     branch, conv, why = _classify(name, module, rec, folds)
     if branch is None:
         return branch, conv, why
     call = _single_call(module, rec)
     reads = rec.reads.get(id(call.output)) if call is not None and call.output is not None else None
-    if reads is None or len(reads) != 1 or reads[0][1] != "add":
+    # first read by the sum: ``out = scale(x); out += conv(x)`` accumulates into the first branch's
+    # tensor, so what reads the finished sum later reads that same tensor (and is fine)
+    if not reads or reads[0][1] != "add":
         ops = ", ".join(op for _, op in reads or []) or "nothing bnfuse saw"
         return None, None, f"the output of {name} is read by {ops}, not by the sum alone"
     return branch, conv, why
