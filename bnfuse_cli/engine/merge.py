@@ -163,7 +163,7 @@ def _classify(name: str, module: "nn.Module", rec: "Recorder", folds: dict[str, 
             return None, None, f"{name} is not a plain Conv ({why or type(module).__name__})"
         return Branch("conv", name), module, None
     if is_norm_like(module):
-        why = _identity_norm(module)
+        why = _identity_norm(module) or ("it runs in training mode (batch statistics)" if call.training else None)
         return (None, None, f"{name}: {why}") if why else (Branch("norm", name, name), None, None)
     inner = [(n, m) for n, m in module.named_modules() if n and (is_producer_like(m) or is_norm_like(m))]
     convs = [(n, m) for n, m in inner if is_producer_like(m) and rec.calls.get(id(m))]
