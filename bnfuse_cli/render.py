@@ -71,16 +71,22 @@ def plan_tables(plan: Any, *, verbose: bool, limit: int = 25) -> list[Table]:
                       f.replacement)
         tables.append(t)
     if plan.skipped:
-        t = Table(title="Left in place", title_justify="left")
-        t.add_column("BatchNorm", overflow="fold")
-        t.add_column("reason", overflow="fold")
-        shown = plan.skipped if verbose else plan.skipped[:limit]
-        for s in shown:
-            t.add_row(s.norm, s.reason)
-        if len(shown) < len(plan.skipped):
-            t.add_row(f"(+{len(plan.skipped) - len(shown)} more)", "see --verbose or --json")
-        tables.append(t)
+        tables.append(_reasons("Left in place", "BatchNorm", [(s.norm, s.reason) for s in plan.skipped],
+                               verbose=verbose, limit=limit))
     return tables + merge_tables(plan, verbose=verbose, limit=limit)
+
+
+def _reasons(title: str, what: str, rows: list[tuple[str, str]], *, verbose: bool, limit: int) -> Table:
+    """A table of things left as they are, each with its reason (the first ``limit`` unless verbose)."""
+    t = Table(title=title, title_justify="left")
+    t.add_column(what, overflow="fold")
+    t.add_column("reason", overflow="fold")
+    shown = rows if verbose else rows[:limit]
+    for name, reason in shown:
+        t.add_row(name, reason)
+    if len(shown) < len(rows):
+        t.add_row(f"(+{len(rows) - len(shown)} more)", "see --verbose or --json")
+    return t
 
 
 def merge_tables(plan: Any, *, verbose: bool, limit: int = 25) -> list[Table]:
@@ -94,15 +100,9 @@ def merge_tables(plan: Any, *, verbose: bool, limit: int = 25) -> list[Table]:
             t.add_row(m.into, ", ".join(b.module or "the input itself" for b in m.branches))
         tables.append(t)
     if plan.merge_skips:
-        t = Table(title="Sums of branches left as they are", title_justify="left")
-        t.add_column("block", overflow="fold")
-        t.add_column("reason", overflow="fold")
-        shown = plan.merge_skips if verbose else plan.merge_skips[:limit]
-        for s in shown:
-            t.add_row(s.block or "(the model)", s.reason)
-        if len(shown) < len(plan.merge_skips):
-            t.add_row(f"(+{len(plan.merge_skips) - len(shown)} more)", "see --verbose or --json")
-        tables.append(t)
+        tables.append(_reasons("Sums of branches left as they are", "block",
+                               [(s.block or "(the model)", s.reason) for s in plan.merge_skips],
+                               verbose=verbose, limit=limit))
     return tables
 
 

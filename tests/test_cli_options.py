@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BNFUSE_CMD, ROOT, randomize_bn, run_bnfuse
+from conftest import ROOT, randomize_bn, run_bnfuse
 
 TESTS = ROOT / "tests"
 TINY = ["--arch", "bench_tiny:tiny_cnn", "--input-shape", "1,3,16,16"]
@@ -126,7 +126,3 @@ app(sys.argv[1:], prog_name="bnfuse")
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == "" and "Downloading" in proc.stderr
-
-
-def test_entry_point_command_is_python_m() -> None:
-    assert BNFUSE_CMD[1:] == ["-m", "bnfuse_cli"]

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .outputs import json_number
+from .outputs import Tolerance, json_number
 
 if TYPE_CHECKING:
     import torch
@@ -302,7 +302,7 @@ class SiteProbe:
                 site.reference = None
         self.crops.clear()
 
-    def check(self, fused: "nn.Module", site_rtol: "float | Callable[[Any], float]") -> list[SiteCheck]:
+    def check(self, fused: "nn.Module", site_rtol: "float | None" = None) -> list[SiteCheck]:
         """Each site of the fused model against its reference, one layer at a time."""
         results = []
         for site in self.sites.values():
@@ -329,7 +329,7 @@ class SiteProbe:
                         scale = max(float(ref.norm()), 1e-300)
                         res.rel_error = float((out - ref).norm()) / scale
                     weight = getattr(fused.get_submodule(site.layer), "weight", None)
-                    res.tolerance = site_rtol(weight.dtype) if callable(site_rtol) else site_rtol
+                    res.tolerance = Tolerance.for_dtype(weight.dtype).site_rtol if site_rtol is None else site_rtol
             results.append(res)
         return results
 

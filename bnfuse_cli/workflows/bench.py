@@ -109,15 +109,21 @@ class _Settings:
     rtol: "float | None"
     atol: "float | None"
     progress: "ProgressFn | None"
+    #: torch intra-op threads for the run (None: torch's choice)
+    threads: "int | None" = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as the JSON report gives them."""
+        """The settings as the JSON report gives them (the batch size the device's default when
+        neither --batch-size nor --input-shape chose one)."""
+        batch = self.batch_size
+        if batch is None and self.input_shape is None:
+            batch = _DEFAULTS[self.device.type][0]
         shape = self.input_shape
         return {
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""), "autocast": self.autocast,
-            "batch_size": self.batch_size,
+            "batch_size": batch,
             "input_shape": shape if isinstance(shape, (str, type(None))) else list(shape),
-            "channels_last": self.channels_last, "threads": None, "compile": self.compile, "iters": self.iters,
+            "channels_last": self.channels_last, "threads": self.threads, "compile": self.compile, "iters": self.iters,
             "warmup": self.warmup, "time_budget_s": self.time_budget, "min_sample_ms": self.min_sample_ms,
             "weights": self.weights, "rtol": self.rtol, "atol": self.atol, "seed": self.seed,
         }
@@ -323,7 +329,7 @@ def bench(
     st = _Settings(device=dev, dtype=dt, autocast=amp, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key,
                    input_shape=input_shape, batch_size=batch_size, channels_last=channels_last, compile=compile,
                    iters=iters, warmup=warmup, time_budget=budget, min_sample_ms=min_sample_ms, seed=seed,
-                   rtol=rtol, atol=atol, progress=progress)
+                   rtol=rtol, atol=atol, progress=progress, threads=threads)
 
     old_threads = torch.get_num_threads()
     flags_before = backend_flags()
@@ -342,7 +348,5 @@ def bench(
         if threads is not None:
             torch.set_num_threads(old_threads)
     settings = st.to_dict()
-    settings["batch_size"] = batch_size if batch_size is not None else (None if input_shape else d_batch)
-    settings["threads"] = threads
     date = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     return BenchReport(results=results, settings=settings, environment=env, date=date)

@@ -106,12 +106,12 @@ def _site_checks(src_o: Source, src_f: Source, x: Any, name: str) -> tuple[list[
     if len(here) + sum(f.producer in intos for f in folds) < len(folds):
         notes.append(f"{len(folds) - len(here)} fold site(s) in the fused file's metadata name layers the original "
                      "does not have (folded by an earlier conversion?): not checked by site")
-    probe = SiteProbe(here)
+    probe = SiteProbe()
     probe.plan(here, merges, {m.into: main_conv_name(src_o.model, m.into) for m in merges})
     with probe.hooks(src_o.model):
         _run(src_o.model, x, "original", name)
     probe.reference(src_o.model)
-    return probe.check(src_f.model, lambda dt: Tolerance.for_dtype(dt).site_rtol), notes
+    return probe.check(src_f.model), notes
 
 
 def _float64_copy(model: "nn.Module", device: Any) -> "nn.Module | None":
