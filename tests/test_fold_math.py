@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from bnfuse_cli.errors import FoldError
-from bnfuse_cli.engine.fold import affine_from_stats, fold_into_next, fold_into_previous
+from bnfuse_cli.engine.fold import affine_from_stats
+from foldmath import fold_into_next, fold_into_previous
 from conftest import randomize_bn
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
@@ -158,7 +159,8 @@ def test_fold_into_next_with_zero_padding_is_not_exact(groups):
 
     p = plan(nn.Sequential(bn.float(), conv.float()).eval(), x[:1].float())
     assert p.folds == [] and [s.norm for s in p.skipped] == ["0"]
-    assert "zero padding in following conv 1" in p.skipped[0].reason
+    assert p.skipped[0].reason == ("zero padding in following conv 1: it pads the un-normalised signal with zeros, "
+                                   "so folding forward is not exact")
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3])
@@ -241,25 +243,45 @@ def test_non_finite_gamma_or_mean_is_rejected():
 
 
 def test_fp16_overflow_of_the_folded_weight_is_detected():
-    """A tiny variance makes the scale ~1e5: the folded fp16 weight would be inf."""
+    """A tiny variance makes the scale ~1e6: the folded fp16 weight would be inf.  There is no conv bias
+    and the BN's mean and beta are 0, so the folded bias is 0: only the weight check can refuse this."""
     conv, bn = _conv_bn(1e-12, eps=1e-12, dtype=torch.float16)
     with torch.no_grad():
         conv.weight.fill_(1.0)
         bn.weight.fill_(1.0)
+        bn.bias.zero_()
+        bn.running_mean.zero_()
     scale, shift = _stats(bn)
-    with pytest.raises(FoldError, match=r"features\.0: .*overflows torch\.float16"):
-        fold_into_previous(conv.weight, conv.bias, scale, shift, name="features.0")
+    with pytest.raises(FoldError) as info:
+        fold_into_previous(conv.weight, None, scale, shift, name="features.0")
+    assert str(info.value) == (
+        "features.0: the folded weight overflows torch.float16 (a value reaches 1e+06, above the type's largest "
+        "65504); convert the model to float32 before folding, or leave this layer unfolded")
     # the same fold in float32 is fine
-    w, _ = fold_into_previous(conv.weight.float(), conv.bias.float(), scale, shift, name="features.0")
-    assert torch.isfinite(w).all()
+    w, b = fold_into_previous(conv.weight.float(), None, scale, shift, name="features.0")
+    assert torch.isfinite(w).all() and torch.equal(b, torch.zeros(3))
+
+
+def test_fp16_overflow_of_the_folded_bias_is_detected():
+    """The same scale on a small weight (folded: ~1e3, fits) and a bias of 1 (folded: ~1e6, does not)."""
+    conv, bn = _conv_bn(1e-12, eps=1e-12, dtype=torch.float16)
+    with torch.no_grad():
+        conv.weight.fill_(1e-3)
+        conv.bias.fill_(1.0)
+        bn.weight.fill_(1.0)
+    with pytest.raises(FoldError) as info:
+        fold_into_previous(conv.weight, conv.bias, *_stats(bn), name="features.0")
+    assert str(info.value) == (
+        "features.0: the folded bias overflows torch.float16 (a value exceeds its range); convert the model to "
+        "float32 before folding, or leave this layer unfolded")
 
 
 def test_shape_mismatch_raises_fold_error():
     conv = nn.Conv2d(2, 3, 1).double()
     bn = _bn(2, 4, affine=True, eps=1e-5, seed=0)
-    with pytest.raises(FoldError, match="conv1"):
+    with pytest.raises(FoldError, match=r"^conv1: 3 output channels but the BatchNorm has 4$"):
         fold_into_previous(conv.weight, conv.bias, *_stats(bn), name="conv1")
-    with pytest.raises(FoldError, match="conv1"):
+    with pytest.raises(FoldError, match=r"^conv1: 2 input channels but the BatchNorm has 4$"):
         fold_into_next(conv.weight, conv.bias, *_stats(bn), name="conv1")
 
 

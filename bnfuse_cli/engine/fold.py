@@ -11,8 +11,7 @@ second copy of its weights: :func:`prepare_fold` checks everything that can go w
 statistics, a result that overflows the layer's dtype) and computes the new bias, writing
 nothing; :func:`apply_fold_` then rescales the weight in place, a few rows at a time (each block
 goes to float64, is scaled and is written back), so the extra memory is a fixed small block and
-the work stays in the CPU cache.  :func:`fold_into_previous` and :func:`fold_into_next` are the
-same arithmetic on a copy, for callers that want new tensors.
+the work stays in the CPU cache.
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ __all__ = [
     "LayerFold",
     "prepare_fold",
     "apply_fold_",
-    "fold_into_previous",
-    "fold_into_next",
 ]
 
 #: float64 elements per block when scaling a weight on the CPU (2 MiB: stays in cache)
@@ -319,46 +316,3 @@ def apply_fold_(weight: "torch.Tensor", fold: LayerFold, *, workspace: "torch.Te
             block.copy_(out)
     return workspace
 
-
-def fold_into_previous(
-    weight: "torch.Tensor",
-    bias: "torch.Tensor | None",
-    scale: "torch.Tensor",
-    shift: "torch.Tensor",
-    *,
-    transposed: bool = False,
-    groups: int = 1,
-    name: str = "layer",
-) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """Fold ``z = scale * y + shift`` into the layer ``y = W x + b`` that produced ``y``.
-
-    ``weight`` is laid out ``(out, in/groups, *k)`` for Conv and Linear, and
-    ``(in, out/groups, *k)`` for ConvTranspose (``transposed=True``), where output channel
-    ``o = g * (out/groups) + j`` lives at ``weight[g * in/groups : (g+1) * in/groups, j]``.
-    Returns new ``(weight, bias)`` in the dtype and device of ``weight``; the inputs are unchanged.
-    """
-    fold = prepare_fold(weight, bias, previous=(scale, shift), transposed=transposed, groups=groups, name=name)
-    new = weight.detach().clone()
-    apply_fold_(new, fold)
-    return new, fold.bias
-
-
-def fold_into_next(
-    weight: "torch.Tensor",
-    bias: "torch.Tensor | None",
-    scale: "torch.Tensor",
-    shift: "torch.Tensor",
-    *,
-    groups: int = 1,
-    name: str = "layer",
-) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """Fold ``x' = scale * x + shift`` into the Conv or Linear ``y = W x' + b`` that reads it.
-
-    ``weight`` is ``(out, in/groups, *k)``.  Exact only when the layer does not zero-pad its
-    input (the caller checks): ``W' = W * scale`` per input channel and
-    ``b' = b + sum(W * shift)`` over input channels and kernel positions.
-    """
-    fold = prepare_fold(weight, bias, following=(scale, shift), groups=groups, name=name)
-    new = weight.detach().clone()
-    apply_fold_(new, fold)
-    return new, fold.bias
