@@ -249,6 +249,23 @@ class InputBNConv(nn.Module):
         return self.conv(self.bn(x))
 
 
+class BNPadConv(nn.Module):
+    """BN on the model input (1-D, 2-D or 3-D), optionally ``F.pad`` (``pad``), then a conv built from
+    ``conv`` (kernel_size, padding...): for padding on one axis only, or on one side only."""
+
+    def __init__(self, dim: int, pad: "tuple[int, ...] | None" = None, **conv) -> None:  # noqa: ANN003
+        super().__init__()
+        self.bn = getattr(nn, f"BatchNorm{dim}d")(3)
+        self.pad = pad
+        self.conv = getattr(nn, f"Conv{dim}d")(3, 4, **conv)
+
+    def forward(self, x):
+        x = self.bn(x)
+        if self.pad is not None:
+            x = F.pad(x, self.pad)
+        return self.conv(x)
+
+
 class BN1dLinear(nn.Module):
     def __init__(self) -> None:
         super().__init__()
