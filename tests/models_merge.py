@@ -172,6 +172,26 @@ class Wrapped(nn.Module):
         return self.block(x)
 
 
+class PrefixNamedBlock(nn.Module):
+    """A RepVGG sum whose 3x3 branch is ``kxk``, then a conv+BN named ``kxk2``: its name starts with the
+    branch's name, but it is a layer of its own (folded, not merged)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.kxk = _cbn(c, c, 3, padding=1)
+        self.k1 = _cbn(c, c, 1)
+        self.kxk2 = _cbn(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.kxk2(torch.relu(self.kxk(x) + self.k1(x)))
+
+
+def PrefixNamed(**kwargs) -> nn.Module:  # noqa: N802
+    return Wrapped(PrefixNamedBlock(**kwargs))
+
+
 def RepVGG(**kwargs) -> nn.Module:  # noqa: N802
     return Wrapped(RepVGGBlock(**kwargs))
 

@@ -29,7 +29,7 @@ from bnfuse_cli.errors import FoldError
 from bnfuse_cli.workflows.verify import verify
 
 from bench_tiny import NoisyTinyCNN, TinyCNN
-from conftest import ROOT, run_bnfuse
+from conftest import ROOT, corrupt_after_rewrite, run_bnfuse
 
 TINY = "bench_tiny:tiny_cnn"
 NOISY = "bench_tiny:noisy_tiny_cnn"
@@ -261,6 +261,31 @@ def test_judge_with_injected_1e_3_noise_per_layer() -> None:
         else:
             assert verdict.ok, verdict.reasons
             assert len(verdict.sites) == 3
+
+
+@pytest.mark.parametrize("off, ok", [(1e-9, True), (1e-4, False)], ids=["1e-9", "1e-4"])
+def test_site_check_tolerance_is_pinned_from_both_sides(monkeypatch: pytest.MonkeyPatch, off: float, ok: bool) -> None:
+    """In float32 a fold whose weight and bias are ``1 + off`` times the right ones passes the site check for
+    off = 1e-9 (below float32's rounding: the correct fold's own ~1e-7 error) and fails it, at that site, for
+    off = 1e-4: the site tolerance sits between float32 rounding and a real slip of the fold."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)).eval()
+    randomize_bn(model, seed=5)
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+
+    def slip(m: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for t in (m[0].weight, m[0].bias):
+                t.copy_(t.double() * (1 + off))
+
+    corrupt_after_rewrite(monkeypatch, slip)
+    result = fuse(model, x)
+    (site,) = result.verdict.sites
+    assert (site.layer, site.norms, site.skipped) == ("0", ["1"], None)
+    if ok:
+        assert site.ok and site.rel_error < 1e-6, site
+    else:  # the check measured the slip itself (not rounding noise) and refused it
+        assert not site.ok and 0.9e-4 < site.rel_error < 1.1e-4, site
+        assert [s.layer for s in result.verdict.failed_sites] == ["0"] and not result.ok
 
 
 def test_tolerances_are_validated_before_any_work() -> None:
