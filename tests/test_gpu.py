@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ pytestmark = [
 ]
 
 FAST = ["--device", "cuda", "--iters", "10", "--warmup", "3"]
+#: the original is a plain state_dict: verify needs its architecture
+ARCH = ["--arch", "resnet18"]
 
 #: runs the real CLI with one fold deliberately wrong (conv scaled x1.5 after folding)
 _WRONG = """
@@ -111,8 +114,44 @@ def resnet_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize("extra", [[], ["--dtype", "float16"], ["--dtype", "bfloat16"], ["--autocast", "float16"]],
                          ids=["float32", "float16", "bfloat16", "autocast16"])
 def test_verify_cuda(resnet_files: dict[str, Path], extra: list[str]) -> None:
-    ok = _run("verify", str(resnet_files["orig"]), str(resnet_files["fused"]), "--device", "cuda", *extra)
+    ok = _run("verify", str(resnet_files["orig"]), str(resnet_files["fused"]), *ARCH, "--device", "cuda", *extra)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    bad = _run("verify", str(resnet_files["orig"]), str(resnet_files["wrong"]), "--device", "cuda", *extra)
+    bad = _run("verify", str(resnet_files["orig"]), str(resnet_files["wrong"]), *ARCH, "--device", "cuda", *extra)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "layer2.0.conv1" in bad.stdout
+
+
+def _verify_on(device: str, files: dict[str, Path]) -> tuple[Any, set[tuple[str, torch.dtype]]]:
+    """``verify(..., device=device)`` in this process, with the (device, dtype) of every input that reached
+    the whole ResNet (its forward, by a global forward pre-hook): where the models really ran."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+    from torchvision.models import ResNet
+
+    from bnfuse_cli.workflows.verify import verify
+
+    seen: set[tuple[str, torch.dtype]] = set()
+
+    def record(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if isinstance(module, ResNet) and args and isinstance(args[0], torch.Tensor):
+            seen.add((args[0].device.type, args[0].dtype))
+
+    handle = register_module_forward_pre_hook(record)
+    try:
+        report = verify(files["orig"], files["fused"], arch="resnet18", device=device)
+    finally:
+        handle.remove()
+    return report, seen
+
+
+def test_verify_cuda_really_runs_on_the_gpu(resnet_files: dict[str, Path]) -> None:
+    """``--device cuda`` is obeyed, not only accepted: the original, the fused model (float32) and the
+    float64 reference all run on the GPU, and the report says so.  Ignoring the device would still
+    give a passing verdict on the CPU; this is the test that fails then."""
+    report, seen = _verify_on("cuda", resnet_files)
+    assert report.ok, report.verdict.reasons
+    assert report.device == "cuda" and report.to_dict()["device"] == "cuda"
+    assert {("cuda", torch.float32), ("cuda", torch.float64)} <= seen, seen
+    proc = _run("verify", str(resnet_files["orig"]), str(resnet_files["fused"]), *ARCH, "--device", "cuda",
+                "--json", "-")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["device"] == "cuda"
