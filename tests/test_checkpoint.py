@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -124,8 +125,10 @@ def test_mismatching_state_dict_lists_missing_and_unexpected(tmp_path: Path, mod
     with pytest.raises(CheckpointError) as info:
         load_source(tmp_path / "m.pth", arch=ARCH)
     msg = str(info.value)
-    assert "missing keys: features.1.running_mean" in msg and "unexpected keys: extra.weight" in msg
-    assert ARCH in msg
+    assert msg == (
+        f"{tmp_path / 'm.pth'} does not match architecture {ARCH}: missing keys: features.1.running_mean; "
+        "unexpected keys: extra.weight; wrong shapes: none. Check --arch (and its options), or that the file holds "
+        "this model's weights")
 
 
 def test_state_dict_without_arch_asks_for_it(tmp_path: Path, model: nn.Module) -> None:
@@ -161,7 +164,11 @@ def test_pickled_module_refused_then_allowed(tmp_path: Path, model: nn.Module, x
         with pytest.raises(UnsafeCheckpointError) as info:
             read_checkpoint(tmp_path / name)
         msg = str(info.value)
-        assert "examples.digits.DigitsCNN" in msg and "--allow-pickle" in msg and "nothing in it was executed" in msg
+        assert msg == (
+            f"{tmp_path / name} is a full pickle: it needs the Python object examples.digits.DigitsCNN, and loading "
+            "it runs code stored in the file, which can do anything a program you run can do (delete files, steal "
+            "keys). bnfuse refused and nothing in it was executed. If you trust where it came from, pass "
+            "--allow-pickle (allow_pickle=True in Python); better, ask for a state_dict or .safetensors file")
         src = load_source(tmp_path / name, allow_pickle=True)
         assert src.kind == "module"
         _same_outputs(model, src.model, x)
@@ -356,8 +363,31 @@ def test_module_output_is_read_back(tmp_path: Path, model: nn.Module, x: torch.T
     _same_outputs(model, read_checkpoint(tmp_path / "m.pth", allow_pickle=True).module, x)
 
 
+#: what a damaged file is refused with, after its path, by (file, damage).  The flipped bytes all lie in
+#: the first 4000 bytes: the pickle of a .pth (its data.pkl record in a zip), the JSON header of a
+#: .safetensors.  A zip record is checked by its CRC-32 ("is damaged" when zipfile stops on it before
+#: the CRC); a legacy .pth has no checksum, so its damaged pickle is refused by the unpickler: a
+#: broken opcode, a broken string, or a class name no longer on the allow-list (refused, not run)
+DAMAGED = {
+    ("zip.pth", "flipped"): r"is corrupt: its record archive/data\.pkl (fails its CRC-32 check: its bytes are not the "
+                            r"ones that were written|is damaged \(.+\)), so the file was damaged after it was saved "
+                            r"\(storage or transfer\)\. Nothing was loaded from it; copy or download it again$",
+    ("zip.pth", "cut"): r"cannot be read as a PyTorch checkpoint: it is truncated or corrupt \(",
+    ("legacy.pth", "cut"): r"cannot be read as a PyTorch checkpoint: it is truncated or corrupt \(RuntimeError: "
+                           r"unexpected EOF",
+    ("legacy.pth", "flipped"): r"(cannot be read as a PyTorch checkpoint: it is truncated or corrupt \(|is not a "
+                               r"PyTorch checkpoint \(or it is corrupt\): Unsupported operand \d+$|is a full pickle: "
+                               r"it needs the Python object )",
+    ("st.safetensors", "cut"): r"is not a valid \.safetensors file \(truncated or corrupt\): the file has \d+ bytes, "
+                               r"its header describes 194264 \(the data of tensor '[\w.]+' is cut short\)",
+    ("st.safetensors", "flipped"): r"is not a valid \.safetensors file \(truncated or corrupt\): the header (is not "
+                                   r"valid JSON|length \d+ is impossible)",
+}
+
+
 def test_damaged_files_always_give_a_checkpoint_error(tmp_path: Path, model: nn.Module) -> None:
-    """Cut or corrupted .pth (zip and legacy) and .safetensors: never a raw KeyError/UnicodeDecodeError."""
+    """Cut or corrupted .pth (zip and legacy) and .safetensors: every one refused, with a CheckpointError
+    that says the file is damaged (never a raw KeyError/UnicodeDecodeError, never a silent load)."""
     import io
     import random
 
@@ -381,10 +411,11 @@ def test_damaged_files_always_give_a_checkpoint_error(tmp_path: Path, model: nn.
                 data[rng.randrange(min(len(data), 4000))] = rng.randrange(256)
         path = tmp_path / f"damaged_{name}"
         path.write_bytes(bytes(data))
-        try:
+        with pytest.raises(CheckpointError) as info:  # every one: no damaged file here loads
             read_checkpoint(path)
-        except CheckpointError:
-            pass
+        msg = str(info.value)
+        assert msg.startswith(f"{path} "), msg
+        assert re.match(DAMAGED[(name, "cut" if i % 2 else "flipped")], msg[len(str(path)) + 1:]), (i, msg)
     raw = tmp_path / "garbage.pth"
     for i in range(30):
         raw.write_bytes(b"\x80\x02" + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))))

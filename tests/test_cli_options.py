@@ -54,8 +54,10 @@ def test_report_paths_are_checked_before_any_work(tiny: Path, tmp_path: Path) ->
                        cwd=TESTS)
     _exit2(bench, "--markdown", "does not exist")
     assert "check failed" not in bench.stderr and "random weights" not in bench.stderr  # no model was run
-    folder = run_bnfuse("bench", "bench_tiny:tiny_cnn", *BENCH_FAST, "--markdown", str(tmp_path), cwd=TESTS)
-    assert folder.returncode == 2 and "is a" in folder.stderr and "directory" in folder.stderr
+    folder = run_bnfuse("bench", "bench_tiny:tiny_cnn", *BENCH_FAST, "--markdown", str(tmp_path), cwd=TESTS,
+                        columns=400)  # wide enough that the message is on one line of click's box
+    assert folder.returncode == 2, folder.stderr
+    assert f"Invalid value for '--markdown': file '{tmp_path}' is a directory." in folder.stderr, folder.stderr
 
 
 @pytest.mark.parametrize("args, message", [
