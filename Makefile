@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: all demo test zoo bench-scripts clean
+.PHONY: all demo test zoo bench-scripts mutants clean
 
 all: demo
 
@@ -27,6 +27,10 @@ demo: $(STAMP)
 ## the quick test suite (CI runs this)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+## hand-made bugs the suite must catch, each applied to a copy of the package (scripts/mutants.py)
+mutants: $(STAMP)
+	$(BIN)/python scripts/mutants.py
 
 ## the long model-zoo runs (torchvision + timm), not part of CI
 zoo: $(VENV)/.extras
