@@ -44,19 +44,19 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
 EXIT_CHECK_FAILED = 1
 
 
-def _run(fn: Callable[[], Any]) -> Any:
-    """Call ``fn`` and turn a bnfuse error into a message and an exit code (no traceback)."""
-    from .files.write import write_mark, written_since  # no torch: the files layer's record of placed outputs
+def _run(fn: Callable[[list[Path]], Any]) -> Any:
+    """Call ``fn(placed)`` and turn a bnfuse error into a message and an exit code (no traceback).
 
-    mark = write_mark()
+    ``placed`` is the list the files layer appends each output to the moment it is in place, so an
+    interrupt's message names exactly what was written."""
+    placed: list[Path] = []
     try:
-        return fn()
+        return fn(placed)
     except tuple(cls for cls, _ in EXIT_CODES) as exc:
         code = next(c for cls, c in EXIT_CODES if isinstance(exc, cls))
         if isinstance(exc, KeyboardInterrupt):
-            done = written_since(mark)  # exact even when the interrupt came mid-rename
-            if done:
-                names = ", ".join(str(p) for p in done)
+            if placed:  # exact even when the interrupt came mid-rename
+                names = ", ".join(str(p) for p in placed)
                 err.print(f"[red]interrupted[/red] after writing {names} (complete and checked); a model "
                           "file still being written was not placed", highlight=False, soft_wrap=True)
             else:
@@ -92,7 +92,7 @@ def _results(json_path: "Path | None") -> Console:
     return err if json_path is not None and str(json_path) == "-" else out
 
 
-def _write_report(option: str, path: "Path | None", text: str) -> None:
+def _write_report(option: str, path: "Path | None", text: str, placed: list[Path]) -> None:
     """The report to a file (whole or not at all), or to stdout for ``-``."""
     if path is None:
         return
@@ -102,7 +102,7 @@ def _write_report(option: str, path: "Path | None", text: str) -> None:
         return
     from .files.write import write_text  # the files layer's atomic writer (no torch)
 
-    write_text(path, text)
+    write_text(path, text, placed=placed)
 
 
 def _json(data: Any) -> str:
@@ -169,7 +169,7 @@ def convert(
     written if the check fails.
     """
 
-    def run() -> None:
+    def run(placed: list[Path]) -> None:
         from .workflows.convert import convert as convert_fn, outputs_for
         from .render import convert_table, plan_tables
 
@@ -180,7 +180,8 @@ def convert(
         for src, dest in zip(sources, dests):
             with _library_output_to_stderr():
                 r = convert_fn(src, dest, arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle,
-                               key=key, save_as=save_as, force=force, rtol=rtol, atol=atol, tolerance=tolerance)
+                               key=key, save_as=save_as, force=force, rtol=rtol, atol=atol, tolerance=tolerance,
+                               placed=placed)
             res.print(convert_table(r))
             for table in plan_tables(r.plan, verbose=verbose):
                 res.print(table)
@@ -189,7 +190,7 @@ def convert(
             if dest is None:
                 _note("no -o given: checked only, nothing written")
             reports.append(r.to_dict())
-        _write_report("--json", json_file, _json(reports[0] if len(reports) == 1 else reports))
+        _write_report("--json", json_file, _json(reports[0] if len(reports) == 1 else reports), placed)
 
     _run(run)
 
@@ -206,7 +207,7 @@ def inspect(
 ) -> None:
     """Show what would fold and what would not, and why, without writing anything."""
 
-    def run() -> None:
+    def run(placed: list[Path]) -> None:
         from .workflows.convert import inspect as inspect_fn
         from .render import inspect_line, plan_tables
 
@@ -218,7 +219,7 @@ def inspect(
         res.print(inspect_line(r), highlight=False)
         for table in plan_tables(r.plan, verbose=True):
             res.print(table)
-        _write_report("--json", json_file, _json(r.to_dict()))
+        _write_report("--json", json_file, _json(r.to_dict()), placed)
 
     _run(run)
 
@@ -255,7 +256,7 @@ def verify(
     state_dict; bnfuse outputs carry their own.
     """
 
-    def run() -> Any:
+    def run(placed: list[Path]) -> Any:
         from .render import verify_table
         from .workflows.verify import verify as verify_fn
 
@@ -268,7 +269,7 @@ def verify(
         res.print(verify_table(r, verbose=verbose))
         for note in r.notes:
             _note(note)
-        _write_report("--json", json_file, _json(r.to_dict()))
+        _write_report("--json", json_file, _json(r.to_dict()), placed)
         if r.ok:
             res.print("[bold green]OK[/bold green]: the fused model matches the original within tolerance")
         else:
@@ -316,7 +317,7 @@ def bench(
     or a median speedup is below --min-speedup; exit 2 for errors (no CUDA for --device cuda).
     """
 
-    def run() -> int:
+    def run(placed: list[Path]) -> int:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from .workflows.bench import bench as bench_fn
@@ -324,9 +325,6 @@ def bench(
 
         _check_report_path("--json", json_file)
         _check_report_path("--markdown", markdown)
-        if time_budget is not None and time_budget < 0:
-            raise UsageError(f"--time-budget {time_budget:g}: give seconds per model, or 0 for no limit")
-        budget = -1.0 if time_budget is None else (None if time_budget == 0 else time_budget)
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             console=err, transient=True, disable=not err.is_terminal)
         task = progress.add_task("starting", total=None)
@@ -337,7 +335,7 @@ def bench(
         with progress, _library_output_to_stderr():
             report = bench_fn(models or None, device=device, dtype=dtype, batch_size=batch_size,
                               input_shape=input_shape, channels_last=channels_last, threads=threads, iters=iters,
-                              warmup=warmup, time_budget=budget, compile=compile_, arch=arch, weights=weights,
+                              warmup=warmup, time_budget=time_budget, compile=compile_, arch=arch, weights=weights,
                               allow_pickle=allow_pickle, key=key, autocast=autocast, rtol=rtol, atol=atol,
                               progress=tick)
         res = _results(json_file)
@@ -346,8 +344,8 @@ def bench(
         for r in report.results:
             for note in r.notes:
                 _note(f"{r.model}: {note}")
-        _write_report("--json", json_file, _json(report.to_dict(min_speedup)))
-        _write_report("--markdown", markdown, report.to_markdown(min_speedup))
+        _write_report("--json", json_file, _json(report.to_dict(min_speedup)), placed)
+        _write_report("--markdown", markdown, report.to_markdown(min_speedup), placed)
         code = 0
         for r in report.incorrect():
             err.print(f"[bold red]check failed:[/bold red] {r.model}: {'; '.join(r.check.reasons)}", highlight=False,

@@ -247,15 +247,14 @@ def randomize_bn(model: "nn.Module", *, seed: int = 0, example: "tuple[Any, ...]
 
 
 def to_memory_format(x: Any, fmt: Any) -> Any:
+    """Every 4-D (5-D for channels_last_3d) tensor in ``x`` (any pytree) in memory format ``fmt``."""
     import torch
+    from torch.utils._pytree import tree_map_only
 
     if fmt is None:
         return x
-    if isinstance(x, torch.Tensor):
-        return x.contiguous(memory_format=fmt) if x.dim() == (4 if fmt is torch.channels_last else 5) else x
-    if isinstance(x, list):
-        return [to_memory_format(t, fmt) for t in x]
-    return x
+    rank = 4 if fmt is torch.channels_last else 5
+    return tree_map_only(torch.Tensor, lambda t: t.contiguous(memory_format=fmt) if t.dim() == rank else t, x)
 
 
 def memory_format(spec: "InputSpec", channels_last: bool) -> Any:
@@ -274,10 +273,8 @@ def memory_format(spec: "InputSpec", channels_last: bool) -> Any:
 
 
 def cast_floats(x: Any, dtype: Any) -> Any:
+    """Every floating-point tensor in ``x`` (any pytree) cast to ``dtype``."""
     import torch
+    from torch.utils._pytree import tree_map_only
 
-    if isinstance(x, torch.Tensor):
-        return x.to(dtype) if x.is_floating_point() else x
-    if isinstance(x, (list, tuple)):
-        return type(x)(cast_floats(t, dtype) for t in x)
-    return x
+    return tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, x)

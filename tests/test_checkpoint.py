@@ -277,11 +277,11 @@ def test_interrupted_write_leaves_old_output_and_no_temp_file(tmp_path: Path, mo
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _write(out, new, _after_write=interrupt)
+        _write(out, new, force=True, _after_write=interrupt)
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
     # and an uninterrupted write does replace it
-    _write(out, new)
+    _write(out, new, force=True)
     assert torch.equal(read_checkpoint(out).state_dict["features.0.weight"], new["features.0.weight"])
 
 
@@ -307,7 +307,7 @@ def test_corrupted_temp_file_fails_read_back(tmp_path: Path, model: nn.Module) -
         tmp.write_bytes(save(sd, metadata={"bnfuse": json.dumps({"arch": ARCH, "note": "test"})}))
 
     with pytest.raises(OutputError, match="read-back check.*features.0.weight"):
-        _write(out, {k: v.clone() for k, v in model.state_dict().items()}, _after_write=flip_a_value)
+        _write(out, {k: v.clone() for k, v in model.state_dict().items()}, force=True, _after_write=flip_a_value)
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
 
@@ -498,12 +498,12 @@ def test_damaged_written_file_is_refused(tmp_path: Path, suffix: str, damage: st
 
     match = {"truncated": "cannot be read back", "pickle/header": "read-back check"}.get(damage, rf"\['{key}'\]")
     with pytest.raises(OutputError, match=match) as info:
-        write_checkpoint(out, state_dict=sd, metadata=_META, module=module, _after_write=damage_it)
+        write_checkpoint(out, state_dict=sd, metadata=_META, module=module, force=True, _after_write=damage_it)
     assert str(out) in str(info.value) and "previous file, if any, is untouched" in str(info.value)
     assert out.read_bytes() == b"previous output"
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
     # and undamaged, the same write goes through and reads back equal
-    write_checkpoint(out, state_dict=sd, metadata=_META, module=module)
+    write_checkpoint(out, state_dict=sd, metadata=_META, module=module, force=True)
     got = read_checkpoint(out, allow_pickle=module is not None)
     got_sd = got.module.state_dict() if module is not None else got.state_dict
     assert all(torch.equal(got_sd[k], v) for k, v in sd.items())
@@ -658,4 +658,4 @@ def test_pth_check_without_placing_storages_still_checks_contents(tmp_path: Path
         _flip(tmp, start)
 
     with pytest.raises(OutputError, match=rf"\['{key}'\]"):
-        write_checkpoint(out, state_dict=sd, metadata=_META, _after_write=damage_it)
+        write_checkpoint(out, state_dict=sd, metadata=_META, force=True, _after_write=damage_it)

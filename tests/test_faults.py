@@ -32,8 +32,6 @@ from bnfuse_cli.files.read import read_checkpoint, read_object  # noqa: E402
 from bnfuse_cli.files.write import (  # noqa: E402
     check_output_path,
     write_checkpoint,
-    write_mark,
-    written_since,
 )
 from bnfuse_cli.cli import app  # noqa: E402
 from bnfuse_cli.errors import CheckpointError, OutputError, UsageError  # noqa: E402
@@ -296,7 +294,7 @@ if sys.argv[3] == "after-write":
         print("written", flush=True)
         time.sleep(60)
 print("start", flush=True)
-write_checkpoint(out, state_dict=sd, metadata={"arch": "x"}, _after_write=hook)
+write_checkpoint(out, state_dict=sd, metadata={"arch": "x"}, force=True, _after_write=hook)
 """
 
 
@@ -389,11 +387,11 @@ def test_concurrent_writers_without_force_exactly_one_wins(tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
 
 
-def test_force_remembered_from_the_check_and_explicit(tmp_path: Path) -> None:
+def test_force_is_explicit_and_off_by_default(tmp_path: Path) -> None:
     out = tmp_path / "o.pth"
-    check_output_path(out, force=False)
+    check_output_path(out, force=True)  # the check remembers nothing: the write decides by its own force
     out.write_bytes(b"appeared meanwhile")
-    with pytest.raises(OutputError, match="--force"):
+    with pytest.raises(OutputError, match=r"o\.pth already exists: pass --force to replace it$"):
         write_checkpoint(out, state_dict=_big_sd(0.01), metadata=META)
     assert out.read_bytes() == b"appeared meanwhile"
     write_checkpoint(out, state_dict=_big_sd(0.01), metadata=META, force=True)
@@ -473,17 +471,17 @@ def test_interrupt_message_says_what_was_written(sd_file: Path, tmp_path: Path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.pth"] + (["out.pth"] if out.exists() else []))
 
 
-def test_written_since_is_exact_across_an_interrupt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    mark = write_mark()
-    write_checkpoint(tmp_path / "a.pth", state_dict=_big_sd(0.01), metadata=META)
+def test_placed_is_exact_across_an_interrupt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    placed: list[Path] = []
+    write_checkpoint(tmp_path / "a.pth", state_dict=_big_sd(0.01), metadata=META, placed=placed)
     _interrupt_after(monkeypatch, "link")
     with pytest.raises(KeyboardInterrupt):
-        write_checkpoint(tmp_path / "b.pth", state_dict=_big_sd(0.01), metadata=META, force=False)
+        write_checkpoint(tmp_path / "b.pth", state_dict=_big_sd(0.01), metadata=META, force=False, placed=placed)
     monkeypatch.undo()
     with pytest.raises(KeyboardInterrupt):
-        write_checkpoint(tmp_path / "c.pth", state_dict=_big_sd(0.01), metadata=META,
+        write_checkpoint(tmp_path / "c.pth", state_dict=_big_sd(0.01), metadata=META, placed=placed,
                          _after_write=lambda tmp: (_ for _ in ()).throw(KeyboardInterrupt))
-    assert written_since(mark) == [tmp_path / "a.pth", tmp_path / "b.pth"]
+    assert placed == [tmp_path / "a.pth", tmp_path / "b.pth"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth", "b.pth"]
 
 

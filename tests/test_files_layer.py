@@ -1,5 +1,5 @@
-"""The files layer (``bnfuse_cli/files``): its imports only go down, its record of placed outputs is
-importable without torch, and its read-back still checks contents where torch does not say where records lie."""
+"""The files layer (``bnfuse_cli/files``): its imports only go down, it keeps no module-level mutable
+state, and its read-back still checks contents where torch does not say where records lie."""
 
 from __future__ import annotations
 
@@ -65,13 +65,54 @@ def test_files_layer_imports_only_go_down() -> None:
     assert not wrong, wrong
 
 
-def test_the_record_of_placed_outputs_needs_no_torch() -> None:
-    """``bnfuse`` reads :func:`written_since` when interrupted, also where torch was never imported."""
-    code = ("import sys; from bnfuse_cli.files.write import write_mark, written_since; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'safetensors', 'numpy')))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[]", r.stdout
+#: methods that change a list, dict or set in place
+_MUTATORS = {"append", "extend", "insert", "remove", "pop", "popitem", "clear", "update", "setdefault", "add",
+             "discard", "sort", "reverse"}
+
+
+def _module_state_writes(path: Path) -> list[str]:
+    """Where a function of ``path`` changes a module-level name: ``global``, an item or attribute
+    assigned on it, or a mutating method called on it."""
+    tree = ast.parse(path.read_text())
+    top = {t.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+           for t in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(t, ast.Name)}
+    found = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        local = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Global):
+                found += [f"{path.name}:{node.lineno} global {n}" for n in node.names]
+            targets = node.targets if isinstance(node, ast.Assign) else (
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+            for t in targets:
+                if isinstance(t, (ast.Subscript, ast.Attribute)) and isinstance(t.value, ast.Name) \
+                        and t.value.id in top and t.value.id not in local:
+                    found.append(f"{path.name}:{node.lineno} assigns into {t.value.id}")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _MUTATORS
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id in top
+                    and node.func.value.id not in local):
+                found.append(f"{path.name}:{node.lineno} {node.func.value.id}.{node.func.attr}()")
+    return sorted(found)
+
+
+def test_files_layer_keeps_no_module_level_mutable_state() -> None:
+    """A write's options and its record of placed outputs travel as arguments (``force``, ``placed``),
+    never through module globals that a second caller would inherit."""
+    found = [w for path in sorted(FILES.glob("*.py")) for w in _module_state_writes(path)]
+    assert found == []
+
+
+def test_the_state_check_sees_a_module_global_being_changed(tmp_path: Path) -> None:
+    """The check above can fail: the globals this layer used to keep are found."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("_WRITTEN = []\n_FORCE = {}\nN = 0\n"
+                   "def put(p):\n    _WRITTEN.append(p)\n    _FORCE[p] = True\n"
+                   "def bump():\n    global N\n    N += 1\n"
+                   "def fine(_WRITTEN):\n    _WRITTEN.append(1)\n")
+    assert _module_state_writes(bad) == ["bad.py:5 _WRITTEN.append()", "bad.py:6 assigns into _FORCE",
+                                         "bad.py:8 global N"]
 
 
 def test_safetensors_refusal_without_an_explanation_keeps_safetensors_words(tmp_path: Path) -> None:
@@ -107,4 +148,4 @@ def test_pth_check_without_record_offsets_still_checks_contents(tmp_path: Path, 
         torch.save({"bnfuse": {"arch": "x"}, "state_dict": {"big": sd["big"] + 1, "small": sd["small"]}}, tmp)
 
     with pytest.raises(OutputError, match=r"read-back check.*\['big'\]"):
-        write_checkpoint(out, state_dict=sd, metadata={"arch": "x"}, _after_write=other_values)
+        write_checkpoint(out, state_dict=sd, metadata={"arch": "x"}, force=True, _after_write=other_values)

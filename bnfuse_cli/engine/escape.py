@@ -15,17 +15,18 @@ if TYPE_CHECKING:
 __all__ = ["escapes"]
 
 
-def _reachabletensors_in(obj: Any, *, limit: int = 20000) -> list["torch.Tensor"]:
-    """Every tensor inside ``obj``: containers, dataclasses and plain objects' attributes.
+def _reachable_tensors_in(obj: Any, *, limit: int = 20000) -> list["torch.Tensor"]:
+    """Every tensor inside ``obj``: pytree containers, and the fields of dataclasses and plain objects.
 
-    For what the model returns or keeps on its modules (a dataclass or a custom output class
-    that pytree does not know still hands the tensor to the caller).  Modules are not entered;
-    at most ``limit`` objects are visited.
+    For what the model returns or keeps on its modules: a dataclass or a custom output class that
+    pytree does not know still hands the tensor to the caller, so a leaf that pytree cannot open is
+    opened by its attributes.  Modules are not entered; at most ``limit`` objects are visited.
     """
     import dataclasses
 
     import torch
     from torch import nn
+    from torch.utils._pytree import tree_leaves
 
     found: list["torch.Tensor"] = []
     seen: set[int] = set()
@@ -40,16 +41,14 @@ def _reachabletensors_in(obj: Any, *, limit: int = 20000) -> list["torch.Tensor"
         if depth > 8 or id(o) in seen or isinstance(o, (str, bytes, int, float, bool, nn.Module, type)) or o is None:
             continue
         seen.add(id(o))
-        if isinstance(o, dict):
-            children = list(o.values())
-        elif isinstance(o, (list, tuple, set, frozenset)):
+        if isinstance(o, (set, frozenset)):  # not a pytree node
             children = list(o)
         elif dataclasses.is_dataclass(o):
             children = [getattr(o, f.name, None) for f in dataclasses.fields(o)]
-        elif hasattr(o, "__dict__") and not callable(o):
-            children = list(vars(o).values())
         else:
-            continue
+            children = tree_leaves(o)
+            if len(children) == 1 and children[0] is o:  # a leaf pytree cannot open: a plain object's attributes
+                children = list(vars(o).values()) if hasattr(o, "__dict__") and not callable(o) else []
         todo.extend((c, depth + 1) for c in children)
     return found
 
@@ -66,7 +65,7 @@ def escapes(model: "nn.Module", output: Any, rec: "Recorder") -> dict[int, str]:
         if info is not None:
             escapes.setdefault(id(info), why)
 
-    for t in _reachabletensors_in(output):
+    for t in _reachable_tensors_in(output):
         mark(t, "returned by the model")
     internal = set(vars(nn.Module()))
     for name, mod in model.named_modules():
@@ -74,7 +73,7 @@ def escapes(model: "nn.Module", output: Any, rec: "Recorder") -> dict[int, str]:
             if attr in internal or value is None or isinstance(value, (nn.Module, str, int, float, bool)):
                 continue
             where = f"{name}.{attr}" if name else attr
-            for t in _reachabletensors_in(value, limit=2000):
+            for t in _reachable_tensors_in(value, limit=2000):
                 mark(t, f"kept in the attribute {where}")
     return escapes
 

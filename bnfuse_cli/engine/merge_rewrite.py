@@ -75,8 +75,6 @@ def _rewrite_block(model: "nn.Module", block_name: str, merges: "list[Merge]",
     """Replace each merge's sum in ``block_name`` by a call of its conv; the block becomes a GraphModule."""
     from torch import fx, nn
 
-    from .rewrite import _set
-
     block = model.get_submodule(block_name) if block_name else model
     graph = trace_block(block)
     nodes = {n.name: n for n in graph.nodes}
@@ -92,22 +90,16 @@ def _rewrite_block(model: "nn.Module", block_name: str, merges: "list[Merge]",
             new = graph.call_module(rel, (x,))
         root.replace_all_uses_with(new)
         graph.erase_node(root)
-        _set_path(block, rel, convs[m.into])
+        block.set_submodule(rel, convs[m.into])
     gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()  # the branches: gone from the module tree and the state_dict
     gm.recompile()
     gm.train(block.training)
     if block_name:
-        _set(model, block_name, gm)
+        model.set_submodule(block_name, gm)
     else:
         raise BnfuseError("a sum in the model's own forward cannot be merged in place: wrap the model")
-
-
-def _set_path(root: "nn.Module", path: str, module: "nn.Module") -> None:
-    parent_name, _, attr = path.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, module)
 
 
 def apply_merges(model: "nn.Module", merges: "Iterable[Merge]") -> None:

@@ -42,12 +42,6 @@ def _aliases(model: "nn.Module") -> dict[int, list[str]]:
     return names
 
 
-def _set(model: "nn.Module", name: str, new: "nn.Module") -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
 def _get(model: "nn.Module", name: str, what: str) -> "nn.Module":
     try:
         return model.get_submodule(name)
@@ -76,7 +70,7 @@ def _replace_norms(model: "nn.Module", folds: Iterable[Fold], build) -> None:  #
         done.add(id(norm))
         new = build(norm, f.replacement)
         for name in aliases.get(id(norm), [f.norm]):
-            _set(model, name, new)
+            model.set_submodule(name, new)
 
 
 @dataclass

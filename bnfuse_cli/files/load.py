@@ -59,7 +59,9 @@ def load_state_dict_strict(model: "nn.Module", sd: "dict[str, torch.Tensor]", *,
     """Load strictly; a mismatch lists the missing and unexpected keys (never a silent partial load).
 
     A prefix shared by every key (``model.`` from a Lightning module, or another wrapper) is
-    dropped when more keys then match the architecture; the load stays strict.  Returns notes.
+    dropped when more keys then match the architecture; the load stays strict.  The model takes
+    the dtype of most of the file's floating-point weights (said in a note when that is not
+    float32).  Returns notes.
     """
     import torch
 
@@ -67,24 +69,25 @@ def load_state_dict_strict(model: "nn.Module", sd: "dict[str, torch.Tensor]", *,
     dtype = _dominant_dtype(sd)
     if dtype is not None and dtype != torch.float32:
         model.to(dtype)
+        notes.append(f"the weights in {what} are {str(dtype).replace('torch.', '')}: the model was cast to it")
     expected = model.state_dict()
     sd, prefix = _strip_wrapper_prefix(set(expected), sd)
     if prefix:
         notes.append(f"stripped the {prefix!r} prefix shared by every key")
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
-              if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or shapes:
+    wrong = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    # torch reports a wrong shape only as text (and raises): those keys are held back and named here
+    keys = model.load_state_dict({k: v for k, v in sd.items() if k not in wrong}, strict=False)
+    missing = [k for k in keys.missing_keys if k not in wrong]
+    if missing or keys.unexpected_keys or wrong:
         def show(items: list[str]) -> str:
             return ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "") if items else "none"
 
+        shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong]
         raise CheckpointError(
             f"{what} does not match architecture {arch}: missing keys: {show(missing)}; unexpected keys: "
-            f"{show(unexpected)}; wrong shapes: {show(shapes)}. Check --arch (and its options), or that the "
-            "file holds this model's weights"
+            f"{show(list(keys.unexpected_keys))}; wrong shapes: {show(shapes)}. Check --arch (and its options), or "
+            "that the file holds this model's weights"
         )
-    model.load_state_dict(sd, strict=True)
     return notes
 
 

@@ -148,9 +148,12 @@ def _read_torchscript(path: Path) -> Checkpoint:
 def strip_prefixes(sd: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     """``sd`` without a ``module.`` (DataParallel/DDP) or ``_orig_mod.`` (torch.compile) prefix shared by
     every key; each stripped prefix is noted."""
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
     for prefix in PREFIXES:
         if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = dict(sd)  # torch's helper renames in place: never the caller's dict
+            consume_prefix_in_state_dict_if_present(sd, prefix)
             notes.append(f"stripped the {prefix!r} prefix")
     return sd
 

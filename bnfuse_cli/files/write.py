@@ -2,7 +2,8 @@
 checked (:mod:`.readback`), then linked or renamed into place; every OS failure an :class:`OutputError`.
 
 Where ``O_TMPFILE`` is missing, a named ``.NAME.bnfuse-tmp.HOST.PID.RANDOM`` file is used, and a later
-write removes those left by dead processes. :func:`written_since` says exactly which outputs were placed.
+write removes those left by dead processes.  The module keeps no state: a caller that must say which
+outputs were placed (the CLI, when interrupted) passes its own ``placed`` list to each write.
 """
 
 from __future__ import annotations
@@ -26,12 +27,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["write_checkpoint", "write_text", "check_output_path", "write_mark", "written_since"]
-
-#: outputs this process has placed, complete and checked, in order (see :func:`written_since`)
-_WRITTEN: "list[Path]" = []
-#: ``force`` as given to :func:`check_output_path` for each output path (absolute), for write_checkpoint
-_FORCE: "dict[str, bool]" = {}
+__all__ = ["write_checkpoint", "write_text", "check_output_path"]
 
 #: what to do about a failed write, by errno
 _WRITE_HINTS = {
@@ -44,28 +40,9 @@ _WRITE_HINTS = {
 }
 
 
-def write_mark() -> int:
-    """A mark in this process's record of placed outputs: pass it to :func:`written_since` later."""
-    return len(_WRITTEN)
-
-
-def written_since(mark: int) -> "list[Path]":
-    """The outputs :func:`write_checkpoint` placed since ``mark`` (each complete and checked).
-
-    True at every instant, also when a ``KeyboardInterrupt`` arrives during a write: an output is
-    recorded as soon as the link or rename that places it has happened (an interrupt between that call
-    and the record is caught by comparing the output's inode with the written file's), and an output
-    that is not recorded was not created or changed.
-    """
-    return list(_WRITTEN[mark:])
-
-
 def check_output_path(output: Path, *, inputs: "list[Path]" = (), force: bool = False) -> None:  # type: ignore[assignment]
-    """Refuse to overwrite an input, an existing file without ``force``, or write where we cannot.
-
-    ``force`` is remembered for this path: a later :func:`write_checkpoint` of it without an explicit
-    ``force`` places the file without overwriting (``os.link``) unless ``force`` was given here.
-    """
+    """Refuse to overwrite an input, an existing file without ``force``, or write where we cannot
+    (checked before any work; :func:`write_checkpoint` enforces ``force`` again when it places the file)."""
     if output.suffix not in (".pth", ".pt", ".safetensors"):
         raise OutputError(
             f"{output}: unknown output suffix {output.suffix or '(none)'!r}; use .pth, .pt or .safetensors"
@@ -92,7 +69,6 @@ def check_output_path(output: Path, *, inputs: "list[Path]" = (), force: bool = 
     os.close(fd)
     if named is not None:
         named.unlink(missing_ok=True)
-    _FORCE[os.path.abspath(output)] = force
 
 
 def write_checkpoint(
@@ -101,7 +77,8 @@ def write_checkpoint(
     state_dict: "dict[str, torch.Tensor]",
     metadata: dict[str, Any],
     module: "nn.Module | None" = None,
-    force: "bool | None" = None,
+    force: bool = False,
+    placed: "list[Path] | None" = None,
     _after_write: "Callable[[Path], None] | None" = None,
 ) -> int:
     """Write atomically; return the file size.  ``module`` given: a pickled module (.pth only).
@@ -113,45 +90,48 @@ def write_checkpoint(
     The data goes to an anonymous file (``O_TMPFILE``; a named ``.NAME.bnfuse-tmp.*`` file where that is
     not supported), is fsynced, read back and checked, and placed: ``force=False`` links it into place and
     fails with :class:`OutputError` if ``output`` exists, even when another process created it during the
-    write; ``force=True`` renames it over ``output`` atomically. Then the directory is fsynced. ``force=None``
-    (the default) uses the ``force`` given to :func:`check_output_path` for this path, else True. The file
-    gets mode 0666 less the umask. An OS-level failure (ENOSPC, EFBIG, EIO, EROFS, EDQUOT) is an
+    write; ``force=True`` renames it over ``output`` atomically. Then the directory is fsynced. The file
+    gets mode 0666 less the umask.  ``output`` is appended to ``placed`` (when given) the moment it is in
+    place, also when an interrupt arrives right after the link or rename, so the list is true at every
+    instant: an output not in it was not created or changed. An OS-level failure (ENOSPC, EFBIG, EIO, EROFS, EDQUOT) is an
     :class:`OutputError` naming the file and the cause; nothing is left behind and an old file is intact.
     """
     output = Path(output)
     form = "module" if module is not None else "state_dict"
-    force = _may_write(output, form, force)
-    with _temporary(output) as (fd, tmp, named, kept, leftovers):
+    _may_write(output, form, force)
+    with _temporary(output, placed) as (fd, tmp, named, kept, leftovers):
         _write_data(fd, output, state_dict, metadata, module, kept)
         if _after_write is not None:
             _after_write(tmp)
         verify_written(tmp, state_dict, metadata, form, output)
-        _put_in_place(output, tmp, named, force=force, kept=kept, entry=output, leftovers=leftovers)
+        _put_in_place(output, tmp, named, force=force, kept=kept, placed=placed, leftovers=leftovers)
         return os.fstat(fd).st_size
 
 
-def write_text(output: "str | os.PathLike[str]", text: str) -> int:
+def write_text(output: "str | os.PathLike[str]", text: str, *, placed: "list[Path] | None" = None) -> int:
     """A report (JSON, Markdown) written whole or not at all, replacing ``output``: into a temporary
-    file, fsynced, renamed into place, the directory fsynced, and recorded like a checkpoint (so an
-    interrupt's message is true).  An OS-level failure is an :class:`OutputError`; returns the size."""
+    file, fsynced, renamed into place, the directory fsynced, and appended to ``placed`` like a
+    checkpoint (so an interrupt's message is true).  An OS-level failure is an :class:`OutputError`;
+    returns the size."""
     output = Path(output)
     data = text.encode()
-    with _temporary(output) as (fd, tmp, named, kept, leftovers):
+    with _temporary(output, placed) as (fd, tmp, named, kept, leftovers):
         try:
             _FdWriter(fd).write(data)
             os.fsync(fd)
         except OSError as exc:
             hint = _WRITE_HINTS.get(exc.errno or 0, "choose another path or retry")
             raise OutputError(f"cannot write {output}: {_cause(exc)}; {hint}. {kept[0].upper() + kept[1:]}") from exc
-        _put_in_place(output, tmp, named, force=True, kept=kept, entry=output, leftovers=leftovers)
+        _put_in_place(output, tmp, named, force=True, kept=kept, placed=placed, leftovers=leftovers)
         return len(data)
 
 
 @contextlib.contextmanager
-def _temporary(output: Path) -> "Iterator[tuple[int, Path, Path | None, str, list[Path]]]":
+def _temporary(output: Path, placed: "list[Path] | None"
+               ) -> "Iterator[tuple[int, Path, Path | None, str, list[Path]]]":
     """An empty temporary file for ``output`` in its directory: (fd, a path to it, its name or None
     when anonymous, what stays if the write fails, names to remove should it not complete).  On any
-    failure or interrupt the temporary goes, and a file already placed is recorded as written."""
+    failure or interrupt the temporary goes, and a file already placed is added to ``placed``."""
     _remove_stale_temporaries(output.parent, output.name)
     kept = f"the previous {output.name} is untouched" if os.path.lexists(output) else f"no {output.name} was created"
     try:
@@ -165,8 +145,8 @@ def _temporary(output: Path) -> "Iterator[tuple[int, Path, Path | None, str, lis
     try:
         yield fd, tmp, named, kept, leftovers
     except BaseException:
-        if not any(e is output for e in _WRITTEN) and _is_placed(output, fd):  # interrupted right after placing
-            _WRITTEN.append(output)
+        if placed is not None and not any(e is output for e in placed) and _is_placed(output, fd):
+            placed.append(output)  # interrupted right after placing
         for name in leftovers:
             try:
                 os.unlink(name)
@@ -177,16 +157,12 @@ def _temporary(output: Path) -> "Iterator[tuple[int, Path, Path | None, str, lis
         os.close(fd)
 
 
-def _may_write(output: Path, form: str, force: "bool | None") -> bool:
-    """``force`` resolved (given, else as given to :func:`check_output_path`, else True); an OutputError
-    for what cannot be written at all."""
+def _may_write(output: Path, form: str, force: bool) -> None:
+    """An OutputError for what cannot be written at all, or not without ``force``."""
     if form == "module" and output.suffix == ".safetensors":
         raise OutputError(f"{output}: a whole pickled module cannot be stored as .safetensors; use .pth")
-    if force is None:
-        force = _FORCE.get(os.path.abspath(output), True)
     if not force and os.path.lexists(output):
         raise OutputError(f"{output} already exists: pass --force to replace it")
-    return force
 
 
 def _write_data(fd: int, output: Path, state_dict: "dict[str, torch.Tensor]", metadata: dict[str, Any],
@@ -214,10 +190,10 @@ def _write_data(fd: int, output: Path, state_dict: "dict[str, torch.Tensor]", me
         ) from exc
 
 
-def _put_in_place(output: Path, tmp: Path, named: "Path | None", *, force: bool, kept: str, entry: Path,
-                  leftovers: "list[Path]") -> None:
-    """Link (``force`` False: never over a file) or rename the checked file into place, record it, fsync
-    the directory. A name made for the rename is added to ``leftovers`` before it exists."""
+def _put_in_place(output: Path, tmp: Path, named: "Path | None", *, force: bool, kept: str,
+                  placed: "list[Path] | None", leftovers: "list[Path]") -> None:
+    """Link (``force`` False: never over a file) or rename the checked file into place, add it to
+    ``placed``, fsync the directory. A name made for the rename is added to ``leftovers`` before it exists."""
     directory = output.parent
     try:
         dirfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -243,7 +219,8 @@ def _put_in_place(output: Path, tmp: Path, named: "Path | None", *, force: bool,
         except OSError as exc:
             hint = _WRITE_HINTS.get(exc.errno or 0, "choose another -o or retry")
             raise OutputError(f"cannot write {output}: {_cause(exc)} placing the file; {hint}; {kept}") from exc
-        _WRITTEN.append(entry)
+        if placed is not None:
+            placed.append(output)
         _sync_directory(dirfd, output)
         if named is not None and not force:
             os.unlink(named)  # linked into place: the temporary name goes

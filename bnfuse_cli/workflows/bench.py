@@ -20,6 +20,7 @@ Nothing here prints: progress goes to an optional callback, results to a :class:
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -103,7 +104,8 @@ class _Settings:
     compile: bool
     iters: int
     warmup: int
-    time_budget: "float | None"
+    #: seconds of timing per model (0: no limit)
+    time_budget: float
     min_sample_ms: float
     seed: int
     rtol: "float | None"
@@ -258,13 +260,13 @@ def _bench_one(source: str, st: _Settings) -> ModelBench:
 
 
 def _check_counts(*, iters: int, warmup: int, batch_size: "int | None", threads: "int | None",
-                  budget: "float | None") -> None:
+                  budget: float) -> None:
     for name, value, low in (("--iters", iters, 1), ("--warmup", warmup, 0), ("--batch-size", batch_size, 1),
                              ("--threads", threads, 1)):
         if value is not None and value < low:
             raise UsageError(f"{name} {value}: must be at least {low}")
-    if budget is not None and budget <= 0:
-        raise UsageError(f"--time-budget {budget:g}: must be positive (seconds of timing per model)")
+    if not (budget >= 0 and math.isfinite(budget)):
+        raise UsageError(f"--time-budget {budget:g}: give seconds of timing per model, or 0 for no limit")
 
 
 def bench(
@@ -279,7 +281,7 @@ def bench(
     threads: "int | None" = None,
     iters: "int | None" = None,
     warmup: "int | None" = None,
-    time_budget: "float | None" = -1.0,
+    time_budget: "float | None" = None,
     compile: bool = False,
     arch: "str | None" = None,
     weights: str = "none",
@@ -302,7 +304,7 @@ def bench(
     holds at that precision: see :mod:`bnfuse_cli.checks`.  Each of ``iters`` timed pairs runs
     both models once (or a few times, for models faster than ``min_sample_ms``) after
     ``warmup`` untimed pairs; a model stops early after ``time_budget`` seconds of timing
-    (``-1``: the device default, None: no limit), with at least 5 pairs.  ``threads`` sets
+    (None: the device default; 0: no limit), with at least 5 pairs.  ``threads`` sets
     torch's intra-op threads for the run only.
     """
     import torch
@@ -319,7 +321,7 @@ def bench(
     d_batch, d_iters, d_warmup, d_budget = _DEFAULTS[dev.type]
     iters = d_iters if iters is None else iters
     warmup = d_warmup if warmup is None else warmup
-    budget = d_budget if time_budget is not None and time_budget < 0 else time_budget
+    budget = d_budget if time_budget is None else float(time_budget)
     _check_counts(iters=iters, warmup=warmup, batch_size=batch_size, threads=threads, budget=budget)
     if compile:
         warmup = max(warmup, 2)  # the first calls compile

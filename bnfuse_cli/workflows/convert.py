@@ -161,6 +161,7 @@ def convert(
     tolerance: "float | None" = None,
     key: "str | None" = None,
     seed: int = 0,
+    placed: "list[Path] | None" = None,
 ) -> ConvertReport:
     """Fold every foldable BatchNorm of ``source`` and write the fused model to ``output``.
 
@@ -170,6 +171,8 @@ def convert(
     dtype; ``tolerance`` is an alias of ``rtol``).  Nothing is written when the verdict is
     negative (:class:`FoldError`).  ``output=None`` folds and checks without writing.  ``key``
     picks the weights inside a checkpoint that holds several (a dotted path, ``ema.model``).
+    ``placed``, when given, gets the output appended the moment it is in place (see
+    :func:`bnfuse_cli.files.write.write_checkpoint`).
     """
     t0 = time.perf_counter()
     rtol = _rtol(rtol, tolerance)
@@ -202,7 +205,7 @@ def convert(
         )
     if out_path is not None and form is not None:
         report.form = form.replace("-", "_")
-        report.file_size = _write(model, src, report, out_path, form, force)
+        report.file_size = _write(model, src, report, out_path, form, force, placed)
     t5 = time.perf_counter()
     fs = result.seconds
     report.seconds = {"load": t1 - t0, "analyse": fs["analyse"], "fold": fs["rewrite"], "check": fs["check"],
@@ -248,7 +251,8 @@ def _output_form(src: Source, source: Any, out_path: "Path | None", save_as: "st
     return form
 
 
-def _write(model: "nn.Module", src: Source, report: ConvertReport, out_path: Path, form: str, force: bool) -> int:
+def _write(model: "nn.Module", src: Source, report: ConvertReport, out_path: Path, form: str, force: bool,
+           placed: "list[Path] | None") -> int:
     """Write the fused model with the metadata that rebuilds it; the file's size."""
     meta = {
         "format": "bnfuse",
@@ -263,7 +267,7 @@ def _write(model: "nn.Module", src: Source, report: ConvertReport, out_path: Pat
         "source": report.source,
     }
     return write_checkpoint(out_path, state_dict=model.state_dict(), metadata=meta,
-                            module=model if form == "module" else None, force=force)
+                            module=model if form == "module" else None, force=force, placed=placed)
 
 
 def _earlier_steps(src: Source) -> list[Any]:

@@ -174,7 +174,7 @@ def race(calls_of: tuple[Callable[[], Any], Callable[[], Any]], st: Any, tick: C
                 orig_ms.append(a if i % 2 == 0 else b)
                 fused_ms.append(b if i % 2 == 0 else a)
                 tick("timing", st.warmup + i + 1)
-                if (st.time_budget is not None and 5 <= i + 1 < st.iters
+                if (st.time_budget > 0 and 5 <= i + 1 < st.iters
                         and time.perf_counter() - started > st.time_budget):
                     notes.append(f"time budget of {st.time_budget:g} s reached after {i + 1} of {st.iters} pairs")
                     break
