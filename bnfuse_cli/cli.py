@@ -132,6 +132,7 @@ ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture for
 WeightsOpt = Annotated[str, typer.Option("--weights", help="For a model name: default, a torchvision weights name, none (random), or a state_dict file.")]
 ShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", help="Input shape for the checks, e.g. 1,3,224,224 (default: inferred from the model).")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow full unpickling (runs code from the file): only for files you trust.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random weights of a model name with --weights none (the same name and seed give the same model) and of the first random input.")]
 KeyOpt = Annotated[Optional[str], typer.Option("--key", help="Where the weights are in a checkpoint that holds several, as a dotted path (for example model_state or ema.model).", show_default=False)]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file (- for stdout: the tables then go to stderr).", dir_okay=False)]
 RtolOpt = Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance, of each output's largest magnitude, on top of the original's own error at this precision (default by dtype: 1e-4 for float32).", show_default=False)]
@@ -158,6 +159,7 @@ def convert(
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
     tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Alias of --rtol.", show_default=False)] = None,
+    seed: SeedOpt = 0,
     json_file: JsonOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every fold and every BatchNorm left.")] = False,
 ) -> None:
@@ -181,7 +183,7 @@ def convert(
             with _library_output_to_stderr():
                 r = convert_fn(src, dest, arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle,
                                key=key, save_as=save_as, force=force, rtol=rtol, atol=atol, tolerance=tolerance,
-                               placed=placed)
+                               seed=seed, placed=placed)
             res.print(convert_table(r))
             for table in plan_tables(r.plan, verbose=verbose):
                 res.print(table)
@@ -232,7 +234,7 @@ def verify(
     weights: WeightsOpt = "default",
     input_shape: ShapeOpt = None,
     samples: Annotated[int, typer.Option("--samples", min=0, help="Number of seeded random inputs.")] = 3,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the first random input.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the first random input, and of the random weights of an original given as a name with --weights none (a fused file that records its seed brings its own).")] = 0,
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda (or cuda:N), or auto: run both models there.")] = "cpu",
@@ -274,7 +276,8 @@ def verify(
             res.print("[bold green]OK[/bold green]: the fused model matches the original within tolerance")
         else:
             res.print("[bold red]DIFFERENT[/bold red]: the fused model does not compute what the original computes "
-                      "(exit 1): " + "; ".join(r.verdict.reasons), highlight=False, soft_wrap=True)
+                      "(exit 1): " + "; ".join(r.verdict.reasons if verbose else r.verdict.summary()),
+                      highlight=False, soft_wrap=True)
         return r
 
     report = _run(run)
@@ -305,6 +308,7 @@ def bench(
     key: KeyOpt = None,
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
+    seed: SeedOpt = 0,
     json_file: JsonOpt = None,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write a Markdown table (for a CI job summary) to this file.", dir_okay=False)] = None,
     min_speedup: Annotated[Optional[float], typer.Option("--min-speedup", help="Exit 1 when a model's median speedup (original/fused) is below this.", show_default=False)] = None,
@@ -337,7 +341,7 @@ def bench(
                               input_shape=input_shape, channels_last=channels_last, threads=threads, iters=iters,
                               warmup=warmup, time_budget=time_budget, compile=compile_, arch=arch, weights=weights,
                               allow_pickle=allow_pickle, key=key, autocast=autocast, rtol=rtol, atol=atol,
-                              progress=tick)
+                              seed=seed, progress=tick)
         res = _results(json_file)
         for table in bench_tables(report, min_speedup, res.width) + left_tables(report):
             res.print(table)
@@ -348,7 +352,7 @@ def bench(
         _write_report("--markdown", markdown, report.to_markdown(min_speedup), placed)
         code = 0
         for r in report.incorrect():
-            err.print(f"[bold red]check failed:[/bold red] {r.model}: {'; '.join(r.check.reasons)}", highlight=False,
+            err.print(f"[bold red]check failed:[/bold red] {r.model}: {'; '.join(r.check.summary())}", highlight=False,
                       soft_wrap=True)
             code = EXIT_CHECK_FAILED
         for r in report.slower_than(min_speedup):

@@ -49,6 +49,25 @@ class Verdict:
             )
         return out
 
+    def summary(self, names: int = 3, more: str = "-v or --json lists them all") -> list[str]:
+        """Why the verdict is negative, in a few lines whatever the number of failures: each failing
+        output, then how many fold sites fail, the worst, and the first ``names`` by name (the full
+        list is :attr:`reasons`; ``more`` says where the reader finds it)."""
+        out = [r for label, c in self.outputs.items() if (r := c.reason(label)) is not None]
+        if not self.outputs:
+            out.append("nothing was compared")
+        failed = self.failed_sites
+        if len(failed) <= 1:
+            return out + self.reasons[len(out):]
+        worst = max(failed, key=lambda s: s.rel_error / max(s.tolerance, 1e-300))
+        shown = ", ".join(s.layer for s in failed[:names]) + (
+            f" (+{len(failed) - names} more{'; ' + more if more else ''})" if len(failed) > names else "")
+        checked = sum(s.skipped is None for s in self.sites)
+        out.append(f"{len(failed)} of {checked} fold sites fail their float64 check: {shown}; the worst, "
+                   f"{worst.layer}, is {worst.rel_error:.3g} (relative) away from the original layer and "
+                   f"BatchNorm, above {worst.tolerance:g}")
+        return out
+
     @property
     def error(self) -> Comparison:
         """The first output check's error (the main one)."""

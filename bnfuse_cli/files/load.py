@@ -31,6 +31,8 @@ class Source:
     path: "Path | None" = None
     weights: str = "none"
     notes: list[str] = field(default_factory=list)
+    #: the seed its random initialisation was drawn from (a name built with weights "none"), else None
+    seed: "int | None" = None
 
 
 def _dominant_dtype(sd: "dict[str, torch.Tensor]") -> "torch.dtype | None":
@@ -156,11 +158,13 @@ def load_source(
     weights: str = "default",
     allow_pickle: bool = False,
     key: "str | None" = None,
+    seed: int = 0,
 ) -> Source:
     """Resolve ``source``: an existing file is a checkpoint, otherwise a model name.
 
     For a name, ``weights`` is ``default``, a torchvision weights name, ``none`` (random
-    initialisation) or a path to a state_dict file.  The model is returned in eval mode.
+    initialisation drawn from ``seed``: the same name and seed give the same model) or a path to
+    a state_dict file.  The model is returned in eval mode.
 
     ``key`` is the dotted key path of the weights inside the checkpoint file read (the source, or the
     ``weights`` file of a name), such as ``"model_state"`` or ``"ema.model"``. Without it the weights are
@@ -178,9 +182,9 @@ def load_source(
             raise UsageError(f"--key {key} chooses the weights inside a checkpoint file, but {text} is a model name "
                              "without a --weights FILE: leave --key out")
         if w.lower() == "none":
-            src = Source(build(text), text, "name", weights="none")
+            src = Source(build(text, seed=seed), text, "name", weights="none", seed=seed)
         elif Path(w).exists():
-            model = build(text)
+            model = build(text, seed=seed)
             ck = read_checkpoint(w, allow_pickle=allow_pickle, key=key)
             if ck.kind == "module":
                 raise UsageError(f"--weights {w} holds a whole model, not a state_dict: convert it directly")
@@ -190,7 +194,7 @@ def load_source(
         else:
             if ":" in text:
                 raise UsageError(f"--weights {w!r}: {text} can only take --weights none or a local state_dict file")
-            src = Source(build(text, weights=w), text, "name", weights=w)
+            src = Source(build(text, weights=w, seed=seed), text, "name", weights=w)
     else:
         raise CheckpointError(f"{path}: no such file")
     src.model.eval()

@@ -76,23 +76,29 @@ def load_weights_enum(name: str, weights: str) -> Any:
         ) from exc
 
 
-def build(arch: str, *, weights: "str | None" = None, **kwargs: Any) -> "nn.Module":
+def build(arch: str, *, weights: "str | None" = None, seed: int = 0, **kwargs: Any) -> "nn.Module":
     """Instantiate ``arch``: a torchvision name, ``timm:NAME``, or ``package.module:callable``.
 
     ``weights`` is a torchvision weights name (``default``, ``IMAGENET1K_V2``) or None for
     random initialisation; timm and factory models are always built without pretrained weights.
+    Whatever is initialised at random is drawn from ``seed`` (the global random state is left as
+    it was), so the same name and seed give the same model in every process.
     """
-    if arch.startswith("timm:"):
-        return _build_timm(arch, kwargs)
-    if ":" in arch:
-        return _build_factory(arch, kwargs)
-    resolved = None
-    if weights is not None:
-        names = torchvision_names()
-        if arch not in names:  # say "unknown model", not "no pretrained weights"
-            return _build_torchvision(arch, None, dict(kwargs))
-        resolved = load_weights_enum(arch, weights)
-    return _build_torchvision(arch, resolved, dict(kwargs))
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if arch.startswith("timm:"):
+            return _build_timm(arch, kwargs)
+        if ":" in arch:
+            return _build_factory(arch, kwargs)
+        resolved = None
+        if weights is not None:
+            names = torchvision_names()
+            if arch not in names:  # say "unknown model", not "no pretrained weights"
+                return _build_torchvision(arch, None, dict(kwargs))
+            resolved = load_weights_enum(arch, weights)
+        return _build_torchvision(arch, resolved, dict(kwargs))
 
 
 def _build_timm(arch: str, kwargs: dict[str, Any]) -> "nn.Module":

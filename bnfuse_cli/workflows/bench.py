@@ -149,7 +149,7 @@ def _prepare(source: str, st: _Settings) -> _Prepared:
     from ..inputs import InputSpec, as_args, make_input, randomize_bn
     from ..files.load import load_source
 
-    src = load_source(source, arch=st.arch, weights=st.weights, allow_pickle=st.allow_pickle, key=st.key)
+    src = load_source(source, arch=st.arch, weights=st.weights, allow_pickle=st.allow_pickle, key=st.key, seed=st.seed)
     original = src.model.eval().to(torch.float32)
     notes = list(src.notes)
     spec = _bench_spec(src, st.input_shape, st.batch_size, _DEFAULTS[st.device.type][0])

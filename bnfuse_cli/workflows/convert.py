@@ -168,7 +168,9 @@ def convert(
     The model is fused in place through :func:`bnfuse_cli.fuse` (no copy of the model is made)
     and judged by :mod:`bnfuse_cli.checks`: every fold site on the activation that reaches it,
     and the output on a seeded random input, within ``atol + rtol * max|output|`` (defaults by
-    dtype; ``tolerance`` is an alias of ``rtol``).  Nothing is written when the verdict is
+    dtype; ``tolerance`` is an alias of ``rtol``).  ``seed`` draws the example input and, for a
+    model name with ``weights="none"``, its random initialisation (recorded in the file, so
+    ``verify`` rebuilds the same model).  Nothing is written when the verdict is
     negative (:class:`FoldError`).  ``output=None`` folds and checks without writing.  ``key``
     picks the weights inside a checkpoint that holds several (a dotted path, ``ema.model``).
     ``placed``, when given, gets the output appended the moment it is in place (see
@@ -178,7 +180,7 @@ def convert(
     rtol = _rtol(rtol, tolerance)
     out_path = Path(output) if output is not None else None
     _check_options(source, out_path, save_as=save_as, force=force, rtol=rtol, atol=atol, input_shape=input_shape)
-    src = load_source(source, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key)
+    src = load_source(source, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key, seed=seed)
     form = _output_form(src, source, out_path, save_as)
     model = src.model
     spec = input_spec(src, input_shape)
@@ -194,12 +196,13 @@ def convert(
         input=spec, dtype=str(dtype).replace("torch.", ""), plan=result.plan,
         params_before=params_before, params_after=params_after,
         buffers_before=buffers_before, buffers_after=buffers_after, verdict=result.verdict,
-        notes=list(src.notes) + (["random initialisation (--weights none): no pretrained weights were loaded"]
-                                 if src.weights == "none" else []),
+        notes=list(src.notes) + ([f"random initialisation (--weights none) from seed {src.seed}: no pretrained "
+                                  "weights were loaded; the same name and --seed rebuild the same model"]
+                                 if src.seed is not None else []),
     )
     if not result.ok:
         raise FoldError(
-            f"the fused model does not compute what the original computes ({'; '.join(result.verdict.reasons)}); "
+            f"the fused model does not compute what the original computes ({'; '.join(result.verdict.summary(more='bnfuse_cli.fuse(...).verdict.reasons lists them all'))}); "
             "nothing was written. This is a bug in bnfuse or a model it does not understand: please report it "
             "with the model"
         )
@@ -265,6 +268,7 @@ def _write(model: "nn.Module", src: Source, report: ConvertReport, out_path: Pat
         "input": report.input.to_dict(),
         "dtype": report.dtype,
         "source": report.source,
+        **({"weights": "none", "seed": src.seed} if src.seed is not None else {}),
     }
     return write_checkpoint(out_path, state_dict=model.state_dict(), metadata=meta,
                             module=model if form == "module" else None, force=force, placed=placed)

@@ -226,8 +226,11 @@ def verify(
     inputs = labels = None
     if data is not None:
         inputs, labels = read_data(data, allow_pickle=allow_pickle)
-    src_o = load_source(orig, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key)
     src_f = load_source(fused, arch=arch, weights=weights, allow_pickle=allow_pickle)
+    init_seed, why = _init_seed(orig, weights, src_f, seed)
+    src_o = load_source(orig, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key, seed=init_seed)
+    init_note = [] if src_o.seed is None else [
+        f"original built with random weights (--weights none) from seed {src_o.seed}" + (f": {why[0]}" if why else "")]
     model_o, model_f = src_o.model, src_f.model
     spec = _pick_spec(src_o, src_f, input_shape, inputs)
     structure = _structure(model_o, model_f)
@@ -273,9 +276,19 @@ def verify(
         arch=src_o.arch, fused_arch=src_f.arch, input=spec, dtype=str(runtime).replace("torch.", ""),
         device=str(dev), autocast=amp, samples=samples, seed=seed, verdict=verdict,
         structure=structure, data=data_result,
-        notes=_notes(src_o, src_f, structure, outputs, labels, data_result) + notes,
+        notes=_notes(src_o, src_f, structure, outputs, labels, data_result) + init_note + notes,
         seconds={"load": t1 - t0, "samples": t2 - t1, "data": t3 - t2, "total": time.perf_counter() - t0},
     )
+
+
+def _init_seed(orig: Any, weights: str, src_f: Source, seed: int) -> "tuple[int, list[str]]":
+    """The seed to build a randomly initialised original from: the one the fused file records
+    when it came from the same name with random weights, else ``seed``; and a note saying so."""
+    recorded = src_f.metadata.get("seed")
+    if (weights.strip().lower() != "none" or src_f.metadata.get("weights") != "none"
+            or src_f.metadata.get("arch") != str(orig) or not isinstance(recorded, int)):
+        return seed, []
+    return recorded, [f"the seed {src_f.path} records for its conversion of {orig}"]
 
 
 def _cast(x: "torch.Tensor", dtype: Any, device: Any) -> "torch.Tensor":
@@ -304,6 +317,4 @@ def _notes(src_o: Source, src_f: Source, st: Structure, outputs: dict[str, Outpu
         notes.append(f"{both} output values are NaN or infinite in both models (compared as equal)")
     if data is not None and labels is not None and data.accuracy_orig is None:
         notes.append("the models do not return classifier logits (N, classes): no accuracy was computed")
-    if src_o.weights == "none":
-        notes.append("original built with random weights (--weights none)")
     return notes

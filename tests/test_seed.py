@@ -1,0 +1,88 @@
+"""Random initialisation that can be checked (``--seed``), and verdicts that fit on a screen."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_bnfuse
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bnfuse_cli.checks import OutputCheck, SiteCheck, Tolerance, Verdict  # noqa: E402
+from bnfuse_cli.files.models import build  # noqa: E402
+from bnfuse_cli.files.read import read_checkpoint  # noqa: E402
+from bnfuse_cli.files.write import write_checkpoint  # noqa: E402
+
+
+def test_build_draws_random_weights_from_the_seed_and_leaves_the_global_state() -> None:
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a, b, c = build("resnet18", seed=0), build("resnet18", seed=0), build("resnet18", seed=1)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("seed")
+    for name in ("a", "b"):
+        r = run_bnfuse("convert", "resnet18", "--weights", "none", "-o", str(d / f"{name}.safetensors"), cwd=d)
+        assert r.returncode == 0, r.stderr
+    return d
+
+
+def test_convert_with_random_weights_twice_gives_identical_files(converted: Path) -> None:
+    assert (converted / "a.safetensors").read_bytes() == (converted / "b.safetensors").read_bytes()
+    meta = read_checkpoint(converted / "a.safetensors").metadata
+    assert (meta["weights"], meta["seed"]) == ("none", 0)
+
+
+def test_verify_rebuilds_the_random_original_from_the_recorded_seed(converted: Path) -> None:
+    # --seed 7 draws the inputs; the model is rebuilt from the seed the file records (0)
+    r = run_bnfuse("verify", "resnet18", "a.safetensors", "--weights", "none", "--seed", "7", cwd=converted,
+                   columns=200)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ("note: original built with random weights (--weights none) from seed 0: the seed a.safetensors "
+            "records for its conversion of resnet18") in r.stderr
+
+
+def test_a_wrong_conversion_fails_in_a_few_lines(converted: Path) -> None:
+    ck = read_checkpoint(converted / "a.safetensors")
+    sd = {k: v * 1.5 if k.endswith("conv1.weight") or k.endswith("conv2.weight") else v
+          for k, v in ck.state_dict.items()}
+    write_checkpoint(converted / "wrong.safetensors", state_dict=sd, metadata=ck.metadata)
+    r = run_bnfuse("verify", "resnet18", "wrong.safetensors", "--weights", "none", cwd=converted, columns=100)
+    assert r.returncode == 1, r.stdout + r.stderr
+    verdict = r.stdout[r.stdout.index("DIFFERENT"):]
+    assert "17 of 20 fold sites fail their float64 check: conv1, layer1.0.conv1, layer1.0.conv2 (+14 more; -v or " \
+           "--json lists them all); the worst" in " ".join(verdict.split()), verdict
+    assert len(verdict.splitlines()) <= 8, verdict
+    full = run_bnfuse("verify", "resnet18", "wrong.safetensors", "--weights", "none", "-v", cwd=converted,
+                      columns=100)
+    assert full.returncode == 1 and " ".join(full.stdout.split()).count("fold site layer") == 16, full.stdout
+
+
+def _site(name: str, err: float) -> SiteCheck:
+    return SiteCheck(name, [name + ".bn"], rel_error=err, tolerance=1e-6)
+
+
+def test_summary_counts_names_the_first_and_the_worst() -> None:
+    tol = Tolerance.for_dtype("float32")
+    out = OutputCheck(tol, reference="float64")
+    out.add(torch.ones(3, dtype=torch.float64), torch.ones(3), torch.ones(3))
+    sites = [_site("a", 1e-3), _site("b", 1e-9), _site("c", 5e-2), _site("d", 1e-4), _site("e", 2e-4),
+             _site("f", 3e-4)]
+    v = Verdict(tol, {"random inputs": out}, sites)
+    assert v.summary() == [
+        "5 of 6 fold sites fail their float64 check: a, c, d (+2 more; -v or --json lists them all); the worst, c, "
+        "is 0.05 (relative) away from the original layer and BatchNorm, above 1e-06"]
+    assert len(v.reasons) == 5
+    one = Verdict(tol, {"random inputs": out}, sites[:2])
+    assert one.summary() == one.reasons and len(one.reasons) == 1 and not math.isnan(sites[0].rel_error)
