@@ -167,13 +167,14 @@ def model_dtype(model: "nn.Module") -> "tuple[torch.dtype, torch.device]":
 
 def input_spec(src: Any, input_shape: "str | tuple[int, ...] | None" = None, *,
                batch_size: "int | None" = None) -> InputSpec:
-    """The input for the checks of a loaded source (``.model``, ``.arch``, ``.metadata``):
+    """The input for the checks of a loaded source (``.model``, ``.arch``, ``.meta``):
     ``input_shape``, else the one recorded by an earlier conversion, else the model's own
     ``example_input_shape`` attribute, else inferred from its first layer.  ``batch_size``
     replaces the first dimension."""
     declared = getattr(src.model, "example_input_shape", None)
-    if src.metadata.get("input"):
-        auto = InputSpec.from_dict(src.metadata["input"])
+    recorded = src.meta.input if getattr(src, "meta", None) is not None else None
+    if recorded:
+        auto = InputSpec.from_dict(recorded)
     elif isinstance(declared, (tuple, list)) and declared and all(isinstance(d, int) and d > 0 for d in declared):
         auto = InputSpec(tuple(declared))
     else:

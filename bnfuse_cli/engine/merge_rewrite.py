@@ -9,7 +9,7 @@ BatchNorms were folded (:mod:`.merge_math`) and cast once.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ..errors import BnfuseError
 from .fold import affine_from_stats
@@ -136,19 +136,13 @@ def _by_block(model: "nn.Module", merges: "list[Merge]", convs: "dict[str, nn.Mo
         _rewrite_block(model, name, blocks[name], convs)
 
 
-def apply_saved_structure(model: "nn.Module", metadata: dict) -> None:  # type: ignore[type-arg]
-    """Give a freshly built model the structure a fused file records (its ``steps``: the folds
-    and merges of each round, in order; a file without steps lists folds only)."""
-    from .plan import Fold
+def apply_saved_structure(model: "nn.Module", steps: "Iterable[Any]") -> None:
+    """Give a freshly built model the structure a fused file records: each round's folds, then
+    its merges, in order (``steps`` are :class:`bnfuse_cli.files.meta.Step` rows)."""
     from .rewrite import apply_structure
 
-    steps = metadata.get("steps")
-    if not isinstance(steps, list):
-        steps = [{"folds": metadata.get("folds", []), "merges": []}]
     for step in steps:
-        folds = [Fold.from_list([str(x) for x in row]) for row in step.get("folds", [])]
-        if folds:
-            apply_structure(model, folds)
-        merges = [Merge.from_dict(d) for d in step.get("merges", [])]
-        if merges:
-            apply_merge_structure(model, merges)
+        if step.folds:
+            apply_structure(model, list(step.folds))
+        if step.merges:
+            apply_merge_structure(model, list(step.merges))

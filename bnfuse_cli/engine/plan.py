@@ -127,16 +127,6 @@ class Plan:
             "merge_skips": [asdict(s) for s in self.merge_skips],
         }
 
-    def steps(self) -> list[dict[str, Any]]:
-        """The plan's rounds as a fused file records them: ``{"folds": rows, "merges": dicts}`` each."""
-        rounds = self.rounds or [(len(self.folds), len(self.merges))]
-        out, i, j = [], 0, 0
-        for nf, nm in rounds:
-            out.append({"folds": [f.to_list() for f in self.folds[i:i + nf]],
-                        "merges": [m.to_dict() for m in self.merges[j:j + nm]]})
-            i, j = i + nf, j + nm
-        return out
-
     @property
     def folded_norms(self) -> list[str]:
         """BatchNorms gone from the model: folded into a layer, or merged with their branch."""

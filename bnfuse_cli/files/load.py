@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, UsageError
+from .meta import FusedMeta
 from .models import build
 from .read import NESTED_KEYS, Checkpoint, read_checkpoint, strip_prefixes
 
@@ -26,8 +27,8 @@ class Source:
     arch: "str | None"
     #: "name" (built from a name), "module" (pickled module), "state_dict", "torchscript"
     kind: str
-    #: bnfuse metadata carried by the file (a previous conversion), else {}
-    metadata: dict[str, Any] = field(default_factory=dict)
+    #: what a bnfuse output records of its conversion (None for anything else)
+    meta: "FusedMeta | None" = None
     path: "Path | None" = None
     weights: str = "none"
     notes: list[str] = field(default_factory=list)
@@ -132,19 +133,19 @@ def _pick_weights(ck: Checkpoint, expected: "set[str]", arch: str, *, explicit: 
 def _from_checkpoint(ck: Checkpoint, arch: "str | None", key: "str | None" = None) -> Source:
     from ..engine.merge_rewrite import apply_saved_structure
 
+    meta = FusedMeta.parse(ck.metadata, str(ck.path))
     if ck.kind == "module":
-        return Source(ck.module, arch or ck.metadata.get("arch"), "module", ck.metadata, ck.path, "file", ck.notes)
-    sd = ck.state_dict or {}
-    meta = ck.metadata
-    use_arch = arch or meta.get("arch")
+        return Source(ck.module, arch or (meta.arch if meta else None), "module", meta, ck.path, "file", ck.notes)
+    use_arch = arch or (meta.arch if meta else None)
     if not use_arch:
         hint = " (a TorchScript archive)" if ck.kind == "torchscript" else ""
         raise UsageError(
             f"{ck.path} holds only a state_dict{hint}, so bnfuse needs the model code: pass --arch NAME "
             "(a torchvision name such as resnet50, timm:NAME, or package.module:factory)"
         )
-    model = build(use_arch, weights=None, **meta.get("arch_kwargs", {}))
-    apply_saved_structure(model, meta)  # the folds and merges of each round, as recorded
+    model = build(use_arch, weights=None, **(meta.arch_kwargs if meta else {}))
+    if meta is not None:
+        apply_saved_structure(model, meta.steps)  # the folds and merges of each round, as recorded
     sd, picked = _pick_weights(ck, set(model.state_dict()), use_arch, explicit=key is not None)
     notes = load_state_dict_strict(model, sd, what=str(ck.path), arch=use_arch)
     kind = "torchscript" if ck.kind == "torchscript" else "state_dict"

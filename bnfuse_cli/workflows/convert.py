@@ -18,6 +18,7 @@ from ..engine.analyse import analyse
 from ..engine.plan import Plan
 from ..inputs import InputSpec, as_args, check_shape_option, input_spec, make_input, model_dtype
 from ..files.load import Source, load_source
+from ..files.meta import FusedMeta, steps_of
 
 if TYPE_CHECKING:
     from torch import nn
@@ -256,36 +257,12 @@ def _output_form(src: Source, source: Any, out_path: "Path | None", save_as: "st
 
 def _write(model: "nn.Module", src: Source, report: ConvertReport, out_path: Path, form: str, force: bool,
            placed: "list[Path] | None") -> int:
-    """Write the fused model with the metadata that rebuilds it; the file's size."""
-    meta = {
-        "format": "bnfuse",
-        "version": __version__,
-        "arch": src.arch,
-        "arch_kwargs": src.metadata.get("arch_kwargs", {}),
-        "folds": [f.to_list() for f in _all_folds(src, report.plan)],
-        "merges": [m.to_dict() for m in report.plan.merges],
-        "steps": _earlier_steps(src) + report.plan.steps(),
-        "input": report.input.to_dict(),
-        "dtype": report.dtype,
-        "source": report.source,
-        **({"weights": "none", "seed": src.seed} if src.seed is not None else {}),
-    }
-    return write_checkpoint(out_path, state_dict=model.state_dict(), metadata=meta,
+    """Write the fused model with the record that rebuilds it (a fused source's own rounds first:
+    converting a bnfuse output again keeps the folds and merges that made it); the file's size."""
+    earlier = src.meta.steps if src.meta is not None else []
+    meta = FusedMeta(
+        arch=src.arch, steps=earlier + steps_of(report.plan), arch_kwargs=src.meta.arch_kwargs if src.meta else {},
+        input=report.input.to_dict(), dtype=report.dtype, source=report.source, version=__version__, seed=src.seed,
+    )
+    return write_checkpoint(out_path, state_dict=model.state_dict(), metadata=meta.to_dict(),
                             module=model if form == "module" else None, force=force, placed=placed)
-
-
-def _earlier_steps(src: Source) -> list[Any]:
-    """The rounds of the conversion that produced the source, if any (older files: folds only)."""
-    steps = src.metadata.get("steps")
-    if isinstance(steps, list):
-        return list(steps)
-    rows = src.metadata.get("folds", [])
-    return [{"folds": rows, "merges": []}] if rows else []
-
-
-def _all_folds(src: Source, plan: Plan) -> list[Any]:
-    """Folds of this run plus those of the conversion that produced the source, if any."""
-    from ..engine.plan import Fold
-
-    earlier = [Fold.from_list(r) for r in src.metadata.get("folds", [])]
-    return earlier + list(plan.folds)

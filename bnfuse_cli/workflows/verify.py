@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from ..checks import OutputCheck, SiteCheck, SiteProbe, Tolerance, Verdict
 from .convert import count_tensors
 from ..errors import BnfuseError, UsageError
-from ..engine.plan import Fold
 from ..inputs import InputSpec, as_args, check_shape_option, input_spec, make_input, model_dtype
 from ..files.load import Source, load_source
 from ..files.data import read_data
@@ -52,7 +51,7 @@ def _pick_spec(orig: Source, fused: Source, input_shape: Any, data: "torch.Tenso
     if input_shape is None and data is not None:
         return InputSpec((min(4, int(data.shape[0])), *map(int, data.shape[1:])))
     # a bnfuse output records the input its conversion was checked with
-    return input_spec(fused if fused.metadata.get("input") else orig, input_shape)
+    return input_spec(fused if fused.meta is not None and fused.meta.input else orig, input_shape)
 
 
 def _lower_precision(*dtypes: Any) -> Any:
@@ -63,43 +62,16 @@ def _lower_precision(*dtypes: Any) -> Any:
     return min(known, key=order.index) if known else torch.float32
 
 
-def _recorded_folds(src: Source) -> "list[Fold] | None":
-    """The fold rows in a bnfuse output's metadata (None for a file without them)."""
-    rows = src.metadata.get("folds")
-    if not isinstance(rows, list):
-        return None
-    folds = []
-    for row in rows:
-        try:
-            folds.append(Fold.from_list([str(x) for x in row]))
-        except (TypeError, ValueError):
-            continue
-    return folds
-
-
-def _recorded_merges(src: Source) -> list[Any]:
-    """The merges in a bnfuse output's metadata."""
-    from ..engine.plan import Merge
-
-    out = []
-    for d in src.metadata.get("merges", []) or []:
-        try:
-            out.append(Merge.from_dict(d))
-        except (TypeError, KeyError, ValueError):
-            continue
-    return out
-
-
 def _site_checks(src_o: Source, src_f: Source, x: Any, name: str) -> tuple[list[SiteCheck], list[str]]:
     """Every fold site and merge the fused file names, checked on the activation that reaches it in
     the original (one run of the original in its own dtype and device)."""
     from ..engine.merge_rewrite import main_conv_name
 
-    folds = _recorded_folds(src_f)
-    if folds is None:
+    if src_f.meta is None:
         return [], ["the fused file names no fold sites (not a bnfuse output): checked on outputs only"]
+    folds = src_f.meta.folds
     names = {n for n, _ in src_o.model.named_modules()}
-    merges = [m for m in _recorded_merges(src_f) if m.into in names]
+    merges = [m for m in src_f.meta.merges if m.into in names]
     intos = {m.into for m in merges}
     here = [f for f in folds if f.norm in names and f.producer in names and f.producer not in intos]
     notes = []
@@ -284,11 +256,10 @@ def verify(
 def _init_seed(orig: Any, weights: str, src_f: Source, seed: int) -> "tuple[int, list[str]]":
     """The seed to build a randomly initialised original from: the one the fused file records
     when it came from the same name with random weights, else ``seed``; and a note saying so."""
-    recorded = src_f.metadata.get("seed")
-    if (weights.strip().lower() != "none" or src_f.metadata.get("weights") != "none"
-            or src_f.metadata.get("arch") != str(orig) or not isinstance(recorded, int)):
+    meta = src_f.meta
+    if weights.strip().lower() != "none" or meta is None or meta.seed is None or meta.arch != str(orig):
         return seed, []
-    return recorded, [f"the seed {src_f.path} records for its conversion of {orig}"]
+    return meta.seed, [f"the seed {src_f.path} records for its conversion of {orig}"]
 
 
 def _cast(x: "torch.Tensor", dtype: Any, device: Any) -> "torch.Tensor":
@@ -308,7 +279,7 @@ def _notes(src_o: Source, src_f: Source, st: Structure, outputs: dict[str, Outpu
     added = [n for n in st.bn_fused if n not in set(st.bn_orig)]
     if added:
         notes.append(f"the fused model has BatchNorm layers the original lacks: {', '.join(added[:5])}")
-    recorded = {f.norm for f in _recorded_folds(src_f) or []}
+    recorded = {f.norm for f in src_f.meta.folds} if src_f.meta is not None else set()
     kept = sorted(recorded & set(st.bn_fused))
     if kept:
         notes.append(f"the fused file's metadata says these were folded, yet they are still BatchNorm: {', '.join(kept[:5])}")
