@@ -17,6 +17,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .version import __version__
 from .errors import BnfuseError, DeviceError, OutputError, UnsafeCheckpointError, UsageError
@@ -62,7 +63,7 @@ def _run(fn: Callable[[list[Path]], Any]) -> Any:
             else:
                 err.print("[red]interrupted[/red]: nothing was written")
         else:
-            err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code) from None
 
 
@@ -110,7 +111,7 @@ def _json(data: Any) -> str:
 
 
 def _note(text: str) -> None:
-    err.print(f"[yellow]note:[/yellow] {text}", highlight=False, soft_wrap=True)
+    err.print(f"[yellow]note:[/yellow] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -146,9 +147,9 @@ AutocastOpt = Annotated[Optional[str], typer.Option("--autocast", help="Run both
 @app.command()
 def convert(
     sources: Annotated[list[str], typer.Argument(help="Torchvision model name(s) or checkpoint file(s).", show_default=False)],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (.pth or .safetensors).", dir_okay=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file: .pth, .safetensors, or .pt2 (a torch.export program that runs without bnfuse).", dir_okay=False)] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Output directory, for several sources.", file_okay=False)] = None,
-    suffix: Annotated[str, typer.Option("--suffix", help="With --out-dir: .pth or .safetensors.")] = ".pth",
+    suffix: Annotated[str, typer.Option("--suffix", help="With --out-dir: .pth, .safetensors or .pt2.")] = ".pth",
     arch: ArchOpt = None,
     weights: WeightsOpt = "default",
     input_shape: ShapeOpt = None,
@@ -183,7 +184,7 @@ def convert(
             with _library_output_to_stderr():
                 r = convert_fn(src, dest, arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle,
                                key=key, save_as=save_as, force=force, rtol=rtol, atol=atol, tolerance=tolerance,
-                               seed=seed, placed=placed)
+                               seed=seed, placed=placed, verbose=verbose)
             res.print(convert_table(r))
             for table in plan_tables(r.plan, verbose=verbose):
                 res.print(table)

@@ -330,7 +330,7 @@ def test_check_output_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         check_output_path(src, inputs=[])
     check_output_path(src, inputs=[], force=True)
     with pytest.raises(OutputError, match="unknown output suffix"):
-        check_output_path(tmp_path / "out.onnx")
+        check_output_path(tmp_path / "out.tflite")
     with pytest.raises(OutputError, match="does not exist"):
         check_output_path(tmp_path / "nodir" / "out.pth")
     (tmp_path / "d.pth").mkdir()

@@ -119,7 +119,7 @@ def test_output_paths(sd_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
     _fails(["convert", str(sd_file), "--arch", ARCH, "-o", str(existing)], "already exists", "--force")
     assert existing.read_bytes() == b"keep me"
     _fails(["convert", str(sd_file), "--arch", ARCH, "-o", str(tmp_path / "no" / "dir" / "f.pth")], "does not exist")
-    _fails(["convert", str(sd_file), "--arch", ARCH, "-o", str(tmp_path / "f.onnx")], "unknown output suffix '.onnx'")
+    _fails(["convert", str(sd_file), "--arch", ARCH, "-o", str(tmp_path / "f.tflite")], "unknown output suffix '.tflite'")
 
     real = ckmod._open_temporary
 

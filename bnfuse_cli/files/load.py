@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CheckpointError, UsageError
+from ..errors import BnfuseError, CheckpointError, UsageError
 from .meta import FusedMeta
 from .models import build
+from .outputs import OUTPUT_FORMATS
 from .read import NESTED_KEYS, Checkpoint, read_checkpoint, strip_prefixes
 
 if TYPE_CHECKING:
@@ -152,6 +153,26 @@ def _from_checkpoint(ck: Checkpoint, arch: "str | None", key: "str | None" = Non
     return Source(model, use_arch, kind, meta, ck.path, "file", picked + notes)
 
 
+def _from_program(path: Path, fmt: Any, device: str) -> Source:
+    """An exported program (``.pt2``, ``.onnx``): opened in its own runtime, run as exported (no model code)."""
+    from .integrity import check_file, check_integrity
+
+    check_file(path, what=f"{fmt.runtime} program", suffixes=fmt.suffixes)
+    check_integrity(path, f"{fmt.runtime} program")
+    if fmt.require is not None:
+        fmt.require()
+    try:
+        module, raw = fmt.open(path, device)
+    except BnfuseError:
+        raise
+    except Exception as exc:  # not a program of this format, or one from an incompatible version
+        raise CheckpointError(f"{path} cannot be opened in {fmt.runtime} ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:300]})") from exc
+    meta = FusedMeta.parse(raw, str(path))
+    return Source(module, meta.arch if meta else None, "program", meta, path, "file",
+                  [f"a {fmt.runtime} program: run as exported"])
+
+
 def load_source(
     source: "str | os.PathLike[str]",
     *,
@@ -160,12 +181,16 @@ def load_source(
     allow_pickle: bool = False,
     key: "str | None" = None,
     seed: int = 0,
+    device: str = "cpu",
+    programs: bool = False,
 ) -> Source:
     """Resolve ``source``: an existing file is a checkpoint, otherwise a model name.
 
     For a name, ``weights`` is ``default``, a torchvision weights name, ``none`` (random
     initialisation drawn from ``seed``: the same name and seed give the same model) or a path to
-    a state_dict file.  The model is returned in eval mode.
+    a state_dict file.  The model is returned in eval mode.  With ``programs``, an exported program
+    (``.pt2``, ``.onnx``) is opened in its own runtime, on ``device`` where that runtime can use it
+    (``verify`` runs them; nothing folds a program).
 
     ``key`` is the dotted key path of the weights inside the checkpoint file read (the source, or the
     ``weights`` file of a name), such as ``"model_state"`` or ``"ema.model"``. Without it the weights are
@@ -175,7 +200,10 @@ def load_source(
     text = str(source)
     path = Path(text)
     looks_like_path = ":" not in text and ("/" in text or os.sep in text or bool(path.suffix))
-    if path.exists():
+    program = next((f for f in OUTPUT_FORMATS if f.program and path.suffix.lower() in f.suffixes), None)
+    if path.exists() and program is not None and programs:
+        src = _from_program(path, program, device)
+    elif path.exists():
         src = _from_checkpoint(read_checkpoint(path, allow_pickle=allow_pickle, key=key), arch, key)
     elif not looks_like_path:
         w = weights.strip()
@@ -198,7 +226,8 @@ def load_source(
             src = Source(build(text, weights=w, seed=seed), text, "name", weights=w)
     else:
         raise CheckpointError(f"{path}: no such file")
-    src.model.eval()
+    if src.kind != "program":  # an exported program is already in the mode it was exported in
+        src.model.eval()
     return src
 
 

@@ -69,60 +69,6 @@ class FusedMeta:
         """Every merge of every round, in order."""
         return [m for s in self.steps for m in s.merges]
 
-    @property
-    def random_init(self) -> bool:
-        return self.seed is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"folds": [f.to_list() for f in self.folds], "merges": [m.to_dict() for m in self.merges]}
-
-
-def steps_of(plan: Any) -> list[Step]:
-    """A :class:`~bnfuse_cli.engine.plan.Plan`'s rounds as a fused file records them."""
-    rounds = plan.rounds or [(len(plan.folds), len(plan.merges))]
-    out, i, j = [], 0, 0
-    for nf, nm in rounds:
-        out.append(Step(tuple(plan.folds[i:i + nf]), tuple(plan.merges[j:j + nm])))
-        i, j = i + nf, j + nm
-    return out
-
-
-@dataclass
-class FusedMeta:
-    """A fused file's record of its conversion."""
-
-    arch: "str | None"
-    steps: list[Step] = field(default_factory=list)
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    #: the example input the conversion was checked with (``InputSpec.to_dict()``), if recorded
-    input: "dict[str, Any] | None" = None
-    dtype: "str | None" = None
-    source: "str | None" = None
-    version: "str | None" = None
-    #: the seed of a random initialisation (a model name converted with ``--weights none``), else None
-    seed: "int | None" = None
-
-    @property
-    def folds(self) -> list[Fold]:
-        """Every fold of every round, in order."""
-        return [f for s in self.steps for f in s.folds]
-
-    @property
-    def merges(self) -> list[Merge]:
-        """Every merge of every round, in order."""
-        return [m for s in self.steps for m in s.merges]
-
-    @property
-    def random_init(self) -> bool:
-        return self.seed is not None
-
-    def then(self, steps: "list[Step]", **changes: Any) -> "FusedMeta":
-        """This record followed by a further conversion's ``steps`` (a fused file converted again keeps
-        the folds and merges that made it), with ``changes`` to the other fields."""
-        from dataclasses import replace
-
-        return replace(self, steps=self.steps + list(steps), **changes)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,

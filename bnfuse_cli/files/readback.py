@@ -19,33 +19,30 @@ from .formats import CHUNK, META_KEY, ST_SIZES, byte_view, first_line, st_dtype
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["verify_written"]
+__all__ = ["verify_written", "check_safetensors", "check_torch_file", "meta_equal"]
 
 #: what a check found: missing keys, unexpected keys, keys with different contents, metadata equal
 _Found = "tuple[list[str], list[str], list[str], bool]"
 
 
-def verify_written(tmp: Path, expected: dict[str, "torch.Tensor"], metadata: dict[str, Any], form: str,
-                   final: Path) -> None:
-    """Check the file ``tmp`` against what was meant to be written, without loading it into memory.
+def verify_written(tmp: Path, fmt: Any, payload: Any, final: Path) -> None:
+    """Check the file ``tmp`` against what was meant to be written (``payload``), by the read-back proof of
+    its format's row (:mod:`.outputs`), without loading it into memory where the format allows.
 
     Every key present and no other, dtype and shape (and for .pth strides) equal, the metadata equal, and
     the contents: bit for bit for .safetensors (file bytes against the tensors, read in chunks), by CRC-32
     per storage for .pth (each zip record streamed through ``zipfile``, which checks it against the zip
-    directory's CRC-32, and that CRC-32 compared with the storage's in memory). An OutputError naming
-    ``final`` if anything differs.
+    directory's CRC-32, and that CRC-32 compared with the storage's in memory), value for value for an
+    exported program loaded back. An OutputError naming ``final`` if anything differs.
     """
     try:
-        if final.suffix == ".safetensors":
-            missing, extra, bad, meta_ok = _check_safetensors(tmp, expected, metadata)
-        else:
-            missing, extra, bad, meta_ok = _check_torch_file(tmp, expected, metadata, form)
+        missing, extra, bad, meta_ok = fmt.prove(tmp, payload)
     except Exception as exc:  # anything unreadable in a file we just wrote is a failed write
         raise OutputError(
             f"writing {final} failed the read-back check: the file cannot be read back ({type(exc).__name__}: "
             f"{first_line(str(exc))}); the previous file, if any, is untouched"
         ) from exc
-    meta_ok = meta_ok or form == "module"
+    meta_ok = meta_ok or payload.form == "module"
     if missing or extra or bad or not meta_ok:
         raise OutputError(
             f"writing {final} failed the read-back check (missing {missing[:5]}, unexpected {extra[:5]}, "
@@ -54,7 +51,8 @@ def verify_written(tmp: Path, expected: dict[str, "torch.Tensor"], metadata: dic
         )
 
 
-def _meta_equal(stored: Any, metadata: dict[str, Any]) -> bool:
+def meta_equal(stored: Any, metadata: dict[str, Any]) -> bool:
+    """Whether a record read back equals the one written (as JSON sees them)."""
     return json.loads(json.dumps(metadata, default=str)) == stored
 
 
@@ -96,11 +94,11 @@ def _safetensors_layout(path: Path) -> "tuple[dict[str, tuple[str, list[int], in
     return layout, st_meta
 
 
-def _check_safetensors(tmp: Path, expected: dict[str, "torch.Tensor"], metadata: dict[str, Any]) -> _Found:
+def check_safetensors(tmp: Path, expected: dict[str, "torch.Tensor"], metadata: dict[str, Any]) -> _Found:
     """Read the structure with ``safe_open``, then compare every tensor's bytes with the file's, chunk by chunk."""
     layout, st_meta = _safetensors_layout(tmp)
     raw_meta = st_meta.get(META_KEY, "{}")
-    meta_ok = _meta_equal(json.loads(raw_meta), metadata)
+    meta_ok = meta_equal(json.loads(raw_meta), metadata)
     missing = [k for k in expected if k not in layout]
     extra = [k for k in layout if k not in expected]
     bad, todo = [], []
@@ -219,10 +217,10 @@ def _load_structure(tmp: Path, metadata: dict[str, Any], form: str) -> "tuple[di
     if not isinstance(obj, dict) or set(obj) != {META_KEY, "state_dict"} or not isinstance(obj["state_dict"], dict):
         raise ValueError(f"the file holds {type(obj).__name__} {list(obj)[:4] if isinstance(obj, dict) else ''}, "
                          f"not {{{META_KEY!r}, 'state_dict'}}")
-    return obj["state_dict"], _meta_equal(obj[META_KEY], metadata)
+    return obj["state_dict"], meta_equal(obj[META_KEY], metadata)
 
 
-def _check_torch_file(tmp: Path, expected: dict[str, "torch.Tensor"], metadata: dict[str, Any], form: str) -> _Found:
+def check_torch_file(tmp: Path, expected: dict[str, "torch.Tensor"], metadata: dict[str, Any], form: str) -> _Found:
     """Stream every zip record through ``zipfile`` (its CRC-32 checked), load the structure with ``mmap=True``,
     and compare each key's storage (by its CRC-32) with the record it was loaded from."""
     import torch

@@ -11,16 +11,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import json
 import os
 import re
 import socket
-import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import OutputError
-from .formats import META_KEY, byte_view, st_dtype
+from .outputs import OutputFormat, Payload, output_format
 from .readback import verify_written
 
 if TYPE_CHECKING:
@@ -43,10 +41,7 @@ _WRITE_HINTS = {
 def check_output_path(output: Path, *, inputs: "list[Path]" = (), force: bool = False) -> None:  # type: ignore[assignment]
     """Refuse to overwrite an input, an existing file without ``force``, or write where we cannot
     (checked before any work; :func:`write_checkpoint` enforces ``force`` again when it places the file)."""
-    if output.suffix not in (".pth", ".pt", ".safetensors"):
-        raise OutputError(
-            f"{output}: unknown output suffix {output.suffix or '(none)'!r}; use .pth, .pt or .safetensors"
-        )
+    output_format(output)  # a suffix bnfuse writes
     for src in inputs:
         if src.exists() and output.exists() and output.resolve() == src.resolve():
             raise OutputError(f"{output} is the input file: bnfuse never overwrites its input; choose another -o")
@@ -77,33 +72,42 @@ def write_checkpoint(
     state_dict: "dict[str, torch.Tensor]",
     metadata: dict[str, Any],
     module: "nn.Module | None" = None,
+    program: "bytes | None" = None,
     force: bool = False,
     placed: "list[Path] | None" = None,
+    prove: "Callable[[Path], None] | None" = None,
     _after_write: "Callable[[Path], None] | None" = None,
 ) -> int:
-    """Write atomically; return the file size.  ``module`` given: a pickled module (.pth only).
+    """Write atomically in the format of ``output``'s suffix (:mod:`.outputs`); return the file size.
 
     ``.safetensors``: the state_dict, with ``metadata`` as a JSON string under ``bnfuse``.
     ``.pth``/``.pt``: ``{"bnfuse": metadata, "state_dict": ...}`` (loads with weights_only=True),
-    or ``torch.save(module)`` when ``module`` is given.
+    or ``torch.save(module)`` when ``module`` is given.  ``.pt2``: ``program``, the bytes of an
+    exported program (:func:`bnfuse_cli.files.export.program_bytes`), whose weights must equal
+    ``state_dict``.
 
     The data goes to an anonymous file (``O_TMPFILE``; a named ``.NAME.bnfuse-tmp.*`` file where that is
-    not supported), is fsynced, read back and checked, and placed: ``force=False`` links it into place and
-    fails with :class:`OutputError` if ``output`` exists, even when another process created it during the
-    write; ``force=True`` renames it over ``output`` atomically. Then the directory is fsynced. The file
-    gets mode 0666 less the umask.  ``output`` is appended to ``placed`` (when given) the moment it is in
-    place, also when an interrupt arrives right after the link or rename, so the list is true at every
-    instant: an output not in it was not created or changed. An OS-level failure (ENOSPC, EFBIG, EIO, EROFS, EDQUOT) is an
-    :class:`OutputError` naming the file and the cause; nothing is left behind and an old file is intact.
+    not supported), is fsynced, read back and checked by the format's proof, then by ``prove`` (the
+    caller's judgement of the file in its own runtime, raising to refuse it), and placed: ``force=False``
+    links it into place and fails with :class:`OutputError` if ``output`` exists, even when another process
+    created it during the write; ``force=True`` renames it over ``output`` atomically. Then the directory is
+    fsynced. The file gets mode 0666 less the umask.  ``output`` is appended to ``placed`` (when given) the
+    moment it is in place, also when an interrupt arrives right after the link or rename, so the list is
+    true at every instant: an output not in it was not created or changed.  An OS-level failure (ENOSPC,
+    EFBIG, EIO, EROFS, EDQUOT) is an :class:`OutputError` naming the file and the cause; nothing is left
+    behind and an old file is intact.
     """
     output = Path(output)
-    form = "module" if module is not None else "state_dict"
-    _may_write(output, form, force)
+    fmt = output_format(output)
+    payload = Payload(state_dict, metadata, module, program)
+    _may_write(output, fmt, payload, force)
     with _temporary(output, placed) as (fd, tmp, named, kept, leftovers):
-        _write_data(fd, output, state_dict, metadata, module, kept)
+        _write_data(fd, output, fmt, payload, kept)
         if _after_write is not None:
             _after_write(tmp)
-        verify_written(tmp, state_dict, metadata, form, output)
+        verify_written(tmp, fmt, payload, output)
+        if prove is not None:
+            prove(tmp)
         _put_in_place(output, tmp, named, force=force, kept=kept, placed=placed, leftovers=leftovers)
         return os.fstat(fd).st_size
 
@@ -157,27 +161,21 @@ def _temporary(output: Path, placed: "list[Path] | None"
         os.close(fd)
 
 
-def _may_write(output: Path, form: str, force: bool) -> None:
+def _may_write(output: Path, fmt: OutputFormat, payload: Payload, force: bool) -> None:
     """An OutputError for what cannot be written at all, or not without ``force``."""
-    if form == "module" and output.suffix == ".safetensors":
-        raise OutputError(f"{output}: a whole pickled module cannot be stored as .safetensors; use .pth")
+    if payload.module is not None and not fmt.holds_module:
+        raise OutputError(f"{output}: a whole pickled module cannot be stored as {output.suffix}; use .pth")
+    if fmt.program and payload.program is None:
+        raise OutputError(f"{output}: a {output.suffix} file is a program exported from the model: export it first")
     if not force and os.path.lexists(output):
         raise OutputError(f"{output} already exists: pass --force to replace it")
 
 
-def _write_data(fd: int, output: Path, state_dict: "dict[str, torch.Tensor]", metadata: dict[str, Any],
-                module: "nn.Module | None", kept: str) -> None:
+def _write_data(fd: int, output: Path, fmt: OutputFormat, payload: Payload, kept: str) -> None:
     """Write the file's contents to ``fd`` and fsync them; a failed write is an OutputError with its cause."""
-    import torch
-
     writer = _FdWriter(fd)
     try:
-        if output.suffix == ".safetensors":
-            _write_safetensors(writer, state_dict, metadata, output)
-        elif module is not None:
-            torch.save(module, writer)
-        else:
-            torch.save({META_KEY: metadata, "state_dict": state_dict}, writer)
+        fmt.write(writer, payload, output)
         os.fsync(fd)
     except (OSError, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and writer.error is None and "unexpected pos" not in str(exc):
@@ -273,29 +271,6 @@ class _FdWriter(io.RawIOBase):
             self.error = self.error or exc
             raise
         return done
-
-
-def _write_safetensors(out: _FdWriter, state_dict: "dict[str, torch.Tensor]", metadata: dict[str, Any],
-                       output: Path) -> None:
-    """The .safetensors format, streamed one tensor at a time (safetensors' own writer goes through a named
-    temporary file of its own, mode 0600, which neither an anonymous file nor the umask allow)."""
-    names = sorted(state_dict, key=lambda k: -state_dict[k].element_size())  # widest first: every offset aligned
-    header: dict[str, Any] = {"__metadata__": {META_KEY: json.dumps(metadata)}}
-    offset = 0
-    for k in names:
-        t = state_dict[k]
-        dtype = st_dtype(t.dtype)
-        if dtype is None:
-            raise OutputError(f"cannot write {output}: tensor {k!r} has dtype {t.dtype}, which .safetensors cannot "
-                              "store; write a .pth instead")
-        nbytes = t.numel() * t.element_size()
-        header[k] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    out.write(struct.pack("<Q", len(raw)) + raw)
-    for k in names:
-        out.write(byte_view(state_dict[k]))
 
 
 def _cause(exc: OSError) -> str:

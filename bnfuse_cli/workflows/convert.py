@@ -19,6 +19,7 @@ from ..engine.plan import Plan
 from ..inputs import InputSpec, as_args, check_shape_option, input_spec, make_input, model_dtype
 from ..files.load import Source, load_source
 from ..files.meta import FusedMeta, steps_of
+from ..files.outputs import OUTPUT_FORMATS, output_format, suffixes_text
 
 if TYPE_CHECKING:
     from torch import nn
@@ -134,8 +135,8 @@ def outputs_for(sources: "list[str]", output: "str | os.PathLike[str] | None", o
         raise UsageError("several sources need --out-dir DIR (one output per source) instead of -o")
     if output is not None and out_dir is not None:
         raise UsageError("give either -o/--output or --out-dir, not both")
-    if suffix not in (".pth", ".pt", ".safetensors"):
-        raise UsageError(f"--suffix {suffix!r}: use .pth or .safetensors")
+    if not any(suffix.lower() in f.suffixes for f in OUTPUT_FORMATS):
+        raise UsageError(f"--suffix {suffix!r}: use {suffixes_text()}")
     if out_dir is None:
         return [Path(output) if output is not None else None]
     if not Path(out_dir).is_dir():
@@ -163,6 +164,7 @@ def convert(
     key: "str | None" = None,
     seed: int = 0,
     placed: "list[Path] | None" = None,
+    verbose: bool = False,
 ) -> ConvertReport:
     """Fold every foldable BatchNorm of ``source`` and write the fused model to ``output``.
 
@@ -175,7 +177,9 @@ def convert(
     negative (:class:`FoldError`).  ``output=None`` folds and checks without writing.  ``key``
     picks the weights inside a checkpoint that holds several (a dotted path, ``ema.model``).
     ``placed``, when given, gets the output appended the moment it is in place (see
-    :func:`bnfuse_cli.files.write.write_checkpoint`).
+    :func:`bnfuse_cli.files.write.write_checkpoint`).  An output ending in ``.pt2`` is a program
+    exported with ``torch.export`` (it runs without bnfuse or the model's code), loaded back and
+    judged against the original before it is placed; ``verbose`` shows the exporter's messages.
     """
     t0 = time.perf_counter()
     rtol = _rtol(rtol, tolerance)
@@ -189,7 +193,8 @@ def convert(
     params_before, buffers_before = count_tensors(model)
     args = as_args(make_input(spec, dtype=dtype, device=device, seed=seed))
     t1 = time.perf_counter()
-    result = fuse(model, args, inplace=True, rtol=rtol, atol=atol)
+    fmt = output_format(out_path) if out_path is not None else None
+    result = fuse(model, args, inplace=True, rtol=rtol, atol=atol, keep_reference=bool(fmt and fmt.program))
     t4 = time.perf_counter()
     params_after, buffers_after = count_tensors(model)
     report = ConvertReport(
@@ -209,7 +214,8 @@ def convert(
         )
     if out_path is not None and form is not None:
         report.form = form.replace("-", "_")
-        report.file_size = _write(model, src, report, out_path, form, force, placed)
+        judge = _ProgramJudge(fmt, result.reference, args, report, verbose=verbose) if fmt.program else None
+        report.file_size = _write(model, src, report, out_path, form, force, placed, judge)
     t5 = time.perf_counter()
     fs = result.seconds
     report.seconds = {"load": t1 - t0, "analyse": fs["analyse"], "fold": fs["rewrite"], "check": fs["check"],
@@ -233,9 +239,16 @@ def _check_options(source: Any, out_path: "Path | None", *, save_as: "str | None
     """Every option that can be checked without the model, before any work."""
     if save_as not in (None, "module", "state-dict"):
         raise UsageError(f"--save-as {save_as!r}: choose module or state-dict")
-    if save_as == "module" and out_path is not None and out_path.suffix == ".safetensors":
-        raise UsageError(f"--save-as module needs a .pth output: .safetensors holds tensors only ({out_path})")
     if out_path is not None:
+        fmt = output_format(out_path)
+        if save_as == "module" and not fmt.holds_module:
+            raise UsageError(f"--save-as module needs a .pth output: {out_path.suffix} cannot hold a pickled module "
+                             f"({out_path})")
+        if save_as is not None and fmt.program:
+            raise UsageError(f"--save-as does not apply to {out_path.suffix}: it is a program exported from the "
+                             f"fused model ({out_path})")
+        if fmt.require is not None:
+            fmt.require()
         check_output_path(out_path, inputs=[Path(str(source))], force=force)
     Tolerance.for_dtype("float32", rtol, atol)
     check_shape_option(input_shape)
@@ -246,7 +259,10 @@ def _output_form(src: Source, source: Any, out_path: "Path | None", save_as: "st
     .safetensors, which holds tensors only).  Checked before the work, not after."""
     if out_path is None:
         return None
-    form = save_as or ("module" if src.kind == "module" and out_path.suffix != ".safetensors" else "state-dict")
+    fmt = output_format(out_path)
+    if fmt.program:
+        return "program"
+    form = save_as or ("module" if src.kind == "module" and fmt.holds_module else "state-dict")
     if form == "state-dict" and not src.arch:
         raise UsageError(
             f"{source} is a pickled module of unknown architecture: a state_dict output ({out_path.name}) "
@@ -256,7 +272,7 @@ def _output_form(src: Source, source: Any, out_path: "Path | None", save_as: "st
 
 
 def _write(model: "nn.Module", src: Source, report: ConvertReport, out_path: Path, form: str, force: bool,
-           placed: "list[Path] | None") -> int:
+           placed: "list[Path] | None", judge: "_ProgramJudge | None") -> int:
     """Write the fused model with the record that rebuilds it (a fused source's own rounds first:
     converting a bnfuse output again keeps the folds and merges that made it); the file's size."""
     earlier = src.meta.steps if src.meta is not None else []
@@ -264,5 +280,48 @@ def _write(model: "nn.Module", src: Source, report: ConvertReport, out_path: Pat
         arch=src.arch, steps=earlier + steps_of(report.plan), arch_kwargs=src.meta.arch_kwargs if src.meta else {},
         input=report.input.to_dict(), dtype=report.dtype, source=report.source, version=__version__, seed=src.seed,
     )
+    program = None
+    if judge is not None:  # exported before any file is opened: a model that cannot be exported leaves nothing
+        program = judge.export(model, meta.to_dict())
     return write_checkpoint(out_path, state_dict=model.state_dict(), metadata=meta.to_dict(),
-                            module=model if form == "module" else None, force=force, placed=placed)
+                            module=model if form == "module" else None, program=program, force=force,
+                            placed=placed, prove=judge)
+
+
+class _ProgramJudge:
+    """Exports the fused model in a program format of the output table, and judges the exported file
+    in its own runtime against the original before it is placed: the same allowance and report fields
+    as the fused model itself."""
+
+    def __init__(self, fmt: Any, reference: Any, args: tuple[Any, ...], report: ConvertReport, *,
+                 verbose: bool) -> None:
+        self.fmt, self.reference, self.args, self.report, self.verbose = fmt, reference, args, report, verbose
+
+    def export(self, model: "nn.Module", metadata: dict[str, Any]) -> bytes:
+        data, dims = self.fmt.export(model, self.args, metadata, self.verbose)
+        self.report.notes += [f"exported for {self.fmt.runtime}: {d}" for d in dims]
+        return data
+
+    def __call__(self, tmp: Path) -> None:
+        """Open ``tmp`` in its runtime and judge its output on the example input."""
+        import torch
+
+        from ..checks import OutputCheck
+        from ..precision import exact_math
+
+        verdict, label = self.report.verdict, f"read back: {self.fmt.runtime}"
+        program, _ = self.fmt.open(tmp, "cpu")
+        with exact_math(), torch.no_grad():
+            out = program(*self.args)
+        del program
+        check = verdict.outputs[label] = OutputCheck(verdict.tolerance, reference="original")
+        check.add(self.reference, out)
+        sites = sum(s.skipped is None for s in verdict.sites)
+        self.report.notes.append(
+            f"the {Path(str(self.report.output)).suffix} file, opened in {self.fmt.runtime}, was judged against "
+            f"the original on the example input; it holds the fused weights under their layer names, so the "
+            f"{sites} fold site(s) checked are its own")
+        if not check.ok:
+            raise FoldError(
+                f"{self.report.output}: the exported program does not compute what the original computes "
+                f"({check.reason(label)}); nothing was written")

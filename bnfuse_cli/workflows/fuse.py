@@ -35,6 +35,9 @@ class FuseResult:
     #: the model was in training mode and was switched to eval before folding
     switched_to_eval: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
+    #: the original's output on the example input (kept with ``keep_reference=True``, to judge an
+    #: exported copy of the fused model against the original later)
+    reference: Any = None
 
     @property
     def ok(self) -> bool:
@@ -116,6 +119,7 @@ def fuse(
     rtol: "float | None" = None,
     atol: "float | None" = None,
     merge: bool = True,
+    keep_reference: bool = False,
 ) -> FuseResult:
     """Fold every BatchNorm of ``model`` that can be folded exactly, merge every sum of parallel
     branches that can become one conv (``merge=True``), and judge the result.
@@ -128,7 +132,8 @@ def fuse(
     with TF32 switched off (restored after), so the verdict does not depend on it.
     ``rtol``/``atol`` default by the model's dtype (:data:`bnfuse_cli.checks.TOLERANCES`).
     With ``inplace=False`` (the default) the caller's model is left untouched.  The result's
-    ``ok`` is the verdict; nothing is raised for a negative one.
+    ``ok`` is the verdict; nothing is raised for a negative one.  ``keep_reference`` keeps the
+    original's output on the example input in the result (``reference``).
     """
     import torch
 
@@ -149,6 +154,7 @@ def fuse(
         flags = precision_flags(device, dtype=dtype)
     check = OutputCheck(tol, reference="original")
     check.add(reference, fused_out)
+    kept = reference if keep_reference else None
     del reference, fused_out
     verdict = Verdict(
         tol, {"example input": check}, sites, flags,
@@ -160,6 +166,7 @@ def fuse(
         plan=plan,
         verdict=verdict,
         switched_to_eval=switched,
+        reference=kept,
         seconds={"copy": t1 - t0, "analyse": seconds["analyse"], "rewrite": seconds["rewrite"],
                  "check": t4 - t3 + seconds["check"]},
     )

@@ -13,6 +13,7 @@ Nothing here prints or exits.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -83,7 +84,33 @@ def _site_checks(src_o: Source, src_f: Source, x: Any, name: str) -> tuple[list[
     with probe.hooks(src_o.model):
         _run(src_o.model, x, "original", name)
     probe.reference(src_o.model)
-    return probe.check(src_f.model), notes
+    if src_f.kind != "program":
+        return probe.check(src_f.model), notes
+    mapped, unmapped = _program_layers(src_o, src_f)
+    sites = probe.check(mapped)
+    for s in sites:
+        if s.layer in unmapped:
+            s.skipped, s.rel_error = f"its weights are not in {src_f.path} under its name (checked end to end only)", \
+                math.nan
+    notes.append(f"{sum(s.skipped is None for s in sites)} of {len(sites)} fold site(s) checked on the weights "
+                 f"{src_f.path} holds under their layer names; the outputs come from its program as exported")
+    return sites, notes
+
+
+def _program_layers(src_o: Source, src_f: Source) -> "tuple[nn.Module, set[str]]":
+    """The fused structure rebuilt from the original (its recorded rounds) holding an exported program's
+    weights, mapped by name: (that module, the layers whose weights the program lacks)."""
+    import copy
+
+    from ..engine.merge_rewrite import apply_saved_structure
+    from ..files.export import program_weights
+
+    mapped = copy.deepcopy(src_o.model)
+    apply_saved_structure(mapped, src_f.meta.steps)
+    weights = program_weights(src_f.model)
+    keys = mapped.load_state_dict({k: v for k, v in weights.items() if k in mapped.state_dict()}, strict=False)
+    unmapped = {k.rsplit(".", 1)[0] for k in keys.missing_keys}
+    return mapped, unmapped
 
 
 def _float64_copy(model: "nn.Module", device: Any) -> "nn.Module | None":
@@ -198,7 +225,7 @@ def verify(
     inputs = labels = None
     if data is not None:
         inputs, labels = read_data(data, allow_pickle=allow_pickle)
-    src_f = load_source(fused, arch=arch, weights=weights, allow_pickle=allow_pickle)
+    src_f = load_source(fused, arch=arch, weights=weights, allow_pickle=allow_pickle, device=device, programs=True)
     init_seed, why = _init_seed(orig, weights, src_f, seed)
     src_o = load_source(orig, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key, seed=init_seed)
     init_note = [] if src_o.seed is None else [

@@ -1,0 +1,191 @@
+"""The one table of output formats: suffix -> writer, read-back proof, what it needs, which extra.
+
+:func:`bnfuse_cli.files.write.write_checkpoint` writes any row through the same temporary file,
+read-back and placement; adding a format is one row here (and its writer and proof functions).
+A *program* format is exported from the fused module on the example input and runs without
+bnfuse or the model's code; the workflow that writes it also judges it in its own runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import OutputError
+from .formats import META_KEY, byte_view, st_dtype
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["Payload", "OutputFormat", "OUTPUT_FORMATS", "output_format", "suffixes_text"]
+
+
+@dataclass
+class Payload:
+    """What goes into a file: the fused state_dict and bnfuse's record, and, by format, the module
+    itself (a pickled-module .pth) or the exported program's bytes (.pt2)."""
+
+    state_dict: "dict[str, torch.Tensor]"
+    metadata: dict[str, Any]
+    module: "nn.Module | None" = None
+    program: "bytes | None" = None
+
+    @property
+    def form(self) -> str:
+        return "module" if self.module is not None else ("program" if self.program is not None else "state_dict")
+
+
+#: (file, payload, final path) -> None: write the payload to an open binary file
+Writer = Callable[[Any, Payload, Path], None]
+#: (written temporary file, payload) -> (missing keys, unexpected keys, differing keys, metadata equal)
+Proof = Callable[[Path, Payload], "tuple[list[str], list[str], list[str], bool]"]
+#: (fused module, example args, metadata, verbose) -> (the file's bytes, notes on its dynamic dimensions)
+Exporter = Callable[[Any, "tuple[Any, ...]", "dict[str, Any]", bool], "tuple[bytes, list[str]]"]
+#: (path, device) -> (the program as a module that runs it in its own runtime, bnfuse's record)
+Opener = Callable[[Path, str], "tuple[Any, dict[str, Any]]"]
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """One output format."""
+
+    name: str
+    suffixes: tuple[str, ...]
+    write: Writer
+    #: the read-back proof of what is on disk (structure and bytes; a program is also judged by the workflow)
+    prove: Proof
+    #: can hold a whole pickled module (``--save-as module``)
+    holds_module: bool = False
+    #: an exported program (needs the module and the example input, runs without bnfuse): how it is
+    #: exported, and how it is opened and run in its own runtime
+    export: "Exporter | None" = None
+    open: "Opener | None" = None
+    #: the runtime a program runs in, for messages and reports
+    runtime: str = "bnfuse_cli.load"
+    #: checks that what the format needs is installed (an ``ExtraMissing`` naming the install command)
+    require: "Callable[[], None] | None" = None
+
+    @property
+    def program(self) -> bool:
+        return self.export is not None
+
+
+def _write_torch(out: Any, p: Payload, final: Path) -> None:
+    import torch
+
+    torch.save(p.module if p.module is not None else {META_KEY: p.metadata, "state_dict": p.state_dict}, out)
+
+
+def _write_safetensors(out: Any, p: Payload, final: Path) -> None:
+    """The .safetensors format, streamed one tensor at a time (safetensors' own writer goes through a named
+    temporary file of its own, mode 0600, which neither an anonymous file nor the umask allow)."""
+    sd = p.state_dict
+    names = sorted(sd, key=lambda k: -sd[k].element_size())  # widest first: every offset aligned
+    header: dict[str, Any] = {"__metadata__": {META_KEY: json.dumps(p.metadata)}}
+    offset = 0
+    for k in names:
+        t = sd[k]
+        dtype = st_dtype(t.dtype)
+        if dtype is None:
+            raise OutputError(f"cannot write {final}: tensor {k!r} has dtype {t.dtype}, which .safetensors cannot "
+                              "store; write a .pth instead")
+        nbytes = t.numel() * t.element_size()
+        header[k] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    out.write(struct.pack("<Q", len(raw)) + raw)
+    for k in names:
+        out.write(byte_view(sd[k]))
+
+
+def _write_program(out: Any, p: Payload, final: Path) -> None:
+    if p.program is None:  # pragma: no cover - the workflow exports before writing
+        raise OutputError(f"{final}: nothing was exported to write")
+    out.write(p.program)
+
+
+def _prove_torch(tmp: Path, p: Payload) -> Any:
+    from .readback import check_torch_file
+
+    return check_torch_file(tmp, p.state_dict, p.metadata, p.form)
+
+
+def _prove_safetensors(tmp: Path, p: Payload) -> Any:
+    from .readback import check_safetensors
+
+    return check_safetensors(tmp, p.state_dict, p.metadata)
+
+
+def _prove_program(tmp: Path, p: Payload) -> Any:
+    from .export import check_program
+
+    return check_program(tmp, p.state_dict, p.metadata)
+
+
+def _prove_onnx(tmp: Path, p: Payload) -> Any:
+    from .export import check_onnx
+
+    return check_onnx(tmp, p.state_dict, p.metadata)
+
+
+def _export_pt2(model: Any, args: "tuple[Any, ...]", metadata: "dict[str, Any]", verbose: bool
+                ) -> "tuple[bytes, list[str]]":
+    from .export import export_program, program_bytes
+
+    ep, dims = export_program(model, args, verbose=verbose)
+    return program_bytes(ep, metadata), dims
+
+
+def _export_onnx(model: Any, args: "tuple[Any, ...]", metadata: "dict[str, Any]", verbose: bool
+                 ) -> "tuple[bytes, list[str]]":
+    from .export import onnx_bytes
+
+    return onnx_bytes(model, args, metadata, verbose=verbose)
+
+
+def _open_pt2(path: Path, device: str) -> Any:
+    from .export import open_pt2
+
+    return open_pt2(path, device)
+
+
+def _open_onnx(path: Path, device: str) -> Any:
+    from .export import open_onnx
+
+    return open_onnx(path, device)
+
+
+def _require_onnx() -> None:
+    from .export import require_onnx
+
+    require_onnx()
+
+
+OUTPUT_FORMATS: tuple[OutputFormat, ...] = (
+    OutputFormat("pth", (".pth", ".pt"), _write_torch, _prove_torch, holds_module=True),
+    OutputFormat("safetensors", (".safetensors",), _write_safetensors, _prove_safetensors),
+    OutputFormat("pt2", (".pt2",), _write_program, _prove_program, export=_export_pt2, open=_open_pt2,
+                 runtime="torch.export"),
+    OutputFormat("onnx", (".onnx",), _write_program, _prove_onnx, export=_export_onnx, open=_open_onnx,
+                 runtime="onnxruntime", require=_require_onnx),
+)
+
+
+def suffixes_text() -> str:
+    """``.pth, .pt, .safetensors or .pt2``: the suffixes bnfuse writes, for messages."""
+    all_ = [s for f in OUTPUT_FORMATS for s in f.suffixes]
+    return ", ".join(all_[:-1]) + " or " + all_[-1]
+
+
+def output_format(path: "str | Path") -> OutputFormat:
+    """The format of an output path, by its suffix; an :class:`OutputError` naming the suffixes known."""
+    suffix = Path(path).suffix.lower()
+    for f in OUTPUT_FORMATS:
+        if suffix in f.suffixes:
+            return f
+    raise OutputError(f"{path}: unknown output suffix {Path(path).suffix or '(none)'!r}; use {suffixes_text()}")

@@ -1,0 +1,204 @@
+"""``.pt2`` outputs (``torch.export``): written only once judged in their own runtime, loadable where
+neither bnfuse nor the model's code is, verified like any fused file, and refused cleanly when the
+model cannot be exported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import models_merge as mm
+from conftest import ROOT, randomize_bn, run_bnfuse
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bnfuse_cli.checks import OutputCheck, Tolerance  # noqa: E402
+
+TESTS = ROOT / "tests"
+ARCH = "models_merge:RepVGG"
+
+#: loads a .pt2 where bnfuse, the model's module and the model zoos cannot be imported, and runs it
+_ISOLATED = r"""
+import importlib.abc, json, sys
+BLOCKED = ("bnfuse_cli", "models_merge", "models_export", "torchvision", "timm")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked in this process")
+sys.meta_path.insert(0, Block())
+import torch
+program = torch.export.load(sys.argv[1]).module()
+inputs = torch.load(sys.argv[2])
+outputs = [program(x) for x in inputs]
+torch.save(outputs, sys.argv[3])
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)))
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> "tuple[Path, torch.nn.Module]":
+    d = tmp_path_factory.mktemp("pt2")
+    torch.manual_seed(0)
+    model = randomize_bn(mm.RepVGG(), seed=4).eval()
+    torch.save(model.state_dict(), d / "orig.pth")
+    r = run_bnfuse("convert", str(d / "orig.pth"), "--arch", ARCH, "--input-shape", "1,3,16,16", "-o",
+                   str(d / "fused.pt2"), cwd=TESTS, columns=200)
+    assert r.returncode == 0, r.stderr
+    assert "note: exported for torch.export: input 0 ?x3x?x?: dynamic batch, 2, 3" in r.stderr, r.stderr
+    assert "the .pt2 file, opened in torch.export, was judged against the original" in r.stderr
+    return d, model
+
+
+def test_pt2_runs_without_bnfuse_or_the_model_code(exported: "tuple[Path, torch.nn.Module]") -> None:
+    d, model = exported
+    g = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(1, 3, 16, 16, generator=g), torch.randn(3, 3, 16, 16, generator=g),
+              torch.randn(2, 3, 20, 12, generator=g)]
+    torch.save(inputs, d / "inputs.pt")
+    r = subprocess.run([sys.executable, "-I", "-c", _ISOLATED, str(d / "fused.pt2"), str(d / "inputs.pt"),
+                        str(d / "outputs.pt")], capture_output=True, text=True, cwd="/", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == []  # none of the blocked modules was needed
+    outputs = torch.load(d / "outputs.pt")
+    for x, y in zip(inputs, outputs):
+        check = OutputCheck(Tolerance.for_dtype(torch.float32), reference="float64")
+        with torch.no_grad():
+            check.add(model.double()(x.double()), y, model.float()(x))
+        assert check.ok and y.shape[0] == x.shape[0], check.reason(str(tuple(x.shape)))
+
+
+def _tampered(src: Path, dest: Path, key: str, factor: float) -> None:
+    """A copy of a .pt2 with one weight scaled: what a wrong fold of one layer looks like there."""
+    extra = {"bnfuse.json": ""}
+    ep = torch.export.load(str(src), extra_files=extra)
+    with torch.no_grad():
+        ep.state_dict[key].mul_(factor)
+    torch.export.save(ep, str(dest), extra_files=extra)
+
+
+def test_verify_judges_a_pt2_in_its_runtime(exported: "tuple[Path, torch.nn.Module]") -> None:
+    d, _ = exported
+    ok = run_bnfuse("verify", str(d / "orig.pth"), str(d / "fused.pt2"), "--arch", ARCH, cwd=TESTS, columns=200)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "note: 1 of 1 fold site(s) checked on the weights" in ok.stderr, ok.stderr
+    _tampered(d / "fused.pt2", d / "wrong.pt2", "block.kxk.weight", 1.5)
+    bad = run_bnfuse("verify", str(d / "orig.pth"), str(d / "wrong.pt2"), "--arch", ARCH, cwd=TESTS, columns=200)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    text = " ".join(bad.stdout.split())
+    assert "DIFFERENT" in text and "fold site block.kxk (" in text, text
+
+
+def test_a_model_that_cannot_be_exported_is_exit_2_and_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "dd.pt2"
+    r = run_bnfuse("convert", "models_export:DataDependent", "--weights", "none", "--input-shape", "1,3,8,8",
+                   "-o", str(out), cwd=TESTS, columns=200)
+    assert r.returncode == 2, r.stdout + r.stderr
+    msg = r.stderr.strip()
+    assert msg.startswith("error: the fused model cannot be exported with torch.export (") and "Traceback" not in msg
+    assert msg.endswith("nothing was written. A model with data-dependent control flow cannot become a .pt2 "
+                        "program: write .pth or .safetensors instead"), msg
+    assert len(msg.splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- ONNX (the onnx extra)
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+#: runs an .onnx file in onnxruntime where bnfuse and the model's module cannot be imported
+_ISOLATED_ORT = r"""
+import importlib.abc, json, sys
+BLOCKED = ("bnfuse_cli", "models_merge", "models_export", "torchvision", "timm")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked in this process")
+sys.meta_path.insert(0, Block())
+import numpy as np, onnxruntime as ort
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+name = session.get_inputs()[0].name
+inputs = np.load(sys.argv[2])
+np.savez(sys.argv[3], **{k: session.run(None, {name: inputs[k]})[0] for k in inputs.files})
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)))
+"""
+
+
+@pytest.fixture(scope="module")
+def exported_onnx(exported: "tuple[Path, torch.nn.Module]") -> "tuple[Path, torch.nn.Module]":
+    d, model = exported
+    r = run_bnfuse("convert", str(d / "orig.pth"), "--arch", ARCH, "--input-shape", "1,3,16,16", "-o",
+                   str(d / "fused.onnx"), cwd=TESTS, columns=200)
+    assert r.returncode == 0, r.stderr
+    assert "note: exported for onnxruntime: input 0 ?x3x?x?: dynamic batch, 2, 3; opset 20" in r.stderr, r.stderr
+    assert "the .onnx file, opened in onnxruntime, was judged against the original" in r.stderr
+    return d, model
+
+
+def test_onnx_runs_in_onnxruntime_without_bnfuse_or_the_model_code(exported_onnx: "tuple[Path, torch.nn.Module]"
+                                                                  ) -> None:
+    import numpy as np
+
+    d, model = exported_onnx
+    g = torch.Generator().manual_seed(5)
+    inputs = {"b1": torch.randn(1, 3, 16, 16, generator=g), "b3": torch.randn(3, 3, 16, 16, generator=g)}
+    np.savez(d / "inputs.npz", **{k: v.numpy() for k, v in inputs.items()})
+    r = subprocess.run([sys.executable, "-I", "-c", _ISOLATED_ORT, str(d / "fused.onnx"), str(d / "inputs.npz"),
+                        str(d / "outputs.npz")], capture_output=True, text=True, cwd="/", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == []
+    outputs = np.load(d / "outputs.npz")
+    for k, x in inputs.items():
+        check = OutputCheck(Tolerance.for_dtype(torch.float32), reference="float64")
+        with torch.no_grad():
+            check.add(model.double()(x.double()), torch.from_numpy(outputs[k]), model.float()(x))
+        assert check.ok and outputs[k].shape[0] == x.shape[0], check.reason(k)
+    meta = {p.key: p.value for p in onnx.load(str(d / "fused.onnx")).metadata_props}
+    assert json.loads(meta["bnfuse"])["arch"] == ARCH
+
+
+def test_verify_judges_an_onnx_file_in_onnxruntime(exported_onnx: "tuple[Path, torch.nn.Module]") -> None:
+    from onnx import numpy_helper
+
+    d, _ = exported_onnx
+    ok = run_bnfuse("verify", str(d / "orig.pth"), str(d / "fused.onnx"), "--arch", ARCH, cwd=TESTS, columns=200)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "note: 1 of 1 fold site(s) checked on the weights" in ok.stderr, ok.stderr
+    proto = onnx.load(str(d / "fused.onnx"))
+    init = next(i for i in proto.graph.initializer if i.name == "block.kxk.weight")
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+    onnx.save(proto, str(d / "wrong.onnx"))
+    bad = run_bnfuse("verify", str(d / "orig.pth"), str(d / "wrong.onnx"), "--arch", ARCH, cwd=TESTS, columns=200)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "fold site block.kxk (" in " ".join(bad.stdout.split()), bad.stdout
+
+
+_WITHOUT_ORT = r"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "onnxruntime":
+            raise ImportError("onnxruntime is not installed here")
+sys.meta_path.insert(0, Block())
+sys.argv = ["bnfuse", *sys.argv[1:]]
+from bnfuse_cli.cli import main
+main()
+"""
+
+
+def test_a_missing_onnx_extra_is_exit_2_naming_the_install(exported: "tuple[Path, torch.nn.Module]",
+                                                           tmp_path: Path) -> None:
+    d, _ = exported
+    out = tmp_path / "m.onnx"
+    r = subprocess.run([sys.executable, "-c", _WITHOUT_ORT, "convert", str(d / "orig.pth"), "--arch", ARCH, "-o",
+                        str(out)], capture_output=True, text=True, cwd=TESTS, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert " ".join(r.stderr.split()) == (
+        "error: .onnx needs the onnx extra (onnx, onnxscript, onnxruntime), and onnxruntime is not installed: "
+        "pip install 'bnfuse[onnx]', or write .pt2, .pth or .safetensors")
+    assert list(tmp_path.iterdir()) == []
