@@ -23,8 +23,8 @@ from bnfuse_cli.checks import OutputCheck, Tolerance  # noqa: E402
 TESTS = ROOT / "tests"
 ARCH = "models_merge:RepVGG"
 
-#: loads a .pt2 where bnfuse, the model's module and the model zoos cannot be imported, and runs it
-_ISOLATED = r"""
+#: the head of a child process where bnfuse, the model's module and the model zoos cannot be imported
+_BLOCKED = r"""
 import importlib.abc, json, sys
 BLOCKED = ("bnfuse_cli", "models_merge", "models_export", "torchvision", "timm")
 class Block(importlib.abc.MetaPathFinder):
@@ -32,6 +32,9 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in BLOCKED:
             raise ImportError(f"{name} is blocked in this process")
 sys.meta_path.insert(0, Block())
+"""
+#: loads a .pt2 there and runs it
+_ISOLATED = _BLOCKED + r"""
 import torch
 program = torch.export.load(sys.argv[1]).module()
 inputs = torch.load(sys.argv[2])
@@ -111,15 +114,8 @@ def test_a_model_that_cannot_be_exported_is_exit_2_and_leaves_nothing(tmp_path: 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-#: runs an .onnx file in onnxruntime where bnfuse and the model's module cannot be imported
-_ISOLATED_ORT = r"""
-import importlib.abc, json, sys
-BLOCKED = ("bnfuse_cli", "models_merge", "models_export", "torchvision", "timm")
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is blocked in this process")
-sys.meta_path.insert(0, Block())
+#: runs an .onnx file in onnxruntime there
+_ISOLATED_ORT = _BLOCKED + r"""
 import numpy as np, onnxruntime as ort
 session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 name = session.get_inputs()[0].name
