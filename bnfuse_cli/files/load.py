@@ -170,7 +170,7 @@ def _from_program(path: Path, fmt: Any, device: str) -> Source:
                               f"{' '.join(str(exc).split())[:300]})") from exc
     meta = FusedMeta.parse(raw, str(path))
     return Source(module, meta.arch if meta else None, "program", meta, path, "file",
-                  [f"a {fmt.runtime} program: run as exported"])
+                  [f"an exported program, run as exported in {fmt.runtime}"])
 
 
 def load_source(
