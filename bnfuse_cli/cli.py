@@ -302,6 +302,7 @@ def bench(
     warmup: Annotated[Optional[int], typer.Option("--warmup", help="Untimed pairs first (default 3 on CPU, 10 on CUDA).", show_default=False)] = None,
     time_budget: Annotated[Optional[float], typer.Option("--time-budget", help="Stop timing a model after this many seconds, with at least 5 pairs (default 8 on CPU, 10 on CUDA; 0: no limit).", show_default=False)] = None,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile both models (compilation happens during warm-up).")] = False,
+    runtime: Annotated[str, typer.Option("--runtime", help="What both models run in: eager (the modules), export (torch.export programs, ep.module()) or onnxruntime (ONNX graphs, both at ORT_ENABLE_ALL with --threads intra-op threads, CPU, float32; needs the onnx extra).")] = "eager",
     input_shape: ShapeOpt = None,
     arch: ArchOpt = None,
     weights: Annotated[str, typer.Option("--weights", help="For a model name: none (random weights, random BN statistics; runs offline), default, a torchvision weights name, or a state_dict file.")] = "none",
@@ -318,7 +319,9 @@ def bench(
 
     Both run in this process on the same device, dtype and settings, alternately, after a
     warm-up; the table gives median and IQR of the times and of the speedup, and says
-    "within noise" when the speedup's IQR contains 1.0.  Exit 1 when a fused output is wrong
+    "within noise" when the speedup's IQR contains 1.0.  --runtime export or onnxruntime races
+    the two as exported programs (onnxruntime: the original as onnxruntime's own optimisation
+    leaves it).  Exit 1 when a fused output is wrong
     or a median speedup is below --min-speedup; exit 2 for errors (no CUDA for --device cuda).
     """
 
@@ -342,7 +345,7 @@ def bench(
                               input_shape=input_shape, channels_last=channels_last, threads=threads, iters=iters,
                               warmup=warmup, time_budget=time_budget, compile=compile_, arch=arch, weights=weights,
                               allow_pickle=allow_pickle, key=key, autocast=autocast, rtol=rtol, atol=atol,
-                              seed=seed, progress=tick)
+                              seed=seed, runtime=runtime, progress=tick)
         res = _results(json_file)
         for table in bench_tables(report, min_speedup, res.width) + left_tables(report):
             res.print(table)

@@ -171,29 +171,42 @@ def bench_table(report: Any, min_speedup: "float | None") -> Table:
 
     env, st = report.environment, report.settings
     extras = [x for x, on in (("channels_last", st.get("channels_last")), ("torch.compile", st.get("compile"))) if on]
+    runtime = st.get("runtime", "eager")
+    if runtime != "eager":
+        extras.append(f"runtime {runtime}" + (f" (onnxruntime {env['onnxruntime']}, ORT_ENABLE_ALL)"
+                                              if env.get("onnxruntime") else ""))
+    graphs = any(r.graph_ops for r in report.results)
     t = Table(
         title=(f"bnfuse bench: {env.get('device_name')} ({st.get('device')}), torch {env.get('torch')}, "
                f"{st.get('dtype')}, {env.get('threads')} threads" + "".join(f", {x}" for x in extras)),
         title_justify="left",
         caption=("times: median (IQR) per call; speedup = original/fused per alternating pair, median (IQR); "
                  "rel err: fused vs the original in float64; noise: the original's own rel err there. "
+                 + ("ORT graph: BatchNormalization and conv-like nodes left after onnxruntime's own optimisation, "
+                    "original -> fused. " if graphs else "")
                  + precision_text(report.results[0].check.precision if report.results else {})),
         caption_justify="left",
     )
-    for col, justify in (("model", "left"), ("input", "left"), ("BN folded", "right"), ("original ms", "right"),
-                         ("fused ms", "right"), ("speedup", "right"), ("max abs err", "right"),
-                         ("rel err", "right"), ("noise", "right"), ("verdict", "left")):
+    cols = [("model", "left"), ("runtime", "left"), ("input", "left"), ("BN folded", "right"),
+            ("original ms", "right"), ("fused ms", "right"), ("speedup", "right"), ("max abs err", "right"),
+            ("rel err", "right"), ("noise", "right"), ("verdict", "left")]
+    if graphs:
+        cols.insert(-1, ("ORT graph", "left"))
+    for col, justify in cols:
         t.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for r in report.results:
         o, f, s = r.original, r.fused, r.speedup
         v = verdict(r, min_speedup)
         style = "red" if v.startswith(("WRONG", "BELOW")) else ("yellow" if v in ("within noise", "slower") else "green")
-        t.add_row(
-            r.model, "x".join(map(str, r.input.shape)), f"{r.bn_folded}/{r.bn_found}",
+        cells = [
+            r.model, r.runtime, "x".join(map(str, r.input.shape)), f"{r.bn_folded}/{r.bn_found}",
             f"{o.median:.3f} ({o.iqr:.3f})", f"{f.median:.3f} ({f.iqr:.3f})",
             f"{s.median:.3f}x ({s.q1:.3f}-{s.q3:.3f})", f"{r.error.max_abs:.2e}", f"{r.error.rel:.2e}",
             f"{r.noise.rel:.2e}", f"[{style}]{v}[/{style}]",
-        )
+        ]
+        if graphs:
+            cells.insert(-1, r.graph_text() or "-")
+        t.add_row(*cells)
     return t
 
 
@@ -213,11 +226,15 @@ def _bench_stacked(report: Any, min_speedup: "float | None") -> list[Table]:
         t = Table(title=r.model, title_justify="left", show_header=False)
         t.add_column(style="bold")
         t.add_column(overflow="fold")
-        for k, v in (("input", "x".join(map(str, r.input.shape))), ("BN folded", f"{r.bn_folded}/{r.bn_found}"),
-                     ("original ms", f"{o.median:.3f} ({o.iqr:.3f})"), ("fused ms", f"{f.median:.3f} ({f.iqr:.3f})"),
-                     ("speedup", f"{s.median:.3f}x ({s.q1:.3f}-{s.q3:.3f})"), ("max abs err", f"{r.error.max_abs:.2e}"),
-                     ("rel err", f"{r.error.rel:.2e}"), ("noise", f"{r.noise.rel:.2e}"),
-                     ("verdict", verdict(r, min_speedup))):
+        rows = [("runtime", r.runtime), ("input", "x".join(map(str, r.input.shape))),
+                ("BN folded", f"{r.bn_folded}/{r.bn_found}"),
+                ("original ms", f"{o.median:.3f} ({o.iqr:.3f})"), ("fused ms", f"{f.median:.3f} ({f.iqr:.3f})"),
+                ("speedup", f"{s.median:.3f}x ({s.q1:.3f}-{s.q3:.3f})"), ("max abs err", f"{r.error.max_abs:.2e}"),
+                ("rel err", f"{r.error.rel:.2e}"), ("noise", f"{r.noise.rel:.2e}"),
+                ("verdict", verdict(r, min_speedup))]
+        if r.graph_ops:
+            rows.insert(-1, ("ORT graph", r.graph_text()))
+        for k, v in rows:
             t.add_row(k, v)
         tables.append(t)
     return tables

@@ -195,7 +195,7 @@ def test_default_models_are_torchvision_names() -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
-JSON_MODEL_KEYS = {"model", "arch", "weights", "input", "bn_found", "bn_folded", "bn_left", "error", "original_ms",
+JSON_MODEL_KEYS = {"model", "runtime", "graph_ops", "arch", "weights", "input", "bn_found", "bn_folded", "bn_left", "error", "original_ms",
                    "fused_ms", "speedup", "within_noise", "samples", "calls_per_sample", "warmup", "fold_seconds",
                    "notes"}
 STATS_KEYS = {"median", "q1", "q3", "iqr", "min", "max", "n"}
@@ -223,6 +223,7 @@ def test_cli_json_and_markdown(tmp_path) -> None:  # noqa: ANN001
         assert m["error"]["ok"] is True and m["error"]["rel"] <= m["error"]["tolerance"]
         assert isinstance(m["within_noise"], bool)
     assert data["models"][1]["bn_left"][0]["norm"] == "bn_after_add"
+    assert st["runtime"] == "eager" and all(m["runtime"] == "eager" and m["graph_ops"] is None for m in data["models"])
     text = md.read_text()
     assert text.count(f"| {TINY} |") == 1 and f"| {RESIDUAL} |" in text
     assert "| --- |" in text and "`bn_after_add`" in text
@@ -259,6 +260,133 @@ def test_cli_usage_errors_exit_2(args: list[str], message: str) -> None:
     result = _cli(TINY, *FAST, *args)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------------------- --runtime export / onnxruntime
+
+
+def _needs(runtime: str) -> None:
+    if runtime == "onnxruntime":
+        for name in ("onnx", "onnxscript", "onnxruntime"):
+            pytest.importorskip(name)
+
+
+@pytest.mark.parametrize("runtime", ["export", "onnxruntime"])
+def test_runtime_runs_and_judges_the_programs(runtime: str, tmp_path) -> None:  # noqa: ANN001
+    _needs(runtime)
+    report = bench([TINY, RESIDUAL], device="cpu", iters=3, warmup=1, input_shape="1,3,16,16", runtime=runtime)
+    assert report.settings["runtime"] == runtime
+    for r in report.results:
+        assert r.runtime == runtime and r.correct, r.check.reasons
+        assert 0 < r.error.rel <= r.tolerance  # the programs' output, not a copy of the reference
+        assert len(r.original_ms) == len(r.fused_ms) == 3
+        assert runtime in r.check.basis
+    if runtime == "onnxruntime":
+        assert report.environment["onnxruntime"]
+        for r in report.results:
+            assert set(r.graph_ops) == {"original", "fused"}
+            for g in r.graph_ops.values():
+                assert {"bn", "conv", "nodes", "conv_ops"} <= set(g) and g["conv"] >= 2
+                assert g["conv"] == sum(g["conv_ops"].values())
+            assert any("ORT_ENABLE_ALL" in n and "2 intra-op threads" in n for n in r.notes) or \
+                torch.get_num_threads() != 2
+    else:
+        assert all(r.graph_ops is None for r in report.results)
+    jf, md = tmp_path / "b.json", tmp_path / "b.md"
+    result = _cli(TINY, *FAST, "--runtime", runtime, "--threads", "1", "--json", str(jf), "--markdown", str(md))
+    assert result.exit_code == 0, result.output
+    data = json.loads(jf.read_text())
+    assert data["settings"]["runtime"] == runtime and data["models"][0]["runtime"] == runtime
+    assert f"| {TINY} | {runtime} |" in md.read_text()
+    if runtime == "onnxruntime":
+        assert data["models"][0]["graph_ops"]["fused"]["bn"] == 0
+        assert "ORT graph" in md.read_text() and "BN 0 -> 0" in md.read_text()
+        assert any("1 intra-op threads" in n for n in data["models"][0]["notes"])
+
+
+@pytest.mark.parametrize("runtime", ["export", "onnxruntime"])
+def test_runtime_wrong_fold_fails(runtime: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong conv with no fold site: only the end-to-end run in the runtime can see it."""
+    _needs(runtime)
+    _perturb_unfolded_conv(monkeypatch, 1.003)
+    (r,) = bench([RESIDUAL], device="cpu", iters=2, warmup=0, input_shape="1,3,16,16", runtime=runtime).results
+    assert not r.check.failed_sites and not r.correct
+    assert any("benchmark run: output 0" in why for why in r.check.reasons)
+    result = _cli(RESIDUAL, *FAST, "--runtime", runtime)
+    assert result.exit_code == 1, result.output
+    assert "check failed" in result.output
+
+
+@pytest.mark.parametrize("runtime", ["export", "onnxruntime"])
+def test_runtime_judges_the_exported_program_not_the_module(runtime: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused module is right but its exported program is not: the judge must run the program."""
+    import copy
+
+    import bnfuse_cli.files.export as export
+
+    _needs(runtime)
+    name = "export_program" if runtime == "export" else "onnx_bytes"
+    real = getattr(export, name)
+
+    def wrong_program(model, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):  # the fused one
+            model = copy.deepcopy(model)
+            with torch.no_grad():
+                model.conv2.weight.mul_(1.01)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(export, name, wrong_program)
+    (r,) = bench([TINY], device="cpu", iters=2, warmup=0, input_shape="1,3,16,16", runtime=runtime).results
+    assert not r.check.failed_sites and not r.correct
+    assert any("benchmark run" in why for why in r.check.reasons)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--runtime", "tensorrt"], "--runtime 'tensorrt'"),
+        (["--runtime", "export", "--compile"], "--compile applies to --runtime eager"),
+        (["--runtime", "export", "--autocast", "bfloat16"], "--autocast applies to --runtime eager"),
+        (["--runtime", "onnxruntime", "--dtype", "float16"], "runs float32 graphs"),
+        (["--runtime", "onnxruntime", "--channels-last"], "--channels-last applies"),
+    ],
+)
+def test_runtime_usage_errors_exit_2(args: list[str], message: str) -> None:
+    if "onnxruntime" in args:
+        _needs("onnxruntime")
+    result = _cli(TINY, *FAST, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_runtime_onnxruntime_without_the_extra_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    result = _cli(TINY, *FAST, "--runtime", "onnxruntime")
+    assert result.exit_code == 2, result.output
+    assert "pip install 'bnfuse[onnx]'" in result.output and "--runtime onnxruntime" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_ort_op_counts_counts_every_conv_like_op(tmp_path) -> None:  # noqa: ANN001
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from bnfuse_cli.workflows.bench import ort_op_counts
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"]),
+             helper.make_node("FusedConv", ["a", "w"], ["b"], domain="com.microsoft"),
+             helper.make_node("Conv", ["b", "w"], ["c"], domain="com.microsoft.nchwc"),
+             helper.make_node("BatchNormalization", ["c", "s", "s", "s", "s"], ["d"]),
+             helper.make_node("Relu", ["d"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    counts = ort_op_counts(path)
+    assert (counts["bn"], counts["conv"], counts["nodes"]) == (1, 3, 5)
+    assert counts["conv_ops"] == {"Conv": 1, "FusedConv (com.microsoft)": 1, "Conv (com.microsoft.nchwc)": 1}
 
 
 def test_cli_unknown_model_exit_2() -> None:

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["ExportError", "ExtraMissing", "export_program", "load_program", "program_bytes", "dynamic_dims",
-           "check_program", "require_onnx", "onnx_bytes", "check_onnx", "open_onnx", "open_pt2", "program_weights"]
+           "check_program", "require_onnx", "onnx_bytes", "check_onnx", "open_onnx", "open_pt2", "program_weights",
+           "session_options", "ORT_LEVELS"]
 
 #: the archive entry bnfuse's record is stored under
 META_FILE = f"{META_KEY}.json"
@@ -169,8 +170,9 @@ OPSET = 20
 ONNX_EXTRA = ("onnx", "onnxscript", "onnxruntime")
 
 
-def require_onnx() -> None:
-    """An :class:`ExtraMissing` naming the install command when the ``onnx`` extra is not installed."""
+def require_onnx(purpose: str = ".onnx", instead: str = "write .pt2, .pth or .safetensors") -> None:
+    """An :class:`ExtraMissing` naming the install command when the ``onnx`` extra is not installed
+    (``purpose``: what needs it; ``instead``: what to do without it)."""
     import importlib
 
     missing = []
@@ -181,9 +183,8 @@ def require_onnx() -> None:
             missing.append(name)
     if missing:
         raise ExtraMissing(
-            f".onnx needs the onnx extra ({', '.join(ONNX_EXTRA)}), and {', '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'bnfuse[onnx]', or write .pt2, "
-            ".pth or .safetensors"
+            f"{purpose} needs the onnx extra ({', '.join(ONNX_EXTRA)}), and {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'bnfuse[onnx]', or {instead}"
         )
 
 
@@ -292,9 +293,9 @@ def _onnx_module_class() -> Any:
         Its initializers are kept as (unused) parameters under their names, so that it can be counted and
         its fold sites mapped like any fused model; onnxruntime runs the file's own copy."""
 
-        def __init__(self, path: Path, device: str = "cpu") -> None:
+        def __init__(self, path: Path, device: str = "cpu", options: Any = None) -> None:
             super().__init__()
-            _init_onnx(self, path, device)
+            _init_onnx(self, path, device, options)
 
         def forward(self, *args: Any) -> Any:
             return _run_onnx(self, *args)
@@ -302,11 +303,37 @@ def _onnx_module_class() -> Any:
     return OnnxProgram
 
 
-def open_onnx(path: Path, device: str = "cpu") -> "tuple[nn.Module, dict[str, Any]]":
-    """An ``.onnx`` file as a module run by onnxruntime, and bnfuse's record in it."""
+def open_onnx(path: Path, device: str = "cpu", *, level: "str | None" = None, threads: "int | None" = None,
+              optimized_path: "Path | None" = None) -> "tuple[nn.Module, dict[str, Any]]":
+    """An ``.onnx`` file as a module run by onnxruntime, and bnfuse's record in it; the session's
+    options as :func:`session_options` makes them from ``level``, ``threads`` and ``optimized_path``."""
     require_onnx()
-    module = _onnx_module_class()(path, device)
+    module = _onnx_module_class()(path, device, session_options(level=level, threads=threads,
+                                                                optimized_path=optimized_path))
     return module, module.metadata
+
+
+#: onnxruntime's graph optimisation levels by name (``GraphOptimizationLevel.ORT_<NAME>``)
+ORT_LEVELS = ("disable_all", "enable_basic", "enable_extended", "enable_layout", "enable_all")
+
+
+def session_options(*, level: "str | None" = None, threads: "int | None" = None,
+                    optimized_path: "Path | None" = None) -> Any:
+    """The one place bnfuse builds onnxruntime session options: warnings off, and optionally the graph
+    optimisation ``level`` (a name of :data:`ORT_LEVELS`; None: onnxruntime's default), the intra-op
+    ``threads`` (None: onnxruntime's choice) and ``optimized_path``, where onnxruntime saves the graph
+    it optimised (to count what its own fusions left)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if level is not None:
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_{level.upper()}")
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return options
 
 
 def open_pt2(path: Path, device: str = "cpu") -> "tuple[nn.Module, dict[str, Any]]":
@@ -315,7 +342,7 @@ def open_pt2(path: Path, device: str = "cpu") -> "tuple[nn.Module, dict[str, Any
     return ep.module(), meta
 
 
-def _init_onnx(self: Any, path: Path, device: str) -> None:
+def _init_onnx(self: Any, path: Path, device: str, options: Any = None) -> None:
     import onnx
     import onnxruntime as ort
     from torch import nn
@@ -328,9 +355,8 @@ def _init_onnx(self: Any, path: Path, device: str) -> None:
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    self.session = ort.InferenceSession(str(path), options, providers=providers)
+    self.session = ort.InferenceSession(str(path), options if options is not None else session_options(),
+                                        providers=providers)
     self.provider = self.session.get_providers()[0]
     self.training = False
 

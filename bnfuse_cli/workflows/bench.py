@@ -11,8 +11,16 @@ events after a synchronisation (:mod:`.timing`).  The fused model is judged firs
 and the output on the benchmark's own device, dtype and autocast against the original in float64
 there, allowing a few times the original's own error (TF32 convolutions, half precision).
 
-Stages, top to bottom: prepare (load, random BN statistics), fold (through :func:`fuse`), judge,
-race, report (:mod:`.bench_report`).
+Stages, top to bottom: prepare (load, random BN statistics), fold (through :func:`fuse`), place
+(the float64 reference, then the cast), the runtime (:data:`RUNTIMES`), judge, race, report
+(:mod:`.bench_report`).
+
+The runtime (``--runtime``) is what both models run in: ``eager`` (the modules themselves),
+``export`` (each exported with ``torch.export`` through the files layer and run as
+``ep.module()``), or ``onnxruntime`` (each exported to ONNX and run by onnxruntime on the CPU
+with its own graph optimisations at ``ORT_ENABLE_ALL`` and the same session options: the
+baseline is the original as onnxruntime optimises it, which already folds Conv+BN, so the race
+measures what bnfuse adds over it).  The judge runs on the programs as raced.
 
 Nothing here prints: progress goes to an optional callback, results to a :class:`BenchReport`.
 """
@@ -36,12 +44,15 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..checks import Verdict
+    from ..files.export import ExportError
     from .fuse import FuseResult
     from ..inputs import InputSpec
     from ..files.load import Source
 
 __all__ = [
     "DEFAULT_MODELS",
+    "RUNTIMES",
+    "ort_op_counts",
     "BenchReport",
     "ModelBench",
     "Stats",
@@ -53,6 +64,12 @@ __all__ = [
 
 #: representative torchvision architectures with BatchNorm (plain, bottleneck, depthwise, SE, RegNet)
 DEFAULT_MODELS: tuple[str, ...] = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf")
+
+#: what both models run in (``--runtime``): the modules, torch.export programs, or onnxruntime sessions
+RUNTIMES: tuple[str, ...] = ("eager", "export", "onnxruntime")
+
+#: onnxruntime's graph optimisation level for both sessions: its highest (ORT_ENABLE_ALL)
+ORT_LEVEL = "enable_all"
 
 #: defaults by device type: (batch size, timed pairs, warm-up pairs, time budget per model in s)
 _DEFAULTS = {"cpu": (1, 20, 3, 8.0), "cuda": (32, 100, 10, 10.0)}
@@ -113,6 +130,8 @@ class _Settings:
     progress: "ProgressFn | None"
     #: torch intra-op threads for the run (None: torch's choice)
     threads: "int | None" = None
+    #: what both models run in: one of :data:`RUNTIMES`
+    runtime: str = "eager"
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as the JSON report gives them (the batch size the device's default when
@@ -125,6 +144,7 @@ class _Settings:
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""), "autocast": self.autocast,
             "batch_size": batch,
             "input_shape": shape if isinstance(shape, (str, type(None))) else list(shape),
+            "runtime": self.runtime,
             "channels_last": self.channels_last, "threads": self.threads, "compile": self.compile, "iters": self.iters,
             "warmup": self.warmup, "time_budget_s": self.time_budget, "min_sample_ms": self.min_sample_ms,
             "weights": self.weights, "rtol": self.rtol, "atol": self.atol, "seed": self.seed,
@@ -176,29 +196,111 @@ def _fold(prep: _Prepared, st: _Settings) -> "FuseResult":
                 rtol=st.rtol, atol=st.atol)
 
 
-def _judge(prep: _Prepared, result: "FuseResult", runners: tuple[Any, Any], args32: tuple[Any, ...],
-           args: tuple[Any, ...], st: _Settings) -> "Verdict":
-    """Stage 3: both models as benchmarked against the original in float64 on the same device.
-
-    The float64 copy is made before the models are cast and dropped before the timing starts."""
+def _reference(prep: _Prepared, args32: tuple[Any, ...], st: _Settings) -> Any:
+    """The original's output in float64 on the benchmark's device: made before the models are cast
+    (a float64 copy of a float16 model would hold rounded weights) and dropped before the timing."""
     import copy
 
     import torch
-
-    from ..checks import OutputCheck, Tolerance, Verdict
-    from ..precision import autocast, precision_flags
 
     ref_model = copy.deepcopy(prep.original).to(device=st.device, dtype=torch.float64)
     ref_args = tuple(cast_floats(a, torch.float64) for a in args32)
     with torch.inference_mode():
         ref = ref_model(*ref_args)
     del ref_model, ref_args
-    run_orig, run_fused = runners
+    return ref
+
+
+def _place(prep: _Prepared, result: "FuseResult", st: _Settings) -> None:
+    """Both models cast in place to the benchmark's dtype, device and memory format."""
     for m in (prep.original, result.model):
         m.to(device=st.device, dtype=st.dtype)
         fmt = memory_format(prep.spec, st.channels_last)
         if fmt is not None:
             m.to(memory_format=fmt)
+
+
+def ort_op_counts(path: Any) -> dict[str, Any]:
+    """The BatchNorm and convolution nodes of an ONNX graph (one onnxruntime saved after optimising):
+    ``bn`` (BatchNormalization), ``conv`` (every conv-like op: Conv, ConvTranspose, and onnxruntime's
+    own FusedConv and NCHWc Conv), ``nodes`` (all), and ``conv_ops`` by op type and domain."""
+    from collections import Counter
+
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    ops = Counter((n.domain or "ai.onnx", n.op_type) for n in proto.graph.node)
+    conv = {f"{op}" + ("" if dom == "ai.onnx" else f" ({dom})"): c for (dom, op), c in sorted(ops.items())
+            if "conv" in op.lower()}
+    return {"bn": sum(c for (_, op), c in ops.items() if "batchnorm" in op.lower()),
+            "conv": sum(conv.values()), "nodes": len(proto.graph.node), "conv_ops": conv}
+
+
+def _export_failed(which: str, source: str, st: _Settings, exc: Exception) -> "ExportError":
+    from ..files.export import ExportError
+
+    cause = exc.__cause__ or exc
+    first = " ".join((str(cause).strip().splitlines() or ["no details"])[0].split())
+    return ExportError(f"--runtime {st.runtime}: the {which} model of {source} cannot be exported "
+                       f"({type(cause).__name__}: {first[:400]}); bench it with --runtime eager")
+
+
+def _programs(prep: _Prepared, result: "FuseResult", args: tuple[Any, ...], st: _Settings
+              ) -> "tuple[Any, Any, dict[str, Any] | None]":
+    """Stage 4: what is raced in ``st.runtime``: (original runner, fused runner, per-graph op counts
+    after onnxruntime's optimisation, None for other runtimes).  Programs are exported through the
+    files layer (:mod:`bnfuse_cli.files.export`), the same code as ``convert -o .pt2/.onnx``."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from ..files.export import ExportError, export_program, onnx_bytes, open_onnx
+
+    models = (("original", prep.original), ("fused", result.model))
+    if st.runtime == "eager":
+        if st.compile:
+            return compiled(prep.original, prep.source), compiled(result.model, prep.source), None
+        return prep.original, result.model, None
+    if st.runtime == "export":
+        runners = []
+        for which, model in models:
+            try:
+                ep, _ = export_program(model, args)
+            except ExportError as exc:
+                raise _export_failed(which, prep.source, st, exc) from exc
+            runners.append(ep.module())
+        prep.notes.append("both models exported with torch.export (batch and spatial dimensions Dim.AUTO) and "
+                          "run as ep.module()")
+        return runners[0], runners[1], None
+    threads = st.threads or torch.get_num_threads()
+    runners, counts = [], {}
+    with tempfile.TemporaryDirectory(prefix="bnfuse-bench-") as tmp:
+        for which, model in models:
+            try:
+                data, _ = onnx_bytes(model, args, {})
+            except ExportError as exc:
+                raise _export_failed(which, prep.source, st, exc) from exc
+            path, optimized = Path(tmp) / f"{which}.onnx", Path(tmp) / f"{which}.ort.onnx"
+            path.write_bytes(data)
+            program, _ = open_onnx(path, "cpu", level=ORT_LEVEL, threads=threads, optimized_path=optimized)
+            counts[which] = ort_op_counts(optimized)
+            runners.append(program)
+    prep.notes.append(f"both models exported to ONNX and run by onnxruntime with ORT_{ORT_LEVEL.upper()}, "
+                      f"{threads} intra-op threads, {runners[0].provider}")
+    return runners[0], runners[1], counts
+
+
+def _judge(prep: _Prepared, result: "FuseResult", runners: tuple[Any, Any], ref: Any, args: tuple[Any, ...],
+           st: _Settings) -> "Verdict":
+    """Stage 5: both programs as raced (runtime, device, dtype, autocast) against the original in
+    float64 on that device; the fused one must be within the allowance of the original's own error."""
+    import torch
+
+    from ..checks import OutputCheck, Tolerance, Verdict
+    from ..precision import autocast, precision_flags
+
+    run_orig, run_fused = runners
     runtime = getattr(torch, st.autocast) if st.autocast else st.dtype
     tol = Tolerance.for_dtype(runtime, st.rtol, st.atol)
     check = OutputCheck(tol, reference="float64")
@@ -212,13 +314,14 @@ def _judge(prep: _Prepared, result: "FuseResult", runners: tuple[Any, Any], args
     outputs = dict(result.verdict.outputs)
     outputs[DEVICE_RUN] = check
     name = str(runtime).replace("torch.", "")
+    where = "" if st.runtime == "eager" else f" in {st.runtime}"
     return Verdict(tol, outputs, result.verdict.sites, precision_flags(st.device, st.autocast, st.dtype),
-                   basis=f"fold sites in float64; the fold on the CPU in float32; the {name} run on {st.device} "
-                         "against the original in float64 there")
+                   basis=f"fold sites in float64; the fold on the CPU in float32; the {name} run{where} on "
+                         f"{st.device} against the original in float64 there")
 
 
 def _bench_one(source: str, st: _Settings) -> ModelBench:
-    """Prepare, fold through :func:`bnfuse_cli.fuse`, judge, time, report."""
+    """Prepare, fold through :func:`bnfuse_cli.fuse`, place, build the runtime, judge, time, report."""
     import torch
 
     from ..inputs import as_args, make_input
@@ -242,19 +345,21 @@ def _bench_one(source: str, st: _Settings) -> ModelBench:
     args32 = as_args(to_memory_format(make_input(prep.spec, dtype=torch.float32, device=st.device, seed=st.seed),
                                        fmt))
     args = tuple(cast_floats(a, st.dtype) for a in args32)
-    run_orig: Any = prep.original
-    run_fused: Any = result.model
-    if st.compile:
-        run_orig, run_fused = compiled(prep.original, source), compiled(result.model, source)
-    # the runners hold the modules, cast in place by _judge, so compiled ones see the cast weights
-    check = _judge(prep, result, (run_orig, run_fused), args32, args, st)
+    ref = _reference(prep, args32, st)
+    _place(prep, result, st)
+    if st.runtime != "eager":
+        tick(f"exporting for {st.runtime}", 0)
+    # compiled runners and exported programs are made from the cast modules
+    run_orig, run_fused, graph_ops = _programs(prep, result, args, st)
+    check = _judge(prep, result, (run_orig, run_fused), ref, args, st)
+    del ref
     times = race((lambda: run_orig(*args), lambda: run_fused(*args)), st, tick, prep.notes)
     tick("done", total)
     bench_result = ModelBench(
         model=source, arch=prep.src.arch, weights=prep.src.weights, input=prep.spec,
         bn_found=len(plan.norms), bn_folded=len(plan.folded_norms), bn_left=[(s.norm, s.reason) for s in plan.skipped],
         check=check, original_ms=times[0], fused_ms=times[1], calls_per_sample=times[2], warmup=st.warmup,
-        fold_seconds=fold_seconds, notes=prep.notes,
+        fold_seconds=fold_seconds, notes=prep.notes, runtime=st.runtime, graph_ops=graph_ops,
     )
     return bench_result
 
@@ -267,6 +372,37 @@ def _check_counts(*, iters: int, warmup: int, batch_size: "int | None", threads:
             raise UsageError(f"{name} {value}: must be at least {low}")
     if not (budget >= 0 and math.isfinite(budget)):
         raise UsageError(f"--time-budget {budget:g}: give seconds of timing per model, or 0 for no limit")
+
+
+def _check_runtime(runtime: str, *, device: str, dtype: "torch.dtype", autocast: "str | None",
+                   channels_last: bool, compile: bool) -> "torch.device":
+    """The device to bench on, once ``runtime`` is known and fits the other options (a
+    :class:`UsageError` otherwise; an ``ExtraMissing`` naming the install command for onnxruntime)."""
+    import torch
+
+    if runtime not in RUNTIMES:
+        raise UsageError(f"--runtime {runtime!r}: use {', '.join(RUNTIMES[:-1])} or {RUNTIMES[-1]}")
+    if runtime == "eager":
+        return resolve_device(device)
+    if compile:
+        raise UsageError(f"--compile applies to --runtime eager, not {runtime}")
+    if autocast is not None:
+        raise UsageError(f"--autocast applies to --runtime eager: a {runtime} program runs in the dtype it was "
+                         "exported in; use --dtype")
+    if runtime == "export":
+        return resolve_device(device)
+    from ..files.export import require_onnx
+
+    require_onnx("--runtime onnxruntime", "use --runtime eager or export")
+    if dtype != torch.float32:
+        raise UsageError(f"--runtime onnxruntime runs float32 graphs; --dtype {str(dtype).replace('torch.', '')} "
+                         "applies to --runtime eager or export")
+    if channels_last:
+        raise UsageError("--channels-last applies to --runtime eager or export: onnxruntime chooses its own layout")
+    if device != "auto" and resolve_device(device).type != "cpu":
+        raise UsageError(f"--runtime onnxruntime runs on the CPU (its CPU execution provider); use --device cpu, "
+                         f"not {device}")
+    return torch.device("cpu")
 
 
 def bench(
@@ -291,6 +427,7 @@ def bench(
     atol: "float | None" = None,
     min_sample_ms: float = 2.0,
     seed: int = 0,
+    runtime: str = "eager",
     progress: "ProgressFn | None" = None,
 ) -> BenchReport:
     """Time each model and its fused copy, alternating, and judge the fused model.
@@ -306,6 +443,11 @@ def bench(
     ``warmup`` untimed pairs; a model stops early after ``time_budget`` seconds of timing
     (None: the device default; 0: no limit), with at least 5 pairs.  ``threads`` sets
     torch's intra-op threads for the run only.
+
+    ``runtime`` (:data:`RUNTIMES`) is what both models run in: ``eager`` (default), ``export``
+    (torch.export programs, ``ep.module()``) or ``onnxruntime`` (ONNX graphs, both sessions at
+    ``ORT_ENABLE_ALL`` with ``threads`` or torch's thread count as intra-op threads, on the CPU,
+    float32; the report gives each graph's BatchNorm and conv nodes after onnxruntime's optimisation).
     """
     import torch
 
@@ -313,9 +455,10 @@ def bench(
     from ..inputs import check_shape_option
     from ..precision import check_autocast
 
-    dev = resolve_device(device)
     dt = parse_dtype(dtype)
     amp = check_autocast(autocast)
+    dev = _check_runtime(runtime, device=device, dtype=dt, autocast=amp, channels_last=channels_last,
+                         compile=compile)
     Tolerance.for_dtype(dt, rtol, atol)  # refuses a bad tolerance or shape before any model is built
     check_shape_option(input_shape)
     d_batch, d_iters, d_warmup, d_budget = _DEFAULTS[dev.type]
@@ -331,7 +474,7 @@ def bench(
     st = _Settings(device=dev, dtype=dt, autocast=amp, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key,
                    input_shape=input_shape, batch_size=batch_size, channels_last=channels_last, compile=compile,
                    iters=iters, warmup=warmup, time_budget=budget, min_sample_ms=min_sample_ms, seed=seed,
-                   rtol=rtol, atol=atol, progress=progress, threads=threads)
+                   rtol=rtol, atol=atol, progress=progress, threads=threads, runtime=runtime)
 
     old_threads = torch.get_num_threads()
     flags_before = backend_flags()
@@ -344,6 +487,10 @@ def bench(
             if dev.type == "cuda":  # the last model's tensors are gone with _bench_one's frame
                 torch.cuda.empty_cache()
         env = environment(dev)
+        if runtime == "onnxruntime":
+            import onnxruntime
+
+            env["onnxruntime"] = onnxruntime.__version__
         if backend_flags() != flags_before:  # pragma: no cover - a model changed global flags
             results[-1].notes.append("backend flags (TF32/cudnn.benchmark) changed during the run")
     finally:

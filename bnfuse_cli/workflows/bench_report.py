@@ -84,6 +84,19 @@ class ModelBench:
     warmup: int = 0
     fold_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    #: what both models ran in: eager, export (torch.export programs) or onnxruntime
+    runtime: str = "eager"
+    #: onnxruntime only: per graph ("original", "fused") its nodes after onnxruntime's own optimisation:
+    #: ``bn``, ``conv`` (all conv-like ops), ``nodes``, ``conv_ops`` (by op type)
+    graph_ops: "dict[str, dict[str, Any]] | None" = None
+
+    def graph_text(self) -> str:
+        """``BN a -> b, conv c -> d`` (original -> fused, after onnxruntime's optimisation), or ``""``."""
+        g = self.graph_ops
+        if not g:
+            return ""
+        o, f = g.get("original", {}), g.get("fused", {})
+        return f"BN {o.get('bn', '?')} -> {f.get('bn', '?')}, conv {o.get('conv', '?')} -> {f.get('conv', '?')}"
 
     @property
     def error(self) -> "Comparison":
@@ -126,6 +139,7 @@ class ModelBench:
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
+            "runtime": self.runtime,
             "arch": self.arch,
             "weights": self.weights,
             "input": self.input.to_dict(),
@@ -145,6 +159,7 @@ class ModelBench:
             "calls_per_sample": self.calls_per_sample,
             "warmup": self.warmup,
             "fold_seconds": self.fold_seconds,
+            "graph_ops": self.graph_ops,
             "notes": self.notes,
         }
 
@@ -185,24 +200,30 @@ class BenchReport:
     def to_markdown(self, min_speedup: "float | None" = None) -> str:
         """A GitHub-flavoured Markdown table for a CI job summary."""
         env, st = self.environment, self.settings
+        graphs = any(r.graph_ops for r in self.results)
         lines = [
             "### bnfuse bench",
             "",
             f"{env.get('device_name', '?')} ({st.get('device')}), torch {env.get('torch')}, {st.get('dtype')}, "
             f"{'channels_last, ' if st.get('channels_last') else ''}"
             f"{'torch.compile, ' if st.get('compile') else ''}{env.get('threads')} threads, "
-            f"{self.date}",
+            f"runtime {st.get('runtime', 'eager')}"
+            + (f" (onnxruntime {env['onnxruntime']}, ORT_ENABLE_ALL)" if env.get("onnxruntime") else "")
+            + f", {self.date}",
             "",
-            "| model | input | BN folded | original ms (IQR) | fused ms (IQR) | speedup (IQR) | max abs err | rel err "
-            "| noise | verdict |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            "| model | runtime | input | BN folded | original ms (IQR) | fused ms (IQR) | speedup (IQR) | max abs err "
+            "| rel err | noise | " + ("ORT graph BN / conv (orig -> fused) | " if graphs else "") + "verdict |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | " + ("--- | " if graphs else "")
+            + "--- |",
         ]
         for r in self.results:
             o, f, s = r.original, r.fused, r.speedup
             lines.append(
-                f"| {r.model} | {'x'.join(map(str, r.input.shape))} | {r.bn_folded}/{r.bn_found} | {o.median:.3f} ({o.iqr:.3f}) | {f.median:.3f} ({f.iqr:.3f}) "
+                f"| {r.model} | {r.runtime} | {'x'.join(map(str, r.input.shape))} | {r.bn_folded}/{r.bn_found} "
+                f"| {o.median:.3f} ({o.iqr:.3f}) | {f.median:.3f} ({f.iqr:.3f}) "
                 f"| {s.median:.3f}x ({s.q1:.3f}-{s.q3:.3f}) | {r.error.max_abs:.2e} | {r.error.rel:.2e} "
-                f"| {r.noise.rel:.2e} | {verdict(r, min_speedup)} |"
+                f"| {r.noise.rel:.2e} | " + (f"{r.graph_text() or '-'} | " if graphs else "")
+                + f"{verdict(r, min_speedup)} |"
             )
         left = [(r.model, n, why) for r in self.results for n, why in r.bn_left]
         if left:
@@ -210,7 +231,9 @@ class BenchReport:
             lines += [f"- {m}: `{n}`: {why}" for m, n, why in left]
         lines += ["", "Speedup = original time / fused time per alternating pair; median and interquartile range. "
                   "\"within noise\": the IQR contains 1.0. rel err: the fused output against the original in "
-                  "float64; noise: the original's own relative error there (the precision's floor).", ""]
+                  "float64; noise: the original's own relative error there (the precision's floor)."
+                  + (" ORT graph: BatchNormalization and conv-like nodes (Conv, FusedConv, NCHWc Conv) left in "
+                     "each graph after onnxruntime's own optimisation at ORT_ENABLE_ALL." if graphs else ""), ""]
         return "\n".join(lines)
 
 
