@@ -304,12 +304,13 @@ def _onnx_module_class() -> Any:
 
 
 def open_onnx(path: Path, device: str = "cpu", *, level: "str | None" = None, threads: "int | None" = None,
-              optimized_path: "Path | None" = None) -> "tuple[nn.Module, dict[str, Any]]":
+              optimized_path: "Path | None" = None, spinning: "bool | None" = None
+              ) -> "tuple[nn.Module, dict[str, Any]]":
     """An ``.onnx`` file as a module run by onnxruntime, and bnfuse's record in it; the session's
-    options as :func:`session_options` makes them from ``level``, ``threads`` and ``optimized_path``."""
+    options as :func:`session_options` makes them from the keyword arguments."""
     require_onnx()
     module = _onnx_module_class()(path, device, session_options(level=level, threads=threads,
-                                                                optimized_path=optimized_path))
+                                                                optimized_path=optimized_path, spinning=spinning))
     return module, module.metadata
 
 
@@ -318,11 +319,13 @@ ORT_LEVELS = ("disable_all", "enable_basic", "enable_extended", "enable_layout",
 
 
 def session_options(*, level: "str | None" = None, threads: "int | None" = None,
-                    optimized_path: "Path | None" = None) -> Any:
+                    optimized_path: "Path | None" = None, spinning: "bool | None" = None) -> Any:
     """The one place bnfuse builds onnxruntime session options: warnings off, and optionally the graph
     optimisation ``level`` (a name of :data:`ORT_LEVELS`; None: onnxruntime's default), the intra-op
     ``threads`` (None: onnxruntime's choice) and ``optimized_path``, where onnxruntime saves the graph
-    it optimised (to count what its own fusions left)."""
+    it optimised (to count what its own fusions left); ``spinning`` False stops idle intra-op threads
+    from spinning between runs (``session.intra_op.allow_spinning``; None: onnxruntime's default, on),
+    so that two sessions run alternately do not slow each other down."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -333,6 +336,8 @@ def session_options(*, level: "str | None" = None, threads: "int | None" = None,
         options.intra_op_num_threads = threads
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+    if spinning is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return options
 
 

@@ -18,7 +18,9 @@ Stages, top to bottom: prepare (load, random BN statistics), fold (through :func
 The runtime (``--runtime``) is what both models run in: ``eager`` (the modules themselves),
 ``export`` (each exported with ``torch.export`` through the files layer and run as
 ``ep.module()``), or ``onnxruntime`` (each exported to ONNX and run by onnxruntime on the CPU
-with its own graph optimisations at ``ORT_ENABLE_ALL`` and the same session options: the
+with its own graph optimisations at ``ORT_ENABLE_ALL`` and the same session options (intra-op
+threads not spinning between runs: two alternating sessions whose idle threads spin slow each
+other down, about 2x for resnet18 on 2 cores): the
 baseline is the original as onnxruntime optimises it, which already folds Conv+BN, so the race
 measures what bnfuse adds over it).  The judge runs on the programs as raced.
 
@@ -283,11 +285,13 @@ def _programs(prep: _Prepared, result: "FuseResult", args: tuple[Any, ...], st: 
                 raise _export_failed(which, prep.source, st, exc) from exc
             path, optimized = Path(tmp) / f"{which}.onnx", Path(tmp) / f"{which}.ort.onnx"
             path.write_bytes(data)
-            program, _ = open_onnx(path, "cpu", level=ORT_LEVEL, threads=threads, optimized_path=optimized)
+            program, _ = open_onnx(path, "cpu", level=ORT_LEVEL, threads=threads, optimized_path=optimized,
+                                   spinning=False)
             counts[which] = ort_op_counts(optimized)
             runners.append(program)
     prep.notes.append(f"both models exported to ONNX and run by onnxruntime with ORT_{ORT_LEVEL.upper()}, "
-                      f"{threads} intra-op threads, {runners[0].provider}")
+                      f"{threads} intra-op threads, {runners[0].provider}, idle threads not spinning (a spinning "
+                      "session's threads would slow the other one down while it runs)")
     return runners[0], runners[1], counts
 
 
