@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 __all__ = ["fmt_count", "fmt_size", "plan_tables", "convert_table", "inspect_line", "verify_table", "bench_tables",
@@ -41,8 +42,11 @@ def check_rows(t: Table, verdict: Any) -> None:
     tol = verdict.tolerance
     for label, c in verdict.outputs.items():
         e, n = c.error, c.noise
+        if c.waived:
+            t.add_row(label, f"not counted: {escape(c.waived)}")
+            continue
         if e.mismatch:
-            t.add_row(label, f"[red]{e.mismatch}[/red]")
+            t.add_row(label, f"[red]{escape(e.mismatch)}[/red]")
             continue
         noise = f", original's own error {n.max_abs:.3g}" if c.reference == "float64" else ""
         t.add_row(label, f"max abs error {e.max_abs:.3g}, relative error {e.rel:.3g}{noise}; "

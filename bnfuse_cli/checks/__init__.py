@@ -16,10 +16,14 @@ Two checks, and a fold is correct only when both pass:
   output (``k`` then multiplies zero).
 
 ``rtol``/``atol`` have one meaning and one default table (:data:`TOLERANCES`) for ``convert``,
-``verify`` and ``bench``.  Nothing here prints or exits.
+``verify`` and ``bench``.  A model that post-processes its output (score thresholds, top-k, NMS)
+is also judged on the tensors that feed post-processing (:mod:`.postproc`), and on its final
+outputs where their structure agrees.  Nothing here prints or exits.
 """
 
-from .outputs import NOISE_FACTOR, TOLERANCES, Comparison, OutputCheck, Tolerance, compare, json_number
+from .outputs import (NOISE_FACTOR, TOLERANCES, Comparison, OutputCheck, Tolerance, compare, judge_post_processing,
+                      json_number)
+from .postproc import SelectionProbe
 from .sites import SiteCheck, SiteProbe
 from .verdict import Verdict
 
@@ -31,6 +35,8 @@ __all__ = [
     "compare",
     "json_number",
     "OutputCheck",
+    "SelectionProbe",
+    "judge_post_processing",
     "SiteCheck",
     "SiteProbe",
     "Verdict",

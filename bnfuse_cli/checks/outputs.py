@@ -13,7 +13,8 @@ from ..errors import UsageError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TOLERANCES", "NOISE_FACTOR", "Tolerance", "Comparison", "json_number", "OutputCheck", "compare"]
+__all__ = ["TOLERANCES", "NOISE_FACTOR", "Tolerance", "Comparison", "json_number", "OutputCheck", "compare",
+           "judge_post_processing"]
 
 #: dtype name -> (rtol, atol, site rtol).  rtol/atol: the floor of the end-to-end allowance, of
 #: each output's largest magnitude; site rtol: the largest relative (norm) error of a fused layer
@@ -128,6 +129,9 @@ class OutputCheck:
         self.leaf_scale: list[float] = []
         self.mismatch: "str | None" = None
         self.nonfinite_both = 0
+        #: why this check does not count (its outputs come after post-processing that rounding flipped,
+        #: and the tensors feeding post-processing were judged instead); None: it counts
+        self.waived: "str | None" = None
         self.batches = 0
         self.rows = self.agree = 0
         self.labelled = self.correct_orig = self.correct_fused = 0
@@ -215,7 +219,9 @@ class OutputCheck:
         return self.agree / self.rows if self.rows else None
 
     def reason(self, label: str) -> "str | None":
-        """Why this check failed, in one sentence (None when it passed)."""
+        """Why this check failed, in one sentence (None when it passed or is waived)."""
+        if self.waived:
+            return None
         if self.batches == 0:
             return f"{label}: nothing was compared"
         if self.mismatch:
@@ -230,6 +236,7 @@ class OutputCheck:
     def to_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
+            "waived": self.waived,
             "reference": self.reference,
             "error": self.error.to_dict(),
             "noise": self.noise.to_dict(),
@@ -246,3 +253,23 @@ def compare(reference: Any, output: Any) -> Comparison:
     check.add(reference, output)
     return check.error
 
+
+
+#: the label of the check on the tensors that feed post-processing
+BEFORE_POST = "before post-processing"
+
+
+def judge_post_processing(outputs: "dict[str, OutputCheck]", final: str, pre: "OutputCheck | None",
+                          label: str = BEFORE_POST) -> None:
+    """Add ``pre`` (the tensors that feed post-processing, :class:`~.postproc.SelectionProbe`) to
+    ``outputs`` when the model has any, and waive the ``final`` outputs' check when only their
+    structure differs after post-processing while the tensors feeding it agree in structure: a
+    rounding-level difference kept or dropped a detection, and the scores are what is judged."""
+    if pre is None or not pre.leaf_err and pre.mismatch is None:
+        return
+    outputs[label] = pre
+    last = outputs[final]
+    if last.mismatch is not None and pre.mismatch is None:
+        last.waived = (f"{last.mismatch}, after post-processing (score thresholds, top-k, NMS), where a "
+                       "rounding-level difference keeps or drops a detection: judged on the tensors that feed "
+                       "post-processing instead")

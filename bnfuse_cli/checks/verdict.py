@@ -34,7 +34,8 @@ class Verdict:
 
     @property
     def ok(self) -> bool:
-        return bool(self.outputs) and all(c.ok for c in self.outputs.values()) and not self.failed_sites
+        counted = [c for c in self.outputs.values() if not c.waived]
+        return bool(counted) and all(c.ok for c in counted) and not self.failed_sites
 
     @property
     def reasons(self) -> list[str]:
@@ -70,8 +71,8 @@ class Verdict:
 
     @property
     def error(self) -> Comparison:
-        """The first output check's error (the main one)."""
-        return next(iter(self.outputs.values())).error
+        """The first counted output check's error (the main one)."""
+        return next((c for c in self.outputs.values() if not c.waived), next(iter(self.outputs.values()))).error
 
     def to_dict(self) -> dict[str, Any]:
         worst = self.worst_site

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..checks import Comparison, OutputCheck, SiteProbe, Tolerance, Verdict
+from ..checks import Comparison, OutputCheck, SelectionProbe, SiteProbe, Tolerance, Verdict, judge_post_processing
 from ..errors import UsageError
 from ..engine.analyse import analyse
 from ..engine.plan import Fold, Plan, Skip
@@ -147,17 +147,23 @@ def fuse(
     args = _example(model, example_input)
     t1 = time.perf_counter()
     with exact_math():
-        plan, reference, sites, seconds = _rounds(model, args, merge=merge)
+        plan, reference, sites, seconds, before = _rounds(model, args, merge=merge)
         t3 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), SelectionProbe() as after:
             fused_out = model(*args)
         flags = precision_flags(device, dtype=dtype)
     check = OutputCheck(tol, reference="original")
     check.add(reference, fused_out)
+    outputs = {"example input": check}
+    pre = None
+    if before:  # the model post-processes: the tensors that feed it are judged too
+        pre = OutputCheck(tol, reference="original")
+        pre.add(before, after.kept)
+    judge_post_processing(outputs, "example input", pre)
     kept = reference if keep_reference else None
-    del reference, fused_out
+    del reference, fused_out, before, after
     verdict = Verdict(
-        tol, {"example input": check}, sites, flags,
+        tol, outputs, sites, flags,
         basis=f"the original's own output in {str(dtype).replace('torch.', '')} on {device.type}, TF32 off",
     )
     t4 = time.perf_counter()
@@ -178,19 +184,26 @@ MAX_ROUNDS = 3
 
 
 def _rounds(model: "nn.Module", args: tuple[Any, ...], *, merge: bool
-            ) -> "tuple[Plan, Any, list[Any], dict[str, float]]":
+            ) -> "tuple[Plan, Any, list[Any], dict[str, float], list[Any]]":
     """Record, plan, fold and merge until a round merges nothing; each round's sites are checked
-    right after it.  Returns the combined plan, the original output, the site checks, timings."""
+    right after it.  Returns the combined plan, the original output, the site checks, timings, and
+    the tensors that fed the original's post-processing (:class:`SelectionProbe`; none for most)."""
+    import contextlib
+
     from ..engine.merge_rewrite import apply_merges, main_conv_name
 
     plan = Plan()
     sites: list[Any] = []
     seconds = {"analyse": 0.0, "rewrite": 0.0, "check": 0.0}
     reference = None
+    before: list[Any] = []
     for round_no in range(MAX_ROUNDS):
         t0 = time.perf_counter()
         probe = SiteProbe()
-        analysis = analyse(model, args, on_input=probe.capture, merge=merge)
+        with SelectionProbe() if reference is None else contextlib.nullcontext() as selection:
+            analysis = analyse(model, args, on_input=probe.capture, merge=merge)
+        if reference is None:
+            before = selection.kept
         step = analysis.plan
         if reference is None:
             reference, plan.norms = analysis.output, list(step.norms)
@@ -211,4 +224,4 @@ def _rounds(model: "nn.Module", args: tuple[Any, ...], *, merge: bool
         plan.skipped, plan.merge_skips = step.skipped, step.merge_skips
         if not step.merges:
             break
-    return plan, reference, sites, seconds
+    return plan, reference, sites, seconds, before

@@ -18,7 +18,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..checks import OutputCheck, SiteCheck, SiteProbe, Tolerance, Verdict
+from ..checks import OutputCheck, SelectionProbe, SiteCheck, SiteProbe, Tolerance, Verdict, judge_post_processing
 from .convert import count_tensors
 from ..errors import BnfuseError, UsageError
 from ..inputs import InputSpec, as_args, check_shape_option, input_spec, make_input, model_dtype
@@ -149,30 +149,38 @@ class _Runner:
         self.ref, self.orig, self.fused = ref, orig, fused
         self.dtypes, self.device, self.autocast, self.names = dtypes, device, autocast_dtype, names
 
-    def _call(self, model: "nn.Module", x: Any, what: str, *, amp: bool = True) -> Any:
+    def _call(self, model: "nn.Module", x: Any, what: str, *, amp: bool = True) -> "tuple[Any, list[Any]]":
+        """The model's output, and the tensors that fed its post-processing (none for most models)."""
         name = self.names[1] if what == "fused" else self.names[0]
-        return _run(model, x, what, name, self.device, self.autocast if amp else None)
+        with SelectionProbe() as probe:
+            out = _run(model, x, what, name, self.device, self.autocast if amp else None)
+        return out, probe.kept
 
-    def add(self, check: OutputCheck, make: Any, labels: Any = None) -> None:
-        """``make(dtype)`` gives a fresh input (a model may change its input in place)."""
+    def add(self, check: OutputCheck, make: Any, labels: Any = None, pre: "OutputCheck | None" = None) -> None:
+        """``make(dtype)`` gives a fresh input (a model may change its input in place); ``pre`` judges
+        the tensors that feed post-processing, where both models have them."""
         import torch
 
-        orig = self._call(self.orig, make(self.dtypes[0]), "original")
-        fused = self._call(self.fused, make(self.dtypes[1]), "fused")
+        orig, o_pre = self._call(self.orig, make(self.dtypes[0]), "original")
+        fused, f_pre = self._call(self.fused, make(self.dtypes[1]), "fused")
         if self.ref is None:
             check.add(orig, fused, labels=labels)
+            if pre is not None and o_pre and f_pre:
+                pre.add(o_pre, f_pre)
         else:
-            ref = self._call(self.ref, make(torch.float64), "original (float64)", amp=False)
+            ref, r_pre = self._call(self.ref, make(torch.float64), "original (float64)", amp=False)
             check.add(ref, fused, orig, labels=labels)
+            if pre is not None and r_pre and f_pre:
+                pre.add(r_pre, f_pre, o_pre)
 
 
 def _data_check(runner: _Runner, inputs: "torch.Tensor", labels: "torch.Tensor | None", batch_size: int,
-                device: Any, check: OutputCheck) -> OutputCheck:
+                device: Any, check: OutputCheck, pre: OutputCheck) -> OutputCheck:
     """The models on ``--data``, ``batch_size`` inputs at a time."""
     for start in range(0, int(inputs.shape[0]), batch_size):
         chunk = inputs[start:start + batch_size]
         lab = None if labels is None else labels[start:start + batch_size]
-        runner.add(check, lambda dt, c=chunk: _cast(c, dt, device), labels=lab)
+        runner.add(check, lambda dt, c=chunk: _cast(c, dt, device), labels=lab, pre=pre)
     return check
 
 
@@ -251,13 +259,18 @@ def verify(
     outputs: dict[str, OutputCheck] = {}
     if samples:
         check = outputs["random inputs"] = OutputCheck(tol, reference=reference)
+        pre = OutputCheck(tol, reference=reference)
         for i in range(samples):
-            runner.add(check, lambda dt, i=i: make_input(spec, dtype=dt, device=dev, seed=seed + i))
+            runner.add(check, lambda dt, i=i: make_input(spec, dtype=dt, device=dev, seed=seed + i), pre=pre)
+        judge_post_processing(outputs, "random inputs", pre)
     t2 = time.perf_counter()
 
     data_result = None
     if inputs is not None:
-        outputs["data"] = _data_check(runner, inputs, labels, batch_size, dev, OutputCheck(tol, reference=reference))
+        pre = OutputCheck(tol, reference=reference)
+        outputs["data"] = _data_check(runner, inputs, labels, batch_size, dev, OutputCheck(tol, reference=reference),
+                                      pre)
+        judge_post_processing(outputs, "data", pre, label="data, before post-processing")
         data_result = DataResult(path=str(data), count=int(inputs.shape[0]), check=outputs["data"])
     t3 = time.perf_counter()
     del runner
