@@ -177,9 +177,10 @@ def convert(
     negative (:class:`FoldError`).  ``output=None`` folds and checks without writing.  ``key``
     picks the weights inside a checkpoint that holds several (a dotted path, ``ema.model``).
     ``placed``, when given, gets the output appended the moment it is in place (see
-    :func:`bnfuse_cli.files.write.write_checkpoint`).  An output ending in ``.pt2`` is a program
-    exported with ``torch.export`` (it runs without bnfuse or the model's code), loaded back and
-    judged against the original before it is placed; ``verbose`` shows the exporter's messages.
+    :func:`bnfuse_cli.files.write.write_checkpoint`).  An output ending in ``.pt2`` (``torch.export``)
+    or ``.onnx`` (the ``onnx`` extra) is a program exported from the fused model, which runs without
+    bnfuse or the model's code; it is opened in its own runtime and judged against the original
+    before it is placed.  ``verbose`` shows the exporter's messages.
     """
     t0 = time.perf_counter()
     rtol = _rtol(rtol, tolerance)
@@ -208,7 +209,8 @@ def convert(
     )
     if not result.ok:
         raise FoldError(
-            f"the fused model does not compute what the original computes ({'; '.join(result.verdict.summary(more='bnfuse_cli.fuse(...).verdict.reasons lists them all'))}); "
+            "the fused model does not compute what the original computes "
+            f"({'; '.join(result.verdict.summary(more='bnfuse_cli.fuse(...).verdict.reasons lists them all'))}); "
             "nothing was written. This is a bug in bnfuse or a model it does not understand: please report it "
             "with the model"
         )
