@@ -19,7 +19,15 @@ model" is printed too: a forward pass of a large model alone can take more than 
 process runs ``convert()`` with each phase wrapped, resetting the peak counter
 (``/proc/self/clear_refs``) at the start of each, to show where the memory goes.
 
+Last, the Python API alone on a larger model (``--fuse-model``, regnet_y_32gf by default):
+``bnfuse_cli.fuse(model, x, inplace=True)`` against building the same model and running it once
+on the same 1x3x224x224 input (``torchvision.models.NAME(weights=None)``, seeded), in fresh
+processes alternating ``--reps`` times (the peak of one forward pass moves by tens of MiB from
+run to run with the threads' timing); printed as MiB and as % of the model's parameters+buffers,
+each pair and the medians.  Target: at most 5% of the model, with every fold site checked.
+
     python scripts/bench_memory.py [--model regnet_y_16gf] [--keep DIR]
+    python scripts/bench_memory.py --fuse-only [--fuse-model regnet_y_32gf] [--reps 5]
 """
 
 from __future__ import annotations
@@ -155,6 +163,54 @@ print(json.dumps({"rows": rows, "end": status()}))
 """
 
 
+#: the API's floor and the API itself, on one model built from torchvision with the same seeded input
+FUSE_FLOOR = """
+import sys, torch, torchvision
+torch.manual_seed(0)
+m = getattr(torchvision.models, sys.argv[1])(weights=None).eval()
+x = torch.randn(1, 3, 224, 224)
+with torch.no_grad():
+    m(x)
+"""
+
+FUSE_API = """
+import json, sys, torch, torchvision
+torch.manual_seed(0)
+m = getattr(torchvision.models, sys.argv[1])(weights=None).eval()
+x = torch.randn(1, 3, 224, 224)
+size = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))  # before folding
+import bnfuse_cli
+result = bnfuse_cli.fuse(m, x, inplace=True)
+with open(sys.argv[2], "w") as fh:
+    json.dump({"size": size, "sites": len(result.verdict.sites), "ok": result.ok,
+               "checked": sum(s.skipped is None for s in result.verdict.sites)}, fh)
+"""
+
+
+def fuse_vs_forward(name: str, reps: int, out: Path) -> None:
+    """``fuse(model, x, inplace=True)`` against build + one forward, ``reps`` alternating pairs."""
+    import statistics
+
+    print(f"\n`bnfuse_cli.fuse(model, x, inplace=True)` on {name} at 1x3x224x224 float32 against building it "
+          f"and running it once (`torch.no_grad()`), fresh processes alternating, {reps} pairs:\n")
+    print("| pair | build + forward | fuse in place | fuse - forward | % of the model | sites checked |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    floors, fused, info = [], [], {}
+    for i in range(reps):
+        floors.append(float(measure("python", [FUSE_FLOOR, name], out / "hwm.txt")["hwm"]))
+        fused.append(float(measure("python", [FUSE_API, name, str(out / "fuse.json")], out / "hwm.txt")["hwm"]))
+        info = json.loads((out / "fuse.json").read_text())
+        added = fused[-1] - floors[-1]
+        print(f"| {i + 1} | {floors[-1] / MiB:,.0f} MiB | {fused[-1] / MiB:,.0f} MiB | {added / MiB:+.0f} MiB | "
+              f"{100 * added / info['size']:+.1f}% | {info['checked']}/{info['sites']} |")
+    floor, peak = statistics.median(floors), statistics.median(fused)
+    pct = 100 * (peak - floor) / info["size"]
+    print(f"\nmodel {info['size'] / MiB:.0f} MiB (parameters+buffers); medians: build + forward {floor / MiB:,.0f} MiB, "
+          f"fuse {peak / MiB:,.0f} MiB: fuse adds {(peak - floor) / MiB:+.0f} MiB = {pct:+.1f}% of the model "
+          f"({'within' if pct <= 5 else 'OVER'} the 5% target); {info['checked']} of {info['sites']} fold sites "
+          f"checked, verdict {'ok' if info['ok'] else 'NOT ok'}")
+
+
 def measure(kind: str, args: list[str], hwm_file: Path) -> dict:
     """Run one fresh process; its peak RSS before teardown (``hwm``) and as ru_maxrss."""
     cmd = [PY, "-c", RUNNER, str(hwm_file), kind, *args]
@@ -172,6 +228,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="regnet_y_16gf")
     parser.add_argument("--keep", type=Path, help="write the outputs here instead of a temporary folder")
+    parser.add_argument("--fuse-model", default="regnet_y_32gf", help="torchvision model for the fuse-vs-forward figure")
+    parser.add_argument("--reps", type=int, default=5, help="alternating pairs for the fuse-vs-forward figure")
+    parser.add_argument("--fuse-only", action="store_true", help="only the fuse-vs-forward figure")
     opts = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -184,6 +243,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         out = opts.keep or Path(tmp_name)
         out.mkdir(parents=True, exist_ok=True)
+        if opts.fuse_only:
+            fuse_vs_forward(opts.fuse_model, opts.reps, out)
+            return 0
         size_proc = subprocess.run([PY, "-c", BUILD, opts.model], capture_output=True, text=True, cwd=ROOT, check=True)
         size, params = map(int, size_proc.stdout.split())
         print(f"model: {opts.model}, {params / 1e6:.1f}M parameters, {size / MiB:.0f} MiB of parameters+buffers "
@@ -237,6 +299,7 @@ def main() -> int:
         for _, depth, label, before, peak, after in sorted(data["rows"]):
             pad = "&nbsp;&nbsp;" * depth
             print(f"| {pad}{label} | {before / MiB:.0f} MiB | {peak / MiB:.0f} MiB | {after / MiB:.0f} MiB |")
+        fuse_vs_forward(opts.fuse_model, opts.reps, out)
     return 0
 
 

@@ -193,6 +193,31 @@ def _branches(model: "nn.Module", merge: Any, x: "torch.Tensor") -> "torch.Tenso
     return total
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the float64 site arithmetic on one CPU thread (the setting is restored after).
+
+    On more than one thread, MKL's float64 GEMM (what a conv on a crop comes down to) keeps a
+    packing buffer of about 9 MiB per thread for the rest of the process: 18 MiB on two cores,
+    live during the checking forward pass that follows.  On one thread it keeps none; the
+    crops are too small for threads to gain anything.
+    """
+    import warnings
+
+    import torch
+
+    n = torch.get_num_threads()
+    with warnings.catch_warnings():  # a native (non-OpenMP) thread pool only warns and keeps its size
+        warnings.simplefilter("ignore")
+        if n > 1:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            if n > 1:
+                torch.set_num_threads(n)
+
+
 class SiteProbe:
     """Checks each fold site on the activation that really reached it.
 
@@ -200,7 +225,7 @@ class SiteProbe:
     of the original), then :meth:`reference` with the *original* model, then, once the model is
     fused, :meth:`check` with the fused model.  Per site it keeps a crop of the layer's input
     (the first sample, a few positions of each spatial axis) and the float64 reference output on
-    it, never an activation or a copy of the model.
+    it, never an activation or a copy of the model; :meth:`release` drops them.
     """
 
     def __init__(self, folds: "list[Any] | None" = None) -> None:
@@ -227,6 +252,8 @@ class SiteProbe:
         for m in merges:
             self.sites[f"merge:{m.into}"] = _Site(m.into, merge=m, key=(main_convs or {}).get(m.into, m.into))
         self.wanted = {s.key for s in self.sites.values()}
+        # crops kept while recording, before the sites were known: only the sites' own stay
+        self.crops = {k: v for k, v in self.crops.items() if k in self.wanted}
 
     def capture(self, name: str, module: "nn.Module", x: Any) -> None:
         """Keep a crop of ``x``, the first input seen by ``module`` (a producer or a norm)."""
@@ -292,6 +319,10 @@ class SiteProbe:
 
     def reference(self, original: "nn.Module") -> None:
         """Compute each site's float64 reference from the original, unfused model."""
+        with _one_thread():
+            self._reference(original)
+
+    def _reference(self, original: "nn.Module") -> None:
         for site in self.sites.values():
             site.crop = self.crops.get(site.key)
             if site.crop is None:
@@ -302,8 +333,20 @@ class SiteProbe:
                 site.reference = None
         self.crops.clear()
 
+    def release(self) -> None:
+        """Drop every crop and reference, once :meth:`check` has run: the probe can outlive its
+        use (the recorder that called :meth:`capture` is freed only by the garbage collector), and
+        its tensors must not stay live through the checking forward pass."""
+        self.crops.clear()
+        for site in self.sites.values():
+            site.crop = site.reference = None
+
     def check(self, fused: "nn.Module", site_rtol: "float | None" = None) -> list[SiteCheck]:
         """Each site of the fused model against its reference, one layer at a time."""
+        with _one_thread():
+            return self._check(fused, site_rtol)
+
+    def _check(self, fused: "nn.Module", site_rtol: "float | None") -> list[SiteCheck]:
         results = []
         for site in self.sites.values():
             norms = [f.norm for f in (site.before, site.after) if f is not None]

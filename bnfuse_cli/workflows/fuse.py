@@ -215,6 +215,7 @@ def _rounds(model: "nn.Module", args: tuple[Any, ...], *, merge: bool
         apply_merges(model, step.merges)
         t2 = time.perf_counter()
         sites += probe.check(model)
+        probe.release()  # its crops and references, before the checking forward pass
         seconds["analyse"] += t1 - t0
         seconds["rewrite"] += t2 - t1
         seconds["check"] += time.perf_counter() - t2
