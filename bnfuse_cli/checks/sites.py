@@ -76,12 +76,14 @@ def _crop(x: "torch.Tensor", spatial: int, batched: bool) -> "torch.Tensor":
 
 
 def _spatial(layer: Any) -> int:
-    """Window wide enough for ``layer``'s kernel to produce output."""
+    """Window of a conv's input kept for its site: its kernel's reach, at least 2 positions a side (the
+    check compares the fused layer with the original layer and BatchNorm on the same window, so the
+    window only needs every weight to meet the data; a 1x1 conv keeps 2x2 positions of every channel)."""
     k = getattr(layer, "kernel_size", None)
     if not k:
         return 4
     d = getattr(layer, "dilation", (1,) * len(k))
-    return max(4, max(di * (ki - 1) + 1 for ki, di in zip(k, d)))
+    return max(2, max(di * (ki - 1) + 1 for ki, di in zip(k, d)))
 
 
 def _params64(module: "nn.Module") -> dict[str, "torch.Tensor"]:
