@@ -109,6 +109,39 @@ def test_a_model_that_cannot_be_exported_is_exit_2_and_leaves_nothing(tmp_path: 
     assert len(msg.splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
+class _FixedBatch(torch.nn.Module):
+    """A parameter of batch 2 broadcast onto the output: torch.export makes the batch static (2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.p = torch.nn.Parameter(torch.zeros(2, 4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.p
+
+
+class _FixedSpatial(_FixedBatch):
+    """A parameter of 8x8 added to the output: the spatial dimensions become static."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1, 4, 8, 8))
+
+
+@pytest.mark.parametrize("model, note", [
+    (_FixedBatch, "input 0 2x3x?x?: dynamic 2, 3; the model fixes dimension(s) 0 (batch)"),
+    (_FixedSpatial, "input 0 ?x3x8x8: dynamic batch; the model fixes dimension(s) 2, 3"),
+])
+def test_the_dynamic_dims_note_names_the_dimensions_the_model_fixed(model: type, note: str) -> None:
+    # the channel dimension 1 is static by design (never exported as Dim.AUTO), so it is never "fixed
+    # by the model"; a static batch was once reported as "fixes dimension(s) 1"
+    from bnfuse_cli.files.export import export_program
+
+    _, notes = export_program(model().eval(), (torch.randn(1, 3, 8, 8),))
+    assert notes == [note]
+
+
 # ----------------------------------------------------------------------------- ONNX (the onnx extra)
 
 onnx = pytest.importorskip("onnx")

@@ -113,11 +113,13 @@ def dynamic_dims(ep: "torch.export.ExportedProgram", example: tuple[Any, ...]) -
         dyn = [d for d, size in enumerate(val.shape) if not isinstance(size, int)
                and not torch.fx.experimental.symbolic_shapes.is_concrete_int(size)]
         static = [d for d in range(val.dim()) if d not in dyn]
+        # the ones exported as Dim.AUTO (every one but the channel dimension 1) that the model made static
+        fixed = [d for d in static if d != 1]
         words = ["batch" if d == 0 else str(d) for d in dyn]
         notes.append(f"input {i} {'x'.join(str(int(s)) if d in static else '?' for d, s in enumerate(val.shape))}: "
                      + (f"dynamic {', '.join(words)}" if dyn else "every dimension static")
-                     + ("" if not dyn or len(static) <= 1 else
-                        f"; the model fixes dimension(s) {', '.join(map(str, static[1:]))}"))
+                     + ("" if not dyn or not fixed else
+                        f"; the model fixes dimension(s) {', '.join('0 (batch)' if d == 0 else str(d) for d in fixed)}"))
     return notes
 
 
