@@ -44,6 +44,7 @@ bench-scripts: $(VENV)/.extras
 	$(BIN)/python scripts/bench_batch_convert.py
 	$(BIN)/python scripts/compare_onnxruntime.py
 	$(BIN)/python scripts/compare_reparam.py
+	$(BIN)/python scripts/export_zoo.py
 	$(BIN)/python scripts/compare_runtimes.py
 	mkdir -p out
 	$(BIN)/bnfuse bench --device cpu --json out/bench_cpu.json --markdown out/bench_cpu.md
