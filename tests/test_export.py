@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import models_merge as mm
 from conftest import ROOT, randomize_bn, run_bnfuse
@@ -231,3 +232,31 @@ def test_a_missing_onnx_extra_is_exit_2_naming_the_install(exported: "tuple[Path
         "error: .onnx needs the onnx extra (onnx, onnxscript, onnxruntime), and onnxruntime is not installed: "
         "pip install 'bnfuse[onnx]', or write .pt2, .pth or .safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+class _Versioned(nn.Module):
+    """Like torchvision's MNASNet: refuses a state_dict that does not say which version saved it."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def test_program_weights_map_onto_modules_that_check_their_version() -> None:
+    from bnfuse_cli.files.load import Source
+    from bnfuse_cli.files.meta import FusedMeta
+    from bnfuse_cli.workflows.verify import _program_layers
+
+    orig, program = _Versioned(), _Versioned()
+    with torch.no_grad():
+        program.conv.weight.mul_(2)
+    mapped, unmapped = _program_layers(Source(orig, "x:y", "name"),
+                                       Source(program, "x:y", "program", FusedMeta("x:y")))
+    assert unmapped == set() and torch.equal(mapped.conv.weight, program.conv.weight)

@@ -108,7 +108,10 @@ def _program_layers(src_o: Source, src_f: Source) -> "tuple[nn.Module, set[str]]
     mapped = copy.deepcopy(src_o.model)
     apply_saved_structure(mapped, src_f.meta.steps)
     weights = program_weights(src_f.model)
-    keys = mapped.load_state_dict({k: v for k, v in weights.items() if k in mapped.state_dict()}, strict=False)
+    own = mapped.state_dict()
+    found = type(own)((k, v) for k, v in weights.items() if k in own)
+    found._metadata = getattr(own, "_metadata", None)  # the modules' versions (MNASNet refuses a load without)
+    keys = mapped.load_state_dict(found, strict=False)
     unmapped = {k.rsplit(".", 1)[0] for k in keys.missing_keys}
     return mapped, unmapped
 
