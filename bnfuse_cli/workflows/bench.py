@@ -39,14 +39,14 @@ from ..errors import UsageError
 from ..inputs import cast_floats, memory_format, to_memory_format
 from ..precision import parse_dtype, resolve_device
 from .bench_report import DEVICE_RUN, BenchReport, ModelBench, Stats, verdict
-from .timing import backend_flags, compiled, environment, first_call, machine_info, race
+from .runtimes import RUNTIMES, check_runtime, ort_op_counts, programs
+from .timing import backend_flags, environment, first_call, machine_info, race
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from ..checks import Verdict
-    from ..files.export import ExportError
     from .fuse import FuseResult
     from ..inputs import InputSpec
     from ..files.load import Source
@@ -66,12 +66,6 @@ __all__ = [
 
 #: representative torchvision architectures with BatchNorm (plain, bottleneck, depthwise, SE, RegNet)
 DEFAULT_MODELS: tuple[str, ...] = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf")
-
-#: what both models run in (``--runtime``): the modules, torch.export programs, or onnxruntime sessions
-RUNTIMES: tuple[str, ...] = ("eager", "export", "onnxruntime")
-
-#: onnxruntime's graph optimisation level for both sessions: its highest (ORT_ENABLE_ALL)
-ORT_LEVEL = "enable_all"
 
 #: defaults by device type: (batch size, timed pairs, warm-up pairs, time budget per model in s)
 _DEFAULTS = {"cpu": (1, 20, 3, 8.0), "cuda": (32, 100, 10, 10.0)}
@@ -222,79 +216,6 @@ def _place(prep: _Prepared, result: "FuseResult", st: _Settings) -> None:
             m.to(memory_format=fmt)
 
 
-def ort_op_counts(path: Any) -> dict[str, Any]:
-    """The BatchNorm and convolution nodes of an ONNX graph (one onnxruntime saved after optimising):
-    ``bn`` (BatchNormalization), ``conv`` (every conv-like op: Conv, ConvTranspose, and onnxruntime's
-    own FusedConv and NCHWc Conv), ``nodes`` (all), and ``conv_ops`` by op type and domain."""
-    from collections import Counter
-
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    ops = Counter((n.domain or "ai.onnx", n.op_type) for n in proto.graph.node)
-    conv = {f"{op}" + ("" if dom == "ai.onnx" else f" ({dom})"): c for (dom, op), c in sorted(ops.items())
-            if "conv" in op.lower()}
-    return {"bn": sum(c for (_, op), c in ops.items() if "batchnorm" in op.lower()),
-            "conv": sum(conv.values()), "nodes": len(proto.graph.node), "conv_ops": conv}
-
-
-def _export_failed(which: str, source: str, st: _Settings, exc: Exception) -> "ExportError":
-    from ..files.export import ExportError
-
-    cause = exc.__cause__ or exc
-    first = " ".join((str(cause).strip().splitlines() or ["no details"])[0].split())
-    return ExportError(f"--runtime {st.runtime}: the {which} model of {source} cannot be exported "
-                       f"({type(cause).__name__}: {first[:400]}); bench it with --runtime eager")
-
-
-def _programs(prep: _Prepared, result: "FuseResult", args: tuple[Any, ...], st: _Settings
-              ) -> "tuple[Any, Any, dict[str, Any] | None]":
-    """Stage 4: what is raced in ``st.runtime``: (original runner, fused runner, per-graph op counts
-    after onnxruntime's optimisation, None for other runtimes).  Programs are exported through the
-    files layer (:mod:`bnfuse_cli.files.export`), the same code as ``convert -o .pt2/.onnx``."""
-    import tempfile
-    from pathlib import Path
-
-    import torch
-
-    from ..files.export import ExportError, export_program, onnx_bytes, open_onnx
-
-    models = (("original", prep.original), ("fused", result.model))
-    if st.runtime == "eager":
-        if st.compile:
-            return compiled(prep.original, prep.source), compiled(result.model, prep.source), None
-        return prep.original, result.model, None
-    if st.runtime == "export":
-        runners = []
-        for which, model in models:
-            try:
-                ep, _ = export_program(model, args)
-            except ExportError as exc:
-                raise _export_failed(which, prep.source, st, exc) from exc
-            runners.append(ep.module())
-        prep.notes.append("both models exported with torch.export (batch and spatial dimensions Dim.AUTO) and "
-                          "run as ep.module()")
-        return runners[0], runners[1], None
-    threads = st.threads or torch.get_num_threads()
-    runners, counts = [], {}
-    with tempfile.TemporaryDirectory(prefix="bnfuse-bench-") as tmp:
-        for which, model in models:
-            try:
-                data, _ = onnx_bytes(model, args, {})
-            except ExportError as exc:
-                raise _export_failed(which, prep.source, st, exc) from exc
-            path, optimized = Path(tmp) / f"{which}.onnx", Path(tmp) / f"{which}.ort.onnx"
-            path.write_bytes(data)
-            program, _ = open_onnx(path, "cpu", level=ORT_LEVEL, threads=threads, optimized_path=optimized,
-                                   spinning=False)
-            counts[which] = ort_op_counts(optimized)
-            runners.append(program)
-    prep.notes.append(f"both models exported to ONNX and run by onnxruntime with ORT_{ORT_LEVEL.upper()}, "
-                      f"{threads} intra-op threads, {runners[0].provider}, idle threads not spinning (a spinning "
-                      "session's threads would slow the other one down while it runs)")
-    return runners[0], runners[1], counts
-
-
 def _judge(prep: _Prepared, result: "FuseResult", runners: tuple[Any, Any], ref: Any, args: tuple[Any, ...],
            st: _Settings) -> "Verdict":
     """Stage 5: both programs as raced (runtime, device, dtype, autocast) against the original in
@@ -354,7 +275,7 @@ def _bench_one(source: str, st: _Settings) -> ModelBench:
     if st.runtime != "eager":
         tick(f"exporting for {st.runtime}", 0)
     # compiled runners and exported programs are made from the cast modules
-    run_orig, run_fused, graph_ops = _programs(prep, result, args, st)
+    run_orig, run_fused, graph_ops = programs(prep, result, args, st)
     check = _judge(prep, result, (run_orig, run_fused), ref, args, st)
     del ref
     times = race((lambda: run_orig(*args), lambda: run_fused(*args)), st, tick, prep.notes)
@@ -376,37 +297,6 @@ def _check_counts(*, iters: int, warmup: int, batch_size: "int | None", threads:
             raise UsageError(f"{name} {value}: must be at least {low}")
     if not (budget >= 0 and math.isfinite(budget)):
         raise UsageError(f"--time-budget {budget:g}: give seconds of timing per model, or 0 for no limit")
-
-
-def _check_runtime(runtime: str, *, device: str, dtype: "torch.dtype", autocast: "str | None",
-                   channels_last: bool, compile: bool) -> "torch.device":
-    """The device to bench on, once ``runtime`` is known and fits the other options (a
-    :class:`UsageError` otherwise; an ``ExtraMissing`` naming the install command for onnxruntime)."""
-    import torch
-
-    if runtime not in RUNTIMES:
-        raise UsageError(f"--runtime {runtime!r}: use {', '.join(RUNTIMES[:-1])} or {RUNTIMES[-1]}")
-    if runtime == "eager":
-        return resolve_device(device)
-    if compile:
-        raise UsageError(f"--compile applies to --runtime eager, not {runtime}")
-    if autocast is not None:
-        raise UsageError(f"--autocast applies to --runtime eager: a {runtime} program runs in the dtype it was "
-                         "exported in; use --dtype")
-    if runtime == "export":
-        return resolve_device(device)
-    from ..files.export import require_onnx
-
-    require_onnx("--runtime onnxruntime", "use --runtime eager or export")
-    if dtype != torch.float32:
-        raise UsageError(f"--runtime onnxruntime runs float32 graphs; --dtype {str(dtype).replace('torch.', '')} "
-                         "applies to --runtime eager or export")
-    if channels_last:
-        raise UsageError("--channels-last applies to --runtime eager or export: onnxruntime chooses its own layout")
-    if device != "auto" and resolve_device(device).type != "cpu":
-        raise UsageError(f"--runtime onnxruntime runs on the CPU (its CPU execution provider); use --device cpu, "
-                         f"not {device}")
-    return torch.device("cpu")
 
 
 def bench(
@@ -461,7 +351,7 @@ def bench(
 
     dt = parse_dtype(dtype)
     amp = check_autocast(autocast)
-    dev = _check_runtime(runtime, device=device, dtype=dt, autocast=amp, channels_last=channels_last,
+    dev = check_runtime(runtime, device=device, dtype=dt, autocast=amp, channels_last=channels_last,
                          compile=compile)
     Tolerance.for_dtype(dt, rtol, atol)  # refuses a bad tolerance or shape before any model is built
     check_shape_option(input_shape)

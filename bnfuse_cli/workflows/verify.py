@@ -178,13 +178,16 @@ class _Runner:
 
 
 def _data_check(runner: _Runner, inputs: "torch.Tensor", labels: "torch.Tensor | None", batch_size: int,
-                device: Any, check: OutputCheck, pre: OutputCheck) -> OutputCheck:
-    """The models on ``--data``, ``batch_size`` inputs at a time."""
+                device: Any, outputs: "dict[str, OutputCheck]", check: OutputCheck) -> None:
+    """The models on ``--data``, ``batch_size`` inputs at a time: ``outputs["data"]``, and the tensors
+    that feed post-processing where the models have any."""
+    pre = OutputCheck(check.tol, reference=check.reference)
+    outputs["data"] = check
     for start in range(0, int(inputs.shape[0]), batch_size):
         chunk = inputs[start:start + batch_size]
         lab = None if labels is None else labels[start:start + batch_size]
         runner.add(check, lambda dt, c=chunk: _cast(c, dt, device), labels=lab, pre=pre)
-    return check
+    judge_post_processing(outputs, "data", pre, label="data, before post-processing")
 
 
 def _validate(samples: int, data: Any, batch_size: int, device: str, dtype: "str | None",
@@ -236,11 +239,8 @@ def verify(
     inputs = labels = None
     if data is not None:
         inputs, labels = read_data(data, allow_pickle=allow_pickle)
-    src_f = load_source(fused, arch=arch, weights=weights, allow_pickle=allow_pickle, device=device, programs=True)
-    init_seed, why = _init_seed(orig, weights, src_f, seed)
-    src_o = load_source(orig, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key, seed=init_seed)
-    init_note = [] if src_o.seed is None else [
-        f"original built with random weights (--weights none) from seed {src_o.seed}" + (f": {why[0]}" if why else "")]
+    src_o, src_f, init_note = _load_pair(orig, fused, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key,
+                                         device=device, seed=seed)
     model_o, model_f = src_o.model, src_f.model
     spec = _pick_spec(src_o, src_f, input_shape, inputs)
     structure = _structure(model_o, model_f)
@@ -270,10 +270,7 @@ def verify(
 
     data_result = None
     if inputs is not None:
-        pre = OutputCheck(tol, reference=reference)
-        outputs["data"] = _data_check(runner, inputs, labels, batch_size, dev, OutputCheck(tol, reference=reference),
-                                      pre)
-        judge_post_processing(outputs, "data", pre, label="data, before post-processing")
+        _data_check(runner, inputs, labels, batch_size, dev, outputs, OutputCheck(tol, reference=reference))
         data_result = DataResult(path=str(data), count=int(inputs.shape[0]), check=outputs["data"])
     t3 = time.perf_counter()
     del runner
@@ -294,6 +291,18 @@ def verify(
         notes=_notes(src_o, src_f, structure, outputs, labels, data_result) + init_note + notes,
         seconds={"load": t1 - t0, "samples": t2 - t1, "data": t3 - t2, "total": time.perf_counter() - t0},
     )
+
+
+def _load_pair(orig: Any, fused: Any, *, arch: "str | None", weights: str, allow_pickle: bool, key: "str | None",
+               device: str, seed: int) -> "tuple[Source, Source, list[str]]":
+    """The fused file (a program opened in its runtime on ``device``), then the original, a random one
+    built from the seed the fused file records; and the note that says which seed."""
+    src_f = load_source(fused, arch=arch, weights=weights, allow_pickle=allow_pickle, device=device, programs=True)
+    init_seed, why = _init_seed(orig, weights, src_f, seed)
+    src_o = load_source(orig, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key, seed=init_seed)
+    note = [] if src_o.seed is None else [
+        f"original built with random weights (--weights none) from seed {src_o.seed}" + (f": {why[0]}" if why else "")]
+    return src_o, src_f, note
 
 
 def _init_seed(orig: Any, weights: str, src_f: Source, seed: int) -> "tuple[int, list[str]]":
