@@ -260,3 +260,13 @@ def test_program_weights_map_onto_modules_that_check_their_version() -> None:
     mapped, unmapped = _program_layers(Source(orig, "x:y", "name"),
                                        Source(program, "x:y", "program", FusedMeta("x:y")))
     assert unmapped == set() and torch.equal(mapped.conv.weight, program.conv.weight)
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_an_unwritable_program_path_is_exit_2_before_any_work(tmp_path: Path, suffix: str) -> None:
+    out = tmp_path / "missing" / f"m{suffix}"
+    r = run_bnfuse("convert", "models_export:DataDependent", "--weights", "none", "-o", str(out), cwd=TESTS,
+                   columns=200)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip() == f"error: cannot write {out}: the directory {out.parent} does not exist", r.stderr
+    assert list(tmp_path.iterdir()) == []
