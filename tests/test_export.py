@@ -51,12 +51,17 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> "tuple[Path, torch.nn.
     torch.manual_seed(0)
     model = randomize_bn(mm.RepVGG(), seed=4).eval()
     torch.save(model.state_dict(), d / "orig.pth")
-    r = run_bnfuse("convert", str(d / "orig.pth"), "--arch", ARCH, "--input-shape", "1,3,16,16", "-o",
-                   str(d / "fused.pt2"), cwd=TESTS, columns=200)
-    assert r.returncode == 0, r.stderr
-    assert "note: exported for torch.export: input 0 ?x3x?x?: dynamic batch, 2, 3" in r.stderr, r.stderr
-    assert "the .pt2 file, opened in torch.export, was judged against the original" in r.stderr
+    _convert(d, ".pt2", "torch.export", "input 0 ?x3x?x?: dynamic batch, 2, 3")
     return d, model
+
+
+def _convert(d: Path, suffix: str, runtime: str, dims: str) -> None:
+    """``d/orig.pth`` converted to ``d/fused<suffix>`` by the real entry point, judged in ``runtime``."""
+    r = run_bnfuse("convert", str(d / "orig.pth"), "--arch", ARCH, "--input-shape", "1,3,16,16", "-o",
+                   str(d / f"fused{suffix}"), cwd=TESTS, columns=200)
+    assert r.returncode == 0, r.stderr
+    assert f"note: exported for {runtime}: {dims}" in r.stderr, r.stderr
+    assert f"the {suffix} file, opened in {runtime}, was judged against the original" in r.stderr
 
 
 def test_pt2_runs_without_bnfuse_or_the_model_code(exported: "tuple[Path, torch.nn.Module]") -> None:
@@ -162,11 +167,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)))
 @pytest.fixture(scope="module")
 def exported_onnx(exported: "tuple[Path, torch.nn.Module]") -> "tuple[Path, torch.nn.Module]":
     d, model = exported
-    r = run_bnfuse("convert", str(d / "orig.pth"), "--arch", ARCH, "--input-shape", "1,3,16,16", "-o",
-                   str(d / "fused.onnx"), cwd=TESTS, columns=200)
-    assert r.returncode == 0, r.stderr
-    assert "note: exported for onnxruntime: input 0 ?x3x?x?: dynamic batch, 2, 3; opset 20" in r.stderr, r.stderr
-    assert "the .onnx file, opened in onnxruntime, was judged against the original" in r.stderr
+    _convert(d, ".onnx", "onnxruntime", "input 0 ?x3x?x?: dynamic batch, 2, 3; opset 20")
     return d, model
 
 
@@ -270,3 +271,20 @@ def test_an_unwritable_program_path_is_exit_2_before_any_work(tmp_path: Path, su
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.strip() == f"error: cannot write {out}: the directory {out.parent} does not exist", r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_the_read_back_proof_compares_the_program_weights_by_name(tmp_path: Path, suffix: str) -> None:
+    from bnfuse_cli.errors import OutputError
+    from bnfuse_cli.files.outputs import output_format
+    from bnfuse_cli.files.write import write_checkpoint
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    data, _ = output_format(f"m{suffix}").export(model, (torch.randn(1, 3, 8, 8),), {"arch": "x"})
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    write_checkpoint(tmp_path / f"ok{suffix}", state_dict=sd, metadata={"arch": "x"}, program=data)
+    sd["0.weight"][0, 0, 0, 0] += 1e-3  # what the file holds is no longer what was meant to be written
+    with pytest.raises(OutputError, match=r"failed the read-back check \(missing \[\], unexpected \[\], different "
+                                          r"values or shapes \['0\.weight'\]\)"):
+        write_checkpoint(tmp_path / f"bad{suffix}", state_dict=sd, metadata={"arch": "x"}, program=data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"ok{suffix}"]

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["ExportError", "ExtraMissing", "export_program", "load_program", "program_bytes", "dynamic_dims",
-           "check_program", "require_onnx", "onnx_bytes", "check_onnx", "open_onnx", "open_pt2", "program_weights",
+           "check_program", "pt2_bytes", "require_onnx", "onnx_bytes", "check_onnx", "open_onnx", "open_pt2", "program_weights",
            "session_options", "ORT_LEVELS"]
 
 #: the archive entry bnfuse's record is stored under
@@ -123,6 +123,13 @@ def dynamic_dims(ep: "torch.export.ExportedProgram", example: tuple[Any, ...]) -
     return notes
 
 
+def pt2_bytes(model: "nn.Module", args: tuple[Any, ...], metadata: dict[str, Any], *, verbose: bool = False
+              ) -> "tuple[bytes, list[str]]":
+    """``model`` as a ``.pt2`` file's bytes with bnfuse's record inside, and notes on its dynamic dimensions."""
+    ep, dims = export_program(model, args, verbose=verbose)
+    return program_bytes(ep, metadata), dims
+
+
 def program_bytes(ep: "torch.export.ExportedProgram", metadata: dict[str, Any]) -> bytes:
     """The ``.pt2`` archive of ``ep`` with bnfuse's record inside."""
     import torch
@@ -151,17 +158,21 @@ def check_program(tmp: Path, expected: "dict[str, torch.Tensor]", metadata: dict
                   ) -> "tuple[list[str], list[str], list[str], bool]":
     """The read-back proof of a ``.pt2`` file: loaded with ``torch.export.load``, its weights (by name)
     against the fused model's, value for value, and its record against the one written."""
-    import torch
-
     from .readback import meta_equal
 
     ep, meta = load_program(tmp)
     got = ep.state_dict
     missing = [k for k in expected if k not in got]
     extra = [k for k in got if k not in expected]
-    bad = [k for k, e in expected.items() if k in got and not (
+    return missing, extra, _differing(expected, got), meta_equal(meta, metadata)
+
+
+def _differing(expected: "dict[str, torch.Tensor]", got: "dict[str, torch.Tensor]") -> list[str]:
+    """The names in both whose tensors differ in dtype, shape or any value."""
+    import torch
+
+    return [k for k, e in expected.items() if k in got and not (
         got[k].dtype == e.dtype and got[k].shape == e.shape and torch.equal(got[k].detach().cpu(), e.detach().cpu()))]
-    return missing, extra, bad, meta_equal(meta, metadata)
 
 
 # --------------------------------------------------------------------------- ONNX (the ``onnx`` extra)
@@ -274,20 +285,24 @@ def check_onnx(tmp: Path, expected: "dict[str, torch.Tensor]", metadata: dict[st
     the graph does not hold (unused, or all-zero ones the exporter folds away) cannot be compared here:
     the runtime judgement covers what the graph computes."""
     import onnx
-    import torch
 
     from .readback import meta_equal
 
     onnx.checker.check_model(str(tmp), full_check=True)
     proto = onnx.load(str(tmp))
-    got = onnx_weights(proto)
-    bad = [k for k, e in expected.items() if k in got and not (
-        tuple(got[k].shape) == tuple(e.shape) and torch.equal(got[k].to(e.dtype), e.detach().cpu()))]
-    return [], [], bad, meta_equal(_onnx_meta(proto), metadata)
+    return [], [], _differing(expected, onnx_weights(proto)), meta_equal(_onnx_meta(proto), metadata)
 
 
 def _onnx_module_class() -> Any:
+    """The module class that runs an ``.onnx`` file (made on first use: it needs torch)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
     from torch import nn
+
+    feed_types = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+                  "tensor(int64)": np.int64}
 
     class OnnxProgram(nn.Module):
         """An ``.onnx`` file run by onnxruntime (the CUDA provider for a CUDA device when it has one, else
@@ -297,10 +312,29 @@ def _onnx_module_class() -> Any:
 
         def __init__(self, path: Path, device: str = "cpu", options: Any = None) -> None:
             super().__init__()
-            _init_onnx(self, path, device, options)
+            proto = onnx.load(str(path))
+            self.metadata = _onnx_meta(proto)
+            for name, t in onnx_weights(proto).items():
+                self.register_parameter(name.replace(".", "/"), nn.Parameter(t, requires_grad=False))
+            del proto
+            providers = ["CPUExecutionProvider"]
+            if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, "CUDAExecutionProvider")
+            self.session = ort.InferenceSession(str(path), options if options is not None else session_options(),
+                                                providers=providers)
+            self.provider = self.session.get_providers()[0]
+            self.eval()
 
-        def forward(self, *args: Any) -> Any:
-            return _run_onnx(self, *args)
+        def forward(self, *args: "torch.Tensor") -> Any:
+            feeds = {}
+            for meta, x in zip(self.session.get_inputs(), args):
+                want = feed_types.get(meta.type)
+                arr = x.detach().to("cpu", torch.float32 if x.dtype == torch.bfloat16 else x.dtype).numpy()
+                feeds[meta.name] = arr.astype(want) if want is not None else arr
+            outs = [torch.from_numpy(o) for o in self.session.run(None, feeds)]
+            if args:
+                outs = [o.to(args[0].device, args[0].dtype if o.is_floating_point() else o.dtype) for o in outs]
+            return outs[0] if len(outs) == 1 else tuple(outs)
 
     return OnnxProgram
 
@@ -347,42 +381,6 @@ def open_pt2(path: Path, device: str = "cpu") -> "tuple[nn.Module, dict[str, Any
     """A ``.pt2`` file as its program's module, and bnfuse's record in it."""
     ep, meta = load_program(path)
     return ep.module(), meta
-
-
-def _init_onnx(self: Any, path: Path, device: str, options: Any = None) -> None:
-    import onnx
-    import onnxruntime as ort
-    from torch import nn
-
-    proto = onnx.load(str(path))
-    self.metadata = _onnx_meta(proto)
-    for name, t in onnx_weights(proto).items():
-        self.register_parameter(name.replace(".", "/"), nn.Parameter(t, requires_grad=False))
-    del proto
-    providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    self.session = ort.InferenceSession(str(path), options if options is not None else session_options(),
-                                        providers=providers)
-    self.provider = self.session.get_providers()[0]
-    self.training = False
-
-
-def _run_onnx(self: Any, *args: "torch.Tensor") -> Any:
-    import numpy as np
-    import torch
-
-    feeds = {}
-    for meta, x in zip(self.session.get_inputs(), args):
-        want = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-                "tensor(int64)": np.int64}.get(meta.type)
-        arr = x.detach().to("cpu", torch.float32 if x.dtype == torch.bfloat16 else x.dtype).numpy()
-        feeds[meta.name] = arr.astype(want) if want is not None else arr
-    outs = [torch.from_numpy(o) for o in self.session.run(None, feeds)]
-    like = args[0] if args else None
-    if like is not None:
-        outs = [o.to(like.device, like.dtype if o.is_floating_point() else o.dtype) for o in outs]
-    return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 def program_weights(module: "nn.Module") -> "dict[str, torch.Tensor]":

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import OutputError
+from . import export, readback
 from .formats import META_KEY, byte_view, st_dtype
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ class Payload:
 Writer = Callable[[Any, Payload, Path], None]
 #: (written temporary file, payload) -> (missing keys, unexpected keys, differing keys, metadata equal)
 Proof = Callable[[Path, Payload], "tuple[list[str], list[str], list[str], bool]"]
-#: (fused module, example args, metadata, verbose) -> (the file's bytes, notes on its dynamic dimensions)
+#: (fused module, example args, metadata, verbose=...) -> (the file's bytes, notes on its dynamic dimensions)
 Exporter = Callable[[Any, "tuple[Any, ...]", "dict[str, Any]", bool], "tuple[bytes, list[str]]"]
 #: (path, device) -> (the program as a module that runs it in its own runtime, bnfuse's record)
 Opener = Callable[[Path, str], "tuple[Any, dict[str, Any]]"]
@@ -109,70 +110,15 @@ def _write_program(out: Any, p: Payload, final: Path) -> None:
     out.write(p.program)
 
 
-def _prove_torch(tmp: Path, p: Payload) -> Any:
-    from .readback import check_torch_file
-
-    return check_torch_file(tmp, p.state_dict, p.metadata, p.form)
-
-
-def _prove_safetensors(tmp: Path, p: Payload) -> Any:
-    from .readback import check_safetensors
-
-    return check_safetensors(tmp, p.state_dict, p.metadata)
-
-
-def _prove_program(tmp: Path, p: Payload) -> Any:
-    from .export import check_program
-
-    return check_program(tmp, p.state_dict, p.metadata)
-
-
-def _prove_onnx(tmp: Path, p: Payload) -> Any:
-    from .export import check_onnx
-
-    return check_onnx(tmp, p.state_dict, p.metadata)
-
-
-def _export_pt2(model: Any, args: "tuple[Any, ...]", metadata: "dict[str, Any]", verbose: bool
-                ) -> "tuple[bytes, list[str]]":
-    from .export import export_program, program_bytes
-
-    ep, dims = export_program(model, args, verbose=verbose)
-    return program_bytes(ep, metadata), dims
-
-
-def _export_onnx(model: Any, args: "tuple[Any, ...]", metadata: "dict[str, Any]", verbose: bool
-                 ) -> "tuple[bytes, list[str]]":
-    from .export import onnx_bytes
-
-    return onnx_bytes(model, args, metadata, verbose=verbose)
-
-
-def _open_pt2(path: Path, device: str) -> Any:
-    from .export import open_pt2
-
-    return open_pt2(path, device)
-
-
-def _open_onnx(path: Path, device: str) -> Any:
-    from .export import open_onnx
-
-    return open_onnx(path, device)
-
-
-def _require_onnx() -> None:
-    from .export import require_onnx
-
-    require_onnx()
-
-
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = (
-    OutputFormat("pth", (".pth", ".pt"), _write_torch, _prove_torch, holds_module=True),
-    OutputFormat("safetensors", (".safetensors",), _write_safetensors, _prove_safetensors),
-    OutputFormat("pt2", (".pt2",), _write_program, _prove_program, export=_export_pt2, open=_open_pt2,
-                 runtime="torch.export"),
-    OutputFormat("onnx", (".onnx",), _write_program, _prove_onnx, export=_export_onnx, open=_open_onnx,
-                 runtime="onnxruntime", require=_require_onnx),
+    OutputFormat("pth", (".pth", ".pt"), _write_torch,
+                 lambda tmp, p: readback.check_torch_file(tmp, p.state_dict, p.metadata, p.form), holds_module=True),
+    OutputFormat("safetensors", (".safetensors",), _write_safetensors,
+                 lambda tmp, p: readback.check_safetensors(tmp, p.state_dict, p.metadata)),
+    OutputFormat("pt2", (".pt2",), _write_program, lambda tmp, p: export.check_program(tmp, p.state_dict, p.metadata),
+                 export=export.pt2_bytes, open=export.open_pt2, runtime="torch.export"),
+    OutputFormat("onnx", (".onnx",), _write_program, lambda tmp, p: export.check_onnx(tmp, p.state_dict, p.metadata),
+                 export=export.onnx_bytes, open=export.open_onnx, runtime="onnxruntime", require=export.require_onnx),
 )
 
 

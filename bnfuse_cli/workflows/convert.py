@@ -300,7 +300,7 @@ class _ProgramJudge:
         self.fmt, self.reference, self.args, self.report, self.verbose = fmt, reference, args, report, verbose
 
     def export(self, model: "nn.Module", metadata: dict[str, Any]) -> bytes:
-        data, dims = self.fmt.export(model, self.args, metadata, self.verbose)
+        data, dims = self.fmt.export(model, self.args, metadata, verbose=self.verbose)
         self.report.notes += [f"exported for {self.fmt.runtime}: {d}" for d in dims]
         return data
 
