@@ -37,29 +37,26 @@ class Verdict:
         counted = [c for c in self.outputs.values() if not c.waived]
         return bool(counted) and all(c.ok for c in counted) and not self.failed_sites
 
+    def _output_reasons(self) -> list[str]:
+        out = [r for label, c in self.outputs.items() if (r := c.reason(label)) is not None]
+        return out if self.outputs else out + ["nothing was compared"]
+
     @property
     def reasons(self) -> list[str]:
         """Why the verdict is negative, one sentence each (empty when it passed)."""
-        out = [r for label, c in self.outputs.items() if (r := c.reason(label)) is not None]
-        if not self.outputs:
-            out.append("nothing was compared")
-        for s in self.failed_sites:
-            out.append(
-                f"fold site {s.layer} ({', '.join(s.norms)}): the fused layer is {s.rel_error:.3g} (relative) away "
-                f"from the original layer and BatchNorm on the activation that reaches it, above {s.tolerance:g}"
-            )
-        return out
+        return self._output_reasons() + [
+            f"fold site {s.layer} ({', '.join(s.norms)}): the fused layer is {s.rel_error:.3g} (relative) away "
+            f"from the original layer and BatchNorm on the activation that reaches it, above {s.tolerance:g}"
+            for s in self.failed_sites]
 
     def summary(self, names: int = 3, more: str = "-v or --json lists them all") -> list[str]:
         """Why the verdict is negative, in a few lines whatever the number of failures: each failing
         output, then how many fold sites fail, the worst, and the first ``names`` by name (the full
         list is :attr:`reasons`; ``more`` says where the reader finds it)."""
-        out = [r for label, c in self.outputs.items() if (r := c.reason(label)) is not None]
-        if not self.outputs:
-            out.append("nothing was compared")
         failed = self.failed_sites
         if len(failed) <= 1:
-            return out + self.reasons[len(out):]
+            return self.reasons
+        out = self._output_reasons()
         worst = max(failed, key=lambda s: s.rel_error / max(s.tolerance, 1e-300))
         shown = ", ".join(s.layer for s in failed[:names]) + (
             f" (+{len(failed) - names} more{'; ' + more if more else ''})" if len(failed) > names else "")
