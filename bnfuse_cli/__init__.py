@@ -36,6 +36,9 @@ _LAZY = {
     "FuseResult": "workflows.fuse",
     "convert": "workflows.convert",
     "ConvertReport": "workflows.convert",
+    "SourceOptions": "workflows.source",
+    "prepare": "workflows.source",
+    "Prepared": "workflows.source",
     "load": "files.load",
     "read_checkpoint": "files.read",
     "verify": "workflows.verify",
@@ -63,6 +66,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .files.load import load
     from .files.read import read_checkpoint
     from .workflows.fuse import FuseResult, fuse, plan
+    from .workflows.source import Prepared, SourceOptions, prepare
     from .workflows.verify import VerifyReport, verify
 
 

@@ -174,17 +174,19 @@ def convert(
 
     def run(placed: list[Path]) -> None:
         from .workflows.convert import convert as convert_fn, outputs_for
+        from .workflows.source import SourceOptions
         from .render import convert_table, plan_tables
 
         _check_report_path("--json", json_file)
+        opts = SourceOptions(arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle, key=key,
+                             seed=seed)
         dests = outputs_for(sources, output, out_dir, suffix)
         res = _results(json_file)
         reports = []
         for src, dest in zip(sources, dests):
             with _library_output_to_stderr():
-                r = convert_fn(src, dest, arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle,
-                               key=key, save_as=save_as, force=force, rtol=rtol, atol=atol, tolerance=tolerance,
-                               seed=seed, placed=placed, verbose=verbose)
+                r = convert_fn(src, dest, options=opts, save_as=save_as, force=force, rtol=rtol, atol=atol,
+                               tolerance=tolerance, placed=placed, verbose=verbose)
             res.print(convert_table(r))
             for table in plan_tables(r.plan, verbose=verbose):
                 res.print(table)
@@ -212,12 +214,13 @@ def inspect(
 
     def run(placed: list[Path]) -> None:
         from .workflows.convert import inspect as inspect_fn
+        from .workflows.source import SourceOptions
         from .render import inspect_line, plan_tables
 
         _check_report_path("--json", json_file)
+        opts = SourceOptions(arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle, key=key)
         with _library_output_to_stderr():
-            r = inspect_fn(source, arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle,
-                           key=key)
+            r = inspect_fn(source, options=opts)
         res = _results(json_file)
         res.print(inspect_line(r), highlight=False)
         for table in plan_tables(r.plan, verbose=True):
@@ -261,13 +264,15 @@ def verify(
 
     def run(placed: list[Path]) -> Any:
         from .render import verify_table
+        from .workflows.source import SourceOptions
         from .workflows.verify import verify as verify_fn
 
         _check_report_path("--json", json_file)
+        opts = SourceOptions(arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle, key=key,
+                             seed=seed)
         with _library_output_to_stderr():
-            r = verify_fn(orig, fused, arch=arch, weights=weights, input_shape=input_shape, samples=samples, seed=seed,
-                          rtol=rtol, atol=atol, data=data, batch_size=batch_size, device=device, dtype=dtype,
-                          autocast=autocast, allow_pickle=allow_pickle, key=key)
+            r = verify_fn(orig, fused, options=opts, samples=samples, rtol=rtol, atol=atol, data=data,
+                          batch_size=batch_size, device=device, dtype=dtype, autocast=autocast)
         res = _results(json_file)
         res.print(verify_table(r, verbose=verbose))
         for note in r.notes:
@@ -329,9 +334,12 @@ def bench(
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from .workflows.bench import bench as bench_fn
+        from .workflows.source import SourceOptions
         from .render import bench_tables, left_tables
 
         _check_report_path("--json", json_file)
+        opts = SourceOptions(arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle, key=key,
+                             seed=seed)
         _check_report_path("--markdown", markdown)
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             console=err, transient=True, disable=not err.is_terminal)
@@ -341,11 +349,10 @@ def bench(
             progress.update(task, description=description, completed=done, total=total)
 
         with progress, _library_output_to_stderr():
-            report = bench_fn(models or None, device=device, dtype=dtype, batch_size=batch_size,
-                              input_shape=input_shape, channels_last=channels_last, threads=threads, iters=iters,
-                              warmup=warmup, time_budget=time_budget, compile=compile_, arch=arch, weights=weights,
-                              allow_pickle=allow_pickle, key=key, autocast=autocast, rtol=rtol, atol=atol,
-                              seed=seed, runtime=runtime, progress=tick)
+            report = bench_fn(models or None, options=opts, device=device, dtype=dtype, batch_size=batch_size,
+                              channels_last=channels_last, threads=threads, iters=iters, warmup=warmup,
+                              time_budget=time_budget, compile=compile_, autocast=autocast, rtol=rtol, atol=atol,
+                              runtime=runtime, progress=tick)
         res = _results(json_file)
         for table in bench_tables(report, min_speedup, res.width) + left_tables(report):
             res.print(table)

@@ -63,21 +63,23 @@ def check_rows(t: Table, verdict: Any) -> None:
 
 
 def plan_tables(plan: Any, *, verbose: bool, limit: int = 25) -> list[Table]:
+    """Each pass of the table's part of the report: what it did (with ``verbose``), and what it
+    left, with the reasons (the first ``limit`` unless ``verbose``)."""
+    from .engine.passes import PASSES
+
     tables = []
-    if verbose and plan.folds:
-        t = Table(title="Folded", title_justify="left")
-        t.add_column("BatchNorm", overflow="fold")
-        t.add_column("into", overflow="fold")
-        t.add_column("direction")
-        t.add_column("left in its place")
-        for f in plan.folds:
-            t.add_row(f.norm, f.producer, "after the layer" if f.direction == "previous" else "before the layer",
-                      f.replacement)
-        tables.append(t)
-    if plan.skipped:
-        tables.append(_reasons("Left in place", "BatchNorm", [(s.norm, s.reason) for s in plan.skipped],
-                               verbose=verbose, limit=limit))
-    return tables + merge_tables(plan, verbose=verbose, limit=limit)
+    for p in PASSES:
+        rows = p.rows(plan.of(p.name), plan.left_by(p.name))
+        if verbose and rows.done:
+            t = Table(title=rows.title, title_justify="left")
+            for column in rows.columns:
+                t.add_column(column, overflow="fold")
+            for row in rows.done:
+                t.add_row(*row)
+            tables.append(t)
+        if rows.left:
+            tables.append(_reasons(rows.left_title, rows.left_what, rows.left, verbose=verbose, limit=limit))
+    return tables
 
 
 def _reasons(title: str, what: str, rows: list[tuple[str, str]], *, verbose: bool, limit: int) -> Table:
@@ -91,23 +93,6 @@ def _reasons(title: str, what: str, rows: list[tuple[str, str]], *, verbose: boo
     if len(shown) < len(rows):
         t.add_row(f"(+{len(rows) - len(shown)} more)", "see --verbose or --json")
     return t
-
-
-def merge_tables(plan: Any, *, verbose: bool, limit: int = 25) -> list[Table]:
-    """Each sum of branches merged into one conv, with its branches; each sum left, with why."""
-    tables = []
-    if verbose and plan.merges:
-        t = Table(title="Merged (parallel branches -> one conv)", title_justify="left")
-        t.add_column("one conv at", overflow="fold")
-        t.add_column("branches summed", overflow="fold")
-        for m in plan.merges:
-            t.add_row(m.into, ", ".join(b.module or "the input itself" for b in m.branches))
-        tables.append(t)
-    if plan.merge_skips:
-        tables.append(_reasons("Sums of branches left as they are", "block",
-                               [(s.block or "(the model)", s.reason) for s in plan.merge_skips],
-                               verbose=verbose, limit=limit))
-    return tables
 
 
 def convert_table(r: Any) -> Table:

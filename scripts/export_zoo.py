@@ -23,7 +23,7 @@ JSON is rewritten after each model (an interrupted run keeps what finished); mod
 did not reach are listed as such.
 
     python scripts/export_zoo.py [--budget-min 45] [--timeout 600] [--models resnet18,timm:repvgg_a0]
-                                 [--json out/export_zoo.json] [--markdown out/export_zoo.md]
+                                 [--json out/export_zoo.json] [--markdown out/export_zoo.md] [--resume]
 """
 
 from __future__ import annotations
@@ -257,6 +257,8 @@ def main() -> int:
     parser.add_argument("--models", help="comma-separated names (default: the whole zoo)")
     parser.add_argument("--json", default="out/export_zoo.json")
     parser.add_argument("--markdown", default="out/export_zoo.md")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the models already in --json and go on with the rest (the budget counts anew)")
     opts = parser.parse_args()
 
     t_start = time.monotonic()
@@ -273,6 +275,16 @@ def main() -> int:
     json_path, md_path = ROOT / opts.json, ROOT / opts.markdown
     json_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.parent.mkdir(parents=True, exist_ok=True)
+
+    if opts.resume and json_path.exists():
+        earlier = json.loads(json_path.read_text())
+        report["models"] = earlier["models"]
+        report["date"] = f"{earlier['date']} to {report['date']}"
+        report["budget_min"] = earlier["budget_min"] + opts.budget_min
+        report["seconds_before"] = earlier.get("seconds_before", 0) + earlier.get("seconds", 0)
+        done = {r["model"] for r in report["models"]}
+        models = [m for m in models if m["model"] not in done]
+        print(f"resuming: {len(done)} models kept from {json_path.relative_to(ROOT)}, {len(models)} to go", flush=True)
 
     def save() -> None:
         json_path.write_text(json.dumps(report, indent=1))
@@ -298,7 +310,7 @@ def main() -> int:
                       + "".join(f"\n    WRONG: {w}" for w in rec["wrong"]), flush=True)
             report["models"].append(row)
             save()
-        report["seconds"] = round(time.monotonic() - t_start)
+        report["seconds"] = round(time.monotonic() - t_start) + report.get("seconds_before", 0)
         save()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

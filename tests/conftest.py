@@ -60,12 +60,11 @@ def count_calls(model: nn.Module, *args: torch.Tensor) -> tuple[int, int]:
 def corrupt_after_rewrite(monkeypatch: pytest.MonkeyPatch, corrupt) -> None:  # noqa: ANN001
     """Make :func:`bnfuse_cli.fuse` call ``corrupt(model)`` right after each round's folds and merges are
     applied and before that round's sites are checked: a wrong fold, made by hand, for the judge to find."""
-    import bnfuse_cli.engine.merge_rewrite as merge_rewrite
+    import bnfuse_cli.workflows.fuse as fusion
 
-    real = merge_rewrite.apply_merges
+    class CorruptThenCheck(fusion.SiteProbe):
+        def check(self, fused: nn.Module, site_rtol=None):  # noqa: ANN001, ANN201
+            corrupt(fused)
+            return super().check(fused, site_rtol)
 
-    def apply_then_corrupt(model: nn.Module, merges) -> None:  # noqa: ANN001
-        real(model, merges)
-        corrupt(model)
-
-    monkeypatch.setattr(merge_rewrite, "apply_merges", apply_then_corrupt)
+    monkeypatch.setattr(fusion, "SiteProbe", CorruptThenCheck)

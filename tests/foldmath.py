@@ -21,7 +21,7 @@ def fold_into_previous(weight: torch.Tensor, bias: "torch.Tensor | None", scale:
                        name: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
     """Fold ``z = scale * y + shift`` into the layer ``y = W x + b`` that produced ``y``
     (``transposed``: a ConvTranspose weight, laid out ``(in, out/groups, k...)``)."""
-    fold = prepare_fold(weight, bias, previous=(scale, shift), transposed=transposed, groups=groups, name=name)
+    fold = prepare_fold(weight, bias, backward=(scale, shift), transposed=transposed, groups=groups, name=name)
     return _on_copy(weight, fold)
 
 
@@ -29,5 +29,5 @@ def fold_into_next(weight: torch.Tensor, bias: "torch.Tensor | None", scale: tor
                    shift: torch.Tensor, *, groups: int = 1, name: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
     """Fold ``x' = scale * x + shift`` into the Conv or Linear ``y = W x' + b`` that reads it
     (exact only when the layer does not zero-pad its input)."""
-    fold = prepare_fold(weight, bias, following=(scale, shift), groups=groups, name=name)
+    fold = prepare_fold(weight, bias, forward=(scale, shift), groups=groups, name=name)
     return _on_copy(weight, fold)

@@ -80,7 +80,7 @@ def test_fuse_resnet18_folds_every_bn_and_is_exact() -> None:
     assert len(bns) == 20
     assert sorted(f.norm for f in result.folds) == sorted(bns)
     assert {f.norm: f.producer for f in result.folds} == {b: _resnet18_producer(b) for b in bns}
-    assert all(f.direction == "previous" and f.replacement == "identity" for f in result.folds)
+    assert all(f.direction == "backward" and f.replacement == "identity" for f in result.folds)
     assert result.skipped == []
     assert not any(isinstance(m, _BN) for m in result.model.modules())
     for b in bns:
@@ -307,3 +307,45 @@ def test_public_names_survive_importing_the_submodules_first() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr
+
+
+# ----------------------------------------------------------------------------- one prepared source
+
+
+def test_source_options_are_checked_when_made() -> None:
+    """A bad input shape is refused by the options object itself, before any source is touched."""
+    with pytest.raises(bnfuse_cli.UsageError, match=r"--input-shape '1,0,8' is not a shape"):
+        bnfuse_cli.SourceOptions(input_shape="1,0,8")
+    with pytest.raises(bnfuse_cli.UsageError, match="either as options=SourceOptions"):
+        convert("resnet18", None, options=bnfuse_cli.SourceOptions(), weights="none")
+    with pytest.raises(TypeError, match="unexpected keyword argument.*weigths"):
+        convert("resnet18", None, weigths="none")
+
+
+def test_convert_of_a_prepared_source_loads_nothing_again_and_fuses_on_its_input(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``prepare`` loads once; ``convert(prepared)`` neither loads again nor makes another input: the
+    folds are judged on exactly the prepared example input, and its counts are the report's."""
+    import bnfuse_cli.workflows.fuse as fusion
+    import bnfuse_cli.workflows.source as source
+
+    prep = bnfuse_cli.prepare("resnet18", bnfuse_cli.SourceOptions(weights="none", input_shape="1,3,48,40", seed=5))
+    assert prep.spec.shape == (1, 3, 48, 40) and prep.dtype == torch.float32
+    assert prep.args[0].shape == (1, 3, 48, 40) and prep.arch == "resnet18" and prep.origin.seed == 5
+    assert prep.params == sum(p.numel() for p in models.resnet18().parameters())
+    randomize_bn(prep.model, seed=5)
+
+    def no_load(*a: object, **k: object) -> None:
+        raise AssertionError("loaded again")
+
+    monkeypatch.setattr(source, "load_source", no_load)
+    seen = []
+    real = fusion._rounds
+    monkeypatch.setattr(fusion, "_rounds", lambda model, args, **k: seen.append(args) or real(model, args, **k))
+    report = convert(prep, tmp_path / "f.safetensors")
+    assert seen and seen[0] is prep.args
+    assert report.verdict.ok
+    assert report.input.shape == (1, 3, 48, 40) and report.params_before == prep.params
+    assert report.params_after < report.params_before and len(report.plan.folds) == 20
+    fused = bnfuse_cli.load(tmp_path / "f.safetensors")
+    assert sum(isinstance(m, _BN) for m in fused.modules()) == 0

@@ -121,7 +121,7 @@ def test_bench_catches_a_wrong_fold(monkeypatch: pytest.MonkeyPatch) -> None:
         with torch.no_grad():
             model.conv2.weight.mul_(1.1)
 
-    import bnfuse_cli.workflows.fuse as fusion
+    import bnfuse_cli.engine.passes.fold as fusion
 
     monkeypatch.setattr(fusion, "apply_plan", broken)
     report = bench([TINY], device="cpu", iters=2, warmup=0, input_shape="1,3,16,16")
@@ -136,7 +136,7 @@ def test_bench_catches_a_wrong_fold(monkeypatch: pytest.MonkeyPatch) -> None:
 def _perturb_unfolded_conv(monkeypatch: pytest.MonkeyPatch, factor: float) -> None:
     """After folding, scale TinyResidual's conv2 (no fold site: its BN follows an add): only the
     end-to-end check can see this."""
-    import bnfuse_cli.workflows.fuse as fusion
+    import bnfuse_cli.engine.passes.fold as fusion
 
     real = fusion.apply_plan
 

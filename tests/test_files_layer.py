@@ -47,7 +47,7 @@ def _imports(path: Path) -> list[str]:
 def test_the_walk_sees_imports() -> None:
     """Control: the walk resolves relative imports, so the layering check below can fail."""
     load = _imports(FILES / "load.py")
-    assert "bnfuse_cli.engine.merge_rewrite" in load and "bnfuse_cli.files.read" in load and "bnfuse_cli.errors" in load
+    assert "bnfuse_cli.engine.passes" in load and "bnfuse_cli.files.read" in load and "bnfuse_cli.errors" in load
     assert "safetensors" in _imports(FILES / "readback.py")
 
 

@@ -320,7 +320,7 @@ def test_blockwise_in_place_fold_matches_the_reference(monkeypatch, transposed, 
     for block in (1, fold_mod._BLOCK):
         monkeypatch.setattr(fold_mod, "_BLOCK", block)
         weight = w.clone(memory_format=torch.preserve_format)
-        lf = fold_mod.prepare_fold(weight, b, previous=(s_out, t_out), following=following,
+        lf = fold_mod.prepare_fold(weight, b, backward=(s_out, t_out), forward=following,
                                    transposed=transposed, groups=groups, name="layer")
         fold_mod.apply_fold_(weight, lf)
         assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last

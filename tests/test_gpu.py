@@ -29,12 +29,12 @@ ARCH = ["--arch", "resnet18"]
 #: runs the real CLI with one fold deliberately wrong (conv scaled x1.5 after folding)
 _WRONG = """
 import sys, torch
-import bnfuse_cli.workflows.fuse as fusion
+import bnfuse_cli.engine.passes.fold as fusion
 real = fusion.apply_plan
 def wrong(model, plan):
     real(model, plan)
     with torch.no_grad():
-        model.get_submodule(plan.folds[len(plan.folds) // 2].producer).weight.mul_(1.5)
+        model.get_submodule(plan[len(plan) // 2].producer).weight.mul_(1.5)
 fusion.apply_plan = wrong
 from bnfuse_cli.cli import app
 app(sys.argv[1:], prog_name="bnfuse")

@@ -70,7 +70,7 @@ def pairs(res) -> set[tuple[str, str, str]]:
 
 def test_conv_bn_folds():
     res = run(me.ConvBN(), _x(2, 3, 6, 6), folds=1, skipped=0)
-    assert pairs(res) == {("conv", "bn", "previous")}
+    assert pairs(res) == {("conv", "bn", "backward")}
     assert isinstance(res.model.bn, nn.Identity)
     assert res.model.conv.bias is not None
 
@@ -93,23 +93,23 @@ def test_conv_called_twice_bn_after_one_call():
 
 def test_conv_called_twice_each_followed_by_the_bn():
     res = run(me.ConvTwiceBNTwice(), _x(2, 3, 6, 6), folds=1, skipped=0)
-    assert pairs(res) == {("conv", "bn", "previous")}
+    assert pairs(res) == {("conv", "bn", "backward")}
 
 
 def test_one_bn_after_two_convs_folds_into_both():
     res = run(me.SharedBN(), _x(2, 3, 6, 6), folds=2, skipped=0)
-    assert pairs(res) == {("c1", "bn", "previous"), ("c2", "bn", "previous")}
+    assert pairs(res) == {("c1", "bn", "backward"), ("c2", "bn", "backward")}
     assert res.plan.folded_norms == ["bn"]
 
 
 def test_bn_applied_twice_to_one_output():
     res = run(me.BNReadTwice(), _x(2, 3, 6, 6), folds=1, skipped=0)
-    assert pairs(res) == {("conv", "bn", "previous")}
+    assert pairs(res) == {("conv", "bn", "backward")}
 
 
 def test_registration_order_does_not_matter():
     res = run(me.RegistrationOrder(), _x(2, 6, 5, 5), folds=2, skipped=0)
-    assert pairs(res) == {("conv_a", "bn_a", "previous"), ("conv_b", "bn_b", "previous")}
+    assert pairs(res) == {("conv_a", "bn_a", "backward"), ("conv_b", "bn_b", "backward")}
 
 
 def test_densenet_like_concat_then_bn_is_skipped():
@@ -120,7 +120,7 @@ def test_densenet_like_concat_then_bn_is_skipped():
 def test_cat_of_conv_outputs_folds_a_slice_into_each_conv():
     res = run(me.MixedConvBN(), _x(2, 4, 6, 6), folds=2, skipped=0)
     assert {(f.producer, f.channels) for f in res.plan.folds} == {("convs.0", (0, 3)), ("convs.1", (3, 8))}
-    assert all(f.norm == "bn" and f.direction == "previous" for f in res.plan.folds)
+    assert all(f.norm == "bn" and f.direction == "backward" for f in res.plan.folds)
 
 
 def test_cat_along_another_axis_is_skipped():
@@ -131,7 +131,7 @@ def test_cat_along_another_axis_is_skipped():
 
 def test_linear_flattened_then_bn1d_folds():
     res = run(me.LinearFlattenBN(), _x(2, 3, 5), folds=1, skipped=0)
-    assert pairs(res) == {("linear", "bn", "previous")}
+    assert pairs(res) == {("linear", "bn", "backward")}
 
 
 def test_linear_transposed_and_reshaped_is_skipped():
@@ -141,13 +141,13 @@ def test_linear_transposed_and_reshaped_is_skipped():
 
 def test_conv_flattened_then_bn1d_folds():
     res = run(me.ConvFlattenBN1d(), _x(2, 3, 6, 6), folds=1, skipped=0)
-    assert pairs(res) == {("conv", "bn", "previous")}
+    assert pairs(res) == {("conv", "bn", "backward")}
 
 
 def test_fold_rows_round_trip():
     from bnfuse_cli.engine.plan import Fold
 
-    for f in (Fold("bn", "conv"), Fold("bn", "convs.1", channels=(3, 8)), Fold("n", "c", "next", "activation")):
+    for f in (Fold("bn", "conv"), Fold("bn", "convs.1", channels=(3, 8)), Fold("n", "c", "forward", "activation")):
         assert Fold.from_list(f.to_list()) == f
 
 
@@ -166,12 +166,12 @@ def test_inplace_relu_between_conv_and_bn():
 
 def test_input_bn_folds_into_unpadded_conv():
     res = run(me.InputBNConv(padding=0), _x(2, 4, 6, 6), folds=1, skipped=0)
-    assert pairs(res) == {("conv", "bn", "next")}
+    assert pairs(res) == {("conv", "bn", "forward")}
 
 
 def test_input_bn_before_grouped_conv():
     res = run(me.InputBNConv(padding=0, groups=2), _x(2, 4, 6, 6), folds=1, skipped=0)
-    assert pairs(res) == {("conv", "bn", "next")}
+    assert pairs(res) == {("conv", "bn", "forward")}
 
 
 def test_input_bn_not_folded_into_zero_padded_conv():
@@ -215,23 +215,23 @@ def test_input_bn_padded_by_f_pad_before_a_conv_is_not_folded(dim):
 def test_input_bn_folds_forward_into_an_unpadded_conv_of_every_rank(dim):
     """The control for the cases above: without padding the same model folds forward."""
     res = run(me.BNPadConv(dim, kernel_size=3), _x(2, 3, *[5] * dim), folds=1, skipped=0)
-    assert pairs(res) == {("conv", "bn", "next")}
+    assert pairs(res) == {("conv", "bn", "forward")}
 
 
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
 def test_input_bn_folds_into_conv_with_non_zero_padding(mode):
     res = run(me.InputBNConv(padding=1, padding_mode=mode), _x(2, 4, 6, 6), folds=1, skipped=0)
-    assert pairs(res) == {("conv", "bn", "next")}
+    assert pairs(res) == {("conv", "bn", "forward")}
 
 
 def test_bn1d_then_linear_folds_forward():
     res = run(me.BN1dLinear(), _x(4, 5), folds=1, skipped=0)
-    assert pairs(res) == {("fc", "bn", "next")}
+    assert pairs(res) == {("fc", "bn", "forward")}
 
 
 def test_linear_then_bn1d_on_2d():
     res = run(me.LinearBN1d(), _x(4, 5), folds=1, skipped=0)
-    assert pairs(res) == {("fc", "bn", "previous")}
+    assert pairs(res) == {("fc", "bn", "backward")}
 
 
 def test_linear_on_3d_then_bn1d_is_not_folded_on_the_wrong_axis():
@@ -251,7 +251,7 @@ def test_track_running_stats_false_is_skipped():
 
 def test_affine_false_folds():
     res = run(me.ConvNorm(nn.BatchNorm2d(4, affine=False)), _x(2, 3, 6, 6), folds=1, skipped=0)
-    assert pairs(res) == {("conv", "bn", "previous")}
+    assert pairs(res) == {("conv", "bn", "backward")}
 
 
 def test_bn_subclass_without_forward_folds():
@@ -265,7 +265,7 @@ def test_bn_subclass_overriding_forward_is_skipped():
 
 def test_conv3d_subclass_folds():
     res = run(me.ConvNorm(nn.BatchNorm3d(5), me.MyConv3d(3, 5)), _x(1, 3, 4, 5, 5), folds=1, skipped=0)
-    assert pairs(res) == {("conv", "bn", "previous")}
+    assert pairs(res) == {("conv", "bn", "backward")}
 
 
 def test_conv_subclass_overriding_conv_forward_is_skipped():
@@ -277,7 +277,7 @@ def test_conv_subclass_overriding_conv_forward_is_skipped():
 def test_sync_batchnorm_in_eval_on_cpu_folds():
     # SyncBatchNorm only synchronises in training; in eval it runs on CPU like BatchNorm2d
     res = run(me.ConvNorm(nn.SyncBatchNorm(4)), _x(2, 3, 6, 6), folds=1, skipped=0)
-    assert pairs(res) == {("conv", "bn", "previous")}
+    assert pairs(res) == {("conv", "bn", "backward")}
 
 
 def test_frozen_batchnorm_folds():
@@ -300,7 +300,7 @@ def test_timm_batchnormact_keeps_its_activation(act):
 def test_conv_transpose_groups_folds():
     conv = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2, bias=False)
     res = run(me.ConvNorm(nn.BatchNorm2d(6), conv), _x(2, 4, 5, 5), folds=1, skipped=0)
-    assert pairs(res) == {("conv", "bn", "previous")}
+    assert pairs(res) == {("conv", "bn", "backward")}
 
 
 def test_channels_last_weights_fold():
@@ -355,7 +355,7 @@ def test_data_dependent_control_flow():
         torch.fx.symbolic_trace(model)
     x = _x(2, 3, 6, 6).abs()  # takes the first branch: bn2 never runs
     res = run(model, x, folds=1, skipped=1)
-    assert pairs(res) == {("conv", "bn", "previous")}
+    assert pairs(res) == {("conv", "bn", "backward")}
     assert reason(res, "bn2") == "never called on the example input (unused, or in a branch not taken)"
     with torch.no_grad():  # the untaken branch is untouched and still correct
         ref = randomize_bn(me.DataDependent(), 0).double().eval()
@@ -365,7 +365,7 @@ def test_data_dependent_control_flow():
 
 def test_several_inputs_and_nested_outputs():
     res = run(me.MultiIO(), _x(2, 3, 6, 6), _x(4, 5, seed=2), folds=2, skipped=0)
-    assert pairs(res) == {("ca", "bna", "previous"), ("fb", "bnb", "previous")}
+    assert pairs(res) == {("ca", "bna", "backward"), ("fb", "bnb", "backward")}
 
 
 def test_bn_parameters_read_elsewhere():
@@ -455,7 +455,7 @@ def test_overflow_found_before_anything_is_written():
 
 def test_passthrough_ops_do_not_block_a_fold():
     res = run(me.PassThroughOps(), _x(2, 3, 6, 6), folds=1, skipped=0)
-    assert pairs(res) == {("conv", "bn", "previous")}
+    assert pairs(res) == {("conv", "bn", "backward")}
 
 
 def test_inplace_leaky_relu_between_conv_and_bn():
@@ -470,7 +470,7 @@ def test_bn_used_functionally_is_skipped_with_the_reader():
 
 def test_bn_without_bias_folds():
     res = run(me.ConvNorm(nn.BatchNorm2d(4, bias=False)), _x(2, 3, 6, 6), folds=1, skipped=0)
-    assert pairs(res) == {("conv", "bn", "previous")}
+    assert pairs(res) == {("conv", "bn", "backward")}
 
 
 def test_track_running_stats_switched_off_after_construction_still_uses_running_stats():
@@ -478,7 +478,7 @@ def test_track_running_stats_switched_off_after_construction_still_uses_running_
     bn = nn.BatchNorm2d(4)
     bn.track_running_stats = False
     res = run(me.ConvNorm(bn), _x(2, 3, 6, 6), folds=1, skipped=0)
-    assert pairs(res) == {("conv", "bn", "previous")}
+    assert pairs(res) == {("conv", "bn", "backward")}
 
 
 @pytest.mark.parametrize(
@@ -535,7 +535,7 @@ def test_torchscript_model_is_refused():
 
 def test_linear_unsqueezed_then_bn1d_folds():
     res = run(me.LinearUnsqueezeBN1d(), _x(4, 5), folds=1, skipped=0)
-    assert pairs(res) == {("fc", "bn", "previous")}
+    assert pairs(res) == {("fc", "bn", "backward")}
 
 
 def test_concatenate_with_axis_keyword_folds():
@@ -603,7 +603,7 @@ def test_a_plan_folding_two_batchnorms_into_one_side_of_a_layer_is_refused():
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.BatchNorm2d(8)).eval()
     randomize_bn(model)
     before = copy.deepcopy(model.state_dict())
-    plan = Plan(norms=["1", "2"], folds=[Fold("1", "0"), Fold("2", "0")])
+    plan = Plan(norms=["1", "2"], items={"fold": [Fold("1", "0"), Fold("2", "0")]})
     with pytest.raises(BnfuseError, match="two BatchNorms into the output of 0"):
         apply_plan(model, plan)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

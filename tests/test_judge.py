@@ -16,7 +16,7 @@ import torch
 import torchvision
 from typer.testing import CliRunner
 
-import bnfuse_cli.workflows.fuse as fusion
+import bnfuse_cli.engine.passes.fold as fusion
 from bnfuse_cli import fuse
 from bnfuse_cli.workflows.bench import bench
 from bnfuse_cli.inputs import randomize_bn
@@ -242,7 +242,7 @@ def test_judge_with_injected_1e_3_noise_per_layer() -> None:
         probe = SiteProbe()
         with torch.no_grad():
             analysis = analyse(fused, (inputs[0],), on_input=probe.capture)
-            probe.plan(analysis.plan.folds)
+            probe.plan(fused, analysis.plan)
             probe.reference(fused)
             s = _scale(fused.bn2)
             apply_plan(fused, analysis.plan)

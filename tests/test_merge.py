@@ -57,7 +57,7 @@ def test_grouped_repvgg_and_the_post_sum_bn_folds_next_round() -> None:
     _, result, rel = _fused(lambda: mm.RepVGG(groups=2), torch.randn(2, 3, 8, 8, dtype=torch.float64))
     assert rel < 1e-10 and len(result.plan.merges) == 1
     _, post, rel = _fused(mm.PostSumBN, X8)
-    assert rel < 1e-10 and post.plan.rounds == [(1, 1), (1, 0)]  # conv's BN, the merge; then the outer bn
+    assert rel < 1e-10 and post.plan.rounds == [{"fold": 1, "merge": 1}, {"fold": 1}]  # conv's BN, the merge; then the outer bn
     assert [f.producer for f in post.plan.folds[1:]] == ["block.conv"]
 
 

@@ -31,15 +31,18 @@ def _cwd(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_round_trip_and_the_older_form() -> None:
     merge = Merge("block", "add_1", "block.kxk", (Branch("conv", "block.kxk"), Branch("norm", "block.id", "block.id")))
-    meta = FusedMeta("x:y", [Step((Fold("bn", "conv"),), (merge,)), Step((Fold("post", "block.kxk"),))],
+    meta = FusedMeta("x:y", [Step({"fold": (Fold("bn", "conv"),), "merge": (merge,)}),
+                             Step({"fold": (Fold("post", "block.kxk"),)})],
                      input={"shape": [1, 3, 8, 8], "kind": "tensor"}, dtype="float32", version="0", seed=4)
     assert FusedMeta.parse(meta.to_dict(), "f") == meta
-    assert meta.to_dict()["folds"] == [["conv", "bn", "previous", "identity"], ["block.kxk", "post", "previous",
+    assert meta.to_dict()["folds"] == [["conv", "bn", "backward", "identity"], ["block.kxk", "post", "backward",
                                                                                   "identity"]]
-    # files written before rounds existed list their folds only: one round
-    old = FusedMeta.parse({"format": "bnfuse", "arch": "resnet18", "folds": [["conv1", "bn1", "previous", "identity"]]},
+    # files written before rounds existed list their folds only: one round; and in the old words
+    old = FusedMeta.parse({"format": "bnfuse", "arch": "resnet18", "folds": [["conv1", "bn1", "previous", "identity"],
+                                                                             ["c2", "bn2", "next", "identity"]]},
                           "old.pth")
-    assert old is not None and old.steps == [Step((Fold("bn1", "conv1"),), ())] and old.seed is None
+    assert old is not None and old.seed is None
+    assert old.steps == [Step({"fold": (Fold("bn1", "conv1"), Fold("bn2", "c2", "forward"))})]
     assert FusedMeta.parse({}, "plain.pth") is None and FusedMeta.parse({"note": "x"}, "plain.pth") is None
 
 

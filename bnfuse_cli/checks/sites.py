@@ -42,14 +42,8 @@ class SiteCheck:
 
 @dataclass
 class _Site:
-    layer: str
-    #: a merge of parallel branches into the conv at ``layer`` (None: a fold site)
-    merge: Any = None
-    #: the name whose input crop this site uses
-    key: str = ""
-    #: the BN whose output the layer absorbs (its fold row), and the BN before it
-    after: Any = None
-    before: Any = None
+    #: what a pass says the site is (:class:`bnfuse_cli.engine.passes.SiteSpec`)
+    spec: Any
     reference: "torch.Tensor | None" = None
     crop: "torch.Tensor | None" = None
 
@@ -151,7 +145,7 @@ def _grouped(layer: Any, x: "torch.Tensor", w: "torch.Tensor", b: "torch.Tensor 
     return conv(x, w, b, layer.stride, layer.padding, layer.dilation, groups)
 
 
-def _bn(norm: "nn.Module", row: Any, y: "torch.Tensor", axis: int) -> "torch.Tensor":
+def _bn(norm: "nn.Module", channels: "tuple[int, int] | None", y: "torch.Tensor", axis: int) -> "torch.Tensor":
     """The BatchNorm's eval-mode affine map on ``y``'s channel ``axis``, by ``F.batch_norm``
     from the norm's own statistics (sliced to the channels this site gives, for a concat)."""
     import torch
@@ -168,31 +162,41 @@ def _bn(norm: "nn.Module", row: Any, y: "torch.Tensor", axis: int) -> "torch.Ten
         if t is None:
             return None
         t = t.detach().to(device="cpu", dtype=torch.float64)
-        return t[row.channels[0]:row.channels[1]] if row.channels is not None else t
+        return t[channels[0]:channels[1]] if channels is not None else t
 
     moved = y.movedim(axis, 1)
     z = F.batch_norm(moved, part(mean), part(var), part(weight), part(bias), False, 0.0, float(eps))
     return z.movedim(1, axis)
 
 
-def _branches(model: "nn.Module", merge: Any, x: "torch.Tensor") -> "torch.Tensor":
-    """The sum of a merge's original branches on ``x``, in float64, one branch at a time (each
-    branch module copied to float64 on its own: a conv and its BatchNorm, or a BatchNorm)."""
+def _run_chain(model: "nn.Module", chain: "tuple[Any, ...]", x: "torch.Tensor") -> "torch.Tensor":
+    """A site's chain of steps (:mod:`bnfuse_cli.engine.passes.base`) on ``x``, in float64: a layer
+    block by block, a module as a float64 copy of its own, a BatchNorm's affine map, a sum."""
     import copy
 
     import torch
 
-    total = None
-    for b in merge.branches:
-        if b.kind == "identity":
-            y = x
-        else:
-            branch = copy.deepcopy(model.get_submodule(b.module)).to(device="cpu", dtype=torch.float64).eval()
+    from ..engine.passes import Norm, RunLayer, RunModule, Sum
+
+    for step in chain:
+        if isinstance(step, RunLayer):
+            x = _run_layer(model.get_submodule(step.name), x)
+        elif isinstance(step, Norm):
+            x = _bn(model.get_submodule(step.name), step.channels, x, step.axis if x.dim() > 1 else 0)
+        elif isinstance(step, RunModule):
+            module = copy.deepcopy(model.get_submodule(step.name)).to(device="cpu", dtype=torch.float64).eval()
             with torch.no_grad():
-                y = branch(x)
-            del branch
-        total = y if total is None else total + y
-    return total
+                x = module(x)
+            del module
+        elif isinstance(step, Sum):
+            total = None
+            for sub in step.chains:
+                y = _run_chain(model, sub, x)
+                total = y if total is None else total + y
+            x = total
+        else:
+            raise ValueError(f"unknown site step {step!r}")
+    return x
 
 
 @contextlib.contextmanager
@@ -230,30 +234,28 @@ class SiteProbe:
     it, never an activation or a copy of the model; :meth:`release` drops them.
     """
 
-    def __init__(self, folds: "list[Any] | None" = None) -> None:
+    def __init__(self) -> None:
         self.crops: dict[str, "torch.Tensor"] = {}
         self.sites: dict[str, _Site] = {}
         self.wanted: "set[str] | None" = None
-        if folds is not None:
-            self.plan(folds)
 
-    def plan(self, folds: list[Any], merges: "list[Any] | None" = None,
-             main_convs: "dict[str, str] | None" = None) -> None:
-        """Group fold rows (``Fold`` objects) by layer: one site per fused layer; and one site per
-        merge (``main_convs`` maps its ``into`` to the main conv, whose input is the shared one).
-        A fold inside a merged branch is checked as part of its merge."""
-        merges = merges or []
-        merged = [b.module for m in merges for b in m.branches if b.module]
+    def plan(self, model: "nn.Module", plan: Any) -> None:
+        """The sites of every pass's items in ``plan`` (a :class:`~bnfuse_cli.engine.plan.Plan`),
+        described on ``model`` before they are applied."""
+        from ..engine.passes import site_specs
+
+        self.use(site_specs(model, plan.items)[0])
+
+    def use(self, specs: "list[Any]") -> None:
+        """Check these sites.  A site inside what another site covers (a fold inside a merged
+        branch) is checked as part of that one."""
         self.sites = {}
-        for f in folds:
-            if any(f.producer == b or f.producer.startswith(b + ".") for b in merged):
+        for spec in specs:
+            if any(spec.layer == c or spec.layer.startswith(c + ".") for other in specs if other is not spec
+                   for c in other.covers):
                 continue
-            site = self.sites.setdefault(f.producer, _Site(f.producer))
-            setattr(site, "after" if f.direction == "previous" else "before", f)
-            site.key = site.before.norm if site.before is not None else site.layer
-        for m in merges:
-            self.sites[f"merge:{m.into}"] = _Site(m.into, merge=m, key=(main_convs or {}).get(m.into, m.into))
-        self.wanted = {s.key for s in self.sites.values()}
+            self.sites[spec.key] = _Site(spec)
+        self.wanted = {s.spec.capture for s in self.sites.values()}
         # crops kept while recording, before the sites were known: only the sites' own stay
         self.crops = {k: v for k, v in self.crops.items() if k in self.wanted}
 
@@ -298,26 +300,9 @@ class SiteProbe:
                 h.remove()
 
     def _compute(self, model: "nn.Module", site: _Site, fused: bool) -> "torch.Tensor":
-        from ..engine.patterns import producer_rule
-
         import torch
 
-        x = site.crop.to(torch.float64)
-        if site.merge is not None:
-            return _run_layer(model.get_submodule(site.layer), x) if fused else _branches(model, site.merge, x)
-        layer = model.get_submodule(site.layer)
-        if fused:
-            return _run_layer(layer, x)
-        rule, why = producer_rule(layer)
-        if rule is None:
-            raise ValueError(why or "not a layer bnfuse folds into")
-        axis = 1 if rule.kind == "conv" else -1
-        if site.before is not None:
-            x = _bn(model.get_submodule(site.before.norm), site.before, x, 1 if x.dim() > 1 else 0)
-        y = _run_layer(layer, x)
-        if site.after is not None:
-            y = _bn(model.get_submodule(site.after.norm), site.after, y, axis if y.dim() > 1 else 0)
-        return y
+        return _run_chain(model, site.spec.fused if fused else site.spec.original, site.crop.to(torch.float64))
 
     def reference(self, original: "nn.Module") -> None:
         """Compute each site's float64 reference from the original, unfused model."""
@@ -326,7 +311,7 @@ class SiteProbe:
 
     def _reference(self, original: "nn.Module") -> None:
         for site in self.sites.values():
-            site.crop = self.crops.get(site.key)
+            site.crop = self.crops.get(site.spec.capture)
             if site.crop is None:
                 continue
             try:
@@ -351,10 +336,8 @@ class SiteProbe:
     def _check(self, fused: "nn.Module", site_rtol: "float | None") -> list[SiteCheck]:
         results = []
         for site in self.sites.values():
-            norms = [f.norm for f in (site.before, site.after) if f is not None]
-            if site.merge is not None:
-                norms = [b.module or "input" for b in site.merge.branches]
-            res = SiteCheck(site.layer, norms, kind="fold" if site.merge is None else "merge")
+            spec = site.spec
+            res = SiteCheck(spec.layer, list(spec.parts), kind=spec.kind)
             if site.crop is None:
                 res.skipped = "its input was not seen on the example input"
             elif site.reference is None:
@@ -373,7 +356,7 @@ class SiteProbe:
                     else:
                         scale = max(float(ref.norm()), 1e-300)
                         res.rel_error = float((out - ref).norm()) / scale
-                    weight = getattr(fused.get_submodule(site.layer), "weight", None)
+                    weight = getattr(fused.get_submodule(spec.layer), "weight", None)
                     res.tolerance = Tolerance.for_dtype(weight.dtype).site_rtol if site_rtol is None else site_rtol
             results.append(res)
         return results

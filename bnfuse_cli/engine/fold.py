@@ -85,16 +85,16 @@ def affine_from_stats(
 class LayerFold:
     """What folding does to one layer ``y = W x + b``, checked and ready to apply.
 
-    ``W'[o, i, k...] = out_scale[o] * W[o, i, k...] * in_scale[i]`` (for a ConvTranspose,
+    ``W'[o, i, k...] = backward_scale[o] * W[o, i, k...] * forward_scale[i]`` (for a ConvTranspose,
     whose weight is laid out ``(in, out/groups, k...)``, the same per output and input channel),
     and the bias becomes ``bias``, already computed and cast to the layer's dtype.
     """
 
     name: str
     #: float64, one per output channel (a BatchNorm after the layer), or None
-    out_scale: "torch.Tensor | None"
+    backward_scale: "torch.Tensor | None"
     #: float64, one per input channel (a BatchNorm before the layer), or None
-    in_scale: "torch.Tensor | None"
+    forward_scale: "torch.Tensor | None"
     bias: "torch.Tensor"
     transposed: bool = False
     groups: int = 1
@@ -122,15 +122,15 @@ class _Layout:
         self.in_channels = rows if transposed else cols * groups
         self.kernel_dims = tuple(range(2, weight.dim()))
 
-    def by_axis(self, out_scale: "torch.Tensor | None", in_scale: "torch.Tensor | None"
+    def by_axis(self, backward_scale: "torch.Tensor | None", forward_scale: "torch.Tensor | None"
                 ) -> "tuple[torch.Tensor | None, torch.Tensor | None]":
         """The (row, column) scales: (out, in) for Conv/Linear, (in, out) for ConvTranspose."""
-        return (in_scale, out_scale) if self.transposed else (out_scale, in_scale)
+        return (forward_scale, backward_scale) if self.transposed else (backward_scale, forward_scale)
 
-    def factors(self, out_scale: "torch.Tensor | None", in_scale: "torch.Tensor | None", r0: int, r1: int
+    def factors(self, backward_scale: "torch.Tensor | None", forward_scale: "torch.Tensor | None", r0: int, r1: int
                 ) -> "tuple[torch.Tensor | None, torch.Tensor | None]":
         """(per-row factor of shape (n, 1), per-element factor of shape (n, cols)) for rows r0:r1."""
-        row_scale, col_scale = self.by_axis(out_scale, in_scale)
+        row_scale, col_scale = self.by_axis(backward_scale, forward_scale)
         row = None if row_scale is None else row_scale[r0:r1].reshape(-1, 1)
         col = None
         if col_scale is not None:
@@ -178,8 +178,8 @@ def _check_scale(scale: "torch.Tensor | None", channels: int, name: str, where: 
         raise FoldError(f"{name}: {channels} {where} channels but the BatchNorm has {scale.numel()}")
 
 
-def _check_weight(w: "torch.Tensor", lay: _Layout, out_scale: "torch.Tensor | None",
-                  in_scale: "torch.Tensor | None", name: str) -> None:
+def _check_weight(w: "torch.Tensor", lay: _Layout, backward_scale: "torch.Tensor | None",
+                  forward_scale: "torch.Tensor | None", name: str) -> None:
     """Refuse a weight that already holds NaN/inf, or whose folded values would overflow its dtype.
 
     One ``aminmax`` over the weight bounds every folded value by ``max|W| * max|factor|``; only
@@ -199,14 +199,14 @@ def _check_weight(w: "torch.Tensor", lay: _Layout, out_scale: "torch.Tensor | No
         )
     finfo_max = torch.finfo(w.dtype).max
     bound = max(-lo, hi)
-    for s in (out_scale, in_scale):
+    for s in (backward_scale, forward_scale):
         if s is not None and s.numel():
             bound *= float(s.abs().max())
     if bound <= finfo_max:
         return
     worst = 0.0
     for r0, r1 in lay.blocks(w):
-        row, col = lay.factors(out_scale, in_scale, r0, r1)
+        row, col = lay.factors(backward_scale, forward_scale, r0, r1)
         mag = _abs_max(w[r0:r1], lay.kernel_dims).to(torch.float64) * _factor(row, col).abs()
         worst = max(worst, float(mag.max()))
     if not bool(torch.isfinite(torch.tensor(worst, dtype=torch.float64).to(w.dtype))):
@@ -221,16 +221,16 @@ def prepare_fold(
     weight: "torch.Tensor",
     bias: "torch.Tensor | None",
     *,
-    previous: "tuple[torch.Tensor, torch.Tensor] | None" = None,
-    following: "tuple[torch.Tensor, torch.Tensor] | None" = None,
+    backward: "tuple[torch.Tensor, torch.Tensor] | None" = None,
+    forward: "tuple[torch.Tensor, torch.Tensor] | None" = None,
     transposed: bool = False,
     groups: int = 1,
     name: str = "layer",
 ) -> LayerFold:
     """Check a fold of one layer and compute its new bias, without changing anything.
 
-    ``previous`` is the ``(scale, shift)`` of a BatchNorm that reads this layer's output
-    (``z = scale * (W x + b) + shift``); ``following`` that of a BatchNorm whose output this
+    ``backward`` is the ``(scale, shift)`` of a BatchNorm that reads this layer's output
+    (``z = scale * (W x + b) + shift``); ``forward`` that of a BatchNorm whose output this
     layer reads (``W (scale * x + shift) + b``), exact only when the layer does not zero-pad
     (the caller checks).  Both may be given.  Raises :class:`FoldError` naming ``name`` when the
     shapes disagree, the weight holds NaN/inf, or the folded weight or bias would overflow the
@@ -239,38 +239,38 @@ def prepare_fold(
     import torch
 
     lay = _Layout(weight, transposed, groups, name)
-    out_scale = in_scale = out_shift = in_shift = None
-    if previous is not None:
-        out_scale, out_shift = previous
-        _check_scale(out_scale, lay.out_channels, name, "output")
-    if following is not None:
+    backward_scale = forward_scale = backward_shift = forward_shift = None
+    if backward is not None:
+        backward_scale, backward_shift = backward
+        _check_scale(backward_scale, lay.out_channels, name, "output")
+    if forward is not None:
         if transposed:
             raise FoldError(
                 f"{name}: a BatchNorm before a ConvTranspose cannot be folded into it exactly "
                 "(border outputs receive fewer kernel taps)"
             )
-        in_scale, in_shift = following
-        _check_scale(in_scale, lay.in_channels, name, "input")
+        forward_scale, forward_shift = forward
+        _check_scale(forward_scale, lay.in_channels, name, "input")
     device = weight.device
-    out_scale = None if out_scale is None else out_scale.to(device=device, dtype=torch.float64)
-    in_scale = None if in_scale is None else in_scale.to(device=device, dtype=torch.float64)
+    backward_scale = None if backward_scale is None else backward_scale.to(device=device, dtype=torch.float64)
+    forward_scale = None if forward_scale is None else forward_scale.to(device=device, dtype=torch.float64)
 
     b64 = (torch.zeros(lay.out_channels, dtype=torch.float64, device=device) if bias is None
            else bias.detach().to(torch.float64))
     w = weight.detach()
-    _check_weight(w, lay, out_scale, in_scale, name)
+    _check_weight(w, lay, backward_scale, forward_scale, name)
     extra = None
-    if in_shift is not None:  # a following BN's shift reaches the bias through the weight: W . shift
-        in_shift = in_shift.to(device=device, dtype=torch.float64)
+    if forward_shift is not None:  # a forward BN's shift reaches the bias through the weight: W . shift
+        forward_shift = forward_shift.to(device=device, dtype=torch.float64)
         extra = torch.zeros(lay.out_channels, dtype=torch.float64, device=device)
         for r0, r1 in lay.blocks(w):
             block = w[r0:r1].to(torch.float64)
             summed = block.sum(dim=lay.kernel_dims) if lay.kernel_dims else block
-            extra[r0:r1] = (summed * lay.factors(None, in_shift, r0, r1)[1]).sum(dim=1)
+            extra[r0:r1] = (summed * lay.factors(None, forward_shift, r0, r1)[1]).sum(dim=1)
     if extra is not None:
         b64 = b64 + extra
-    if out_scale is not None:
-        b64 = b64 * out_scale + out_shift.to(device=device, dtype=torch.float64)
+    if backward_scale is not None:
+        b64 = b64 * backward_scale + backward_shift.to(device=device, dtype=torch.float64)
     like = weight if bias is None else bias
     new_bias = b64.to(dtype=like.dtype, device=like.device)
     if new_bias.is_floating_point() and not bool(torch.isfinite(new_bias).all()):
@@ -278,7 +278,7 @@ def prepare_fold(
             f"{name}: the folded bias overflows {like.dtype} (a value exceeds its range); convert the "
             "model to float32 before folding, or leave this layer unfolded"
         )
-    return LayerFold(name, out_scale, in_scale, new_bias, transposed, groups)
+    return LayerFold(name, backward_scale, forward_scale, new_bias, transposed, groups)
 
 
 def apply_fold_(weight: "torch.Tensor", fold: LayerFold, *, workspace: "torch.Tensor | None" = None
@@ -292,12 +292,12 @@ def apply_fold_(weight: "torch.Tensor", fold: LayerFold, *, workspace: "torch.Te
     """
     import torch
 
-    if fold.out_scale is None and fold.in_scale is None:
+    if fold.backward_scale is None and fold.forward_scale is None:
         return workspace
     lay = _Layout(weight, fold.transposed, fold.groups, fold.name)
     kdims = len(lay.kernel_dims)
     # a factor per row only (the common case: a BN after a Conv): expand it once for all blocks
-    row_scale, col_scale = lay.by_axis(fold.out_scale, fold.in_scale)
+    row_scale, col_scale = lay.by_axis(fold.backward_scale, fold.forward_scale)
     whole = _expand(row_scale.reshape(-1, 1), kdims) if col_scale is None else None
     with torch.no_grad():
         w = weight.detach()
@@ -310,7 +310,7 @@ def apply_fold_(weight: "torch.Tensor", fold: LayerFold, *, workspace: "torch.Te
             if whole is not None:
                 factor = whole[r0:r1]
             else:
-                factor = _expand(_factor(*lay.factors(fold.out_scale, fold.in_scale, r0, r1)), kdims)
+                factor = _expand(_factor(*lay.factors(fold.backward_scale, fold.forward_scale, r0, r1)), kdims)
             out = workspace[:n].view(block.shape)
             torch.mul(block, factor, out=out)  # float64 (the factor's type), then cast once below
             block.copy_(out)

@@ -276,7 +276,7 @@ def _merge_tree(block_name: str, block: "nn.Module", root: "fx.Node", leaves: li
 def find_merges(model: "nn.Module", rec: "Recorder", plan: Plan) -> None:
     """Add every mergeable sum of branches to ``plan`` (and, as a MergeSkip, every sum of
     branches that cannot merge); BatchNorms absorbed by a merge leave ``plan.skipped``."""
-    folds = {f.norm: f.producer for f in plan.folds if f.direction == "previous" and f.channels is None}
+    folds = {f.norm: f.producer for f in plan.folds if f.direction == "backward" and f.channels is None}
     claimed: set[str] = set()
     for block_id in sorted(rec.sum_blocks, key=lambda i: rec.names.get(i, "")):
         block_name = rec.names.get(block_id)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["apply_merges", "apply_merge_structure", "apply_saved_structure", "main_conv", "main_conv_name"]
+__all__ = ["apply_merges", "apply_merge_structure", "main_conv", "main_conv_name"]
 
 
 def main_conv_name(model: "nn.Module", into: str) -> str:
@@ -134,15 +134,3 @@ def _by_block(model: "nn.Module", merges: "list[Merge]", convs: "dict[str, nn.Mo
         blocks.setdefault(m.block, []).append(m)
     for name in sorted(blocks, key=lambda n: -n.count(".")):  # inner blocks first
         _rewrite_block(model, name, blocks[name], convs)
-
-
-def apply_saved_structure(model: "nn.Module", steps: "Iterable[Any]") -> None:
-    """Give a freshly built model the structure a fused file records: each round's folds, then
-    its merges, in order (``steps`` are :class:`bnfuse_cli.files.meta.Step` rows)."""
-    from .rewrite import apply_structure
-
-    for step in steps:
-        if step.folds:
-            apply_structure(model, list(step.folds))
-        if step.merges:
-            apply_merge_structure(model, list(step.merges))

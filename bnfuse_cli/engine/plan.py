@@ -1,7 +1,7 @@
 """The plan types: what folds into what, what stays and why, and their JSON form.
 
-A :class:`Plan` is what :func:`bnfuse_cli.engine.analyse.analyse` decides and
-:func:`bnfuse_cli.engine.rewrite.apply_plan` carries out; fused files store its folds as rows.
+A :class:`Plan` is what the passes of :data:`bnfuse_cli.engine.passes.PASSES` decide in
+:func:`bnfuse_cli.engine.analyse.analyse` and carry out; fused files store its items as rows.
 """
 
 from __future__ import annotations
@@ -12,14 +12,19 @@ from typing import Any
 __all__ = ["Fold", "Skip", "Branch", "Merge", "MergeSkip", "Plan", "Analysis"]
 
 
+#: the direction words of bnfuse before 0.2, as files written then record them
+_OLD_DIRECTIONS = {"previous": "backward", "next": "forward"}
+
+
 @dataclass(frozen=True)
 class Fold:
     """One BatchNorm folded into one layer."""
 
     norm: str
     producer: str
-    #: "previous": the BN reads the layer's output; "next": the layer reads the BN's output
-    direction: str = "previous"
+    #: "backward": the BN reads the layer's output and folds into the layer before it; "forward":
+    #: the layer reads the BN's output and the BN folds into the layer after it
+    direction: str = "backward"
     #: what stays in the BN's place: "identity", or "activation" (timm BatchNormAct)
     replacement: str = "identity"
     #: the BN channels ``[start, stop)`` this producer gives, when a concatenation of several
@@ -36,6 +41,9 @@ class Fold:
     def from_list(cls, row: "list[str]") -> "Fold":
         producer, norm, direction, replacement, *rest = row
         channels = (int(rest[0]), int(rest[1])) if len(rest) == 2 else None
+        direction = _OLD_DIRECTIONS.get(direction, direction)
+        if direction not in ("backward", "forward"):
+            raise ValueError(f"fold direction {direction!r} is neither backward nor forward")
         return cls(norm=norm, producer=producer, direction=direction, replacement=replacement, channels=channels)
 
 
@@ -101,37 +109,73 @@ class MergeSkip:
 
 @dataclass
 class Plan:
-    """What would fold and merge and what would not.  ``norms`` lists every BatchNorm-like layer
-    found; a BatchNorm absorbed by a merge is listed in a merge, not in ``skipped``."""
+    """What the passes would do and what they would leave, by pass (the rows of
+    :data:`bnfuse_cli.engine.passes.PASSES`): ``items[name]`` its planned items, ``left[name]`` what
+    it leaves with the reasons.  ``norms`` lists every BatchNorm-like layer found; a BatchNorm
+    absorbed by a merge is listed in a merge, not among the fold pass's ``skipped``."""
 
     norms: list[str] = field(default_factory=list)
-    folds: list[Fold] = field(default_factory=list)
-    skipped: list[Skip] = field(default_factory=list)
-    merges: list[Merge] = field(default_factory=list)
-    merge_skips: list[MergeSkip] = field(default_factory=list)
-    #: (folds, merges) applied in each round, in order: a merge can make a fold possible (a
+    items: "dict[str, list[Any]]" = field(default_factory=dict)
+    left: "dict[str, list[Any]]" = field(default_factory=dict)
+    #: the items of each pass applied in each round, in order: a merge can make a fold possible (a
     #: BatchNorm after a merged sum), so a fused file is rebuilt round by round
-    rounds: list[tuple[int, int]] = field(default_factory=list)
+    rounds: "list[dict[str, int]]" = field(default_factory=list)
+
+    def of(self, name: str) -> list[Any]:
+        """The items of the pass called ``name`` (a live list)."""
+        return self.items.setdefault(name, [])
+
+    def left_by(self, name: str) -> list[Any]:
+        """What the pass called ``name`` leaves, with the reasons (a live list)."""
+        return self.left.setdefault(name, [])
+
+    def add_round(self, step: "Plan") -> None:
+        """Append one round's items (its refusals replace the earlier ones: they are the model's now)."""
+        for name, items in step.items.items():
+            self.of(name).extend(items)
+        self.rounds.append({name: len(items) for name, items in step.items.items() if items})
+        self.left = {name: list(v) for name, v in step.left.items()}
+
+    def round_items(self) -> "list[dict[str, list[Any]]]":
+        """The items of each round, by pass (one round holding everything when none was recorded)."""
+        if not self.rounds:
+            return [{n: list(v) for n, v in self.items.items() if v}]
+        out, start = [], {}
+        for counts in self.rounds:
+            step = {}
+            for name, n in counts.items():
+                i = start.get(name, 0)
+                step[name], start[name] = self.of(name)[i:i + n], i + n
+            out.append(step)
+        return out
+
+    # the two passes bnfuse has always had, by their old names (the API's ``result.folds``)
+    folds = property(lambda self: self.of("fold"), lambda self, v: self.items.__setitem__("fold", list(v)))
+    skipped = property(lambda self: self.left_by("fold"), lambda self, v: self.left.__setitem__("fold", list(v)))
+    merges = property(lambda self: self.of("merge"), lambda self, v: self.items.__setitem__("merge", list(v)))
+    merge_skips = property(lambda self: self.left_by("merge"),
+                           lambda self, v: self.left.__setitem__("merge", list(v)))
 
     def to_dict(self) -> dict[str, Any]:
-        """The plan as the JSON reports give it."""
-        from dataclasses import asdict
+        """The plan as the JSON reports give it: counts, then each pass's items and refusals."""
+        from .passes import PASSES
 
-        return {
+        out: dict[str, Any] = {
             "bn_found": len(self.norms),
             "bn_folded": len(self.folded_norms),
             "bn_skipped": len(self.skipped),
-            "folds": [asdict(f) for f in self.folds],
-            "skipped": [asdict(s) for s in self.skipped],
-            "merges": [m.to_dict() for m in self.merges],
-            "merge_skips": [asdict(s) for s in self.merge_skips],
         }
+        for p in PASSES:
+            out[p.key] = [p.to_json(i) for i in self.of(p.name)]
+            out[p.left_key] = [p.left_json(x) for x in self.left_by(p.name)]
+        return out
 
     @property
     def folded_norms(self) -> list[str]:
-        """BatchNorms gone from the model: folded into a layer, or merged with their branch."""
-        merged = [n for m in self.merges for n in m.norms]
-        return list(dict.fromkeys([f.norm for f in self.folds] + merged))
+        """BatchNorms gone from the model: absorbed by any pass's items."""
+        from .passes import PASSES
+
+        return list(dict.fromkeys(n for p in PASSES for i in self.of(p.name) for n in p.absorbed(i)))
 
 
 @dataclass

@@ -75,18 +75,20 @@ def _replace_norms(model: "nn.Module", folds: Iterable[Fold], build) -> None:  #
 
 @dataclass
 class _LayerSites:
-    """The folds of one layer: the BN after it (``previous``) and the BN before it (``next``),
+    """The folds of one layer: the BN after it (folded ``backward`` into it) and the BN before it
+    (folded ``forward`` into it),
     each as a float64 (scale, shift)."""
 
     layer: "nn.Module"
     name: str
     transposed: bool
-    previous: "tuple[torch.Tensor, torch.Tensor] | None" = None
-    next: "tuple[torch.Tensor, torch.Tensor] | None" = None
+    backward: "tuple[torch.Tensor, torch.Tensor] | None" = None
+    forward: "tuple[torch.Tensor, torch.Tensor] | None" = None
 
 
-def apply_plan(model: "nn.Module", plan: Plan) -> None:
-    """Fold every site of ``plan`` into ``model`` in place (statistics in float64, cast once).
+def apply_plan(model: "nn.Module", folds: "Iterable[Fold] | Plan") -> None:
+    """Fold every fold of ``folds`` (a list, or a plan's) into ``model`` in place (statistics in
+    float64, cast once).
 
     Every fold is checked first (corrupt statistics, a weight or bias that would overflow its
     dtype) and nothing is written until all of them pass: a :class:`FoldError` leaves the model
@@ -95,8 +97,9 @@ def apply_plan(model: "nn.Module", plan: Plan) -> None:
     """
     import torch
 
+    folds = list(folds.folds if isinstance(folds, Plan) else folds)
     sites: dict[int, _LayerSites] = {}
-    for f in plan.folds:
+    for f in folds:
         norm = _get(model, f.norm, "BatchNorm")
         layer = _get(model, f.producer, "layer")
         rule, reason = norm_rule(norm)
@@ -113,14 +116,14 @@ def apply_plan(model: "nn.Module", plan: Plan) -> None:
                 )
             scale, shift = scale[start:stop], shift[start:stop]
         site = sites.setdefault(id(layer), _LayerSites(layer, f.producer, prod.transposed))
-        if f.direction not in ("previous", "next"):
+        if f.direction not in ("backward", "forward"):
             raise BnfuseError(f"unknown fold direction {f.direction!r} for {f.norm} in the fold plan")
         if getattr(site, f.direction) is not None:
-            where = "output" if f.direction == "previous" else "input"
+            where = "output" if f.direction == "backward" else "input"
             raise BnfuseError(f"the fold plan folds two BatchNorms into the {where} of {f.producer}")
         setattr(site, f.direction, (scale, shift))
     staged = [
-        (s.layer, prepare_fold(s.layer.weight, s.layer.bias, previous=s.previous, following=s.next,
+        (s.layer, prepare_fold(s.layer.weight, s.layer.bias, backward=s.backward, forward=s.forward,
                                transposed=s.transposed, groups=getattr(s.layer, "groups", 1), name=s.name))
         for s in sites.values()
     ]
@@ -129,7 +132,7 @@ def apply_plan(model: "nn.Module", plan: Plan) -> None:
         for layer, fold in staged:
             workspace = apply_fold_(layer.weight, fold, workspace=workspace)
             _set_bias(layer, fold.bias)
-    _replace_norms(model, plan.folds, _replacement)
+    _replace_norms(model, folds, _replacement)
 
 
 def apply_structure(model: "nn.Module", folds: Iterable[Fold]) -> None:

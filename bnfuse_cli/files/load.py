@@ -132,7 +132,7 @@ def _pick_weights(ck: Checkpoint, expected: "set[str]", arch: str, *, explicit: 
 
 
 def _from_checkpoint(ck: Checkpoint, arch: "str | None", key: "str | None" = None) -> Source:
-    from ..engine.merge_rewrite import apply_saved_structure
+    from ..engine.passes import rebuild
 
     meta = FusedMeta.parse(ck.metadata, str(ck.path))
     if ck.kind == "module":
@@ -146,7 +146,7 @@ def _from_checkpoint(ck: Checkpoint, arch: "str | None", key: "str | None" = Non
         )
     model = build(use_arch, weights=None, **(meta.arch_kwargs if meta else {}))
     if meta is not None:
-        apply_saved_structure(model, meta.steps)  # the folds and merges of each round, as recorded
+        rebuild(model, meta.steps)  # the folds and merges of each round, as recorded
     sd, picked = _pick_weights(ck, set(model.state_dict()), use_arch, explicit=key is not None)
     notes = load_state_dict_strict(model, sd, what=str(ck.path), arch=use_arch)
     kind = "torchscript" if ck.kind == "torchscript" else "state_dict"

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.passes import PASSES
 from ..engine.plan import Fold, Merge
 from ..errors import CheckpointError
 
@@ -24,24 +25,38 @@ FORMAT = "bnfuse"
 
 @dataclass(frozen=True)
 class Step:
-    """One round of a conversion: the folds applied, then the merges (a merge can leave a
-    BatchNorm after the merged conv that the next round folds)."""
+    """One round of a conversion: the items each pass applied, by pass name, in the table's order
+    (a merge can leave a BatchNorm after the merged conv that the next round folds)."""
 
-    folds: tuple[Fold, ...] = ()
-    merges: tuple[Merge, ...] = ()
+    items: "dict[str, tuple[Any, ...]]" = field(default_factory=dict)
+
+    def of(self, name: str) -> tuple[Any, ...]:
+        return tuple(self.items.get(name, ()))
+
+    @property
+    def folds(self) -> tuple[Fold, ...]:
+        return self.of("fold")
+
+    @property
+    def merges(self) -> tuple[Merge, ...]:
+        return self.of("merge")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"folds": [f.to_list() for f in self.folds], "merges": [m.to_dict() for m in self.merges]}
+        return {p.key: [p.to_row(i) for i in self.of(p.name)] for p in PASSES}
+
+    @classmethod
+    def from_dict(cls, raw: "dict[str, Any]") -> "Step":
+        """A recorded round; a row no pass of this bnfuse knows is refused (KeyError), never skipped."""
+        known = {p.key for p in PASSES}
+        unknown = sorted(k for k, v in raw.items() if k not in known and v)
+        if unknown:
+            raise KeyError(f"rows of a pass this bnfuse does not have: {', '.join(unknown)}")
+        return cls({p.name: tuple(p.from_row(r) for r in raw.get(p.key, [])) for p in PASSES if raw.get(p.key)})
 
 
 def steps_of(plan: Any) -> list[Step]:
     """A :class:`~bnfuse_cli.engine.plan.Plan`'s rounds as a fused file records them."""
-    rounds = plan.rounds or [(len(plan.folds), len(plan.merges))]
-    out, i, j = [], 0, 0
-    for nf, nm in rounds:
-        out.append(Step(tuple(plan.folds[i:i + nf]), tuple(plan.merges[j:j + nm])))
-        i, j = i + nf, j + nm
-    return out
+    return [Step({name: tuple(items) for name, items in step.items() if items}) for step in plan.round_items()]
 
 
 @dataclass
@@ -59,15 +74,17 @@ class FusedMeta:
     #: the seed of a random initialisation (a model name converted with ``--weights none``), else None
     seed: "int | None" = None
 
+    def all_of(self, name: str) -> list[Any]:
+        """Every item of the pass ``name`` in every round, in order."""
+        return [i for s in self.steps for i in s.of(name)]
+
     @property
     def folds(self) -> list[Fold]:
-        """Every fold of every round, in order."""
-        return [f for s in self.steps for f in s.folds]
+        return self.all_of("fold")
 
     @property
     def merges(self) -> list[Merge]:
-        """Every merge of every round, in order."""
-        return [m for s in self.steps for m in s.merges]
+        return self.all_of("merge")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,9 +92,8 @@ class FusedMeta:
             "version": self.version,
             "arch": self.arch,
             "arch_kwargs": self.arch_kwargs,
-            # every fold and merge, flat, for readers of older bnfuse versions; ``steps`` is authoritative
-            "folds": [f.to_list() for f in self.folds],
-            "merges": [m.to_dict() for m in self.merges],
+            # every item, flat, for readers of older bnfuse versions; ``steps`` is authoritative
+            **{p.key: [p.to_row(i) for i in self.all_of(p.name)] for p in PASSES},
             "steps": [s.to_dict() for s in self.steps],
             "input": self.input,
             "dtype": self.dtype,
@@ -96,8 +112,7 @@ class FusedMeta:
             steps = raw.get("steps")
             if steps is None:  # files of bnfuse before merging: one round of folds
                 steps = [{"folds": raw.get("folds", []), "merges": []}]
-            parsed = [Step(tuple(Fold.from_list([str(x) for x in row]) for row in s.get("folds", [])),
-                           tuple(Merge.from_dict(d) for d in s.get("merges", []))) for s in steps]
+            parsed = [Step.from_dict(s) for s in steps]
             seed = raw.get("seed") if raw.get("weights") == "none" else None
             if seed is not None and not isinstance(seed, int):
                 raise TypeError(f"seed {seed!r} is not an integer")

@@ -41,6 +41,7 @@ from ..precision import parse_dtype, resolve_device
 from .bench_report import DEVICE_RUN, BenchReport, ModelBench, Stats, verdict
 from .runtimes import RUNTIMES, check_runtime, ort_op_counts, programs
 from .timing import backend_flags, environment, first_call, machine_info, race
+from .source import SourceOptions, prepare
 
 if TYPE_CHECKING:
     import torch
@@ -80,18 +81,6 @@ ProgressFn = Callable[[str, int, int], None]
 # ----------------------------------------------------------------------------- the race
 
 
-def _bench_spec(src: "Source", input_shape: "str | tuple[int, ...] | None", batch_size: "int | None",
-                default_batch: int) -> "InputSpec":
-    """The input as ``convert`` and ``verify`` take it (the one recorded in a fused file, the
-    model's ``example_input_shape``, or ``--input-shape``), at the device's default batch size
-    unless ``--batch-size`` or a full ``--input-shape`` says otherwise."""
-    from ..inputs import input_spec
-
-    if batch_size is None and input_shape is None:
-        batch_size = default_batch
-    return input_spec(src, input_shape, batch_size=batch_size)
-
-
 def _finite(out: Any) -> bool:
     import torch
     from torch.utils._pytree import tree_flatten
@@ -107,11 +96,8 @@ class _Settings:
     device: "torch.device"
     dtype: "torch.dtype"
     autocast: "str | None"
-    arch: "str | None"
-    weights: str
-    allow_pickle: bool
-    key: "str | None"
-    input_shape: Any
+    #: how each source is loaded (its weights, arch, key, input shape, seed)
+    source: SourceOptions
     batch_size: "int | None"
     channels_last: bool
     compile: bool
@@ -120,7 +106,6 @@ class _Settings:
     #: seconds of timing per model (0: no limit)
     time_budget: float
     min_sample_ms: float
-    seed: int
     rtol: "float | None"
     atol: "float | None"
     progress: "ProgressFn | None"
@@ -132,10 +117,8 @@ class _Settings:
     def to_dict(self) -> dict[str, Any]:
         """The settings as the JSON report gives them (the batch size the device's default when
         neither --batch-size nor --input-shape chose one)."""
-        batch = self.batch_size
-        if batch is None and self.input_shape is None:
-            batch = _DEFAULTS[self.device.type][0]
-        shape = self.input_shape
+        batch = self.batch
+        shape = self.source.input_shape
         return {
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""), "autocast": self.autocast,
             "batch_size": batch,
@@ -143,8 +126,20 @@ class _Settings:
             "runtime": self.runtime,
             "channels_last": self.channels_last, "threads": self.threads, "compile": self.compile, "iters": self.iters,
             "warmup": self.warmup, "time_budget_s": self.time_budget, "min_sample_ms": self.min_sample_ms,
-            "weights": self.weights, "rtol": self.rtol, "atol": self.atol, "seed": self.seed,
+            "weights": self.source.weights, "rtol": self.rtol, "atol": self.atol, "seed": self.seed,
         }
+
+    @property
+    def seed(self) -> int:
+        return self.source.seed
+
+    @property
+    def batch(self) -> "int | None":
+        """The batch size: ``--batch-size``, else the device's default unless a whole ``--input-shape``
+        gives one (then None: the shape's own)."""
+        if self.batch_size is None and self.source.input_shape is None:
+            return _DEFAULTS[self.device.type][0]
+        return self.batch_size
 
 
 @dataclass
@@ -163,12 +158,11 @@ def _prepare(source: str, st: _Settings) -> _Prepared:
     import torch
 
     from ..inputs import InputSpec, as_args, make_input, randomize_bn
-    from ..files.load import load_source
 
-    src = load_source(source, arch=st.arch, weights=st.weights, allow_pickle=st.allow_pickle, key=st.key, seed=st.seed)
-    original = src.model.eval().to(torch.float32)
+    prep = prepare(source, st.source, batch_size=st.batch)
+    src, spec = prep.origin, prep.spec
+    original = prep.model.to(torch.float32)
     notes = list(src.notes)
-    spec = _bench_spec(src, st.input_shape, st.batch_size, _DEFAULTS[st.device.type][0])
     if src.weights == "none":
         calib = InputSpec((2, *spec.shape[1:]), spec.kind) if spec.kind == "tensor" else spec
         n = randomize_bn(original, seed=st.seed, example=as_args(make_input(calib, dtype=torch.float32,
@@ -306,29 +300,26 @@ def bench(
     dtype: str = "float32",
     autocast: "str | None" = None,
     batch_size: "int | None" = None,
-    input_shape: "str | tuple[int, ...] | None" = None,
     channels_last: bool = False,
     threads: "int | None" = None,
     iters: "int | None" = None,
     warmup: "int | None" = None,
     time_budget: "float | None" = None,
     compile: bool = False,
-    arch: "str | None" = None,
-    weights: str = "none",
-    allow_pickle: bool = False,
-    key: "str | None" = None,
+    options: "SourceOptions | None" = None,
     rtol: "float | None" = None,
     atol: "float | None" = None,
     min_sample_ms: float = 2.0,
-    seed: int = 0,
     runtime: str = "eager",
     progress: "ProgressFn | None" = None,
+    **load: Any,
 ) -> BenchReport:
     """Time each model and its fused copy, alternating, and judge the fused model.
 
     ``models`` are torchvision names, ``timm:NAME``, ``pkg.mod:factory`` or checkpoint files
-    (default: :data:`DEFAULT_MODELS`).  A model built with random weights (``weights="none"``,
-    the default, so it runs offline) gets random BatchNorm statistics first.  The fold runs on
+    (default: :data:`DEFAULT_MODELS`), loaded with ``options`` (a :class:`SourceOptions`, or its
+    fields as keywords: ``arch``, ``weights``, ``input_shape``, ``allow_pickle``, ``key``, ``seed``).
+    A model built with random weights (``weights="none"``, bench's default, so it runs offline) gets random BatchNorm statistics first.  The fold runs on
     the CPU in float32 through :func:`bnfuse_cli.fuse` (statistics in float64); both models are
     then cast to ``dtype`` and moved to ``device``, and run under ``autocast`` (float16 or
     bfloat16) when given.  The verdict (``rtol``/``atol`` as in ``convert`` and ``verify``)
@@ -346,15 +337,15 @@ def bench(
     import torch
 
     from ..checks import Tolerance
-    from ..inputs import check_shape_option
     from ..precision import check_autocast
+
+    opts = SourceOptions.of(options, load) if options is not None else SourceOptions.of(None, {"weights": "none", **load})
 
     dt = parse_dtype(dtype)
     amp = check_autocast(autocast)
     dev = check_runtime(runtime, device=device, dtype=dt, autocast=amp, channels_last=channels_last,
                          compile=compile)
-    Tolerance.for_dtype(dt, rtol, atol)  # refuses a bad tolerance or shape before any model is built
-    check_shape_option(input_shape)
+    Tolerance.for_dtype(dt, rtol, atol)  # refuses a bad tolerance before any model is built
     d_batch, d_iters, d_warmup, d_budget = _DEFAULTS[dev.type]
     iters = d_iters if iters is None else iters
     warmup = d_warmup if warmup is None else warmup
@@ -363,12 +354,12 @@ def bench(
     if compile:
         warmup = max(warmup, 2)  # the first calls compile
     sources = list(models) if models else list(DEFAULT_MODELS)
-    if arch is not None and len(sources) > 1:
+    if opts.arch is not None and len(sources) > 1:
         raise UsageError("--arch applies to one checkpoint: bench one state_dict at a time with --arch")
-    st = _Settings(device=dev, dtype=dt, autocast=amp, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key,
-                   input_shape=input_shape, batch_size=batch_size, channels_last=channels_last, compile=compile,
-                   iters=iters, warmup=warmup, time_budget=budget, min_sample_ms=min_sample_ms, seed=seed,
-                   rtol=rtol, atol=atol, progress=progress, threads=threads, runtime=runtime)
+    st = _Settings(device=dev, dtype=dt, autocast=amp, source=opts, batch_size=batch_size,
+                   channels_last=channels_last, compile=compile, iters=iters, warmup=warmup, time_budget=budget,
+                   min_sample_ms=min_sample_ms, rtol=rtol, atol=atol, progress=progress, threads=threads,
+                   runtime=runtime)
 
     old_threads = torch.get_num_threads()
     flags_before = backend_flags()

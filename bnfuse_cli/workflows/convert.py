@@ -13,18 +13,18 @@ from ..version import __version__
 from ..files.write import check_output_path, write_checkpoint
 from ..checks import Comparison, Tolerance, Verdict
 from ..errors import FoldError, OutputError, UsageError
-from .fuse import fuse
+from .fuse import fuse_prepared
+from .source import Prepared, SourceOptions, count_tensors, prepare
 from ..engine.analyse import analyse
 from ..engine.plan import Plan
-from ..inputs import InputSpec, as_args, check_shape_option, input_spec, make_input, model_dtype
-from ..files.load import Source, load_source
+from ..inputs import InputSpec
 from ..files.meta import FusedMeta, steps_of
 from ..files.outputs import OUTPUT_FORMATS, output_format, suffixes_text
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["ConvertReport", "InspectReport", "convert", "inspect", "outputs_for", "count_tensors"]
+__all__ = ["ConvertReport", "InspectReport", "convert", "inspect", "outputs_for"]
 
 
 @dataclass
@@ -88,13 +88,6 @@ class ConvertReport:
         }
 
 
-def count_tensors(model: "nn.Module") -> tuple[int, int]:
-    """(parameter elements, buffer elements), shared tensors counted once."""
-    params = sum(p.numel() for p in model.parameters())
-    buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point())
-    return params, buffers
-
-
 @dataclass
 class InspectReport:
     """What would fold and what would not, and why (``bnfuse inspect``); nothing changed or written."""
@@ -114,15 +107,13 @@ class InspectReport:
         }
 
 
-def inspect(source: str, *, arch: "str | None" = None, weights: str = "default", input_shape: Any = None,
-            allow_pickle: bool = False, key: "str | None" = None) -> InspectReport:
-    """The fold plan for ``source`` without changing or writing anything."""
-    check_shape_option(input_shape)
-    src = load_source(source, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key)
-    spec = input_spec(src, input_shape)
-    dtype, device = model_dtype(src.model)
-    plan = analyse(src.model, as_args(make_input(spec, dtype=dtype, device=device))).plan
-    return InspectReport(str(source), src.arch, spec, plan)
+def inspect(source: "str | os.PathLike[str] | Prepared", *, options: "SourceOptions | None" = None,
+            **load: Any) -> InspectReport:
+    """The fold plan for ``source`` without changing or writing anything.  ``options`` (or the
+    keywords of :class:`SourceOptions`: ``arch=``, ``weights=``, ...) say how to load it."""
+    prep = prepare(source, SourceOptions.of(options, load))
+    plan = analyse(prep.model, prep.args).plan
+    return InspectReport(prep.name, prep.arch, prep.spec, plan)
 
 
 def outputs_for(sources: "list[str]", output: "str | os.PathLike[str] | None", out_dir: "str | os.PathLike[str] | None",
@@ -149,64 +140,50 @@ def outputs_for(sources: "list[str]", output: "str | os.PathLike[str] | None", o
 
 
 def convert(
-    source: "str | os.PathLike[str]",
-    output: "str | os.PathLike[str] | None",
+    source: "str | os.PathLike[str] | Prepared",
+    output: "str | os.PathLike[str] | None" = None,
     *,
-    arch: "str | None" = None,
-    weights: str = "default",
-    input_shape: "str | tuple[int, ...] | None" = None,
-    allow_pickle: bool = False,
+    options: "SourceOptions | None" = None,
     save_as: "str | None" = None,
     force: bool = False,
     rtol: "float | None" = None,
     atol: "float | None" = None,
     tolerance: "float | None" = None,
-    key: "str | None" = None,
-    seed: int = 0,
     placed: "list[Path] | None" = None,
     verbose: bool = False,
+    **load: Any,
 ) -> ConvertReport:
     """Fold every foldable BatchNorm of ``source`` and write the fused model to ``output``.
 
-    The model is fused in place through :func:`bnfuse_cli.fuse` (no copy of the model is made)
-    and judged by :mod:`bnfuse_cli.checks`: every fold site on the activation that reaches it,
-    and the output on a seeded random input, within ``atol + rtol * max|output|`` (defaults by
-    dtype; ``tolerance`` is an alias of ``rtol``).  ``seed`` draws the example input and, for a
-    model name with ``weights="none"``, its random initialisation (recorded in the file, so
-    ``verify`` rebuilds the same model).  Nothing is written when the verdict is
-    negative (:class:`FoldError`).  ``output=None`` folds and checks without writing.  ``key``
-    picks the weights inside a checkpoint that holds several (a dotted path, ``ema.model``).
-    ``placed``, when given, gets the output appended the moment it is in place (see
-    :func:`bnfuse_cli.files.write.write_checkpoint`).  An output ending in ``.pt2`` (``torch.export``)
-    or ``.onnx`` (the ``onnx`` extra) is a program exported from the fused model, which runs without
-    bnfuse or the model's code; it is opened in its own runtime and judged against the original
-    before it is placed.  ``verbose`` shows the exporter's messages.
+    ``source`` is a model name or a checkpoint, loaded with ``options`` (a :class:`SourceOptions`,
+    or its fields as keywords: ``arch``, ``weights``, ``input_shape``, ``allow_pickle``, ``key``,
+    ``seed``), or a source already :func:`prepared <bnfuse_cli.workflows.source.prepare>`.
+    The model is fused in place through the one pipeline of :mod:`bnfuse_cli.workflows.fuse`
+    (no copy of the model is made) and judged by :mod:`bnfuse_cli.checks`: every fold site on the
+    activation that reaches it, and the output on a seeded random input, within
+    ``atol + rtol * max|output|`` (defaults by dtype; ``tolerance`` is an alias of ``rtol``).
+    The seed draws the example input and, for a model name with ``weights="none"``, its random
+    initialisation (recorded in the file, so ``verify`` rebuilds the same model).  Nothing is
+    written when the verdict is negative (:class:`FoldError`).  ``output=None`` folds and checks
+    without writing.  ``placed``, when given, gets the output appended the moment it is in place
+    (see :func:`bnfuse_cli.files.write.write_checkpoint`).  An output ending in ``.pt2``
+    (``torch.export``) or ``.onnx`` (the ``onnx`` extra) is a program exported from the fused
+    model, which runs without bnfuse or the model's code; it is opened in its own runtime and
+    judged against the original before it is placed.  ``verbose`` shows the exporter's messages.
     """
     t0 = time.perf_counter()
     rtol = _rtol(rtol, tolerance)
+    opts = SourceOptions.of(options, load)
     out_path = Path(output) if output is not None else None
-    _check_options(source, out_path, save_as=save_as, force=force, rtol=rtol, atol=atol, input_shape=input_shape)
-    src = load_source(source, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key, seed=seed)
-    form = _output_form(src, source, out_path, save_as)
-    model = src.model
-    spec = input_spec(src, input_shape)
-    dtype, device = model_dtype(model)
-    params_before, buffers_before = count_tensors(model)
-    args = as_args(make_input(spec, dtype=dtype, device=device, seed=seed))
+    given = source.path if isinstance(source, Prepared) else source
+    _check_options(given, out_path, save_as=save_as, force=force, rtol=rtol, atol=atol)
+    prep = prepare(source, opts)
+    form = _output_form(prep, out_path, save_as)
     t1 = time.perf_counter()
     fmt = output_format(out_path) if out_path is not None else None
-    result = fuse(model, args, inplace=True, rtol=rtol, atol=atol, keep_reference=bool(fmt and fmt.program))
+    result = fuse_prepared(prep, rtol=rtol, atol=atol, keep_reference=bool(fmt and fmt.program))
     t4 = time.perf_counter()
-    params_after, buffers_after = count_tensors(model)
-    report = ConvertReport(
-        source=str(source), output=str(out_path) if out_path else None, arch=src.arch, weights=src.weights,
-        input=spec, dtype=str(dtype).replace("torch.", ""), plan=result.plan,
-        params_before=params_before, params_after=params_after,
-        buffers_before=buffers_before, buffers_after=buffers_after, verdict=result.verdict,
-        notes=list(src.notes) + ([f"random initialisation (--weights none) from seed {src.seed}: no pretrained "
-                                  "weights were loaded; the same name and --seed rebuild the same model"]
-                                 if src.seed is not None else []),
-    )
+    report = _report(prep, out_path, result)
     if not result.ok:
         raise FoldError(
             "the fused model does not compute what the original computes "
@@ -216,13 +193,29 @@ def convert(
         )
     if out_path is not None and form is not None:
         report.form = form.replace("-", "_")
-        judge = _ProgramJudge(fmt, result.reference, args, report, verbose=verbose) if fmt.program else None
-        report.file_size = _write(model, src, report, out_path, form, force, placed, judge)
+        judge = _ProgramJudge(fmt, result.reference, prep.args, report, verbose=verbose) if fmt.program else None
+        report.file_size = _write(prep, report, out_path, form, force, placed, judge)
     t5 = time.perf_counter()
     fs = result.seconds
     report.seconds = {"load": t1 - t0, "analyse": fs["analyse"], "fold": fs["rewrite"], "check": fs["check"],
                       "save": t5 - t4, "total": t5 - t0}
     return report
+
+
+def _report(prep: Prepared, out_path: "Path | None", result: Any) -> ConvertReport:
+    """The report of a fused ``prep``: counts before (from the source) and after (the model now)."""
+    params_after, buffers_after = count_tensors(prep.model)
+    src = prep.origin
+    notes = list(src.notes)
+    if src.seed is not None:
+        notes.append(f"random initialisation (--weights none) from seed {src.seed}: no pretrained weights were "
+                     "loaded; the same name and --seed rebuild the same model")
+    return ConvertReport(
+        source=prep.name, output=str(out_path) if out_path else None, arch=prep.arch, weights=src.weights,
+        input=prep.spec, dtype=prep.dtype_name, plan=result.plan,
+        params_before=prep.params, params_after=params_after,
+        buffers_before=prep.buffers, buffers_after=buffers_after, verdict=result.verdict, notes=notes,
+    )
 
 
 def _rtol(rtol: "float | None", tolerance: "float | None") -> "float | None":
@@ -237,8 +230,9 @@ def _rtol(rtol: "float | None", tolerance: "float | None") -> "float | None":
 
 
 def _check_options(source: Any, out_path: "Path | None", *, save_as: "str | None", force: bool,
-                   rtol: "float | None", atol: "float | None", input_shape: Any) -> None:
-    """Every option that can be checked without the model, before any work."""
+                   rtol: "float | None", atol: "float | None") -> None:
+    """Every option that can be checked without the model, before any work (the source options
+    were checked when their :class:`SourceOptions` was made)."""
     if save_as not in (None, "module", "state-dict"):
         raise UsageError(f"--save-as {save_as!r}: choose module or state-dict")
     if out_path is not None:
@@ -253,10 +247,9 @@ def _check_options(source: Any, out_path: "Path | None", *, save_as: "str | None
             fmt.require()
         check_output_path(out_path, inputs=[Path(str(source))], force=force)
     Tolerance.for_dtype("float32", rtol, atol)
-    check_shape_option(input_shape)
 
 
-def _output_form(src: Source, source: Any, out_path: "Path | None", save_as: "str | None") -> "str | None":
+def _output_form(prep: Prepared, out_path: "Path | None", save_as: "str | None") -> "str | None":
     """``module`` or ``state-dict``: mirror the input (a pickled module stays one, except in
     .safetensors, which holds tensors only).  Checked before the work, not after."""
     if out_path is None:
@@ -264,19 +257,20 @@ def _output_form(src: Source, source: Any, out_path: "Path | None", save_as: "st
     fmt = output_format(out_path)
     if fmt.program:
         return "program"
-    form = save_as or ("module" if src.kind == "module" and fmt.holds_module else "state-dict")
-    if form == "state-dict" and not src.arch:
+    form = save_as or ("module" if prep.origin.kind == "module" and fmt.holds_module else "state-dict")
+    if form == "state-dict" and not prep.arch:
         raise UsageError(
-            f"{source} is a pickled module of unknown architecture: a state_dict output ({out_path.name}) "
+            f"{prep.name} is a pickled module of unknown architecture: a state_dict output ({out_path.name}) "
             "could not be rebuilt; pass --arch, or write a .pth with --save-as module"
         )
     return form
 
 
-def _write(model: "nn.Module", src: Source, report: ConvertReport, out_path: Path, form: str, force: bool,
+def _write(prep: Prepared, report: ConvertReport, out_path: Path, form: str, force: bool,
            placed: "list[Path] | None", judge: "_ProgramJudge | None") -> int:
     """Write the fused model with the record that rebuilds it (a fused source's own rounds first:
     converting a bnfuse output again keeps the folds and merges that made it); the file's size."""
+    model, src = prep.model, prep.origin
     earlier = src.meta.steps if src.meta is not None else []
     meta = FusedMeta(
         arch=src.arch, steps=earlier + steps_of(report.plan), arch_kwargs=src.meta.arch_kwargs if src.meta else {},

@@ -16,12 +16,11 @@ from ..engine.analyse import analyse
 from ..engine.plan import Fold, Plan, Skip
 from ..inputs import as_args, infer_spec, make_input, model_dtype
 from ..precision import exact_math, precision_flags
-from ..engine.rewrite import apply_plan
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["FuseResult", "fuse", "plan"]
+__all__ = ["FuseResult", "fuse", "fuse_prepared", "plan"]
 
 
 @dataclass
@@ -135,17 +134,35 @@ def fuse(
     ``ok`` is the verdict; nothing is raised for a negative one.  ``keep_reference`` keeps the
     original's output on the example input in the result (``reference``).
     """
-    import torch
-
     dtype, device = model_dtype(model)
-    tol = Tolerance.for_dtype(dtype, rtol, atol)
+    Tolerance.for_dtype(dtype, rtol, atol)  # a bad tolerance is refused before the copy
     t0 = time.perf_counter()
     if not inplace:
         model = _copy(model)
     switched = model.training
     model.eval()
     args = _example(model, example_input)
-    t1 = time.perf_counter()
+    copied = time.perf_counter() - t0
+    result = _fuse(model, args, dtype, device, rtol=rtol, atol=atol, merge=merge, keep_reference=keep_reference)
+    result.switched_to_eval = switched
+    result.seconds = {"copy": copied, **result.seconds}
+    return result
+
+
+def fuse_prepared(prep: Any, *, rtol: "float | None" = None, atol: "float | None" = None, merge: bool = True,
+                  keep_reference: bool = False) -> FuseResult:
+    """:func:`fuse` of a :class:`~bnfuse_cli.workflows.source.Prepared` source, in place, on the
+    example input, dtype and device it was prepared with (``convert``'s way in)."""
+    return _fuse(prep.model, prep.args, prep.dtype, prep.device, rtol=rtol, atol=atol, merge=merge,
+                 keep_reference=keep_reference)
+
+
+def _fuse(model: "nn.Module", args: tuple[Any, ...], dtype: Any, device: Any, *, rtol: "float | None",
+          atol: "float | None", merge: bool, keep_reference: bool) -> FuseResult:
+    """The pipeline on a model in eval mode: rounds of record, plan and rewrite, then the verdict."""
+    import torch
+
+    tol = Tolerance.for_dtype(dtype, rtol, atol)
     with exact_math():
         plan, reference, sites, seconds, before = _rounds(model, args, merge=merge)
         t3 = time.perf_counter()
@@ -168,13 +185,8 @@ def fuse(
     )
     t4 = time.perf_counter()
     return FuseResult(
-        model=model,
-        plan=plan,
-        verdict=verdict,
-        switched_to_eval=switched,
-        reference=kept,
-        seconds={"copy": t1 - t0, "analyse": seconds["analyse"], "rewrite": seconds["rewrite"],
-                 "check": t4 - t3 + seconds["check"]},
+        model=model, plan=plan, verdict=verdict, reference=kept,
+        seconds={"analyse": seconds["analyse"], "rewrite": seconds["rewrite"], "check": t4 - t3 + seconds["check"]},
     )
 
 
@@ -185,12 +197,13 @@ MAX_ROUNDS = 3
 
 def _rounds(model: "nn.Module", args: tuple[Any, ...], *, merge: bool
             ) -> "tuple[Plan, Any, list[Any], dict[str, float], list[Any]]":
-    """Record, plan, fold and merge until a round merges nothing; each round's sites are checked
-    right after it.  Returns the combined plan, the original output, the site checks, timings, and
-    the tensors that fed the original's post-processing (:class:`SelectionProbe`; none for most)."""
+    """Record, plan and apply each pass of the table until a round finds nothing for a pass that
+    can make more possible (``Pass.again``); each round's sites are checked right after it.
+    Returns the combined plan, the original output, the site checks, timings, and the tensors that
+    fed the original's post-processing (:class:`SelectionProbe`; none for most)."""
     import contextlib
 
-    from ..engine.merge_rewrite import apply_merges, main_conv_name
+    from ..engine.passes import PASSES
 
     plan = Plan()
     sites: list[Any] = []
@@ -208,21 +221,19 @@ def _rounds(model: "nn.Module", args: tuple[Any, ...], *, merge: bool
         if reference is None:
             reference, plan.norms = analysis.output, list(step.norms)
         del analysis.output
-        probe.plan(step.folds, step.merges, {m.into: main_conv_name(model, m.into) for m in step.merges})
+        probe.plan(model, step)
         probe.reference(model)
         t1 = time.perf_counter()
-        apply_plan(model, step)
-        apply_merges(model, step.merges)
+        for p in PASSES:
+            if step.of(p.name):
+                p.apply(model, step.of(p.name))
         t2 = time.perf_counter()
         sites += probe.check(model)
         probe.release()  # its crops and references, before the checking forward pass
         seconds["analyse"] += t1 - t0
         seconds["rewrite"] += t2 - t1
         seconds["check"] += time.perf_counter() - t2
-        plan.folds += step.folds
-        plan.merges += step.merges
-        plan.rounds.append((len(step.folds), len(step.merges)))
-        plan.skipped, plan.merge_skips = step.skipped, step.merge_skips
-        if not step.merges:
+        plan.add_round(step)
+        if not any(p.again and step.of(p.name) for p in PASSES):
             break
     return plan, reference, sites, seconds, before

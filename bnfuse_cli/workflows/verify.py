@@ -19,9 +19,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..checks import OutputCheck, SelectionProbe, SiteCheck, SiteProbe, Tolerance, Verdict, judge_post_processing
-from .convert import count_tensors
+from .source import SourceOptions, count_tensors
 from ..errors import BnfuseError, UsageError
-from ..inputs import InputSpec, as_args, check_shape_option, input_spec, make_input, model_dtype
+from ..inputs import InputSpec, as_args, input_spec, make_input, model_dtype
 from ..files.load import Source, load_source
 from ..files.data import read_data
 from ..precision import autocast, check_autocast, parse_dtype, precision_flags, resolve_device
@@ -64,23 +64,27 @@ def _lower_precision(*dtypes: Any) -> Any:
 
 
 def _site_checks(src_o: Source, src_f: Source, x: Any, name: str) -> tuple[list[SiteCheck], list[str]]:
-    """Every fold site and merge the fused file names, checked on the activation that reaches it in
-    the original (one run of the original in its own dtype and device)."""
-    from ..engine.merge_rewrite import main_conv_name
+    """Every site the fused file names (each pass's items of every round), checked on the activation
+    that reaches it in the original (one run of the original in its own dtype and device)."""
+    from ..engine.passes import PASSES, site_specs
 
     if src_f.meta is None:
         return [], ["the fused file names no fold sites (not a bnfuse output): checked on outputs only"]
-    folds = src_f.meta.folds
-    names = {n for n, _ in src_o.model.named_modules()}
-    merges = [m for m in src_f.meta.merges if m.into in names]
-    intos = {m.into for m in merges}
-    here = [f for f in folds if f.norm in names and f.producer in names and f.producer not in intos]
+    specs, missing = site_specs(src_o.model, {p.name: src_f.meta.all_of(p.name) for p in PASSES})
     notes = []
-    if len(here) + sum(f.producer in intos for f in folds) < len(folds):
-        notes.append(f"{len(folds) - len(here)} fold site(s) in the fused file's metadata name layers the original "
-                     "does not have (folded by an earlier conversion?): not checked by site")
+    if missing:
+        notes.append(f"{missing} site(s) in the fused file's metadata name layers the original does not have "
+                     "(made by an earlier conversion?): not checked by site")
     probe = SiteProbe()
-    probe.plan(here, merges, {m.into: main_conv_name(src_o.model, m.into) for m in merges})
+    probe.use(specs)
+    # a layer changed in several rounds (a BatchNorm folded into a merged conv) has no one site to
+    # compare on the original: it is judged end to end
+    layers = [s.spec.layer for s in probe.sites.values()]
+    several = sorted({n for n in layers if layers.count(n) > 1})
+    if several:
+        probe.use([s.spec for s in probe.sites.values() if s.spec.layer not in several])
+        notes.append(f"{len(several)} layer(s) changed in more than one round ({', '.join(several[:3])}"
+                     f"{', ...' if len(several) > 3 else ''}): checked end to end only")
     with probe.hooks(src_o.model):
         _run(src_o.model, x, "original", name)
     probe.reference(src_o.model)
@@ -102,11 +106,11 @@ def _program_layers(src_o: Source, src_f: Source) -> "tuple[nn.Module, set[str]]
     weights, mapped by name: (that module, the layers whose weights the program lacks)."""
     import copy
 
-    from ..engine.merge_rewrite import apply_saved_structure
+    from ..engine.passes import rebuild
     from ..files.export import program_weights
 
     mapped = copy.deepcopy(src_o.model)
-    apply_saved_structure(mapped, src_f.meta.steps)
+    rebuild(mapped, src_f.meta.steps)
     weights = program_weights(src_f.model)
     own = mapped.state_dict()
     found = type(own)((k, v) for k, v in weights.items() if k in own)
@@ -191,14 +195,14 @@ def _data_check(runner: _Runner, inputs: "torch.Tensor", labels: "torch.Tensor |
 
 
 def _validate(samples: int, data: Any, batch_size: int, device: str, dtype: "str | None",
-              autocast_dtype: "str | None", rtol: Any, atol: Any, input_shape: Any) -> tuple[Any, Any, "str | None"]:
-    """Every option checked before anything is loaded."""
+              autocast_dtype: "str | None", rtol: Any, atol: Any) -> tuple[Any, Any, "str | None"]:
+    """Every option checked before anything is loaded (the source options were checked when their
+    :class:`SourceOptions` was made)."""
     if samples < 0 or (samples == 0 and data is None):
         raise UsageError(f"--samples {samples}: give at least 1 random sample, or --data with real inputs")
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: give a positive number of inputs per batch")
     Tolerance.for_dtype("float32", rtol, atol)  # refuses a negative or non-finite tolerance now
-    check_shape_option(input_shape)
     return resolve_device(device), None if dtype is None else parse_dtype(dtype), check_autocast(autocast_dtype)
 
 
@@ -206,11 +210,8 @@ def verify(
     orig: "str | os.PathLike[str]",
     fused: "str | os.PathLike[str]",
     *,
-    arch: "str | None" = None,
-    weights: str = "default",
-    input_shape: "str | tuple[int, ...] | None" = None,
+    options: "SourceOptions | None" = None,
     samples: int = 3,
-    seed: int = 0,
     rtol: "float | None" = None,
     atol: "float | None" = None,
     data: "str | os.PathLike[str] | None" = None,
@@ -218,14 +219,15 @@ def verify(
     device: str = "cpu",
     dtype: "str | None" = None,
     autocast: "str | None" = None,
-    allow_pickle: bool = False,
-    key: "str | None" = None,
+    **load: Any,
 ) -> VerifyReport:
     """Judge ``fused`` against ``orig`` on ``samples`` seeded random inputs and, with ``data``, on real ones.
 
     Both models run on ``device`` (cpu, cuda, cuda:N, auto), in ``dtype`` (float32, float16,
     bfloat16; default: each model's own) and under ``autocast`` (float16 or bfloat16), as they
-    will be deployed; the original also runs in float64 as the exact reference, so each output
+    will be deployed; ``options`` (a :class:`SourceOptions`, or its fields as keywords: ``arch``,
+    ``weights``, ``input_shape``, ``allow_pickle``, ``key``, ``seed``) say how both are loaded, and
+    ``seed`` draws the first random input.  The original also runs in float64 as the exact reference, so each output
     may differ from it by ``atol + rtol * max|ref|`` plus a few times the original's own error.
     ``rtol``/``atol`` default by dtype (:data:`bnfuse_cli.checks.TOLERANCES`).  Every fold site
     named in the fused file's metadata is checked on the activation that reaches it.  ``arch``
@@ -234,15 +236,16 @@ def verify(
     """
     import torch
 
-    dev, want_dtype, amp = _validate(samples, data, batch_size, device, dtype, autocast, rtol, atol, input_shape)
+    opts = SourceOptions.of(options, load)
+    seed = opts.seed
+    dev, want_dtype, amp = _validate(samples, data, batch_size, device, dtype, autocast, rtol, atol)
     t0 = time.perf_counter()
     inputs = labels = None
     if data is not None:
-        inputs, labels = read_data(data, allow_pickle=allow_pickle)
-    src_o, src_f, init_note = _load_pair(orig, fused, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key,
-                                         device=device, seed=seed)
+        inputs, labels = read_data(data, allow_pickle=opts.allow_pickle)
+    src_o, src_f, init_note = _load_pair(orig, fused, opts, device=device)
     model_o, model_f = src_o.model, src_f.model
-    spec = _pick_spec(src_o, src_f, input_shape, inputs)
+    spec = _pick_spec(src_o, src_f, opts.input_shape, inputs)
     structure = _structure(model_o, model_f)
     t1 = time.perf_counter()
 
@@ -293,13 +296,15 @@ def verify(
     )
 
 
-def _load_pair(orig: Any, fused: Any, *, arch: "str | None", weights: str, allow_pickle: bool, key: "str | None",
-               device: str, seed: int) -> "tuple[Source, Source, list[str]]":
+def _load_pair(orig: Any, fused: Any, opts: SourceOptions, *, device: str) -> "tuple[Source, Source, list[str]]":
     """The fused file (a program opened in its runtime on ``device``), then the original, a random one
-    built from the seed the fused file records; and the note that says which seed."""
-    src_f = load_source(fused, arch=arch, weights=weights, allow_pickle=allow_pickle, device=device, programs=True)
-    init_seed, why = _init_seed(orig, weights, src_f, seed)
-    src_o = load_source(orig, arch=arch, weights=weights, allow_pickle=allow_pickle, key=key, seed=init_seed)
+    built from the seed the fused file records; and the note that says which seed.  ``key`` applies
+    to the original only."""
+    src_f = load_source(fused, arch=opts.arch, weights=opts.weights, allow_pickle=opts.allow_pickle, device=device,
+                        programs=True)
+    init_seed, why = _init_seed(orig, opts.weights, src_f, opts.seed)
+    src_o = load_source(orig, arch=opts.arch, weights=opts.weights, allow_pickle=opts.allow_pickle, key=opts.key,
+                        seed=init_seed)
     note = [] if src_o.seed is None else [
         f"original built with random weights (--weights none) from seed {src_o.seed}" + (f": {why[0]}" if why else "")]
     return src_o, src_f, note

@@ -1,0 +1,72 @@
+"""The table of passes: every rewrite bnfuse makes is one row.
+
+Each row follows :class:`~.base.Pass`: it finds its sites in the recorded data flow (a reason for
+each refusal), plans items, applies them, records them in the fused file, rebuilds them in ``load``,
+names its sites for the judge and gives its rows to the report.  Everything that handles a plan
+(:func:`bnfuse_cli.engine.analyse.analyse`, the rounds of :mod:`bnfuse_cli.workflows.fuse`, the
+fused file's record, ``load``, the site checks, the report) walks this table when it runs, so a
+new pass is one module and one row here.  The order matters: a pass sees what the passes before
+it planned in the same round (a merge absorbs the BatchNorms the fold pass left).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable
+
+from .base import Norm, Pass, Rows, RunLayer, RunModule, SiteSpec, Sum
+from .fold import FOLD
+from .merge import MERGE
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["PASSES", "Pass", "SiteSpec", "Rows", "RunLayer", "RunModule", "Norm", "Sum", "by_name", "rebuild", "site_specs"]
+
+#: the passes, in the order they find and apply their items within a round
+PASSES: "list[Pass]" = [FOLD, MERGE]
+
+
+def by_name(name: str) -> Any:
+    """The pass called ``name`` (KeyError if none is)."""
+    for p in PASSES:
+        if p.name == name:
+            return p
+    raise KeyError(name)
+
+
+def rebuild(model: "nn.Module", steps: "Iterable[Any]") -> None:
+    """Give a freshly built model the structure a fused file records: each round's items, pass by
+    pass in the table's order (``steps`` are :class:`bnfuse_cli.files.meta.Step` rows)."""
+    for step in steps:
+        for p in PASSES:
+            items = list(step.of(p.name))
+            if items:
+                p.rebuild(model, items)
+
+
+def site_specs(model: "nn.Module", items: "dict[str, Any]") -> "tuple[list[SiteSpec], int]":
+    """The judge's sites for ``items`` (pass name -> items) described on ``model``, pass by pass;
+    and how many sites name a module ``model`` does not have (left out: an earlier conversion's)."""
+    names = {n for n, _ in model.named_modules()}
+    specs: list[SiteSpec] = []
+    missing = 0
+    for p in PASSES:
+        for spec in p.sites(model, list(items.get(p.name, ()))):
+            if all(n in names for n in _names(spec)):
+                specs.append(spec)
+            else:
+                missing += 1
+    return specs, missing
+
+
+def _names(spec: SiteSpec) -> "set[str]":
+    """Every module a site reads."""
+    out = {spec.layer, spec.capture}
+    todo = list(spec.original) + list(spec.fused)
+    while todo:
+        step = todo.pop()
+        if isinstance(step, Sum):
+            todo += [s for chain in step.chains for s in chain]
+        else:
+            out.add(step.name)
+    return out

@@ -1,0 +1,144 @@
+"""What a pass is: the protocol every row of the table of passes follows, and the site description
+it hands the judge.
+
+A pass is one kind of rewrite (fold a BatchNorm into a layer, merge a sum of branches into one
+conv, ...).  It finds its sites in one recorded forward pass, plans items (each refusal a
+sentence), applies them in place, writes them as rows of the fused file's record and reads them
+back, rebuilds them on a freshly built model (``load``), describes each site so that the judge
+(:mod:`bnfuse_cli.checks.sites`) can compute it in float64 before and after, and gives its rows to
+the report.  Nothing here knows which passes exist: :data:`bnfuse_cli.engine.passes.PASSES` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..plan import Plan
+    from ..record import Recorder
+
+__all__ = ["Pass", "SiteSpec", "RunLayer", "RunModule", "Norm", "Sum", "Rows"]
+
+
+# ----------------------------------------------------------------------------- site descriptions
+
+@dataclass(frozen=True)
+class RunLayer:
+    """Run the Conv/Linear ``name`` in float64 (block by block, as the fold does)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class RunModule:
+    """Run a float64 copy of the module ``name`` (a branch: a conv and its BatchNorm, a BatchNorm)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Norm:
+    """The eval-mode affine map of the BatchNorm ``name`` on ``axis`` (1: channels first; -1: a
+    Linear's features), restricted to its channels ``[start, stop)`` when given."""
+
+    name: str
+    axis: int = 1
+    channels: "tuple[int, int] | None" = None
+
+
+@dataclass(frozen=True)
+class Sum:
+    """The sum of several chains, each applied to the same input (an empty chain: the input itself)."""
+
+    chains: "tuple[tuple[Any, ...], ...]"
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One site the judge checks: ``original`` and ``fused`` are chains of the steps above, run in
+    float64 on a crop of the first input of ``capture`` (the original chain on the model before the
+    rewrite, the fused one after)."""
+
+    #: the pass that made it (``Pass.name``)
+    kind: str
+    #: the layer the site's result lives in (its name in reports; its dtype picks the tolerance)
+    layer: str
+    #: the module whose first input is cropped for the check
+    capture: str
+    #: what the site absorbed, for the report (BatchNorms, branches)
+    parts: "tuple[str, ...]"
+    original: "tuple[Any, ...]"
+    fused: "tuple[Any, ...]"
+    #: modules whose own sites this one checks as well (a merge's branches): other passes' sites
+    #: inside them are not checked separately
+    covers: "tuple[str, ...]" = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.layer}"
+
+
+# ----------------------------------------------------------------------------- report rows
+
+@dataclass
+class Rows:
+    """A pass's part of the report: a table of what it did (shown with --verbose) and one of what
+    it left, each row a where and a reason."""
+
+    title: str
+    columns: "tuple[str, ...]"
+    done: "list[tuple[str, ...]]"
+    left_title: str
+    left_what: str
+    left: "list[tuple[str, str]]"
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+class Pass(Protocol):
+    """One row of the table of passes."""
+
+    #: the pass's name: its items' key in a :class:`~bnfuse_cli.engine.plan.Plan`, its sites' kind
+    name: str
+    #: the key of its items in JSON reports and in a fused file's record (``folds``, ``merges``)
+    key: str
+    #: the key of what it leaves, with reasons, in JSON reports (``skipped``, ``merge_skips``)
+    left_key: str
+    #: a round that applied items of this pass may let the next round find more (a BatchNorm after
+    #: a merged conv): rounds go on while such a pass finds something
+    again: bool
+
+    def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: "Plan") -> None:
+        """Add this pass's items and refusals to ``plan`` (``plan.of(name)``, ``plan.left_by(name)``)
+        from the recorded forward pass; the passes before it in the table have added theirs."""
+
+    def apply(self, model: "nn.Module", items: "list[Any]") -> None:
+        """Carry out ``items`` on ``model`` in place."""
+
+    def rebuild(self, model: "nn.Module", items: "list[Any]") -> None:
+        """Give a freshly built model the structure ``items`` leave (values come from the state_dict
+        loaded next)."""
+
+    def to_row(self, item: Any) -> Any:
+        """``item`` as a JSON value of the fused file's record."""
+
+    def from_row(self, row: Any) -> Any:
+        """The item a record's row holds (a malformed row raises TypeError, KeyError or ValueError)."""
+
+    def to_json(self, item: Any) -> "dict[str, Any]":
+        """``item`` in JSON reports."""
+
+    def left_json(self, left: Any) -> "dict[str, Any]":
+        """A refusal in JSON reports."""
+
+    def absorbed(self, item: Any) -> "list[str]":
+        """The BatchNorm-like layers ``item`` removes from the model."""
+
+    def sites(self, model: "nn.Module", items: "list[Any]") -> "list[SiteSpec]":
+        """The sites of ``items`` on ``model`` (before they are applied) for the judge."""
+
+    def rows(self, items: "list[Any]", left: "list[Any]") -> Rows:
+        """What the report shows of this pass."""

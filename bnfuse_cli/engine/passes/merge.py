@@ -1,0 +1,73 @@
+"""The merge pass: a sum of parallel branches that read one tensor (convs with their BatchNorms
+folded, BatchNorms, the tensor itself) becomes one conv, with the reason for every sum left."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from ..merge import find_merges
+from ..merge_rewrite import apply_merge_structure, apply_merges, main_conv_name
+from ..plan import Merge, MergeSkip, Plan
+from .base import Rows, RunLayer, RunModule, SiteSpec, Sum
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..record import Recorder
+
+__all__ = ["MERGE", "MergePass"]
+
+
+class MergePass:
+    name = "merge"
+    key = "merges"
+    left_key = "merge_skips"
+    again = True  # a BatchNorm after the merged sum folds in the next round (RepViT)
+
+    def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
+        find_merges(model, rec, plan)
+
+    def apply(self, model: "nn.Module", items: "list[Merge]") -> None:
+        apply_merges(model, items)
+
+    def rebuild(self, model: "nn.Module", items: "list[Merge]") -> None:
+        apply_merge_structure(model, items)
+
+    def to_row(self, item: Merge) -> "dict[str, Any]":
+        return item.to_dict()
+
+    def from_row(self, row: Any) -> Merge:
+        return Merge.from_dict(row)
+
+    def to_json(self, item: Merge) -> "dict[str, Any]":
+        return item.to_dict()
+
+    def left_json(self, left: MergeSkip) -> "dict[str, Any]":
+        return asdict(left)
+
+    def absorbed(self, item: Merge) -> "list[str]":
+        return item.norms
+
+    def sites(self, model: "nn.Module", items: "list[Merge]") -> "list[SiteSpec]":
+        """One site per merge: the sum of its original branches against the one conv, on the input
+        of the main branch's conv (the shared one)."""
+        specs = []
+        for m in items:
+            try:
+                capture = main_conv_name(model, m.into)
+            except AttributeError:  # a block this model lacks: the table leaves the site out
+                capture = m.into
+            chains = tuple((RunModule(b.module),) if b.module else () for b in m.branches)
+            specs.append(SiteSpec(self.name, m.into, capture,
+                                  tuple(b.module or "input" for b in m.branches), (Sum(chains),), (RunLayer(m.into),),
+                                  covers=tuple(b.module for b in m.branches if b.module)))
+        return specs
+
+    def rows(self, items: "list[Merge]", left: "list[MergeSkip]") -> Rows:
+        return Rows("Merged (parallel branches -> one conv)", ("one conv at", "branches summed"),
+                    [(m.into, ", ".join(b.module or "the input itself" for b in m.branches)) for m in items],
+                    "Sums of branches left as they are", "block", [(s.block or "(the model)", s.reason) for s in left])
+
+
+MERGE = MergePass()
