@@ -69,9 +69,9 @@ def plan_tables(plan: Any, *, verbose: bool, limit: int = 25) -> list[Table]:
 
     tables = []
     for p in PASSES:
-        rows = p.rows(plan.of(p.name), plan.left_by(p.name))
+        rows = p.rows(plan)
         if verbose and rows.done:
-            t = Table(title=rows.title, title_justify="left")
+            t = Table(title=rows.title, title_justify="left", min_width=len(rows.title) + 2)
             for column in rows.columns:
                 t.add_column(column, overflow="fold")
             for row in rows.done:
@@ -80,6 +80,14 @@ def plan_tables(plan: Any, *, verbose: bool, limit: int = 25) -> list[Table]:
         if rows.left:
             tables.append(_reasons(rows.left_title, rows.left_what, rows.left, verbose=verbose, limit=limit))
     return tables
+
+
+def plan_summary(plan: Any) -> "list[tuple[str, str]]":
+    """Each pass's line for a summary table (the BatchNorm counts first), as (label, text)."""
+    from .engine.passes import PASSES
+
+    fold_first = sorted(PASSES, key=lambda p: p.name != "fold")  # the BatchNorm count leads
+    return [rows.summary for p in fold_first if (rows := p.rows(plan)).summary is not None]
 
 
 def _reasons(title: str, what: str, rows: list[tuple[str, str]], *, verbose: bool, limit: int) -> Table:
@@ -103,12 +111,8 @@ def convert_table(r: Any) -> Table:
     t.add_row("architecture", str(r.arch or "(pickled module)"))
     t.add_row("weights", r.weights)
     t.add_row("input", f"{r.input.kind} {'x'.join(map(str, r.input.shape))} {r.dtype}")
-    merged = sum(len(m.norms) for m in r.plan.merges)
-    t.add_row("BatchNorm layers", f"{len(r.plan.norms)} found, {len(r.plan.folded_norms) - merged} folded"
-              + (f", {merged} merged" if merged else "") + f", {len(r.plan.skipped)} left")
-    if r.plan.merges:
-        branches = sum(len(m.branches) for m in r.plan.merges)
-        t.add_row("branches merged", f"{len(r.plan.merges)} sums of {branches} branches -> one conv each")
+    for label, text in plan_summary(r.plan):
+        t.add_row(label, text)
     t.add_row("parameters", f"{fmt_count(r.params_before)} -> {fmt_count(r.params_after)}")
     t.add_row("buffers", f"{fmt_count(r.buffers_before)} -> {fmt_count(r.buffers_after)}")
     t.add_row("removed", f"{fmt_count(r.removed)} values")

@@ -91,9 +91,10 @@ class ScalePass:
         return [SiteSpec(self.name, it.conv, it.conv, (it.scale,), (RunLayer(it.conv), RunModule(it.scale)),
                          (RunLayer(it.conv),)) for it in items]
 
-    def rows(self, items: list[ScaleFold], left: list[ScaleLeft]) -> Rows:
+    def rows(self, plan: Any) -> Rows:
+        items, left = plan.of(self.name), plan.left_by(self.name)
         return Rows("Scales folded", ("scale", "into"), [(i.scale, i.conv) for i in items],
-                    "Scales left", "scale", [(x.scale, x.reason) for x in left])
+                    "Scales left", "scale", [(x.scale, x.reason) for x in left], ("scales", f"{len(items)} folded"))
 
 
 @pytest.fixture
@@ -115,7 +116,7 @@ def _toy() -> nn.Module:
 
 
 def test_a_registered_pass_is_found_applied_and_judged(scale_pass: ScalePass) -> None:
-    from bnfuse_cli.render import plan_tables
+    from bnfuse_cli.render import plan_summary, plan_tables
 
     model, x = _toy(), torch.randn(SHAPE)
     result = bnfuse_cli.fuse(model, x)
@@ -132,6 +133,7 @@ def test_a_registered_pass_is_found_applied_and_judged(scale_pass: ScalePass) ->
     assert data["scales_left"] == [{"scale": "scale2", "reason": "conv2's output is also read by add"}]
     titles = [t.title for t in plan_tables(result.plan, verbose=True)]
     assert "Scales folded" in titles and "Scales left" in titles
+    assert ("scales", "2 folded") in plan_summary(result.plan)
 
 
 def test_a_wrong_pass_is_caught_at_its_site(scale_pass: ScalePass) -> None:

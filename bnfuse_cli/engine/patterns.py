@@ -31,6 +31,9 @@ __all__ = [
     "is_norm_like",
     "is_producer_like",
     "producer_row",
+    "StdConvRule",
+    "STD_CONVS",
+    "std_conv_rule",
 ]
 
 Stats = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor | None", "torch.Tensor | None", float]
@@ -100,6 +103,26 @@ NORMS: tuple[NormRule, ...] = (
     NormRule("timm.layers.norm_act.FrozenBatchNormAct2d", _bn_stats, _frozen_unfoldable, "activation"),
     NormRule("timm.layers.norm.FrozenBatchNorm2d", _bn_stats, _frozen_unfoldable),
 )
+
+@dataclass(frozen=True)
+class StdConvRule:
+    """A conv that standardises its own weight in every forward (``F.batch_norm`` of the weight
+    with batch statistics: constant at inference), computable once."""
+
+    cls_path: str
+    #: the standardised weight is scaled per output channel by ``gain * scale`` (NFNets)
+    scaled: bool
+    #: TensorFlow-style SAME padding, computed in forward when ``same_pad`` is set
+    same: bool = False
+
+
+STD_CONVS: tuple[StdConvRule, ...] = (
+    StdConvRule("timm.layers.std_conv.StdConv2d", scaled=False),
+    StdConvRule("timm.layers.std_conv.StdConv2dSame", scaled=False, same=True),
+    StdConvRule("timm.layers.std_conv.ScaledStdConv2d", scaled=True),
+    StdConvRule("timm.layers.std_conv.ScaledStdConv2dSame", scaled=True, same=True),
+)
+
 
 #: classes that are BatchNorm-like even when no row matches (reported as unknown, never folded)
 _NORM_FAMILIES = (
@@ -222,3 +245,10 @@ def norm_rule(module: "nn.Module") -> "tuple[NormRule | None, str | None]":
     if reason:
         return None, reason
     return rule, None
+
+
+def std_conv_rule(module: "nn.Module") -> "StdConvRule | None":
+    """The row of a weight-standardising conv: its exact class only (a subclass may compute
+    something else)."""
+    found = _lookup(module, STD_CONVS)
+    return found[0] if found is not None and type(module) is found[1] else None

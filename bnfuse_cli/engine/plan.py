@@ -133,7 +133,9 @@ class Plan:
         """Append one round's items (its refusals replace the earlier ones: they are the model's now)."""
         for name, items in step.items.items():
             self.of(name).extend(items)
-        self.rounds.append({name: len(items) for name, items in step.items.items() if items})
+        counts = {name: len(items) for name, items in step.items.items() if items}
+        if counts or not self.rounds:
+            self.rounds.append(counts)
         self.left = {name: list(v) for name, v in step.left.items()}
 
     def round_items(self) -> "list[dict[str, list[Any]]]":

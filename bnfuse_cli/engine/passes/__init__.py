@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from .base import Norm, Pass, Rows, RunLayer, RunModule, SiteSpec, Sum
 from .fold import FOLD
 from .merge import MERGE
+from .standardise import STANDARDISE
 
 if TYPE_CHECKING:
     from torch import nn
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["PASSES", "Pass", "SiteSpec", "Rows", "RunLayer", "RunModule", "Norm", "Sum", "by_name", "rebuild", "site_specs"]
 
 #: the passes, in the order they find and apply their items within a round
-PASSES: "list[Pass]" = [FOLD, MERGE]
+PASSES: "list[Pass]" = [STANDARDISE, FOLD, MERGE]
 
 
 def by_name(name: str) -> Any:

@@ -94,6 +94,8 @@ class Rows:
     left_title: str
     left_what: str
     left: "list[tuple[str, str]]"
+    #: one line for the summary table (label, text), or None when the pass has nothing to say
+    summary: "tuple[str, str] | None" = None
 
 
 # ----------------------------------------------------------------------------- the protocol
@@ -140,5 +142,5 @@ class Pass(Protocol):
     def sites(self, model: "nn.Module", items: "list[Any]") -> "list[SiteSpec]":
         """The sites of ``items`` on ``model`` (before they are applied) for the judge."""
 
-    def rows(self, items: "list[Any]", left: "list[Any]") -> Rows:
-        """What the report shows of this pass."""
+    def rows(self, plan: "Plan") -> Rows:
+        """What the report shows of this pass's part of ``plan``."""

@@ -73,10 +73,15 @@ class FoldPass:
                                   tuple(f.norm for f in (fwd, bwd) if f is not None), original, (RunLayer(layer),)))
         return specs
 
-    def rows(self, items: "list[Fold]", left: "list[Skip]") -> Rows:
+    def rows(self, plan: Plan) -> Rows:
+        items, left = plan.of(self.name), plan.left_by(self.name)
+        folded = len({f.norm for f in items})
+        others = len(plan.folded_norms) - folded  # absorbed by other passes (merged with their branch)
+        summary = f"{len(plan.norms)} found, {folded} folded" + (f", {others} merged" if others else "") + \
+            f", {len(left)} left"
         return Rows("Folded", ("BatchNorm", "into", "direction", "left in its place"),
                     [(f.norm, f.producer, DIRECTION_TEXT.get(f.direction, f.direction), f.replacement) for f in items],
-                    "Left in place", "BatchNorm", [(s.norm, s.reason) for s in left])
+                    "Left in place", "BatchNorm", [(s.norm, s.reason) for s in left], ("BatchNorm layers", summary))
 
 
 FOLD = FoldPass()

@@ -64,10 +64,14 @@ class MergePass:
                                   covers=tuple(b.module for b in m.branches if b.module)))
         return specs
 
-    def rows(self, items: "list[Merge]", left: "list[MergeSkip]") -> Rows:
+    def rows(self, plan: Plan) -> Rows:
+        items, left = plan.of(self.name), plan.left_by(self.name)
+        branches = sum(len(m.branches) for m in items)
+        summary = ("branches merged", f"{len(items)} sums of {branches} branches -> one conv each") if items else None
         return Rows("Merged (parallel branches -> one conv)", ("one conv at", "branches summed"),
                     [(m.into, ", ".join(b.module or "the input itself" for b in m.branches)) for m in items],
-                    "Sums of branches left as they are", "block", [(s.block or "(the model)", s.reason) for s in left])
+                    "Sums of branches left as they are", "block", [(s.block or "(the model)", s.reason) for s in left],
+                    summary)
 
 
 MERGE = MergePass()

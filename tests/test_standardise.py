@@ -1,0 +1,92 @@
+"""Weight standardisation computed once: a conv that standardises its own weight with
+``F.batch_norm`` in every forward (timm's StdConv2d, NFNets' ScaledStdConv2d) becomes a plain conv
+holding the result, exactly; the BatchNorm after it can then fold; one that pads at run time stays,
+with its reason.  Counted by the batch-norm calls a forward pass makes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+timm = pytest.importorskip("timm")
+
+import bnfuse_cli  # noqa: E402
+from conftest import ROOT, randomize_bn, run_bnfuse  # noqa: E402
+
+ARCH = "models_std:StdNet"
+
+
+class _CountBatchNorm(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.n += getattr(func, "__name__", "") == "batch_norm"
+        return func(*args, **(kwargs or {}))
+
+
+def batch_norm_calls(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad(), _CountBatchNorm() as count:
+        model(x)
+    return count.n
+
+
+@pytest.fixture(autouse=True)
+def _tests_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT / "tests")
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+
+
+def _model() -> nn.Module:
+    from models_std import StdNet
+
+    torch.manual_seed(0)
+    return randomize_bn(StdNet(), seed=2).eval()
+
+
+def test_standardised_convs_become_plain_convs_exactly() -> None:
+    model, x = _model(), torch.randn(2, 3, 17, 17)
+    assert batch_norm_calls(model, x) == 4
+    result = bnfuse_cli.fuse(model, x)
+    assert result.ok and result.error.rel < 1e-6
+    assert [i.layer for i in result.plan.of("standardise")] == ["conv1", "conv2"]
+    (left,) = result.plan.left_by("standardise")
+    assert left.layer == "conv3" and left.reason.startswith("conv3 pads its input at run time")
+    assert [(f.norm, f.producer) for f in result.folds] == [("bn1", "conv1")]  # the next round, on the plain conv
+    assert type(result.model.conv1) is nn.Conv2d and type(result.model.conv2) is nn.Conv2d
+    assert batch_norm_calls(result.model, x) == 1  # conv3's own
+    sites = [s for s in result.verdict.sites if s.kind == "standardise"]
+    assert [s.layer for s in sites] == ["conv1", "conv2"] and all(s.rel_error < 1e-6 for s in sites)
+
+
+def test_standardised_file_loads_and_verifies(tmp_path: Path) -> None:
+    torch.save(_model().state_dict(), tmp_path / "orig.pth")
+    out = tmp_path / "fused.safetensors"
+    proc = run_bnfuse("convert", str(tmp_path / "orig.pth"), "--arch", ARCH, "--input-shape", "1,3,17,17", "-o",
+                      str(out), "-v", cwd=ROOT / "tests")
+    assert proc.returncode == 0, proc.stderr
+    assert "Weight standardisation computed once" in proc.stdout and "conv3 pads its input at run time" in proc.stdout
+    fused = bnfuse_cli.load(out)
+    assert type(fused.conv2) is nn.Conv2d and not hasattr(fused.conv2, "gain")
+    x = torch.randn(1, 3, 17, 17)
+    with torch.no_grad():
+        ref = _model()(x)
+        assert float((fused(x) - ref).norm() / ref.norm()) < 1e-6
+    report = bnfuse_cli.verify(tmp_path / "orig.pth", out, arch=ARCH)
+    assert report.ok
+
+
+def test_nfnet_l0_computes_no_batch_norm_at_inference() -> None:
+    """57 weight standardisations per forward in nfnet_l0, each computed once."""
+    torch.manual_seed(0)
+    model = timm.create_model("nfnet_l0", pretrained=False).eval()
+    x = torch.randn(1, 3, 96, 96)
+    assert batch_norm_calls(model, x) == 57
+    result = bnfuse_cli.fuse(model, x)
+    assert result.ok and len(result.plan.of("standardise")) == 57
+    assert batch_norm_calls(result.model, x) == 0
