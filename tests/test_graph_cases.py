@@ -23,8 +23,15 @@ from conftest import randomize_bn
 
 TOL = 1e-10
 #: the whole skip reasons that several cases share
-ZERO_PAD = ("zero padding in following conv {}: it pads the un-normalised signal with zeros, so folding forward "
-            "is not exact")
+#: what a BatchNorm on the model's input says, and what follows when it cannot fold forward either
+INPUT = "reads a tensor not computed inside the model (the model input)"
+NOR = "; nor can it fold into the layer after it: "
+ZERO_PAD = (INPUT + NOR + "the conv after it, {}, pads with zeros, and zeros of the un-normalised signal are not "
+            "zeros after the BatchNorm, so folding forward is not exact")
+
+
+def goes(op: str, where: str = "the model forward") -> str:
+    return f"{NOR}its output goes to {op} in {where}, not straight into a Conv/Linear"
 PARAMETRIZED = ("conv has a re-parametrised weight (torch.nn.utils.parametrize, e.g. parametrizations.weight_norm): "
                 "it is recomputed on every call, so a folded weight would be overwritten; remove the parametrisation first")
 WEIGHT_NORM = ("conv uses weight_norm (torch.nn.utils.weight_norm): its weight is recomputed from weight_g and "
@@ -77,7 +84,7 @@ def test_conv_bn_folds():
 
 def test_residual_reader_is_named():
     res = run(me.ResidualRead(), _x(2, 3, 6, 6), folds=0, skipped=1)
-    assert reason(res, "layer1.0.bn1") == "output of layer1.0.conv1 is also read by add in layer1.0"
+    assert reason(res, "layer1.0.bn1") == "output of layer1.0.conv1 is also read by add in layer1.0" + goes("add", "layer1.0")
 
 
 def test_conv_output_returned():
@@ -153,7 +160,7 @@ def test_fold_rows_round_trip():
 
 def test_bn_after_relu_before_conv_is_skipped():
     res = run(me.PreActivation(), _x(2, 3, 6, 6), folds=0, skipped=1)
-    assert reason(res, "bn") == "follows relu in the model forward, not a Conv/Linear output"
+    assert reason(res, "bn") == "follows relu in the model forward, not a Conv/Linear output" + goes("relu")
 
 
 def test_inplace_relu_between_conv_and_bn():
@@ -208,7 +215,7 @@ def test_input_bn_padded_by_f_pad_before_a_conv_is_not_folded(dim):
     """One-sided zero padding by ``F.pad`` between the BN and an unpadded conv: the conv does not read
     the BN's output itself, so there is nothing to fold into."""
     res = run(me.BNPadConv(dim, (0, 1) * dim, kernel_size=3), _x(2, 3, *[5] * dim), folds=0, skipped=1)
-    assert reason(res, "bn") == "reads a tensor not computed inside the model (the model input)"
+    assert reason(res, "bn") == INPUT + goes("pad")
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3])
@@ -236,7 +243,7 @@ def test_linear_then_bn1d_on_2d():
 
 def test_linear_on_3d_then_bn1d_is_not_folded_on_the_wrong_axis():
     res = run(me.LinearBN1dWrongAxis(6), _x(3, 6, 4), folds=0, skipped=1)
-    assert reason(res, "bn") == ("fc output is 3-D (3, 6, 6): BatchNorm1d normalises axis 1, not the Linear's "
+    assert reason(res, "bn") == ("the output of fc is 3-D (3, 6, 6): BatchNorm1d normalises axis 1, not the Linear's "
                                  "feature axis (the last one)")
 
 
@@ -343,7 +350,7 @@ def test_input_bn_before_parametrized_conv_is_skipped():
     model = me.InputBNConv(padding=0)
     torch.nn.utils.parametrize.register_parametrization(model.conv, "weight", _Symmetric())
     res = run(model, _x(2, 4, 6, 6), folds=0, skipped=1)
-    assert reason(res, "bn") == PARAMETRIZED
+    assert reason(res, "bn") == INPUT + NOR + PARAMETRIZED
 
 
 # ----------------------------------------------------------------- flow, I/O, shared params
@@ -376,14 +383,13 @@ def test_bn_parameters_read_elsewhere():
 def test_tied_conv_weights():
     res = run(me.TiedConvWeights(), _x(2, 3, 6, 6), folds=0, skipped=1)
     assert reason(res, "bn") == (
-        "conv_a.weight is shared with conv_b.weight (tied weights): folding would change the other layer too; it "
-        "cannot fold into the next layer either: conv_b.weight is shared with conv_a.weight (tied weights): folding "
-        "would change the other layer too")
+        "conv_a.weight is shared with conv_b.weight (tied weights): folding would change the other layer too" + NOR +
+        "conv_b.weight is shared with conv_a.weight (tied weights): folding would change the other layer too")
 
 
 def test_conv_weight_read_by_another_module():
     res = run(me.ConvWeightReadFunctionally(), _x(2, 3, 6, 6), folds=0, skipped=1)
-    assert reason(res, "bn") == "conv.weight is also read by conv2d in head"
+    assert reason(res, "bn") == "conv.weight is also read by conv2d in head" + goes("conv2d", "head")
 
 
 # ------------------------------------------------------------------------- fuse() contract
@@ -484,9 +490,9 @@ def test_track_running_stats_switched_off_after_construction_still_uses_running_
 @pytest.mark.parametrize(
     "cls, why",
     [
-        (me.AtenOpRead, "output of conv is also read by mul in the model forward"),
-        (me.CustomFunctionRead, "output of conv is also read by mul in the model forward"),
-        (me.ScriptedReader, "output of conv is also read by TorchScript forward in head"),
+        (me.AtenOpRead, "output of conv is also read by mul in the model forward" + goes("add")),
+        (me.CustomFunctionRead, "output of conv is also read by mul in the model forward" + goes("add")),
+        (me.ScriptedReader, "output of conv is also read by TorchScript forward in head" + goes("add")),
         (me.DataclassOutput, "output of conv is also returned by the model"),
         (me.StoredFeature, "output of conv is also kept in the attribute feat"),
         (me.SwitchesBNToTrain, "it runs in training mode during the forward (the model switches it with .train()), so it "
@@ -519,7 +525,7 @@ def test_weight_sharing_memory_with_another_parameter_is_skipped():
     assert not res.plan.folds
     assert reason(res, "bn") == (
         "conv.weight shares memory with other: folding writes the weight in place and would change them too"
-    )
+        + goes("add"))
     assert torch.equal(model.other, other)
 
 
@@ -545,7 +551,7 @@ def test_concatenate_with_axis_keyword_folds():
 
 def test_cat_part_also_read_elsewhere_is_skipped():
     res = run(me.CatPartReadTwice(), _x(2, 3, 6, 6), folds=0, skipped=1)
-    assert reason(res, "bn") == "output of c1 is also read by add in the model forward"
+    assert reason(res, "bn") == "output of c1 is also read by add in the model forward" + goes("indexing")
 
 
 def test_an_input_the_model_rejects_is_a_usage_error():
@@ -607,3 +613,13 @@ def test_a_plan_folding_two_batchnorms_into_one_side_of_a_layer_is_refused():
     with pytest.raises(BnfuseError, match="two BatchNorms into the output of 0"):
         apply_plan(model, plan)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_bn_between_relu_and_max_pool_names_both_blockers():
+    """A pitch model's block (conv -> ReLU -> BN -> max-pool -> zero pad -> conv): the reason says what
+    stops the fold into the layer before it and what stops the one into the layer after it."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.MaxPool2d(2), nn.ZeroPad2d(1),
+                          nn.Conv2d(4, 4, 3))
+    res = run(randomize_bn(model).eval(), _x(1, 1, 12, 12), folds=0, skipped=1)
+    assert reason(res, "2") == ("follows relu in 1, not a Conv/Linear output; nor can it fold into the layer after it: "
+                                "its output goes to max_pool2d in 3, not straight into a Conv/Linear")

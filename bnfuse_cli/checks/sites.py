@@ -169,6 +169,23 @@ def _bn(norm: "nn.Module", channels: "tuple[int, int] | None", y: "torch.Tensor"
     return z.movedim(1, axis)
 
 
+def _stats(model: "nn.Module", step: Any, y: "torch.Tensor") -> "torch.Tensor":
+    """A functional batch norm of tensors the model holds, in float64, on ``step.axis``."""
+    import torch
+    import torch.nn.functional as F
+
+    def get(qual: str) -> "torch.Tensor | None":
+        if not qual:
+            return None
+        mod, _, attr = qual.rpartition(".")
+        return getattr(model.get_submodule(mod), attr).detach().to(device="cpu", dtype=torch.float64)
+
+    axis = step.axis if y.dim() > 1 else 0
+    z = F.batch_norm(y.movedim(axis, 1), get(step.mean), get(step.var), get(step.weight), get(step.bias), False,
+                     0.0, step.eps)
+    return z.movedim(1, axis)
+
+
 def _run_chain(model: "nn.Module", chain: "tuple[Any, ...]", x: "torch.Tensor") -> "torch.Tensor":
     """A site's chain of steps (:mod:`bnfuse_cli.engine.passes.base`) on ``x``, in float64: a layer
     block by block, a module as a float64 copy of its own, a BatchNorm's affine map, a sum."""
@@ -176,13 +193,15 @@ def _run_chain(model: "nn.Module", chain: "tuple[Any, ...]", x: "torch.Tensor") 
 
     import torch
 
-    from ..engine.passes import Norm, RunLayer, RunModule, Sum
+    from ..engine.passes import Norm, RunLayer, RunModule, Stats, Sum
 
     for step in chain:
         if isinstance(step, RunLayer):
             x = _run_layer(model.get_submodule(step.name), x)
         elif isinstance(step, Norm):
             x = _bn(model.get_submodule(step.name), step.channels, x, step.axis if x.dim() > 1 else 0)
+        elif isinstance(step, Stats):
+            x = _stats(model, step, x)
         elif isinstance(step, RunModule):
             module = copy.deepcopy(model.get_submodule(step.name)).to(device="cpu", dtype=torch.float64).eval()
             with torch.no_grad():

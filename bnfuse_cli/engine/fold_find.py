@@ -157,7 +157,7 @@ def _try_backward(
                 continue  # a reshape: its channel axis was checked in _segments
             if rule.kind == "linear" and out.dim() != 2:
                 return [], (
-                    f"{pname} output is {out.dim()}-D {tuple(out.shape)}: {type(norm).__name__} "
+                    f"the output of {pname} is {out.dim()}-D {tuple(out.shape)}: {type(norm).__name__} "
                     "normalises axis 1, not the Linear's feature axis (the last one)"
                 ), True
             want = seg.stop - seg.start
@@ -189,7 +189,8 @@ def _try_forward(
             return None, None
         r0, op0 = readers[0]
         if r0 is None or id(r0.module) not in rec.interesting or is_norm_like(r0.module) or r0.input is not y:
-            return None, None  # not followed by a Conv/Linear: no forward candidate at all
+            # not followed by a Conv/Linear: no forward candidate, and the reason says what follows
+            return None, f"its output goes to {op0} in {where(r0)}, not straight into a Conv/Linear"
         if target is not None and r0.module is not target:
             return None, "its outputs feed different layers"
         target = r0.module
@@ -214,24 +215,24 @@ def _try_forward(
         return None, f"folding forward into {type(target).__name__} {tname} is not supported"
     if rule.kind == "conv" and zero_pads(target):
         return None, (
-            f"zero padding in following conv {tname}: it pads the un-normalised signal with zeros, "
-            "so folding forward is not exact"
+            f"the conv after it, {tname}, pads with zeros, and zeros of the un-normalised signal are not zeros "
+            "after the BatchNorm, so folding forward is not exact"
         )
     for c in calls:
         if rule.kind == "linear" and c.output.dim() != 2:
             return None, (
-                f"following Linear {tname} reads a {c.output.dim()}-D tensor: its feature axis "
+                f"the Linear after it, {tname}, reads a {c.output.dim()}-D tensor: its feature axis "
                 "(the last) is not the BatchNorm's channel axis (axis 1)"
             )
     return target, None
 
 
 def _skip_reason(back: "str | None", after_producer: bool, forward: "str | None") -> str:
-    """One message for a norm that folds neither way: the reason about the layer it follows
-    when it follows a Conv/Linear, the one about the layer after when only that exists."""
-    if forward and after_producer and back:
-        return f"{back}; it cannot fold into the next layer either: {forward}"
-    return (back if after_producer else forward or back) or "not foldable"
+    """One message for a norm that folds neither way, naming both blockers: what stops the fold
+    into the layer before it, then what stops the one into the layer after it."""
+    if back and forward:
+        return f"{back}; nor can it fold into the layer after it: {forward}"
+    return back or forward or "not foldable"
 
 
 def _unfoldable(module: "nn.Module", rule: Any, reason: "str | None", rec: Recorder) -> "str | None":

@@ -165,7 +165,7 @@ class Plan:
         out: dict[str, Any] = {
             "bn_found": len(self.norms),
             "bn_folded": len(self.folded_norms),
-            "bn_skipped": len(self.skipped),
+            "bn_skipped": len(self.norms) - len(self.folded_norms),
         }
         for p in PASSES:
             out[p.key] = [p.to_json(i) for i in self.of(p.name)]

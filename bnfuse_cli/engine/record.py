@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BnfuseError
+from .batch_norm_calls import BatchNormCall, note_batch_norm
 from .patterns import is_norm_like, is_producer_like
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
     InputCallback = Callable[[str, "nn.Module", Any], None]
 
-__all__ = ["Recorder", "TensorRecord", "Call", "tensors_in", "pretty_op", "where"]
+__all__ = ["Recorder", "TensorRecord", "Call", "BatchNormCall", "tensors_in", "pretty_op", "where"]
 
 #: reads that look only at a tensor's metadata, never its values
 _METADATA = frozenset(
@@ -175,6 +176,8 @@ class Recorder:
         self.module_calls: dict[int, list[Call]] = {}
         #: ids of the modules inside whose call a tensor sum ran (candidate blocks for merging)
         self.sum_blocks: set[int] = set()
+        #: functional batch-norm calls made outside BatchNorm modules, in order
+        self.batch_norms: list[BatchNormCall] = []
         self.handles: list[Any] = []
         self._index(model)
         self.mode = self._make_mode()
@@ -233,6 +236,8 @@ class Recorder:
                 recorder._on_result(op, out)
                 if op in _RESHAPES or op in _CATS:
                     recorder._on_layout_op(op, args, kwargs, out)
+                if op == "batch_norm":
+                    note_batch_norm(recorder, args, kwargs, out)
                 return out
 
         return _Mode()

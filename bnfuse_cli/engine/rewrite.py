@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["apply_plan", "apply_structure"]
+__all__ = ["apply_plan", "apply_structure", "fold_affine_backward", "give_bias"]
 
 
 def _replacement(norm: "nn.Module", kind: str) -> "nn.Module":
@@ -141,13 +141,32 @@ def apply_structure(model: "nn.Module", folds: Iterable[Fold]) -> None:
     Each folded norm is replaced as in :func:`apply_plan` and each producer gains a zero bias;
     the values come from the state_dict loaded afterwards.
     """
-    import torch
-
     folds = list(folds)
     for f in folds:
-        layer = _get(model, f.producer, "layer")
-        if getattr(layer, "bias", None) is None:
-            out = getattr(layer, "out_channels", None) or getattr(layer, "out_features")
-            _set_bias(layer, torch.zeros(out, dtype=layer.weight.dtype, device=layer.weight.device))
+        give_bias(_get(model, f.producer, "layer"))
     _replace_norms(model, folds, _replacement)
 
+
+
+def fold_affine_backward(layer: "nn.Module", scale: "torch.Tensor", shift: "torch.Tensor", name: str) -> None:
+    """Fold ``z = scale * layer(x) + shift`` (per output channel, float64) into ``layer`` in place,
+    checked first like every fold (:func:`bnfuse_cli.engine.fold.prepare_fold`)."""
+    import torch
+
+    prod, why = producer_rule(layer)
+    if prod is None:
+        raise BnfuseError(f"cannot fold {name}: {why}")
+    fold = prepare_fold(layer.weight, layer.bias, backward=(scale, shift), transposed=prod.transposed,
+                        groups=getattr(layer, "groups", 1), name=name)
+    with torch.no_grad():
+        apply_fold_(layer.weight, fold)
+        _set_bias(layer, fold.bias)
+
+
+def give_bias(layer: "nn.Module") -> None:
+    """A zero bias for ``layer`` if it has none (the fused structure, before its state_dict loads)."""
+    import torch
+
+    if getattr(layer, "bias", None) is None:
+        out = getattr(layer, "out_channels", None) or getattr(layer, "out_features")
+        _set_bias(layer, torch.zeros(out, dtype=layer.weight.dtype, device=layer.weight.device))

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..plan import Plan
     from ..record import Recorder
 
-__all__ = ["Pass", "SiteSpec", "RunLayer", "RunModule", "Norm", "Sum", "Rows"]
+__all__ = ["Pass", "SiteSpec", "RunLayer", "RunModule", "Norm", "Stats", "Sum", "Rows"]
 
 
 # ----------------------------------------------------------------------------- site descriptions
@@ -47,6 +47,19 @@ class Norm:
     name: str
     axis: int = 1
     channels: "tuple[int, int] | None" = None
+
+
+@dataclass(frozen=True)
+class Stats:
+    """The eval-mode batch norm of the tensors the model holds under these qualified names ("" for
+    one not given: a weight of 1, a bias of 0), with ``eps``, on ``axis``."""
+
+    mean: str
+    var: str
+    weight: str
+    bias: str
+    eps: float = 1e-5
+    axis: int = 1
 
 
 @dataclass(frozen=True)

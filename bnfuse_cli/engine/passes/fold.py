@@ -28,6 +28,7 @@ class FoldPass:
     key = "folds"
     left_key = "skipped"
     again = False
+    verb = "folded"
 
     def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
         find_folds(model, rec, escapes, plan)
@@ -74,14 +75,20 @@ class FoldPass:
         return specs
 
     def rows(self, plan: Plan) -> Rows:
+        """The summary line counts every batch norm found (modules and functional calls) and says
+        which pass removed how many; what is left is what no pass removed."""
+        from . import PASSES
+
         items, left = plan.of(self.name), plan.left_by(self.name)
-        folded = len({f.norm for f in items})
-        others = len(plan.folded_norms) - folded  # absorbed by other passes (merged with their branch)
-        summary = f"{len(plan.norms)} found, {folded} folded" + (f", {others} merged" if others else "") + \
-            f", {len(left)} left"
+        parts = [f"{len(plan.norms)} found"]
+        for p in PASSES:
+            n = len({a for i in plan.of(p.name) for a in p.absorbed(i)})
+            if n or p is self:
+                parts.append(f"{n} {getattr(p, 'verb', 'removed')}")
+        parts.append(f"{len(plan.norms) - len(plan.folded_norms)} left")
         return Rows("Folded", ("BatchNorm", "into", "direction", "left in its place"),
                     [(f.norm, f.producer, DIRECTION_TEXT.get(f.direction, f.direction), f.replacement) for f in items],
-                    "Left in place", "BatchNorm", [(s.norm, s.reason) for s in left], ("BatchNorm layers", summary))
+                    "Left in place", "BatchNorm", [(s.norm, s.reason) for s in left], ("BatchNorm layers", ", ".join(parts)))
 
 
 FOLD = FoldPass()

@@ -23,6 +23,7 @@ class MergePass:
     name = "merge"
     key = "merges"
     left_key = "merge_skips"
+    verb = "merged"
     again = True  # a BatchNorm after the merged sum folds in the next round (RepViT)
 
     def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:

@@ -1,0 +1,195 @@
+"""The functional batch-norm pass: an ``F.batch_norm`` call in a module's own forward, in eval form
+(``training=False``) with statistics and affine parameters the module holds, on the output of a
+Conv/Linear that nothing else reads, folds into that layer backward, and the call leaves the
+module's forward (the module becomes a ``torch.fx.GraphModule`` of its forward without it, as
+torch.jit.freeze would remove it).  Every other functional call is listed with its reason, so every
+batch-norm call of a forward pass is accounted for."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from ...errors import BnfuseError
+from ..fold import affine_from_stats
+from ..patterns import producer_rule, std_conv_rule
+from ..plan import Plan
+from ..record import pretty_op, where
+from ..rewrite import fold_affine_backward, give_bias
+from .base import Rows, RunLayer, SiteSpec, Stats
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..batch_norm_calls import BatchNormCall
+    from ..record import Recorder
+
+__all__ = ["FUNCTIONAL", "FunctionalFold", "FunctionalLeft"]
+
+
+@dataclass(frozen=True)
+class FunctionalFold:
+    """The ``index``-th functional batch-norm call in ``block``'s forward, on ``producer``'s output."""
+
+    block: str
+    producer: str
+    #: qualified names of running_mean, running_var, weight and bias ("" where not given)
+    stats: "tuple[str, str, str, str]"
+    eps: float
+
+    @property
+    def label(self) -> str:
+        return f"F.batch_norm in {self.block or 'the model'}"
+
+
+@dataclass(frozen=True)
+class FunctionalLeft:
+    where: str
+    reason: str
+
+
+def _tensor(model: "nn.Module", qual: str) -> Any:
+    if not qual:
+        return None
+    mod, _, attr = qual.rpartition(".")
+    return getattr(model.get_submodule(mod), attr)
+
+
+def _refusal(call: "BatchNormCall", rec: "Recorder", escapes: "dict[int, str]") -> "str | None":
+    """Why this call cannot fold (None: it can)."""
+    if call.training:
+        return "it normalises with batch statistics (training=True), so it is not a fixed affine map"
+    mean, var, weight, bias = call.stats
+    if not mean or not var:
+        return ("its running statistics are not tensors a module holds" if mean == "" or var == "" else
+                "it is given no running statistics")
+    if weight == "" or bias == "":
+        return "its weight or bias is computed in the forward, not held by a module"
+    prod = rec.produced.get(id(call.input)) if call.input is not None else None
+    if prod is None or producer_rule(prod.module)[0] is None:
+        return "its input is not the output of a Conv/Linear layer bnfuse folds into"
+    if producer_rule(prod.module)[0].kind == "linear" and len(call.input.shape) != 2:
+        return f"{prod.name}'s output is {len(call.input.shape)}-D: the call normalises axis 1, not its features"
+    others = [(r, op) for r, op in rec.reads.get(id(call.input), []) if op != pretty_op("batch_norm")]
+    if others or len(rec.reads.get(id(call.input), [])) != 1:
+        r, op = others[0] if others else (None, "a second batch norm")
+        return f"the output of {prod.name} is also read by {op} in {where(r)}"
+    if id(call.input) in escapes:
+        return f"the output of {prod.name} is also {escapes[id(call.input)]}"
+    if len(rec.calls.get(id(prod.module), [])) != 1:
+        return f"{prod.name} is called more than once"
+    return None
+
+
+class FunctionalPass:
+    name = "functional"
+    key = "functional_folds"
+    left_key = "functional_left"
+    verb = "folded from F.batch_norm calls"
+    again = False
+
+    def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
+        from ..merge import trace_block
+
+        for call in rec.batch_norms:
+            if call.caller is not None and std_conv_rule(call.caller.module) is not None:
+                continue  # a weight standardisation: the standardise pass accounts for it
+            block = call.caller.name if call.caller is not None else ""
+            label = f"F.batch_norm in {block or 'the model'}"
+            plan.norms.append(label)
+            why = _refusal(call, rec, escapes)
+            if why is None and not block:
+                why = "it is called in the model's own forward (bnfuse rewrites the module that makes the call)"
+            if why is None:
+                try:
+                    trace_block(model.get_submodule(block))
+                except Exception as exc:  # noqa: BLE001 - a forward fx cannot follow: the call stays
+                    why = f"the forward of {block} cannot be traced by torch.fx ({type(exc).__name__})"
+            if why is not None:
+                plan.left_by(self.name).append(FunctionalLeft(label, why))
+                continue
+            prod = rec.produced[id(call.input)]
+            plan.of(self.name).append(FunctionalFold(block, prod.name, tuple(s or "" for s in call.stats), call.eps))
+
+    def apply(self, model: "nn.Module", items: "list[FunctionalFold]") -> None:
+        for it in items:
+            stats = [_tensor(model, q) for q in it.stats]
+            scale, shift = affine_from_stats(stats[0], stats[1], stats[2], stats[3], it.eps, name=it.label)
+            fold_affine_backward(model.get_submodule(it.producer), scale, shift, it.label)
+        _remove_calls(model, items)
+
+    def rebuild(self, model: "nn.Module", items: "list[FunctionalFold]") -> None:
+        for it in items:
+            give_bias(model.get_submodule(it.producer))
+        _remove_calls(model, items)
+
+    def to_row(self, item: FunctionalFold) -> "dict[str, Any]":
+        return asdict(item)
+
+    def from_row(self, row: Any) -> FunctionalFold:
+        return FunctionalFold(str(row["block"]), str(row["producer"]), tuple(str(s) for s in row["stats"]),
+                              float(row["eps"]))
+
+    def to_json(self, item: FunctionalFold) -> "dict[str, Any]":
+        return asdict(item)
+
+    def left_json(self, left: FunctionalLeft) -> "dict[str, Any]":
+        return asdict(left)
+
+    def absorbed(self, item: FunctionalFold) -> "list[str]":
+        return [item.label]
+
+    def sites(self, model: "nn.Module", items: "list[FunctionalFold]") -> "list[SiteSpec]":
+        out = []
+        for it in items:
+            try:
+                rule, _ = producer_rule(model.get_submodule(it.producer))
+            except AttributeError:
+                rule = None
+            axis = -1 if rule is not None and rule.kind == "linear" else 1
+            out.append(SiteSpec(self.name, it.producer, it.producer, (it.label,),
+                                (RunLayer(it.producer), Stats(*it.stats, eps=it.eps, axis=axis)),
+                                (RunLayer(it.producer),)))
+        return out
+
+    def rows(self, plan: Plan) -> Rows:
+        items, left = plan.of(self.name), plan.left_by(self.name)
+        summary = ("functional batch norms", f"{len(items) + len(left)} found, {len(items)} folded, {len(left)} left") \
+            if items or left else None
+        return Rows("Functional batch norms folded", ("call", "into"), [(it.label, it.producer) for it in items],
+                    "Functional batch norms left", "call", [(x.where, x.reason) for x in left], summary)
+
+
+def _remove_calls(model: "nn.Module", items: "list[FunctionalFold]") -> None:
+    """Each block's folded calls taken out of its forward: the block becomes a GraphModule."""
+    import torch
+    import torch.nn.functional as F
+    from torch import fx
+
+    from ..merge import trace_block
+
+    by_block: dict[str, list[FunctionalFold]] = {}
+    for it in items:
+        by_block.setdefault(it.block, []).append(it)
+    for name, folds in by_block.items():
+        block = model.get_submodule(name)
+        graph = trace_block(block)
+        wanted = {f.producer[len(name) + 1:] if name else f.producer for f in folds}
+        done = 0
+        for node in list(graph.nodes):
+            src = node.args[0] if node.args else None
+            if node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm) and \
+                    isinstance(src, fx.Node) and src.op == "call_module" and str(src.target) in wanted:
+                node.replace_all_uses_with(src)
+                graph.erase_node(node)
+                done += 1
+        if done != len(folds):
+            raise BnfuseError(f"found {done} of the {len(folds)} folded batch-norm calls in the forward of {name}")
+        gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        gm.train(block.training)
+        model.set_submodule(name, gm)
+
+
+FUNCTIONAL = FunctionalPass()

@@ -1,0 +1,70 @@
+"""Every batch-norm call accounted for: ``F.batch_norm`` in a module's own forward is found by the
+recorder, counted with the BatchNorm modules, folded into the conv before it when its statistics
+are the module's own and in eval form (the call leaves the forward), and otherwise listed with its
+reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import bnfuse_cli
+from conftest import ROOT, randomize_bn
+from test_standardise import batch_norm_calls
+
+ARCH = "models_functional:FunctionalNet"
+
+
+@pytest.fixture(autouse=True)
+def _tests_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT / "tests")
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+
+
+def _model() -> nn.Module:
+    from models_functional import FunctionalNet
+
+    torch.manual_seed(0)
+    return randomize_bn(FunctionalNet(), seed=3).eval()
+
+
+def test_functional_batch_norms_fold_or_are_named() -> None:
+    model, x = _model(), torch.randn(2, 3, 10, 10)
+    assert batch_norm_calls(model, x) == 4
+    result = bnfuse_cli.fuse(model, x)
+    assert result.ok and result.error.rel < 1e-6
+    (fold,) = result.plan.of("functional")
+    assert (fold.block, fold.producer) == ("a", "a.conv")
+    left = {x.where: x.reason for x in result.plan.left_by("functional")}
+    assert left == {
+        "F.batch_norm in b": "it normalises with batch statistics (training=True), so it is not a fixed affine map",
+        "F.batch_norm in c": "the output of c.conv is also read by add in c",
+    }
+    assert result.plan.norms == ["bn", "F.batch_norm in a", "F.batch_norm in b", "F.batch_norm in c"]
+    assert result.plan.to_dict()["bn_found"] == 4 and result.plan.to_dict()["bn_skipped"] == 2
+    assert batch_norm_calls(result.model, x) == 2  # b's and c's; a's left the forward, bn folded
+    (site,) = [s for s in result.verdict.sites if s.kind == "functional"]
+    assert site.layer == "a.conv" and site.rel_error < 1e-6 and site.norms == ["F.batch_norm in a"]
+    from bnfuse_cli.render import plan_summary
+
+    assert plan_summary(result.plan)[:2] == [
+        ("BatchNorm layers", "4 found, 1 folded, 1 folded from F.batch_norm calls, 2 left"),
+        ("functional batch norms", "3 found, 1 folded, 2 left")]
+
+
+def test_functional_fold_is_saved_loaded_and_verified(tmp_path: Path) -> None:
+    torch.save(_model().state_dict(), tmp_path / "orig.pth")
+    out = tmp_path / "fused.safetensors"
+    report = bnfuse_cli.convert(tmp_path / "orig.pth", out, arch=ARCH, input_shape="1,3,10,10")
+    assert report.verdict.ok
+    fused = bnfuse_cli.load(out)
+    x = torch.randn(1, 3, 10, 10)
+    assert batch_norm_calls(fused, x) == 2
+    with torch.no_grad():
+        ref = _model()(x)
+        assert float((fused(x) - ref).norm() / ref.norm()) < 1e-6
+    checked = bnfuse_cli.verify(tmp_path / "orig.pth", out, arch=ARCH)
+    assert checked.ok and any(s.kind == "functional" and s.skipped is None for s in checked.verdict.sites)
