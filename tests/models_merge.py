@@ -291,3 +291,61 @@ class InPlaceBetweenBlock(nn.Module):
 
 def InPlaceBetween(**kwargs) -> nn.Module:  # noqa: N802
     return Wrapped(InPlaceBetweenBlock(**kwargs))
+
+
+class FlatRepBlock(nn.Module):
+    """RepVGG written with every conv and BN a direct child (as many re-implementations do), the
+    sum in any order: ``relu(bn3(conv3(x)) + bn1(conv1(x)) + bn_id(x))``; ``relu_in`` puts a ReLU
+    inside the 3x3 branch (must not merge)."""
+
+    def __init__(self, c: int = 8, relu_in: bool = False) -> None:
+        super().__init__()
+        self.conv3, self.bn3 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.bn_id = nn.BatchNorm2d(c)
+        self.relu_in = relu_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.conv3(x)
+        a = self.bn3(torch.relu(a) if self.relu_in else a)
+        return torch.relu(self.bn_id(x) + (self.bn1(self.conv1(x)) + a))
+
+
+class FlatStack(nn.Module):
+    """Three flat blocks in a row after a stem."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(FlatRepBlock(), FlatRepBlock(), FlatRepBlock())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
+def FlatRelu(**kwargs) -> nn.Module:  # noqa: N802
+    return Wrapped(FlatRepBlock(relu_in=True))
+
+
+class TopLevelSum(nn.Module):
+    """The sum in the model's own forward: ``a(y) + b(y) + y`` after a stem."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.a, self.b = _cbn(c, c, 3, padding=1), _cbn(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        return torch.relu(self.a(y) + self.b(y) + y)
+
+
+class InputBranches(nn.Module):
+    """Branches on the model's input itself, in its own forward: a conv+BN, a BatchNorm, the input."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.a, self.bn = _cbn(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.bn(x) + x

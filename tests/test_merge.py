@@ -176,3 +176,69 @@ def test_an_in_place_activation_between_sums_is_not_an_identity() -> None:
     model, result, rel = _fused(mm.InPlaceBetween, X6)
     assert rel < 1e-10 and result.ok, (rel, result.verdict.reasons)
     assert [len(m.branches) for m in result.plan.merges] == [2]  # a + b; the sum after the ReLU stays
+
+
+# ----------------------------------------------------------------------------- branches as flat children
+
+
+def test_flat_children_merge_in_a_stack_of_three_blocks(tmp_path: Path) -> None:
+    """Conv and BN as direct children of the block, the sum nested in another order: each of three
+    blocks in a row becomes one conv, exactly, and the file rebuilds and verifies."""
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model, result, rel = _fused(mm.FlatStack, x)
+    assert rel < 1e-10 and result.ok, result.verdict.reasons
+    assert [m.into for m in result.plan.merges] == [f"blocks.{i}.conv3" for i in range(3)]
+    assert sorted((b.kind, b.module, b.norm) for b in result.plan.merges[0].branches) == [
+        ("conv", "blocks.0.conv1", "blocks.0.bn1"), ("conv", "blocks.0.conv3", "blocks.0.bn3"),
+        ("norm", "blocks.0.bn_id", "blocks.0.bn_id")]
+    assert count_calls(result.model, x) == (4, 0)  # the stem and one conv per block, no BatchNorm
+    assert not result.plan.skipped and not result.plan.merge_skips
+    merge_sites = [s for s in result.verdict.sites if s.kind == "merge"]
+    assert len(merge_sites) == 3 and all(s.rel_error < 1e-10 for s in merge_sites)
+    torch.save(randomize_bn(mm.FlatStack(), seed=0).state_dict(), tmp_path / "orig.pth")
+    out = tmp_path / "fused.safetensors"
+    proc = run_bnfuse("convert", str(tmp_path / "orig.pth"), "--arch", "models_merge:FlatStack", "--input-shape",
+                      "1,3,8,8", "-o", str(out), cwd=TESTS)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_bnfuse("verify", str(tmp_path / "orig.pth"), str(out), "--arch", "models_merge:FlatStack", cwd=TESTS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_flat_branch_with_a_relu_inside_stays_with_its_reason() -> None:
+    model, result, rel = _fused(mm.FlatRelu, X8)
+    assert rel < 1e-10 and not result.plan.merges
+    assert [(s.block, s.reason) for s in result.plan.merge_skips] == [
+        ("block", "sum in block: not every branch reads the same tensor")]
+
+
+# ----------------------------------------------------------------------------- sums in the model's own forward
+
+
+@pytest.mark.parametrize("arch, shape, convs", [("TopLevelSum", (1, 3, 8, 8), 2), ("InputBranches", (1, 4, 8, 8), 1)])
+def test_a_sum_in_the_models_own_forward_merges_and_rebuilds(arch: str, shape: tuple[int, ...], convs: int,
+                                                              tmp_path: Path) -> None:
+    """fuse returns the rewritten root; convert writes it, load rebuilds it, verify checks it; branches
+    that read the model's input (a BatchNorm, the input itself) are identity kernels like any other."""
+    import bnfuse_cli
+
+    x = torch.randn(*shape, dtype=torch.float64)
+    model, result, rel = _fused(getattr(mm, arch), x)
+    assert rel < 1e-10 and result.ok and [m.block for m in result.plan.merges] == [""]
+    assert result.model is not model and count_calls(result.model, x) == (convs, 0)
+    torch.save(randomize_bn(getattr(mm, arch)(), seed=1).state_dict(), tmp_path / "orig.pth")
+    out = tmp_path / "fused.safetensors"
+    args = ["--arch", f"models_merge:{arch}"]
+    proc = run_bnfuse("convert", str(tmp_path / "orig.pth"), *args, "--input-shape", ",".join(map(str, shape)),
+                      "-o", str(out), cwd=TESTS)
+    assert proc.returncode == 0, proc.stderr
+    assert "branches merged" in proc.stdout
+    import sys
+
+    sys.path.insert(0, str(TESTS))
+    try:
+        fused = bnfuse_cli.load(out)
+    finally:
+        sys.path.remove(str(TESTS))
+    assert count_calls(fused, x.float()) == (convs, 0)
+    proc = run_bnfuse("verify", str(tmp_path / "orig.pth"), str(out), *args, cwd=TESTS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

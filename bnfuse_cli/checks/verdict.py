@@ -45,8 +45,8 @@ class Verdict:
     def reasons(self) -> list[str]:
         """Why the verdict is negative, one sentence each (empty when it passed)."""
         return self._output_reasons() + [
-            f"fold site {s.layer} ({', '.join(s.norms)}): the fused layer is {s.rel_error:.3g} (relative) away "
-            f"from the original layer and BatchNorm on the activation that reaches it, above {s.tolerance:g}"
+            f"{s.kind} site {s.layer} ({', '.join(s.norms)}): the fused layer is {s.rel_error:.3g} (relative) away "
+            f"from what it replaces on the activation that reaches it, above {s.tolerance:g}"
             for s in self.failed_sites]
 
     def summary(self, names: int = 3, more: str = "-v or --json lists them all") -> list[str]:

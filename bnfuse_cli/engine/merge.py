@@ -192,6 +192,46 @@ def _classify(name: str, module: "nn.Module", rec: "Recorder", folds: dict[str, 
     return Branch("conv", name), conv, None
 
 
+def _child(block_name: str, target: Any) -> str:
+    """The dotted name of the block's child ``target`` (the model's own child for the block "")."""
+    return f"{block_name}.{target}" if block_name else str(target)
+
+
+def _flat_pair(n: Any, block: "nn.Module") -> Any:
+    """The conv call of a leaf that is a BatchNorm child reading a conv child that only it reads
+    (a branch written as two children of the block: ``self.bn1(self.conv1(x))``), else None."""
+    if not hasattr(n, "op") or n.op != "call_module" or len(n.args) != 1 or n.kwargs:
+        return None
+    c = n.args[0]
+    if not hasattr(c, "op") or c.op != "call_module" or len(c.users) != 1 or len(c.args) != 1 or c.kwargs:
+        return None
+    if not is_norm_like(block.get_submodule(str(n.target))) or not is_producer_like(block.get_submodule(str(c.target))):
+        return None
+    return c
+
+
+def _flat_branch(block_name: str, block: "nn.Module", conv_node: Any, norm_node: Any, rec: "Recorder",
+                 folds: dict[str, str]) -> "tuple[Branch | None, Any, str | None]":
+    """A conv child and the BatchNorm child after it as one branch: the BN must fold into the conv and
+    be read by the sum alone."""
+    cname, nname = _child(block_name, conv_node.target), _child(block_name, norm_node.target)
+    conv, norm = block.get_submodule(str(conv_node.target)), block.get_submodule(str(norm_node.target))
+    branch, _, why = _classify(cname, conv, rec, folds)
+    if branch is None:
+        return None, None, why
+    if folds.get(nname) != cname:
+        return None, None, f"{nname} does not fold into {cname}"
+    why = _identity_norm(norm)
+    if why:
+        return None, None, f"{nname}: {why}"
+    call = _single_call(norm, rec)
+    reads = rec.reads.get(id(call.output)) if call is not None and call.output is not None else None
+    if not reads or reads[0][1] != "add":
+        ops = ", ".join(op for _, op in reads or []) or "nothing bnfuse saw"
+        return None, None, f"the output of {nname} is read by {ops}, not by the sum alone"
+    return Branch("conv", cname, nname), conv, None
+
+
 def _check_convs(convs: list[tuple[Branch, Any]], identities: bool) -> "tuple[int | None, str | None]":
     """Index of the main conv (the largest kernel), or why the convs cannot merge."""
     def size(c: Any) -> int:
@@ -231,7 +271,8 @@ def _merge_tree(block_name: str, block: "nn.Module", root: "fx.Node", leaves: li
         return None
 
     def source(n: Any) -> Any:  # what a child reads, through identities (RepGhost's fusion_conv)
-        a = n.args[0]
+        pair = _flat_pair(n, block)
+        a = (pair or n).args[0]
         while hasattr(a, "op") and _passthrough(a, block, rec) and a.args:
             a = a.args[0]
         return a
@@ -249,17 +290,18 @@ def _merge_tree(block_name: str, block: "nn.Module", root: "fx.Node", leaves: li
         return MergeSkip(block_name, f"{where}: not every branch reads the same tensor")
     branches: list[Branch] = []
     convs: list[tuple[Branch, Any]] = []
-    if not block_name:
-        return MergeSkip(block_name, f"{where}: a sum in the model's own forward is not merged (bnfuse rewrites the "
-                                     "module that computes the sum; wrap the model in a module to merge it)")
     for n in nodes:
         if n is x:
             branches.append(Branch("identity"))
             continue
-        name = f"{block_name}.{n.target}"
+        name = _child(block_name, n.target)
         if len(n.users) > 1:
             return MergeSkip(block_name, f"{where}: the output of {name} is also read elsewhere")
-        branch, conv, why = _branch(name, block.get_submodule(str(n.target)), rec, folds)
+        pair = _flat_pair(n, block)
+        if pair is not None:
+            branch, conv, why = _flat_branch(block_name, block, pair, n, rec, folds)
+        else:
+            branch, conv, why = _branch(name, block.get_submodule(str(n.target)), rec, folds)
         if branch is None:
             return MergeSkip(block_name, f"{where}: {why}")
         branches.append(branch)

@@ -71,8 +71,10 @@ def _branch_kernel(model: "nn.Module", branch, conv: "nn.Module") -> "tuple[torc
 
 
 def _rewrite_block(model: "nn.Module", block_name: str, merges: "list[Merge]",
-                   convs: "dict[str, nn.Module]") -> None:
-    """Replace each merge's sum in ``block_name`` by a call of its conv; the block becomes a GraphModule."""
+                   convs: "dict[str, nn.Module]") -> "nn.Module":
+    """Replace each merge's sum in ``block_name`` by a call of its conv; the block becomes a
+    GraphModule.  Returns the model: the same one, or that GraphModule for a sum in the model's own
+    forward (``block_name`` "")."""
     from torch import fx, nn
 
     block = model.get_submodule(block_name) if block_name else model
@@ -96,14 +98,15 @@ def _rewrite_block(model: "nn.Module", block_name: str, merges: "list[Merge]",
     gm.delete_all_unused_submodules()  # the branches: gone from the module tree and the state_dict
     gm.recompile()
     gm.train(block.training)
-    if block_name:
-        model.set_submodule(block_name, gm)
-    else:
-        raise BnfuseError("a sum in the model's own forward cannot be merged in place: wrap the model")
+    if not block_name:
+        return gm
+    model.set_submodule(block_name, gm)
+    return model
 
 
-def apply_merges(model: "nn.Module", merges: "Iterable[Merge]") -> None:
-    """Merge each sum in place (after the plan's folds were applied to its branches)."""
+def apply_merges(model: "nn.Module", merges: "Iterable[Merge]") -> "nn.Module":
+    """Merge each sum in place (after the plan's folds were applied to its branches); the model, a
+    new root when a sum was in the model's own forward."""
     import torch
 
     merges = list(merges)
@@ -118,19 +121,22 @@ def apply_merges(model: "nn.Module", merges: "Iterable[Merge]") -> None:
         new.weight.requires_grad_(main.weight.requires_grad)
         new.bias.requires_grad_(main.weight.requires_grad)
         convs[m.into] = new
-    _by_block(model, merges, convs)
+    return _by_block(model, merges, convs)
 
 
-def apply_merge_structure(model: "nn.Module", merges: "Iterable[Merge]") -> None:
-    """Give an unmerged model the merged structure (its values come from a state_dict loaded next)."""
+def apply_merge_structure(model: "nn.Module", merges: "Iterable[Merge]") -> "nn.Module":
+    """Give an unmerged model the merged structure (its values come from a state_dict loaded next);
+    the model, a new root as for :func:`apply_merges`."""
     merges = list(merges)
     convs = {m.into: _new_conv(main_conv(model.get_submodule(m.into))) for m in merges}
-    _by_block(model, merges, convs)
+    return _by_block(model, merges, convs)
 
 
-def _by_block(model: "nn.Module", merges: "list[Merge]", convs: "dict[str, nn.Module]") -> None:
+def _by_block(model: "nn.Module", merges: "list[Merge]", convs: "dict[str, nn.Module]") -> "nn.Module":
     blocks: dict[str, list[Merge]] = {}
     for m in merges:
         blocks.setdefault(m.block, []).append(m)
-    for name in sorted(blocks, key=lambda n: -n.count(".")):  # inner blocks first
-        _rewrite_block(model, name, blocks[name], convs)
+    # inner blocks first; the model's own forward ("") last
+    for name in sorted(blocks, key=lambda n: (n == "", -n.count("."))):
+        model = _rewrite_block(model, name, blocks[name], convs)
+    return model

@@ -59,11 +59,14 @@ class Skip:
 class Branch:
     """One branch of a sum that merges into one conv: ``conv`` (a conv, its BN folded into it
     first), ``norm`` (a BatchNorm on the shared input) or ``identity`` (the input itself)."""
+    # a ``conv`` branch written as two children of the block (``self.bn1(self.conv1(x))``) names
+    # its conv as ``module`` and the BatchNorm after it as ``norm``
 
     kind: str
     #: the module that computes the branch (the block's child), None for ``identity``
     module: "str | None" = None
-    #: the BatchNorm the branch absorbs: the BN of a ``norm`` branch (a ``conv`` branch's BN is a Fold)
+    #: the BatchNorm the branch absorbs: the BN of a ``norm`` branch, or the separate BN child of a flat
+    #: ``conv`` branch (folded into its conv first, as a Fold)
     norm: "str | None" = None
 
     def to_dict(self) -> dict[str, Any]:

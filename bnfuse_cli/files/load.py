@@ -146,7 +146,7 @@ def _from_checkpoint(ck: Checkpoint, arch: "str | None", key: "str | None" = Non
         )
     model = build(use_arch, weights=None, **(meta.arch_kwargs if meta else {}))
     if meta is not None:
-        rebuild(model, meta.steps)  # the folds and merges of each round, as recorded
+        model = rebuild(model, meta.steps)  # each round's items, as recorded (a new root for a top-level merge)
     sd, picked = _pick_weights(ck, set(model.state_dict()), use_arch, explicit=key is not None)
     notes = load_state_dict_strict(model, sd, what=str(ck.path), arch=use_arch)
     kind = "torchscript" if ck.kind == "torchscript" else "state_dict"

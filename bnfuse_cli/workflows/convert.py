@@ -194,7 +194,7 @@ def convert(
     if out_path is not None and form is not None:
         report.form = form.replace("-", "_")
         judge = _ProgramJudge(fmt, result.reference, prep.args, report, verbose=verbose) if fmt.program else None
-        report.file_size = _write(prep, report, out_path, form, force, placed, judge)
+        report.file_size = _write(result.model, prep, report, out_path, form, force, placed, judge)
     t5 = time.perf_counter()
     fs = result.seconds
     report.seconds = {"load": t1 - t0, "analyse": fs["analyse"], "fold": fs["rewrite"], "check": fs["check"],
@@ -204,7 +204,7 @@ def convert(
 
 def _report(prep: Prepared, out_path: "Path | None", result: Any) -> ConvertReport:
     """The report of a fused ``prep``: counts before (from the source) and after (the model now)."""
-    params_after, buffers_after = count_tensors(prep.model)
+    params_after, buffers_after = count_tensors(result.model)
     src = prep.origin
     notes = list(src.notes)
     if src.seed is not None:
@@ -266,11 +266,11 @@ def _output_form(prep: Prepared, out_path: "Path | None", save_as: "str | None")
     return form
 
 
-def _write(prep: Prepared, report: ConvertReport, out_path: Path, form: str, force: bool,
+def _write(model: "nn.Module", prep: Prepared, report: ConvertReport, out_path: Path, form: str, force: bool,
            placed: "list[Path] | None", judge: "_ProgramJudge | None") -> int:
     """Write the fused model with the record that rebuilds it (a fused source's own rounds first:
     converting a bnfuse output again keeps the folds and merges that made it); the file's size."""
-    model, src = prep.model, prep.origin
+    src = prep.origin
     earlier = src.meta.steps if src.meta is not None else []
     meta = FusedMeta(
         arch=src.arch, steps=earlier + steps_of(report.plan), arch_kwargs=src.meta.arch_kwargs if src.meta else {},

@@ -130,7 +130,9 @@ def fuse(
     reaching each fold site is kept for the per-site check.  The recording and the check run
     with TF32 switched off (restored after), so the verdict does not depend on it.
     ``rtol``/``atol`` default by the model's dtype (:data:`bnfuse_cli.checks.TOLERANCES`).
-    With ``inplace=False`` (the default) the caller's model is left untouched.  The result's
+    With ``inplace=False`` (the default) the caller's model is left untouched.  Always use the
+    result's ``model``: a sum of branches in the model's own forward is merged by rewriting that
+    forward, so the fused model is then a new root module (a ``GraphModule``).  The result's
     ``ok`` is the verdict; nothing is raised for a negative one.  ``keep_reference`` keeps the
     original's output on the example input in the result (``reference``).
     """
@@ -164,7 +166,7 @@ def _fuse(model: "nn.Module", args: tuple[Any, ...], dtype: Any, device: Any, *,
 
     tol = Tolerance.for_dtype(dtype, rtol, atol)
     with exact_math():
-        plan, reference, sites, seconds, before = _rounds(model, args, merge=merge)
+        model, plan, reference, sites, seconds, before = _rounds(model, args, merge=merge)
         t3 = time.perf_counter()
         with torch.no_grad(), SelectionProbe() as after:
             fused_out = model(*args)
@@ -196,11 +198,12 @@ MAX_ROUNDS = 3
 
 
 def _rounds(model: "nn.Module", args: tuple[Any, ...], *, merge: bool
-            ) -> "tuple[Plan, Any, list[Any], dict[str, float], list[Any]]":
+            ) -> "tuple[nn.Module, Plan, Any, list[Any], dict[str, float], list[Any]]":
     """Record, plan and apply each pass of the table until a round finds nothing for a pass that
     can make more possible (``Pass.again``); each round's sites are checked right after it.
-    Returns the combined plan, the original output, the site checks, timings, and the tensors that
-    fed the original's post-processing (:class:`SelectionProbe`; none for most)."""
+    Returns the fused model (a new root when a pass rewrote the model's own forward), the combined
+    plan, the original output, the site checks, timings, and the tensors that fed the original's
+    post-processing (:class:`SelectionProbe`; none for most)."""
     import contextlib
 
     from ..engine.passes import PASSES
@@ -226,7 +229,7 @@ def _rounds(model: "nn.Module", args: tuple[Any, ...], *, merge: bool
         t1 = time.perf_counter()
         for p in PASSES:
             if step.of(p.name):
-                p.apply(model, step.of(p.name))
+                model = p.apply(model, step.of(p.name)) or model
         t2 = time.perf_counter()
         sites += probe.check(model)
         probe.release()  # its crops and references, before the checking forward pass
@@ -236,4 +239,4 @@ def _rounds(model: "nn.Module", args: tuple[Any, ...], *, merge: bool
         plan.add_round(step)
         if not any(p.again and step.of(p.name) for p in PASSES):
             break
-    return plan, reference, sites, seconds, before
+    return model, plan, reference, sites, seconds, before

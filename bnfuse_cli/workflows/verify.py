@@ -110,7 +110,7 @@ def _program_layers(src_o: Source, src_f: Source) -> "tuple[nn.Module, set[str]]
     from ..files.export import program_weights
 
     mapped = copy.deepcopy(src_o.model)
-    rebuild(mapped, src_f.meta.steps)
+    mapped = rebuild(mapped, src_f.meta.steps)
     weights = program_weights(src_f.model)
     own = mapped.state_dict()
     found = type(own)((k, v) for k, v in weights.items() if k in own)

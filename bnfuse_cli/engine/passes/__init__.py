@@ -36,14 +36,16 @@ def by_name(name: str) -> Any:
     raise KeyError(name)
 
 
-def rebuild(model: "nn.Module", steps: "Iterable[Any]") -> None:
+def rebuild(model: "nn.Module", steps: "Iterable[Any]") -> "nn.Module":
     """Give a freshly built model the structure a fused file records: each round's items, pass by
-    pass in the table's order (``steps`` are :class:`bnfuse_cli.files.meta.Step` rows)."""
+    pass in the table's order (``steps`` are :class:`bnfuse_cli.files.meta.Step` rows).  Returns the
+    model, a new root when a pass rewrote the model's own forward."""
     for step in steps:
         for p in PASSES:
             items = list(step.of(p.name))
             if items:
-                p.rebuild(model, items)
+                model = p.rebuild(model, items) or model
+    return model
 
 
 def site_specs(model: "nn.Module", items: "dict[str, Any]") -> "tuple[list[SiteSpec], int]":

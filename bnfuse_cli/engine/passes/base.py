@@ -130,12 +130,13 @@ class Pass(Protocol):
         """Add this pass's items and refusals to ``plan`` (``plan.of(name)``, ``plan.left_by(name)``)
         from the recorded forward pass; the passes before it in the table have added theirs."""
 
-    def apply(self, model: "nn.Module", items: "list[Any]") -> None:
-        """Carry out ``items`` on ``model`` in place."""
+    def apply(self, model: "nn.Module", items: "list[Any]") -> "nn.Module | None":
+        """Carry out ``items`` on ``model`` in place; the new root module when the rewrite had to
+        replace the model itself (a sum in its own forward), else None."""
 
-    def rebuild(self, model: "nn.Module", items: "list[Any]") -> None:
+    def rebuild(self, model: "nn.Module", items: "list[Any]") -> "nn.Module | None":
         """Give a freshly built model the structure ``items`` leave (values come from the state_dict
-        loaded next)."""
+        loaded next); the new root as for :meth:`apply`."""
 
     def to_row(self, item: Any) -> Any:
         """``item`` as a JSON value of the fused file's record."""

@@ -29,11 +29,11 @@ class MergePass:
     def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
         find_merges(model, rec, plan)
 
-    def apply(self, model: "nn.Module", items: "list[Merge]") -> None:
-        apply_merges(model, items)
+    def apply(self, model: "nn.Module", items: "list[Merge]") -> "nn.Module":
+        return apply_merges(model, items)
 
-    def rebuild(self, model: "nn.Module", items: "list[Merge]") -> None:
-        apply_merge_structure(model, items)
+    def rebuild(self, model: "nn.Module", items: "list[Merge]") -> "nn.Module":
+        return apply_merge_structure(model, items)
 
     def to_row(self, item: Merge) -> "dict[str, Any]":
         return item.to_dict()
@@ -59,10 +59,12 @@ class MergePass:
                 capture = main_conv_name(model, m.into)
             except AttributeError:  # a block this model lacks: the table leaves the site out
                 capture = m.into
-            chains = tuple((RunModule(b.module),) if b.module else () for b in m.branches)
+            # a branch's module, then its BatchNorm when that is a separate child (a flat branch)
+            chains = tuple(((RunModule(b.module),) + ((RunModule(b.norm),) if b.norm and b.norm != b.module else ()))
+                           if b.module else () for b in m.branches)
             specs.append(SiteSpec(self.name, m.into, capture,
                                   tuple(b.module or "input" for b in m.branches), (Sum(chains),), (RunLayer(m.into),),
-                                  covers=tuple(b.module for b in m.branches if b.module)))
+                                  covers=tuple(n for b in m.branches for n in (b.module, b.norm) if n)))
         return specs
 
     def rows(self, plan: Plan) -> Rows:
