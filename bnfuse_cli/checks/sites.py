@@ -186,6 +186,19 @@ def _stats(model: "nn.Module", step: Any, y: "torch.Tensor") -> "torch.Tensor":
     return z.movedim(1, axis)
 
 
+def _elementwise(model: "nn.Module", step: Any, y: "torch.Tensor") -> "torch.Tensor":
+    """``y op value`` in float64, a per-channel value on axis 1."""
+    import torch
+
+    if isinstance(step.value, str):
+        mod, _, attr = step.value.rpartition(".")
+        c = getattr(model.get_submodule(mod), attr).detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+        c = c.reshape(1, -1, *([1] * (y.dim() - 2))) if c.numel() > 1 else c.reshape(())
+    else:
+        c = torch.tensor(float(step.value), dtype=torch.float64)
+    return {"mul": torch.mul, "add": torch.add, "sub": torch.sub, "div": torch.div}[step.op](y, c)
+
+
 def _run_chain(model: "nn.Module", chain: "tuple[Any, ...]", x: "torch.Tensor") -> "torch.Tensor":
     """A site's chain of steps (:mod:`bnfuse_cli.engine.passes.base`) on ``x``, in float64: a layer
     block by block, a module as a float64 copy of its own, a BatchNorm's affine map, a sum."""
@@ -193,7 +206,7 @@ def _run_chain(model: "nn.Module", chain: "tuple[Any, ...]", x: "torch.Tensor") 
 
     import torch
 
-    from ..engine.passes import Norm, RunLayer, RunModule, Stats, Sum
+    from ..engine.passes import Elementwise, Norm, RunLayer, RunModule, Stats, Sum
 
     for step in chain:
         if isinstance(step, RunLayer):
@@ -202,6 +215,8 @@ def _run_chain(model: "nn.Module", chain: "tuple[Any, ...]", x: "torch.Tensor") 
             x = _bn(model.get_submodule(step.name), step.channels, x, step.axis if x.dim() > 1 else 0)
         elif isinstance(step, Stats):
             x = _stats(model, step, x)
+        elif isinstance(step, Elementwise):
+            x = _elementwise(model, step, x)
         elif isinstance(step, RunModule):
             module = copy.deepcopy(model.get_submodule(step.name)).to(device="cpu", dtype=torch.float64).eval()
             with torch.no_grad():

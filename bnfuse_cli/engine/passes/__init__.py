@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .base import Norm, Pass, Rows, RunLayer, RunModule, SiteSpec, Stats, Sum
+from .base import Elementwise, Norm, Pass, Rows, RunLayer, RunModule, SiteSpec, Stats, Sum
+from .chain import CHAIN
 from .fold import FOLD
 from .functional import FUNCTIONAL
 from .merge import MERGE
@@ -22,10 +23,10 @@ from .standardise import STANDARDISE
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["PASSES", "Pass", "SiteSpec", "Rows", "RunLayer", "RunModule", "Norm", "Stats", "Sum", "by_name", "rebuild", "site_specs"]
+__all__ = ["PASSES", "Pass", "SiteSpec", "Rows", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise", "Sum", "by_name", "rebuild", "site_specs"]
 
 #: the passes, in the order they find and apply their items within a round
-PASSES: "list[Pass]" = [STANDARDISE, FOLD, FUNCTIONAL, MERGE]
+PASSES: "list[Pass]" = [STANDARDISE, FOLD, CHAIN, FUNCTIONAL, MERGE]
 
 
 def by_name(name: str) -> Any:
@@ -71,6 +72,9 @@ def _names(spec: SiteSpec) -> "set[str]":
         step = todo.pop()
         if isinstance(step, Sum):
             todo += [s for chain in step.chains for s in chain]
+        elif isinstance(step, Elementwise):
+            if isinstance(step.value, str):
+                out.add(step.value.rpartition(".")[0])
         elif isinstance(step, Stats):
             out |= {q.rpartition(".")[0] for q in (step.mean, step.var, step.weight, step.bias) if q}
         else:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..plan import Plan
     from ..record import Recorder
 
-__all__ = ["Pass", "SiteSpec", "RunLayer", "RunModule", "Norm", "Stats", "Sum", "Rows"]
+__all__ = ["Pass", "SiteSpec", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise", "Sum", "Rows"]
 
 
 # ----------------------------------------------------------------------------- site descriptions
@@ -60,6 +60,15 @@ class Stats:
     bias: str
     eps: float = 1e-5
     axis: int = 1
+
+
+@dataclass(frozen=True)
+class Elementwise:
+    """``y op value`` per channel on axis 1 (``mul``, ``add``, ``sub``, ``div``): ``value`` a number,
+    or the qualified name of a tensor the model holds (one value, or one per channel)."""
+
+    op: str
+    value: Any
 
 
 @dataclass(frozen=True)

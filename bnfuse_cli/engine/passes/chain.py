@@ -1,0 +1,277 @@
+"""The affine-chain pass: multiplications and additions by constants between a Conv/Linear and
+its BatchNorm (``bn(conv(x) * a + b)``: scalars, or per-channel tensors the module holds that
+broadcast on the channel axis) fold into the layer together with the BatchNorm, exactly, and leave
+the block's forward (the block becomes a ``torch.fx.GraphModule`` without them), as torch.jit.freeze
+folds such a chain.  A BatchNorm that follows anything else in such a chain stays, with its reason."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ...errors import BnfuseError
+from ..fold import affine_from_stats
+from ..patterns import norm_rule, producer_rule
+from ..plan import Plan, Skip
+from ..rewrite import fold_affine_backward, give_bias
+from .base import Elementwise, Norm, Rows, RunLayer, SiteSpec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import fx, nn
+
+    from ..record import Recorder
+
+__all__ = ["CHAIN", "ChainFold"]
+
+#: the affine steps, by the fx target that computes them: y <- y op c (``rsub``: c - y)
+_OPS = {operator.mul: "mul", operator.add: "add", operator.sub: "sub", operator.truediv: "div",
+        "mul": "mul", "add": "add", "sub": "sub", "div": "div", "__mul__": "mul", "__add__": "add",
+        "__sub__": "sub", "__truediv__": "div"}
+
+
+@dataclass(frozen=True)
+class ChainFold:
+    """``norm`` after ``producer`` through ``steps`` (op, constant: a number or a held tensor's name),
+    all in ``block``'s forward."""
+
+    block: str
+    norm: str
+    producer: str
+    steps: "tuple[tuple[str, Any], ...]"
+
+
+def _child(block: str, target: Any) -> str:
+    return f"{block}.{target}" if block else str(target)
+
+
+def _constant(arg: Any, block: "nn.Module", block_name: str, channels: int, rank: int
+              ) -> "tuple[Any, str | None]":
+    """A step's constant as recorded (a number, or the dotted name of a tensor the block holds), or why
+    not.  A tensor must be one value, or one per channel on the channel axis of the rank-``rank``
+    activation it meets."""
+    import torch
+
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return float(arg), None
+    if getattr(arg, "op", None) == "get_attr":
+        target = str(arg.target)
+        held = dict(block.named_parameters()) | dict(block.named_buffers())
+        t = held.get(target)
+        if not isinstance(t, torch.Tensor):
+            return None, f"{_child(block_name, target)} is not a parameter or buffer"
+        big = [i for i, d in enumerate(t.shape) if d != 1]
+        on_channels = len(big) == 1 and t.shape[big[0]] == channels and rank - t.dim() + big[0] == 1
+        if t.numel() != 1 and not on_channels:
+            return None, f"{_child(block_name, target)} {tuple(t.shape)} does not broadcast on the channel axis"
+        return _child(block_name, target), None
+    return None, "it is not a constant (a number, or a parameter or buffer of the block)"
+
+
+def _walk(bn_node: "fx.Node", block: "nn.Module", block_name: str, channels: int, rank: int
+          ) -> "tuple[fx.Node | None, list[tuple[str, Any]], list[fx.Node], str | None]":
+    """From the BN's input back to a layer call: (its node, the steps in order, their nodes, why not)."""
+    steps: list[tuple[str, Any]] = []
+    nodes: list[Any] = []
+    node = bn_node.args[0] if bn_node.args else None
+    while getattr(node, "op", None) in ("call_function", "call_method") and node.target in _OPS and not node.kwargs:
+        if len(node.users) != 1:
+            return None, [], [], f"the result of {_OPS[node.target]} is also read elsewhere"
+        a, b = (list(node.args) + [None, None])[:2]
+        op = _OPS[node.target]
+        if getattr(a, "op", None) in ("call_function", "call_method", "call_module"):
+            src, const = a, b
+        elif op in ("mul", "add") and getattr(b, "op", None) in ("call_function", "call_method", "call_module"):
+            src, const = b, a
+        else:
+            return None, [], [], f"{op} does not read the layer's output"
+        value, why = _constant(const, block, block_name, channels, rank)
+        if why is not None:
+            return None, [], [], f"{op} by {getattr(const, 'target', const)}: {why}"
+        steps.insert(0, (op, value))
+        nodes.append(node)
+        node = src
+    if not steps:
+        return None, [], [], None
+    if getattr(node, "op", None) != "call_module" or len(node.users) != 1:
+        what = getattr(node, "target", node)
+        return None, [], [], f"the chain starts at {getattr(what, '__name__', what)}, not at a Conv/Linear child"
+    return node, steps, nodes, None
+
+
+def _value(model: "nn.Module", value: Any) -> "torch.Tensor":
+    import torch
+
+    if isinstance(value, str):
+        mod, _, attr = value.rpartition(".")
+        return getattr(model.get_submodule(mod), attr).detach().to(torch.float64).reshape(-1)
+    return torch.tensor([float(value)], dtype=torch.float64)
+
+
+def chain_affine(model: "nn.Module", steps: "tuple[tuple[str, Any], ...]", channels: int
+                 ) -> "tuple[torch.Tensor, torch.Tensor]":
+    """The chain as one per-channel map ``y -> a * y + b``, in float64."""
+    import torch
+
+    a = torch.ones(channels, dtype=torch.float64)
+    b = torch.zeros(channels, dtype=torch.float64)
+    for op, value in steps:
+        c = _value(model, value).expand(channels) if _value(model, value).numel() == 1 else _value(model, value)
+        if op == "mul":
+            a, b = a * c, b * c
+        elif op == "div":
+            a, b = a / c, b / c
+        elif op == "add":
+            b = b + c
+        elif op == "sub":
+            b = b - c
+        else:
+            raise BnfuseError(f"unknown affine step {op!r}")
+    return a, b
+
+
+class ChainPass:
+    name = "chain"
+    key = "chain_folds"
+    left_key = "chain_left"
+    again = False
+    verb = "folded through an affine chain"
+
+    def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
+        """Each BatchNorm the fold pass left after an affine step: folded with its chain, or its
+        reason (replacing the fold pass's, which could only say what it follows)."""
+        from ..merge import trace_block
+
+        skipped = {s.norm: s for s in plan.skipped}
+        for name, reason in [(s.norm, s.reason) for s in plan.skipped]:
+            norm = model.get_submodule(name)
+            calls = rec.calls.get(id(norm), [])
+            rule, _ = norm_rule(norm)
+            if rule is None or rule.replacement != "identity" or len(calls) != 1 or calls[0].input is None:
+                continue
+            block_name, _, child = name.rpartition(".")
+            block = model.get_submodule(block_name) if block_name else model
+            try:
+                graph = trace_block(block)
+            except Exception:  # noqa: BLE001 - a forward fx cannot follow: the fold pass's reason stands
+                continue
+            bn_node = next((n for n in graph.nodes if n.op == "call_module" and str(n.target) == child), None)
+            if bn_node is None:
+                continue
+            channels = int(calls[0].input.shape[1]) if len(calls[0].input.shape) > 1 else 0
+            layer, steps, _, why = _walk(bn_node, block, block_name, channels, len(calls[0].input.shape))
+            if not steps and why is None:
+                continue  # no affine step before it: the fold pass's reason stands
+            producer = _child(block_name, layer.target) if layer is not None else None
+            if why is None:
+                why = self._refusal(model, producer, rec, escapes)
+            if why is not None:
+                back, nor, forward = reason.partition("; nor can it fold")
+                skipped[name] = Skip(name, f"{back} (through the affine steps before it: {why}){nor}{forward}")
+                continue
+            plan.of(self.name).append(ChainFold(block_name, name, producer, tuple(steps)))
+            del skipped[name]
+        plan.skipped = list(skipped.values())
+
+    @staticmethod
+    def _refusal(model: "nn.Module", producer: str, rec: "Recorder", escapes: "dict[int, str]") -> "str | None":
+        layer = model.get_submodule(producer)
+        rule, why = producer_rule(layer)
+        if rule is None:
+            return why
+        if rule.kind != "conv" or rule.transposed:
+            return f"{producer} is not a Conv (the chain is folded on axis 1)"
+        calls = rec.calls.get(id(layer), [])
+        if len(calls) != 1:
+            return f"{producer} is called {len(calls)} times"
+        out = calls[0].output
+        if out is not None and id(out) in escapes:
+            return f"the output of {producer} is also {escapes[id(out)]}"
+        return None
+
+    def apply(self, model: "nn.Module", items: "list[ChainFold]") -> "nn.Module":
+        for it in items:
+            norm = model.get_submodule(it.norm)
+            rule, _ = norm_rule(norm)
+            s, t = affine_from_stats(*rule.stats(norm), name=it.norm)
+            a, b = chain_affine(model, it.steps, s.numel())
+            fold_affine_backward(model.get_submodule(it.producer), s * a, s * b + t, it.norm)
+        return _cut(model, items)
+
+    def rebuild(self, model: "nn.Module", items: "list[ChainFold]") -> "nn.Module":
+        for it in items:
+            give_bias(model.get_submodule(it.producer))
+        return _cut(model, items)
+
+    def to_row(self, item: ChainFold) -> "dict[str, Any]":
+        return {"block": item.block, "norm": item.norm, "producer": item.producer,
+                "steps": [[op, v] for op, v in item.steps]}
+
+    def from_row(self, row: Any) -> ChainFold:
+        steps = tuple((str(op), v if isinstance(v, str) else float(v)) for op, v in row["steps"])
+        if any(op not in ("mul", "add", "sub", "div") for op, _ in steps):
+            raise ValueError(f"unknown affine step in {row['steps']!r}")
+        return ChainFold(str(row["block"]), str(row["norm"]), str(row["producer"]), steps)
+
+    def to_json(self, item: ChainFold) -> "dict[str, Any]":
+        return self.to_row(item)
+
+    def left_json(self, left: Any) -> "dict[str, Any]":
+        return {}
+
+    def absorbed(self, item: ChainFold) -> "list[str]":
+        return [item.norm]
+
+    def sites(self, model: "nn.Module", items: "list[ChainFold]") -> "list[SiteSpec]":
+        return [SiteSpec(self.name, it.producer, it.producer, (it.norm,),
+                         (RunLayer(it.producer), *(Elementwise(op, v) for op, v in it.steps), Norm(it.norm)),
+                         (RunLayer(it.producer),)) for it in items]
+
+    def rows(self, plan: Plan) -> Rows:
+        items = plan.of(self.name)
+        text = {"mul": "*", "add": "+", "sub": "-", "div": "/"}
+        return Rows("Folded through affine steps", ("BatchNorm", "into", "steps between"),
+                    [(it.norm, it.producer, " ".join(f"{text[op]} {v:g}" if not isinstance(v, str) else f"{text[op]} {v}"
+                                                      for op, v in it.steps)) for it in items],
+                    "", "", [])
+
+
+def _cut(model: "nn.Module", items: "list[ChainFold]") -> "nn.Module":
+    """Each folded chain and its BatchNorm taken out of the block's forward (a GraphModule now); the
+    model, a new root when the chain was in the model's own forward."""
+    from torch import fx
+
+    from ..merge import trace_block
+
+    by_block: dict[str, list[ChainFold]] = {}
+    for it in items:
+        by_block.setdefault(it.block, []).append(it)
+    for name, folds in sorted(by_block.items(), key=lambda kv: (kv[0] == "", -kv[0].count("."))):
+        block = model.get_submodule(name) if name else model
+        graph = trace_block(block)
+        for it in folds:
+            child = it.norm[len(name) + 1:] if name else it.norm
+            bn_node = next((n for n in graph.nodes if n.op == "call_module" and str(n.target) == child), None)
+            node = bn_node.args[0] if bn_node is not None and bn_node.args else None
+            while getattr(node, "op", None) in ("call_function", "call_method") and node.target in _OPS:
+                a, b = (list(node.args) + [None, None])[:2]
+                node = a if getattr(a, "op", None) in ("call_function", "call_method", "call_module") else b
+            want = it.producer[len(name) + 1:] if name else it.producer
+            if getattr(node, "op", None) != "call_module" or str(node.target) != want:
+                raise BnfuseError(f"cannot find the chain before {it.norm} in the forward of {name or 'the model'}")
+            bn_node.replace_all_uses_with(node)
+            graph.erase_node(bn_node)
+        gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        gm.train(block.training)
+        if not name:
+            model = gm
+        else:
+            model.set_submodule(name, gm)
+    return model
+
+
+CHAIN = ChainPass()
