@@ -100,7 +100,7 @@ def test_verify_judges_a_pt2_in_its_runtime(exported: "tuple[Path, torch.nn.Modu
     bad = run_bnfuse("verify", str(d / "orig.pth"), str(d / "wrong.pt2"), "--arch", ARCH, cwd=TESTS, columns=200)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     text = " ".join(bad.stdout.split())
-    assert "DIFFERENT" in text and "fold site block.kxk (" in text, text
+    assert "DIFFERENT" in text and "merge site block.kxk (" in text, text
 
 
 def test_a_model_that_cannot_be_exported_is_exit_2_and_leaves_nothing(tmp_path: Path) -> None:
@@ -206,7 +206,7 @@ def test_verify_judges_an_onnx_file_in_onnxruntime(exported_onnx: "tuple[Path, t
     onnx.save(proto, str(d / "wrong.onnx"))
     bad = run_bnfuse("verify", str(d / "orig.pth"), str(d / "wrong.onnx"), "--arch", ARCH, cwd=TESTS, columns=200)
     assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert "fold site block.kxk (" in " ".join(bad.stdout.split()), bad.stdout
+    assert "merge site block.kxk (" in " ".join(bad.stdout.split()), bad.stdout
 
 
 _WITHOUT_ORT = r"""
