@@ -163,6 +163,7 @@ def convert(
     seed: SeedOpt = 0,
     json_file: JsonOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every fold and every BatchNorm left.")] = False,
+    clone_shared: Annotated[bool, typer.Option("--clone-shared", help="Fold a BatchNorm into a copy of a layer whose output is also read elsewhere (more parameters, one operation less; off: the report says what it would fold).")] = False,
 ) -> None:
     """Fold every BatchNorm that can be folded and write the fused checkpoint.
 
@@ -186,7 +187,7 @@ def convert(
         for src, dest in zip(sources, dests):
             with _library_output_to_stderr():
                 r = convert_fn(src, dest, options=opts, save_as=save_as, force=force, rtol=rtol, atol=atol,
-                               tolerance=tolerance, placed=placed, verbose=verbose)
+                               tolerance=tolerance, placed=placed, verbose=verbose, clone_shared=clone_shared)
             res.print(convert_table(r))
             for table in plan_tables(r.plan, verbose=verbose):
                 res.print(table)

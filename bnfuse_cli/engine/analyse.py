@@ -70,17 +70,20 @@ def _record(model: "nn.Module", args: tuple[Any, ...], kwargs: "dict[str, Any] |
 
 
 def analyse(model: "nn.Module", args: tuple[Any, ...], kwargs: "dict[str, Any] | None" = None, *,
-            on_input: "InputCallback | None" = None, merge: bool = True) -> Analysis:
+            on_input: "InputCallback | None" = None, merge: bool = True,
+            options: "dict[str, Any] | None" = None) -> Analysis:
     """Run ``model(*args, **kwargs)`` once under recording and return the plan and the output.
 
     The model must already be in eval mode.  Nothing is changed.  ``on_input(name, module, x)``
     sees the first input of every producer and norm call, outside the recording.  Each pass of
     the table (:data:`bnfuse_cli.engine.passes.PASSES`) finds its items in that one recording, in
-    the table's order; ``merge=False`` leaves out the passes that merge branches.
+    the table's order; ``merge=False`` leaves out the passes that merge branches.  ``options``
+    reach every pass as ``plan.options`` (``clone_shared``: fold a BatchNorm into a copy of a layer
+    whose output is also read elsewhere).
     """
     rec, output = _record(model, args, kwargs, on_input)
     out_ids = escapes(model, output, rec)
-    plan = Plan()
+    plan = Plan(options=dict(options or {}))
     for p in PASSES:
         if merge or p.name != "merge":
             p.find(model, rec, out_ids, plan)

@@ -123,6 +123,8 @@ class Plan:
     #: the items of each pass applied in each round, in order: a merge can make a fold possible (a
     #: BatchNorm after a merged sum), so a fused file is rebuilt round by round
     rounds: "list[dict[str, int]]" = field(default_factory=list)
+    #: what the passes were asked (``clone_shared``); not recorded in files
+    options: "dict[str, Any]" = field(default_factory=dict)
 
     def of(self, name: str) -> list[Any]:
         """The items of the pass called ``name`` (a live list)."""

@@ -151,6 +151,7 @@ def convert(
     tolerance: "float | None" = None,
     placed: "list[Path] | None" = None,
     verbose: bool = False,
+    clone_shared: bool = False,
     **load: Any,
 ) -> ConvertReport:
     """Fold every foldable BatchNorm of ``source`` and write the fused model to ``output``.
@@ -170,6 +171,7 @@ def convert(
     (``torch.export``) or ``.onnx`` (the ``onnx`` extra) is a program exported from the fused
     model, which runs without bnfuse or the model's code; it is opened in its own runtime and
     judged against the original before it is placed.  ``verbose`` shows the exporter's messages.
+    ``clone_shared`` folds a BatchNorm into a copy of a layer whose output is also read elsewhere.
     """
     t0 = time.perf_counter()
     rtol = _rtol(rtol, tolerance)
@@ -181,7 +183,8 @@ def convert(
     form = _output_form(prep, out_path, save_as)
     t1 = time.perf_counter()
     fmt = output_format(out_path) if out_path is not None else None
-    result = fuse_prepared(prep, rtol=rtol, atol=atol, keep_reference=bool(fmt and fmt.program))
+    result = fuse_prepared(prep, rtol=rtol, atol=atol, keep_reference=bool(fmt and fmt.program),
+                           clone_shared=clone_shared)
     t4 = time.perf_counter()
     report = _report(prep, out_path, result)
     if not result.ok:

@@ -119,6 +119,7 @@ def fuse(
     atol: "float | None" = None,
     merge: bool = True,
     keep_reference: bool = False,
+    clone_shared: bool = False,
 ) -> FuseResult:
     """Fold every BatchNorm of ``model`` that can be folded exactly, merge every sum of parallel
     branches that can become one conv (``merge=True``), and judge the result.
@@ -134,7 +135,9 @@ def fuse(
     result's ``model``: a sum of branches in the model's own forward is merged by rewriting that
     forward, so the fused model is then a new root module (a ``GraphModule``).  The result's
     ``ok`` is the verdict; nothing is raised for a negative one.  ``keep_reference`` keeps the
-    original's output on the example input in the result (``reference``).
+    original's output on the example input in the result (``reference``).  ``clone_shared``: a
+    layer whose output a BatchNorm and something else read gets a copy for the BatchNorm's path,
+    folded (more parameters, one operation less); off, the report says what it would fold.
     """
     dtype, device = model_dtype(model)
     Tolerance.for_dtype(dtype, rtol, atol)  # a bad tolerance is refused before the copy
@@ -145,28 +148,30 @@ def fuse(
     model.eval()
     args = _example(model, example_input)
     copied = time.perf_counter() - t0
-    result = _fuse(model, args, dtype, device, rtol=rtol, atol=atol, merge=merge, keep_reference=keep_reference)
+    result = _fuse(model, args, dtype, device, rtol=rtol, atol=atol, merge=merge, keep_reference=keep_reference,
+                   clone_shared=clone_shared)
     result.switched_to_eval = switched
     result.seconds = {"copy": copied, **result.seconds}
     return result
 
 
 def fuse_prepared(prep: Any, *, rtol: "float | None" = None, atol: "float | None" = None, merge: bool = True,
-                  keep_reference: bool = False) -> FuseResult:
+                  keep_reference: bool = False, clone_shared: bool = False) -> FuseResult:
     """:func:`fuse` of a :class:`~bnfuse_cli.workflows.source.Prepared` source, in place, on the
     example input, dtype and device it was prepared with (``convert``'s way in)."""
     return _fuse(prep.model, prep.args, prep.dtype, prep.device, rtol=rtol, atol=atol, merge=merge,
-                 keep_reference=keep_reference)
+                 keep_reference=keep_reference, clone_shared=clone_shared)
 
 
 def _fuse(model: "nn.Module", args: tuple[Any, ...], dtype: Any, device: Any, *, rtol: "float | None",
-          atol: "float | None", merge: bool, keep_reference: bool) -> FuseResult:
+          atol: "float | None", merge: bool, keep_reference: bool, clone_shared: bool = False) -> FuseResult:
     """The pipeline on a model in eval mode: rounds of record, plan and rewrite, then the verdict."""
     import torch
 
     tol = Tolerance.for_dtype(dtype, rtol, atol)
     with exact_math():
-        model, plan, reference, sites, seconds, before = _rounds(model, args, merge=merge)
+        model, plan, reference, sites, seconds, before = _rounds(model, args, merge=merge,
+                                                                 options={"clone_shared": clone_shared})
         t3 = time.perf_counter()
         with torch.no_grad(), SelectionProbe() as after:
             fused_out = model(*args)
@@ -197,7 +202,7 @@ def _fuse(model: "nn.Module", args: tuple[Any, ...], dtype: Any, device: Any, *,
 MAX_ROUNDS = 3
 
 
-def _rounds(model: "nn.Module", args: tuple[Any, ...], *, merge: bool
+def _rounds(model: "nn.Module", args: tuple[Any, ...], *, merge: bool, options: "dict[str, Any] | None" = None
             ) -> "tuple[nn.Module, Plan, Any, list[Any], dict[str, float], list[Any]]":
     """Record, plan and apply each pass of the table until a round finds nothing for a pass that
     can make more possible (``Pass.again``); each round's sites are checked right after it.
@@ -217,7 +222,7 @@ def _rounds(model: "nn.Module", args: tuple[Any, ...], *, merge: bool
         t0 = time.perf_counter()
         probe = SiteProbe()
         with SelectionProbe() if reference is None else contextlib.nullcontext() as selection:
-            analysis = analyse(model, args, on_input=probe.capture, merge=merge)
+            analysis = analyse(model, args, on_input=probe.capture, merge=merge, options=options)
         if reference is None:
             before = selection.kept
         step = analysis.plan

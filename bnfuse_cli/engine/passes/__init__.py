@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from .base import Elementwise, Norm, Pass, Rows, RunLayer, RunModule, SiteSpec, Stats, Sum
 from .chain import CHAIN
+from .clone import CLONE
 from .fold import FOLD
 from .functional import FUNCTIONAL
 from .merge import MERGE
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["PASSES", "Pass", "SiteSpec", "Rows", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise", "Sum", "by_name", "rebuild", "site_specs"]
 
 #: the passes, in the order they find and apply their items within a round
-PASSES: "list[Pass]" = [STANDARDISE, FOLD, CHAIN, FUNCTIONAL, MERGE]
+PASSES: "list[Pass]" = [STANDARDISE, FOLD, CHAIN, FUNCTIONAL, MERGE, CLONE]
 
 
 def by_name(name: str) -> Any:
@@ -65,9 +66,10 @@ def site_specs(model: "nn.Module", items: "dict[str, Any]") -> "tuple[list[SiteS
 
 
 def _names(spec: SiteSpec) -> "set[str]":
-    """Every module a site reads."""
-    out = {spec.layer, spec.capture}
-    todo = list(spec.original) + list(spec.fused)
+    """Every module a site reads on the model before the rewrite (its fused side may name a module
+    the rewrite makes: a copy)."""
+    out = {spec.capture}
+    todo = list(spec.original)
     while todo:
         step = todo.pop()
         if isinstance(step, Sum):

@@ -1,0 +1,60 @@
+"""``--clone-shared``: a BatchNorm after a conv whose output is also read elsewhere folds into a copy
+of the conv made for its path; off (the default), the reason says what it would fold and what it
+costs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import bnfuse_cli
+from conftest import ROOT, count_calls, randomize_bn, run_bnfuse
+
+ARCH = "models_clone:SharedConv"
+
+
+@pytest.fixture(autouse=True)
+def _tests_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT / "tests")
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+
+
+def _model() -> nn.Module:
+    from models_clone import SharedConv
+
+    torch.manual_seed(0)
+    return randomize_bn(SharedConv(), seed=7).eval()
+
+
+def test_off_by_default_the_reason_says_what_it_would_do() -> None:
+    result = bnfuse_cli.fuse(_model(), torch.randn(1, 3, 8, 8))
+    assert result.ok and not result.plan.of("clone")
+    (skip,) = result.plan.skipped
+    assert skip.norm == "bn" and skip.reason.endswith(
+        "; --clone-shared would fold it into a copy of conv for its path (+224 parameters)")
+
+
+def test_clone_shared_folds_into_a_copy_exactly(tmp_path: Path) -> None:
+    model, x = _model(), torch.randn(2, 3, 8, 8)
+    assert count_calls(model, x) == (2, 1)
+    result = bnfuse_cli.fuse(model, x, clone_shared=True)
+    assert result.ok and result.error.rel < 1e-6 and not result.plan.skipped
+    (item,) = result.plan.of("clone")
+    assert (item.norm, item.producer, item.copy) == ("bn", "conv", "conv_for_bn")
+    assert count_calls(result.model, x) == (3, 0)  # conv, its copy, head; no BatchNorm
+    (site,) = [s for s in result.verdict.sites if s.kind == "clone"]
+    assert site.layer == "conv_for_bn" and site.rel_error < 1e-6
+    torch.save(_model().state_dict(), tmp_path / "orig.pth")
+    out = tmp_path / "fused.safetensors"
+    proc = run_bnfuse("convert", str(tmp_path / "orig.pth"), "--arch", ARCH, "--input-shape", "1,3,8,8",
+                      "--clone-shared", "-o", str(out), cwd=ROOT / "tests")
+    assert proc.returncode == 0, proc.stderr
+    assert "copies of shared layers" in proc.stdout
+    fused = bnfuse_cli.load(out)
+    with torch.no_grad():
+        ref = _model()(x)
+        assert float((fused(x) - ref).norm() / ref.norm()) < 1e-6
+    assert bnfuse_cli.verify(tmp_path / "orig.pth", out, arch=ARCH).ok
