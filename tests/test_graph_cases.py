@@ -30,6 +30,10 @@ ZERO_PAD = (INPUT + NOR + "the conv after it, {}, pads with zeros, and zeros of 
             "zeros after the BatchNorm, so folding forward is not exact")
 
 
+def clone(layer: str, params: int) -> str:
+    return f"; --clone-shared would fold it into a copy of {layer} for its path (+{params} parameters)"
+
+
 def goes(op: str, where: str = "the model forward") -> str:
     return f"{NOR}its output goes to {op} in {where}, not straight into a Conv/Linear"
 PARAMETRIZED = ("conv has a re-parametrised weight (torch.nn.utils.parametrize, e.g. parametrizations.weight_norm): "
@@ -84,7 +88,8 @@ def test_conv_bn_folds():
 
 def test_residual_reader_is_named():
     res = run(me.ResidualRead(), _x(2, 3, 6, 6), folds=0, skipped=1)
-    assert reason(res, "layer1.0.bn1") == "output of layer1.0.conv1 is also read by add in layer1.0" + goes("add", "layer1.0")
+    assert reason(res, "layer1.0.bn1") == "output of layer1.0.conv1 is also read by add in layer1.0" + goes("add", "layer1.0") + \
+        clone("layer1.0.conv1", 84)
 
 
 def test_conv_output_returned():
@@ -490,9 +495,9 @@ def test_track_running_stats_switched_off_after_construction_still_uses_running_
 @pytest.mark.parametrize(
     "cls, why",
     [
-        (me.AtenOpRead, "output of conv is also read by mul in the model forward" + goes("add")),
-        (me.CustomFunctionRead, "output of conv is also read by mul in the model forward" + goes("add")),
-        (me.ScriptedReader, "output of conv is also read by TorchScript forward in head" + goes("add")),
+        (me.AtenOpRead, "output of conv is also read by mul in the model forward" + goes("add") + clone("conv", 112)),
+        (me.CustomFunctionRead, "output of conv is also read by mul in the model forward" + goes("add") + clone("conv", 112)),
+        (me.ScriptedReader, "output of conv is also read by TorchScript forward in head" + goes("add") + clone("conv", 112)),
         (me.DataclassOutput, "output of conv is also returned by the model"),
         (me.StoredFeature, "output of conv is also kept in the attribute feat"),
         (me.SwitchesBNToTrain, "it runs in training mode during the forward (the model switches it with .train()), so it "

@@ -153,7 +153,7 @@ def test_cli_inspect_and_convert_show_the_merges(tmp_path: Path) -> None:
 def test_tracing_a_block_leaves_it_as_it_was() -> None:
     """A block that stores on itself during forward (a feature cache) is traced to look for
     sums; what the trace stored (a proxy) is undone, so the model still runs."""
-    from bnfuse_cli.engine.merge import trace_block
+    from bnfuse_cli.engine.forward import trace_block
 
     class Caching(nn.Module):
         def __init__(self) -> None:

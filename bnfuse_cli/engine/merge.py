@@ -14,6 +14,7 @@ from __future__ import annotations
 import operator
 from typing import TYPE_CHECKING, Any
 
+from .forward import child_name, trace_block
 from .merge_math import centre_padding
 from .patterns import is_norm_like, is_producer_like, norm_rule, producer_rule
 from .plan import Branch, Merge, MergeSkip, Plan
@@ -23,31 +24,10 @@ if TYPE_CHECKING:
 
     from .record import Recorder
 
-__all__ = ["find_merges", "trace_block", "sum_trees"]
+__all__ = ["find_merges", "sum_trees"]
 
 _ADD_FUNCS = (operator.add, operator.iadd)
 _ADD_METHODS = ("add", "add_", "__add__", "__iadd__")
-
-
-def trace_block(block: "nn.Module") -> "fx.Graph":
-    """The block's forward as an fx graph in which every child module is one call."""
-    from torch import fx
-
-    class _ChildrenAsLeaves(fx.Tracer):
-        def is_leaf_module(self, m: "nn.Module", qualname: str) -> bool:  # noqa: ARG002
-            return True
-
-    # tracing runs the block's own forward with proxies: whatever it stores on itself is undone
-    saved = dict(block.__dict__)
-    tables = {k: dict(v) for k, v in saved.items() if k in ("_modules", "_parameters", "_buffers")}
-    try:
-        return _ChildrenAsLeaves().trace(block)
-    finally:
-        block.__dict__.clear()
-        block.__dict__.update(saved)
-        for k, v in tables.items():
-            saved[k].clear()
-            saved[k].update(v)
 
 
 def _is_add(node: "fx.Node") -> bool:
@@ -192,11 +172,6 @@ def _classify(name: str, module: "nn.Module", rec: "Recorder", folds: dict[str, 
     return Branch("conv", name), conv, None
 
 
-def _child(block_name: str, target: Any) -> str:
-    """The dotted name of the block's child ``target`` (the model's own child for the block "")."""
-    return f"{block_name}.{target}" if block_name else str(target)
-
-
 def _flat_pair(n: Any, block: "nn.Module") -> Any:
     """The conv call of a leaf that is a BatchNorm child reading a conv child that only it reads
     (a branch written as two children of the block: ``self.bn1(self.conv1(x))``), else None."""
@@ -214,7 +189,7 @@ def _flat_branch(block_name: str, block: "nn.Module", conv_node: Any, norm_node:
                  folds: dict[str, str]) -> "tuple[Branch | None, Any, str | None]":
     """A conv child and the BatchNorm child after it as one branch: the BN must fold into the conv and
     be read by the sum alone."""
-    cname, nname = _child(block_name, conv_node.target), _child(block_name, norm_node.target)
+    cname, nname = child_name(block_name, conv_node.target), child_name(block_name, norm_node.target)
     conv, norm = block.get_submodule(str(conv_node.target)), block.get_submodule(str(norm_node.target))
     branch, _, why = _classify(cname, conv, rec, folds)
     if branch is None:
@@ -294,7 +269,7 @@ def _merge_tree(block_name: str, block: "nn.Module", root: "fx.Node", leaves: li
         if n is x:
             branches.append(Branch("identity"))
             continue
-        name = _child(block_name, n.target)
+        name = child_name(block_name, n.target)
         if len(n.users) > 1:
             return MergeSkip(block_name, f"{where}: the output of {name} is also read elsewhere")
         pair = _flat_pair(n, block)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from ..errors import BnfuseError
 from .fold import affine_from_stats
-from .merge import trace_block
+from .forward import rewrite_forward
 from .merge_math import identity_kernel, merge_kernels
 from .patterns import is_producer_like, norm_rule
 from .plan import Merge
@@ -72,36 +72,28 @@ def _branch_kernel(model: "nn.Module", branch, conv: "nn.Module") -> "tuple[torc
 
 def _rewrite_block(model: "nn.Module", block_name: str, merges: "list[Merge]",
                    convs: "dict[str, nn.Module]") -> "nn.Module":
-    """Replace each merge's sum in ``block_name`` by a call of its conv; the block becomes a
-    GraphModule.  Returns the model: the same one, or that GraphModule for a sum in the model's own
-    forward (``block_name`` "")."""
-    from torch import fx, nn
+    """Replace each merge's sum in ``block_name`` by a call of its conv (the branches are then dropped
+    with the nodes nothing reads); the model, a new root for a sum in the model's own forward."""
+    from torch import nn
 
-    block = model.get_submodule(block_name) if block_name else model
-    graph = trace_block(block)
-    nodes = {n.name: n for n in graph.nodes}
-    for m in merges:
-        root = nodes.get(m.node)
-        rel = m.into[len(block_name) + 1:] if block_name else m.into
-        x = next((n.args[0] for n in nodes.values() if n.op == "call_module" and str(n.target) == rel), None)
-        while x is not None and x.op == "call_module" and isinstance(block.get_submodule(str(x.target)), nn.Identity):
-            x = x.args[0]
-        if root is None or x is None:
-            raise BnfuseError(f"cannot find the merged sum {m.node} of {block_name or 'the model'} in its forward")
-        with graph.inserting_before(root):
-            new = graph.call_module(rel, (x,))
-        root.replace_all_uses_with(new)
-        graph.erase_node(root)
-        block.set_submodule(rel, convs[m.into])
-    gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
-    gm.graph.eliminate_dead_code()
-    gm.delete_all_unused_submodules()  # the branches: gone from the module tree and the state_dict
-    gm.recompile()
-    gm.train(block.training)
-    if not block_name:
-        return gm
-    model.set_submodule(block_name, gm)
-    return model
+    def edit(block: "nn.Module", graph: Any) -> None:
+        nodes = {n.name: n for n in graph.nodes}
+        for m in merges:
+            root = nodes.get(m.node)
+            rel = m.into[len(block_name) + 1:] if block_name else m.into
+            x = next((n.args[0] for n in nodes.values() if n.op == "call_module" and str(n.target) == rel), None)
+            while x is not None and x.op == "call_module" and isinstance(block.get_submodule(str(x.target)),
+                                                                          nn.Identity):
+                x = x.args[0]
+            if root is None or x is None:
+                raise BnfuseError(f"cannot find the merged sum {m.node} of {block_name or 'the model'} in its forward")
+            with graph.inserting_before(root):
+                new = graph.call_module(rel, (x,))
+            root.replace_all_uses_with(new)
+            graph.erase_node(root)
+            block.set_submodule(rel, convs[m.into])
+
+    return rewrite_forward(model, block_name, edit)
 
 
 def apply_merges(model: "nn.Module", merges: "Iterable[Merge]") -> "nn.Module":

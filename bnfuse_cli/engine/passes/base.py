@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..plan import Plan
     from ..record import Recorder
 
-__all__ = ["Pass", "SiteSpec", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise", "Sum", "Rows"]
+__all__ = ["Pass", "SiteSpec", "layer_axis", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise", "Sum", "Rows"]
 
 
 # ----------------------------------------------------------------------------- site descriptions
@@ -101,6 +101,18 @@ class SiteSpec:
     @property
     def key(self) -> str:
         return f"{self.kind}:{self.layer}"
+
+
+def layer_axis(model: "nn.Module", name: str) -> int:
+    """The channel axis of layer ``name``'s output: -1 for a Linear (its features), else 1 (a conv, or
+    a layer the model does not have: the site is then left out by the table)."""
+    from ..patterns import producer_rule
+
+    try:
+        rule, _ = producer_rule(model.get_submodule(name))
+    except AttributeError:
+        return 1
+    return -1 if rule is not None and rule.kind == "linear" else 1
 
 
 # ----------------------------------------------------------------------------- report rows

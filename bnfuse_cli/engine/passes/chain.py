@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import BnfuseError
 from ..fold import affine_from_stats
+from ..forward import child_name, rewrite_forward, trace_block
 from ..patterns import norm_rule, producer_rule
 from ..plan import Plan, Skip
 from ..rewrite import fold_affine_backward, give_bias
@@ -42,10 +43,6 @@ class ChainFold:
     steps: "tuple[tuple[str, Any], ...]"
 
 
-def _child(block: str, target: Any) -> str:
-    return f"{block}.{target}" if block else str(target)
-
-
 def _constant(arg: Any, block: "nn.Module", block_name: str, channels: int, rank: int
               ) -> "tuple[Any, str | None]":
     """A step's constant as recorded (a number, or the dotted name of a tensor the block holds), or why
@@ -60,12 +57,12 @@ def _constant(arg: Any, block: "nn.Module", block_name: str, channels: int, rank
         held = dict(block.named_parameters()) | dict(block.named_buffers())
         t = held.get(target)
         if not isinstance(t, torch.Tensor):
-            return None, f"{_child(block_name, target)} is not a parameter or buffer"
+            return None, f"{child_name(block_name, target)} is not a parameter or buffer"
         big = [i for i, d in enumerate(t.shape) if d != 1]
         on_channels = len(big) == 1 and t.shape[big[0]] == channels and rank - t.dim() + big[0] == 1
         if t.numel() != 1 and not on_channels:
-            return None, f"{_child(block_name, target)} {tuple(t.shape)} does not broadcast on the channel axis"
-        return _child(block_name, target), None
+            return None, f"{child_name(block_name, target)} {tuple(t.shape)} does not broadcast on the channel axis"
+        return child_name(block_name, target), None
     return None, "it is not a constant (a number, or a parameter or buffer of the block)"
 
 
@@ -141,8 +138,6 @@ class ChainPass:
     def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
         """Each BatchNorm the fold pass left after an affine step: folded with its chain, or its
         reason (replacing the fold pass's, which could only say what it follows)."""
-        from ..merge import trace_block
-
         skipped = {s.norm: s for s in plan.skipped}
         for name, reason in [(s.norm, s.reason) for s in plan.skipped]:
             norm = model.get_submodule(name)
@@ -163,7 +158,7 @@ class ChainPass:
             layer, steps, _, why = _walk(bn_node, block, block_name, channels, len(calls[0].input.shape))
             if not steps and why is None:
                 continue  # no affine step before it: the fold pass's reason stands
-            producer = _child(block_name, layer.target) if layer is not None else None
+            producer = child_name(block_name, layer.target) if layer is not None else None
             if why is None:
                 why = self._refusal(model, producer, rec, escapes)
             if why is not None:
@@ -238,39 +233,26 @@ class ChainPass:
 
 
 def _cut(model: "nn.Module", items: "list[ChainFold]") -> "nn.Module":
-    """Each folded chain and its BatchNorm taken out of the block's forward (a GraphModule now); the
-    model, a new root when the chain was in the model's own forward."""
-    from torch import fx
-
-    from ..merge import trace_block
-
+    """Each folded chain and its BatchNorm taken out of the block's forward; the model, a new root
+    when the chain was in the model's own forward."""
     by_block: dict[str, list[ChainFold]] = {}
     for it in items:
         by_block.setdefault(it.block, []).append(it)
     for name, folds in sorted(by_block.items(), key=lambda kv: (kv[0] == "", -kv[0].count("."))):
-        block = model.get_submodule(name) if name else model
-        graph = trace_block(block)
-        for it in folds:
-            child = it.norm[len(name) + 1:] if name else it.norm
-            bn_node = next((n for n in graph.nodes if n.op == "call_module" and str(n.target) == child), None)
-            node = bn_node.args[0] if bn_node is not None and bn_node.args else None
-            while getattr(node, "op", None) in ("call_function", "call_method") and node.target in _OPS:
-                a, b = (list(node.args) + [None, None])[:2]
-                node = a if getattr(a, "op", None) in ("call_function", "call_method", "call_module") else b
-            want = it.producer[len(name) + 1:] if name else it.producer
-            if getattr(node, "op", None) != "call_module" or str(node.target) != want:
-                raise BnfuseError(f"cannot find the chain before {it.norm} in the forward of {name or 'the model'}")
-            bn_node.replace_all_uses_with(node)
-            graph.erase_node(bn_node)
-        gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-        gm.recompile()
-        gm.train(block.training)
-        if not name:
-            model = gm
-        else:
-            model.set_submodule(name, gm)
+        def edit(block: "nn.Module", graph: Any, name: str = name, folds: "list[ChainFold]" = folds) -> None:
+            for it in folds:
+                child = it.norm[len(name) + 1:] if name else it.norm
+                bn_node = next((n for n in graph.nodes if n.op == "call_module" and str(n.target) == child), None)
+                node = bn_node.args[0] if bn_node is not None and bn_node.args else None
+                while getattr(node, "op", None) in ("call_function", "call_method") and node.target in _OPS:
+                    a, b = (list(node.args) + [None, None])[:2]
+                    node = a if getattr(a, "op", None) in ("call_function", "call_method", "call_module") else b
+                if getattr(node, "op", None) != "call_module" or child_name(name, node.target) != it.producer:
+                    raise BnfuseError(f"cannot find the chain before {it.norm} in the forward of {name or 'the model'}")
+                bn_node.replace_all_uses_with(node)
+                graph.erase_node(bn_node)
+
+        model = rewrite_forward(model, name, edit)
     return model
 
 

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import BnfuseError
 from ..fold import affine_from_stats
+from ..forward import child_name, rewrite_forward
 from ..patterns import norm_rule, producer_rule
 from ..plan import Plan, Skip
 from ..rewrite import fold_affine_backward, give_bias
-from .base import Norm, Rows, RunLayer, SiteSpec
+from .base import layer_axis, Norm, Rows, RunLayer, SiteSpec
 
 if TYPE_CHECKING:
     from torch import nn
@@ -35,10 +36,6 @@ class CloneFold:
     copy: str
 
 
-def _child(block: str, name: str) -> str:
-    return f"{block}.{name}" if block else name
-
-
 def _candidate(model: "nn.Module", name: str, rec: "Recorder") -> "tuple[CloneFold | None, int]":
     """The clone fold for BatchNorm ``name`` (None if its layer is not a sibling it alone should copy),
     and the parameters the copy adds."""
@@ -53,13 +50,15 @@ def _candidate(model: "nn.Module", name: str, rec: "Recorder") -> "tuple[CloneFo
     prod, _ = producer_rule(pcall.module)
     block, _, child = name.rpartition(".")
     pblock, _, pchild = pcall.name.rpartition(".")
-    if prod is None or pblock != block or len(rec.reads.get(id(calls[0].input), [])) < 2:
+    reads = rec.reads.get(id(calls[0].input), [])
+    # the BatchNorm must read the layer's output first: a read before it may have changed it in place
+    if prod is None or pblock != block or len(reads) < 2 or reads[0][0] is None or reads[0][0].module is not norm:
         return None, 0
     if prod.kind == "linear" and len(calls[0].input.shape) != 2:
         return None, 0
     added = sum(p.numel() for p in pcall.module.parameters()) + (
         0 if getattr(pcall.module, "bias", None) is not None else int(pcall.module.weight.shape[0]))
-    return CloneFold(block, name, pcall.name, _child(block, f"{pchild}_for_{child}")), added
+    return CloneFold(block, name, pcall.name, child_name(block, f"{pchild}_for_{child}")), added
 
 
 class ClonePass:
@@ -106,16 +105,9 @@ class ClonePass:
         return [item.norm]
 
     def sites(self, model: "nn.Module", items: "list[CloneFold]") -> "list[SiteSpec]":
-        out = []
-        for it in items:
-            try:
-                rule, _ = producer_rule(model.get_submodule(it.producer))
-            except AttributeError:
-                rule = None
-            axis = -1 if rule is not None and rule.kind == "linear" else 1
-            out.append(SiteSpec(self.name, it.copy, it.producer, (it.norm,),
-                                (RunLayer(it.producer), Norm(it.norm, axis)), (RunLayer(it.copy),)))
-        return out
+        return [SiteSpec(self.name, it.copy, it.producer, (it.norm,),
+                         (RunLayer(it.producer), Norm(it.norm, layer_axis(model, it.producer))), (RunLayer(it.copy),))
+                for it in items]
 
     def rows(self, plan: Plan) -> Rows:
         items = plan.of(self.name)
@@ -126,45 +118,35 @@ class ClonePass:
 
 def _rewrite(model: "nn.Module", items: "list[CloneFold]", *, values: bool) -> "nn.Module":
     """Each copy added to its block, the BatchNorm's call replaced by the copy's call on the layer's
-    input; the block becomes a GraphModule (the model itself for a block "")."""
-    from torch import fx
-
-    from ..merge import trace_block
-
+    input; the model, a new root for the model's own forward."""
     by_block: dict[str, list[CloneFold]] = {}
     for it in items:
         by_block.setdefault(it.block, []).append(it)
     for name, clones in sorted(by_block.items(), key=lambda kv: (kv[0] == "", -kv[0].count("."))):
-        block = model.get_submodule(name) if name else model
-        graph = trace_block(block)
-        for it in clones:
-            rel = (lambda q: q[len(name) + 1:] if name else q)
-            layer = block.get_submodule(rel(it.producer))
-            twin = copy.deepcopy(layer)
-            if values:
-                norm = block.get_submodule(rel(it.norm))
-                s, t = affine_from_stats(*norm_rule(norm)[0].stats(norm), name=it.norm)
-                fold_affine_backward(twin, s, t, it.norm)
-            else:
-                give_bias(twin)
-            block.add_module(rel(it.copy), twin)
-            bn_node = next((n for n in graph.nodes if n.op == "call_module" and str(n.target) == rel(it.norm)), None)
-            src = bn_node.args[0] if bn_node is not None and bn_node.args else None
-            if getattr(src, "op", None) != "call_module" or str(src.target) != rel(it.producer):
-                raise BnfuseError(f"cannot find {it.norm} reading {it.producer} in the forward of {name or 'the model'}")
-            with graph.inserting_before(bn_node):
-                new = graph.call_module(rel(it.copy), src.args, src.kwargs)
-            bn_node.replace_all_uses_with(new)
-            graph.erase_node(bn_node)
-        gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-        gm.recompile()
-        gm.train(block.training)
-        if not name:
-            model = gm
-        else:
-            model.set_submodule(name, gm)
+        def edit(block: "nn.Module", graph: Any, name: str = name, clones: "list[CloneFold]" = clones) -> None:
+            def rel(q: str) -> str:
+                return q[len(name) + 1:] if name else q
+
+            for it in clones:
+                twin = copy.deepcopy(block.get_submodule(rel(it.producer)))
+                if values:
+                    norm = block.get_submodule(rel(it.norm))
+                    s, t = affine_from_stats(*norm_rule(norm)[0].stats(norm), name=it.norm)
+                    fold_affine_backward(twin, s, t, it.norm)
+                else:
+                    give_bias(twin)
+                block.add_module(rel(it.copy), twin)
+                bn = next((n for n in graph.nodes if n.op == "call_module" and str(n.target) == rel(it.norm)), None)
+                src = bn.args[0] if bn is not None and bn.args else None
+                if getattr(src, "op", None) != "call_module" or str(src.target) != rel(it.producer):
+                    raise BnfuseError(f"cannot find {it.norm} reading {it.producer} in the forward of "
+                                      f"{name or 'the model'}")
+                with graph.inserting_before(bn):
+                    new = graph.call_module(rel(it.copy), src.args, src.kwargs)
+                bn.replace_all_uses_with(new)
+                graph.erase_node(bn)
+
+        model = rewrite_forward(model, name, edit)
     return model
 
 

@@ -7,10 +7,9 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from ..fold_find import find_folds
-from ..patterns import producer_rule
 from ..plan import Fold, Plan, Skip
 from ..rewrite import apply_plan, apply_structure
-from .base import Norm, Rows, RunLayer, SiteSpec
+from .base import layer_axis, Norm, Rows, RunLayer, SiteSpec
 
 if TYPE_CHECKING:
     from torch import nn
@@ -63,11 +62,7 @@ class FoldPass:
         specs = []
         for layer, folds in by_layer.items():
             fwd, bwd = folds.get("forward"), folds.get("backward")
-            try:
-                rule, _ = producer_rule(model.get_submodule(layer))
-            except AttributeError:  # a layer this model lacks: the table leaves the site out
-                rule = None
-            axis = 1 if rule is None or rule.kind == "conv" else -1
+            axis = layer_axis(model, layer)
             original = ((Norm(fwd.norm, 1, fwd.channels),) if fwd else ()) + (RunLayer(layer),) + \
                 ((Norm(bwd.norm, axis, bwd.channels),) if bwd else ())
             specs.append(SiteSpec(self.name, layer, fwd.norm if fwd else layer,

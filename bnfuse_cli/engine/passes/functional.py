@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import BnfuseError
 from ..fold import affine_from_stats
+from ..forward import rewrite_forward, trace_block
 from ..patterns import producer_rule, std_conv_rule
 from ..plan import Plan
 from ..record import pretty_op, where
 from ..rewrite import fold_affine_backward, give_bias
-from .base import Rows, RunLayer, SiteSpec, Stats
+from .base import layer_axis, Rows, RunLayer, SiteSpec, Stats
 
 if TYPE_CHECKING:
     from torch import nn
@@ -89,8 +90,6 @@ class FunctionalPass:
     again = False
 
     def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
-        from ..merge import trace_block
-
         for call in rec.batch_norms:
             if call.caller is not None and std_conv_rule(call.caller.module) is not None:
                 continue  # a weight standardisation: the standardise pass accounts for it
@@ -140,17 +139,9 @@ class FunctionalPass:
         return [item.label]
 
     def sites(self, model: "nn.Module", items: "list[FunctionalFold]") -> "list[SiteSpec]":
-        out = []
-        for it in items:
-            try:
-                rule, _ = producer_rule(model.get_submodule(it.producer))
-            except AttributeError:
-                rule = None
-            axis = -1 if rule is not None and rule.kind == "linear" else 1
-            out.append(SiteSpec(self.name, it.producer, it.producer, (it.label,),
-                                (RunLayer(it.producer), Stats(*it.stats, eps=it.eps, axis=axis)),
-                                (RunLayer(it.producer),)))
-        return out
+        return [SiteSpec(self.name, it.producer, it.producer, (it.label,),
+                         (RunLayer(it.producer), Stats(*it.stats, eps=it.eps, axis=layer_axis(model, it.producer))),
+                         (RunLayer(it.producer),)) for it in items]
 
     def rows(self, plan: Plan) -> Rows:
         items, left = plan.of(self.name), plan.left_by(self.name)
@@ -161,35 +152,29 @@ class FunctionalPass:
 
 
 def _remove_calls(model: "nn.Module", items: "list[FunctionalFold]") -> None:
-    """Each block's folded calls taken out of its forward: the block becomes a GraphModule."""
+    """Each block's folded calls taken out of its forward."""
     import torch
     import torch.nn.functional as F
     from torch import fx
-
-    from ..merge import trace_block
 
     by_block: dict[str, list[FunctionalFold]] = {}
     for it in items:
         by_block.setdefault(it.block, []).append(it)
     for name, folds in by_block.items():
-        block = model.get_submodule(name)
-        graph = trace_block(block)
-        wanted = {f.producer[len(name) + 1:] if name else f.producer for f in folds}
-        done = 0
-        for node in list(graph.nodes):
-            src = node.args[0] if node.args else None
-            if node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm) and \
-                    isinstance(src, fx.Node) and src.op == "call_module" and str(src.target) in wanted:
-                node.replace_all_uses_with(src)
-                graph.erase_node(node)
-                done += 1
-        if done != len(folds):
-            raise BnfuseError(f"found {done} of the {len(folds)} folded batch-norm calls in the forward of {name}")
-        gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-        gm.train(block.training)
-        model.set_submodule(name, gm)
+        def edit(block: "nn.Module", graph: Any, name: str = name, folds: "list[FunctionalFold]" = folds) -> None:
+            wanted = {f.producer[len(name) + 1:] if name else f.producer for f in folds}
+            done = 0
+            for node in list(graph.nodes):
+                src = node.args[0] if node.args else None
+                if node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm) and \
+                        isinstance(src, fx.Node) and src.op == "call_module" and str(src.target) in wanted:
+                    node.replace_all_uses_with(src)
+                    graph.erase_node(node)
+                    done += 1
+            if done != len(folds):
+                raise BnfuseError(f"found {done} of the {len(folds)} folded batch-norm calls in the forward of {name}")
+
+        rewrite_forward(model, name, edit)
 
 
 FUNCTIONAL = FunctionalPass()

@@ -1,0 +1,60 @@
+"""A block's own forward as a ``torch.fx`` graph one level deep (every child one call), and the
+one way a pass rewrites it: edit the graph, and the block becomes a ``GraphModule`` of it (the
+model itself when the block is the model's own forward)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from torch import fx, nn
+
+__all__ = ["trace_block", "rewrite_forward", "child_name"]
+
+
+def child_name(block_name: str, target: Any) -> str:
+    """The dotted name of the block's child ``target`` (the model's own child for the block "")."""
+    return f"{block_name}.{target}" if block_name else str(target)
+
+
+def trace_block(block: "nn.Module") -> "fx.Graph":
+    """The block's forward as an fx graph in which every child module is one call."""
+    from torch import fx
+
+    class _ChildrenAsLeaves(fx.Tracer):
+        def is_leaf_module(self, m: "nn.Module", qualname: str) -> bool:  # noqa: ARG002
+            return True
+
+    # tracing runs the block's own forward with proxies: whatever it stores on itself is undone
+    saved = dict(block.__dict__)
+    tables = {k: dict(v) for k, v in saved.items() if k in ("_modules", "_parameters", "_buffers")}
+    try:
+        return _ChildrenAsLeaves().trace(block)
+    finally:
+        block.__dict__.clear()
+        block.__dict__.update(saved)
+        for k, v in tables.items():
+            saved[k].clear()
+            saved[k].update(v)
+
+
+def rewrite_forward(model: "nn.Module", block_name: str, edit: "Callable[[nn.Module, fx.Graph], None]"
+                    ) -> "nn.Module":
+    """Trace ``block_name``'s forward, let ``edit(block, graph)`` change the graph (and add children to
+    the block), then put a ``GraphModule`` of it in the block's place: dead nodes and the children
+    nothing calls any more are dropped (from the state_dict too).  Returns the model, or the new root
+    when ``block_name`` is "" (the model's own forward)."""
+    from torch import fx
+
+    block = model.get_submodule(block_name) if block_name else model
+    graph = trace_block(block)
+    edit(block, graph)
+    gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.train(block.training)
+    if not block_name:
+        return gm
+    model.set_submodule(block_name, gm)
+    return model
