@@ -26,6 +26,11 @@ SELECTIONS = frozenset(
     "topk sort argsort nonzero argwhere masked_select unique unique_consecutive nms batched_nms".split())
 
 
+#: layer ops whose further arguments are weights, biases or statistics (a fold changes them)
+_LAYER_OPS = frozenset("conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d linear batch_norm "
+                       "layer_norm group_norm instance_norm".split())
+
+
 def _name(func: Any) -> str:
     name = getattr(func, "__name__", "") or ""
     return name.split(".")[0].strip("_") if name.startswith("__") else name.split(".")[0]
@@ -66,6 +71,8 @@ class SelectionProbe:
 
         ins = tensors_in((args, kwargs))
         tainted = any(self._has(t) for t in ins)
+        if name in _LAYER_OPS and args:  # a layer's weights and statistics are not values being chosen
+            ins = [args[0]] if isinstance(args[0], torch.Tensor) else []
         written = args[0] if (name.endswith("_") or name == "setitem") and args and isinstance(args[0], torch.Tensor) \
             else None
         if tainted or self._is_selection(name, args, kwargs):  # values about to be chosen, or chosen with
