@@ -284,7 +284,7 @@ def main() -> int:
         report["seconds_before"] = earlier.get("seconds_before", 0) + earlier.get("seconds", 0)
         done = {r["model"] for r in report["models"]}
         models = [m for m in models if m["model"] not in done]
-        print(f"resuming: {len(done)} models kept from {json_path.relative_to(ROOT)}, {len(models)} to go", flush=True)
+        print(f"resuming: {len(done)} models kept from {json_path}, {len(models)} to go", flush=True)
 
     def save() -> None:
         json_path.write_text(json.dumps(report, indent=1))
@@ -326,7 +326,7 @@ def main() -> int:
     print(f"written, verify crashed: {len(unproven)}" + (f" ({', '.join(unproven)})" if unproven else ""))
     if report["not_reached"]:
         print(f"not reached ({opts.budget_min:g} min budget): {', '.join(report['not_reached'])}")
-    print(f"wrote {json_path.relative_to(ROOT)} and {md_path.relative_to(ROOT)}")
+    print(f"wrote {json_path} and {md_path}")
     return 1 if wrong else 0
 
 
