@@ -83,11 +83,11 @@ def plan_tables(plan: Any, *, verbose: bool, limit: int = 25) -> list[Table]:
 
 
 def plan_summary(plan: Any) -> "list[tuple[str, str]]":
-    """Each pass's line for a summary table (the BatchNorm counts first), as (label, text)."""
+    """Each pass's line for a summary table, in the table's order (the fold pass's BatchNorm counts
+    first), as (label, text)."""
     from .engine.passes import PASSES
 
-    fold_first = sorted(PASSES, key=lambda p: p.name != "fold")  # the BatchNorm count leads
-    return [rows.summary for p in fold_first if (rows := p.rows(plan)).summary is not None]
+    return [rows.summary for p in PASSES if (rows := p.rows(plan)).summary is not None]
 
 
 def _reasons(title: str, what: str, rows: list[tuple[str, str]], *, verbose: bool, limit: int) -> Table:

@@ -57,6 +57,30 @@ def count_calls(model: nn.Module, *args: torch.Tensor) -> tuple[int, int]:
     return counts["conv"], counts["bn"]
 
 
+@pytest.fixture
+def tests_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests folder as the current directory and on sys.path: its model modules (``models_*``)
+    are found by ``--arch models_x:Name`` in subprocesses and by ``load`` in this one."""
+    monkeypatch.chdir(ROOT / "tests")
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+
+
+def count_ops(model: nn.Module, x: torch.Tensor, names: "set[str]") -> int:
+    """How many torch operations named in ``names`` (``batch_norm``, ``mul``, ...) one forward pass makes."""
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            Count.n += getattr(func, "__name__", "") in names
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        model(x)
+    return Count.n
+
+
 def corrupt_after_rewrite(monkeypatch: pytest.MonkeyPatch, corrupt) -> None:  # noqa: ANN001
     """Make :func:`bnfuse_cli.fuse` call ``corrupt(model)`` right after each round's folds and merges are
     applied and before that round's sites are checked: a wrong fold, made by hand, for the judge to find."""

@@ -9,36 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 import bnfuse_cli
-from conftest import ROOT, randomize_bn
+from conftest import count_ops, randomize_bn
+
+pytestmark = pytest.mark.usefixtures("tests_on_path")
 
 ARCH = "models_chain:ChainNet"
 ARITH = {"mul", "add", "sub", "div", "truediv", "__mul__", "__add__", "__sub__", "__truediv__", "__radd__",
          "__rmul__", "batch_norm"}
 
 
-class _Ops(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        self.n += getattr(func, "__name__", "") in ARITH
-        return func(*args, **(kwargs or {}))
-
-
 def arithmetic(module: nn.Module, x: torch.Tensor) -> int:
-    with torch.no_grad(), _Ops() as ops:
-        module(x)
-    return ops.n
-
-
-@pytest.fixture(autouse=True)
-def _tests_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(ROOT / "tests")
-    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    return count_ops(module, x, ARITH)
 
 
 def _model() -> nn.Module:

@@ -13,13 +13,9 @@ from torch import nn
 import bnfuse_cli
 from conftest import ROOT, count_calls, randomize_bn, run_bnfuse
 
+pytestmark = pytest.mark.usefixtures("tests_on_path")
+
 ARCH = "models_clone:SharedConv"
-
-
-@pytest.fixture(autouse=True)
-def _tests_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(ROOT / "tests")
-    monkeypatch.syspath_prepend(str(ROOT / "tests"))
 
 
 def _model() -> nn.Module:

@@ -12,16 +12,11 @@ import torch
 from torch import nn
 
 import bnfuse_cli
-from conftest import ROOT, randomize_bn
-from test_standardise import batch_norm_calls
+from conftest import count_ops, randomize_bn
+
+pytestmark = pytest.mark.usefixtures("tests_on_path")
 
 ARCH = "models_functional:FunctionalNet"
-
-
-@pytest.fixture(autouse=True)
-def _tests_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(ROOT / "tests")
-    monkeypatch.syspath_prepend(str(ROOT / "tests"))
 
 
 def _model() -> nn.Module:
@@ -33,7 +28,7 @@ def _model() -> nn.Module:
 
 def test_functional_batch_norms_fold_or_are_named() -> None:
     model, x = _model(), torch.randn(2, 3, 10, 10)
-    assert batch_norm_calls(model, x) == 4
+    assert count_ops(model, x, {"batch_norm"}) == 4
     result = bnfuse_cli.fuse(model, x)
     assert result.ok and result.error.rel < 1e-6
     (fold,) = result.plan.of("functional")
@@ -45,7 +40,7 @@ def test_functional_batch_norms_fold_or_are_named() -> None:
     }
     assert result.plan.norms == ["bn", "F.batch_norm in a", "F.batch_norm in b", "F.batch_norm in c"]
     assert result.plan.to_dict()["bn_found"] == 4 and result.plan.to_dict()["bn_skipped"] == 2
-    assert batch_norm_calls(result.model, x) == 2  # b's and c's; a's left the forward, bn folded
+    assert count_ops(result.model, x, {"batch_norm"}) == 2  # b's and c's; a's left the forward, bn folded
     (site,) = [s for s in result.verdict.sites if s.kind == "functional"]
     assert site.layer == "a.conv" and site.rel_error < 1e-6 and site.norms == ["F.batch_norm in a"]
     from bnfuse_cli.render import plan_summary
@@ -62,7 +57,7 @@ def test_functional_fold_is_saved_loaded_and_verified(tmp_path: Path) -> None:
     assert report.verdict.ok
     fused = bnfuse_cli.load(out)
     x = torch.randn(1, 3, 10, 10)
-    assert batch_norm_calls(fused, x) == 2
+    assert count_ops(fused, x, {"batch_norm"}) == 2
     with torch.no_grad():
         ref = _model()(x)
         assert float((fused(x) - ref).norm() / ref.norm()) < 1e-6

@@ -15,7 +15,7 @@ from torch import nn
 
 import bnfuse_cli
 from bnfuse_cli.engine.passes import PASSES, Rows, RunLayer, RunModule, SiteSpec
-from conftest import ROOT, randomize_bn
+from conftest import randomize_bn
 
 ARCH = "models_passes:ToyNet"
 SHAPE = (1, 3, 12, 12)
@@ -98,10 +98,8 @@ class ScalePass:
 
 
 @pytest.fixture
-def scale_pass(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+def scale_pass(tests_on_path: None):  # noqa: ANN201
     """The toy pass, registered as the last row of the table for this test only."""
-    monkeypatch.chdir(ROOT / "tests")
-    monkeypatch.syspath_prepend(str(ROOT / "tests"))
     row = ScalePass()
     PASSES.append(row)
     yield row

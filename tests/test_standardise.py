@@ -10,36 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 timm = pytest.importorskip("timm")
 
 import bnfuse_cli  # noqa: E402
-from conftest import ROOT, randomize_bn, run_bnfuse  # noqa: E402
+from conftest import ROOT, count_ops, randomize_bn, run_bnfuse  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("tests_on_path")
 
 ARCH = "models_std:StdNet"
 
 
-class _CountBatchNorm(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        self.n += getattr(func, "__name__", "") == "batch_norm"
-        return func(*args, **(kwargs or {}))
-
-
 def batch_norm_calls(model: nn.Module, x: torch.Tensor) -> int:
-    with torch.no_grad(), _CountBatchNorm() as count:
-        model(x)
-    return count.n
-
-
-@pytest.fixture(autouse=True)
-def _tests_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(ROOT / "tests")
-    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    return count_ops(model, x, {"batch_norm"})
 
 
 def _model() -> nn.Module:

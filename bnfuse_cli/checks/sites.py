@@ -174,11 +174,11 @@ def _stats(model: "nn.Module", step: Any, y: "torch.Tensor") -> "torch.Tensor":
     import torch
     import torch.nn.functional as F
 
+    from ..engine.passes import held
+
     def get(qual: str) -> "torch.Tensor | None":
-        if not qual:
-            return None
-        mod, _, attr = qual.rpartition(".")
-        return getattr(model.get_submodule(mod), attr).detach().to(device="cpu", dtype=torch.float64)
+        t = held(model, qual)
+        return None if t is None else t.detach().to(device="cpu", dtype=torch.float64)
 
     axis = step.axis if y.dim() > 1 else 0
     z = F.batch_norm(y.movedim(axis, 1), get(step.mean), get(step.var), get(step.weight), get(step.bias), False,
@@ -190,9 +190,10 @@ def _elementwise(model: "nn.Module", step: Any, y: "torch.Tensor") -> "torch.Ten
     """``y op value`` in float64, a per-channel value on axis 1."""
     import torch
 
+    from ..engine.passes import held
+
     if isinstance(step.value, str):
-        mod, _, attr = step.value.rpartition(".")
-        c = getattr(model.get_submodule(mod), attr).detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+        c = held(model, step.value).detach().to(device="cpu", dtype=torch.float64).reshape(-1)
         c = c.reshape(1, -1, *([1] * (y.dim() - 2))) if c.numel() > 1 else c.reshape(())
     else:
         c = torch.tensor(float(step.value), dtype=torch.float64)

@@ -77,14 +77,13 @@ def analyse(model: "nn.Module", args: tuple[Any, ...], kwargs: "dict[str, Any] |
     The model must already be in eval mode.  Nothing is changed.  ``on_input(name, module, x)``
     sees the first input of every producer and norm call, outside the recording.  Each pass of
     the table (:data:`bnfuse_cli.engine.passes.PASSES`) finds its items in that one recording, in
-    the table's order; ``merge=False`` leaves out the passes that merge branches.  ``options``
+    the table's order; ``merge=False`` (``plan.options["merge"]``) turns the merge pass off.  ``options``
     reach every pass as ``plan.options`` (``clone_shared``: fold a BatchNorm into a copy of a layer
     whose output is also read elsewhere).
     """
     rec, output = _record(model, args, kwargs, on_input)
     out_ids = escapes(model, output, rec)
-    plan = Plan(options=dict(options or {}))
+    plan = Plan(options={"merge": merge, **(options or {})})
     for p in PASSES:
-        if merge or p.name != "merge":
-            p.find(model, rec, out_ids, plan)
+        p.find(model, rec, out_ids, plan)
     return Analysis(plan=plan, output=output)

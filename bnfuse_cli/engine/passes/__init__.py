@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .base import Elementwise, Norm, Pass, Rows, RunLayer, RunModule, SiteSpec, Stats, Sum
+from .base import Elementwise, Norm, Pass, held, Rows, RunLayer, RunModule, SiteSpec, Stats, Sum
 from .chain import CHAIN
 from .clone import CLONE
 from .fold import FOLD
@@ -24,10 +24,10 @@ from .standardise import STANDARDISE
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["PASSES", "Pass", "SiteSpec", "Rows", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise", "Sum", "by_name", "rebuild", "site_specs"]
+__all__ = ["PASSES", "Pass", "SiteSpec", "Rows", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise", "Sum", "by_name", "rebuild", "site_specs", "held"]
 
 #: the passes, in the order they find and apply their items within a round
-PASSES: "list[Pass]" = [STANDARDISE, FOLD, CHAIN, FUNCTIONAL, MERGE, CLONE]
+PASSES: "list[Pass]" = [FOLD, STANDARDISE, CHAIN, FUNCTIONAL, MERGE, CLONE]
 
 
 def by_name(name: str) -> Any:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..plan import Plan
     from ..record import Recorder
 
-__all__ = ["Pass", "SiteSpec", "layer_axis", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise", "Sum", "Rows"]
+__all__ = ["Pass", "SiteSpec", "layer_axis", "held", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise", "Sum", "Rows"]
 
 
 # ----------------------------------------------------------------------------- site descriptions
@@ -101,6 +101,15 @@ class SiteSpec:
     @property
     def key(self) -> str:
         return f"{self.kind}:{self.layer}"
+
+
+def held(model: "nn.Module", qual: str) -> Any:
+    """The parameter or buffer the model holds under the qualified name ``qual`` (None for "": a
+    step's tensor that was not given)."""
+    if not qual:
+        return None
+    mod, _, attr = qual.rpartition(".")
+    return getattr(model.get_submodule(mod), attr)
 
 
 def layer_axis(model: "nn.Module", name: str) -> int:

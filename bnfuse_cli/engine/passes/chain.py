@@ -16,7 +16,7 @@ from ..forward import child_name, rewrite_forward, trace_block
 from ..patterns import norm_rule, producer_rule
 from ..plan import Plan, Skip
 from ..rewrite import fold_affine_backward, give_bias
-from .base import Elementwise, Norm, Rows, RunLayer, SiteSpec
+from .base import held, Elementwise, Norm, Rows, RunLayer, SiteSpec
 
 if TYPE_CHECKING:
     import torch
@@ -101,8 +101,7 @@ def _value(model: "nn.Module", value: Any) -> "torch.Tensor":
     import torch
 
     if isinstance(value, str):
-        mod, _, attr = value.rpartition(".")
-        return getattr(model.get_submodule(mod), attr).detach().to(torch.float64).reshape(-1)
+        return held(model, value).detach().to(torch.float64).reshape(-1)
     return torch.tensor([float(value)], dtype=torch.float64)
 
 
@@ -114,7 +113,8 @@ def chain_affine(model: "nn.Module", steps: "tuple[tuple[str, Any], ...]", chann
     a = torch.ones(channels, dtype=torch.float64)
     b = torch.zeros(channels, dtype=torch.float64)
     for op, value in steps:
-        c = _value(model, value).expand(channels) if _value(model, value).numel() == 1 else _value(model, value)
+        c = _value(model, value)
+        c = c.expand(channels) if c.numel() == 1 else c
         if op == "mul":
             a, b = a * c, b * c
         elif op == "div":

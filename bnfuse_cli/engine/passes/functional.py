@@ -17,7 +17,7 @@ from ..patterns import producer_rule, std_conv_rule
 from ..plan import Plan
 from ..record import pretty_op, where
 from ..rewrite import fold_affine_backward, give_bias
-from .base import layer_axis, Rows, RunLayer, SiteSpec, Stats
+from .base import held, layer_axis, Rows, RunLayer, SiteSpec, Stats
 
 if TYPE_CHECKING:
     from torch import nn
@@ -47,13 +47,6 @@ class FunctionalFold:
 class FunctionalLeft:
     where: str
     reason: str
-
-
-def _tensor(model: "nn.Module", qual: str) -> Any:
-    if not qual:
-        return None
-    mod, _, attr = qual.rpartition(".")
-    return getattr(model.get_submodule(mod), attr)
 
 
 def _refusal(call: "BatchNormCall", rec: "Recorder", escapes: "dict[int, str]") -> "str | None":
@@ -112,7 +105,7 @@ class FunctionalPass:
 
     def apply(self, model: "nn.Module", items: "list[FunctionalFold]") -> None:
         for it in items:
-            stats = [_tensor(model, q) for q in it.stats]
+            stats = [held(model, q) for q in it.stats]
             scale, shift = affine_from_stats(stats[0], stats[1], stats[2], stats[3], it.eps, name=it.label)
             fold_affine_backward(model.get_submodule(it.producer), scale, shift, it.label)
         _remove_calls(model, items)

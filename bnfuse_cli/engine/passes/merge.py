@@ -27,7 +27,8 @@ class MergePass:
     again = True  # a BatchNorm after the merged sum folds in the next round (RepViT)
 
     def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
-        find_merges(model, rec, plan)
+        if plan.options.get("merge", True):  # fuse(..., merge=False) folds only
+            find_merges(model, rec, plan)
 
     def apply(self, model: "nn.Module", items: "list[Merge]") -> "nn.Module":
         return apply_merges(model, items)
