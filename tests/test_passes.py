@@ -99,11 +99,13 @@ class ScalePass:
 
 @pytest.fixture
 def scale_pass(tests_on_path: None):  # noqa: ANN201
-    """The toy pass, registered as the last row of the table for this test only."""
+    """The toy pass, registered as the last row of the table for this test only (bnfuse's own scale
+    pass, which would fold the same scales first, leaves the table meanwhile)."""
     row = ScalePass()
-    PASSES.append(row)
+    saved = list(PASSES)
+    PASSES[:] = [p for p in PASSES if p.name != row.name] + [row]
     yield row
-    PASSES.remove(row)
+    PASSES[:] = saved
 
 
 def _toy() -> nn.Module:

@@ -187,14 +187,15 @@ def _stats(model: "nn.Module", step: Any, y: "torch.Tensor") -> "torch.Tensor":
 
 
 def _elementwise(model: "nn.Module", step: Any, y: "torch.Tensor") -> "torch.Tensor":
-    """``y op value`` in float64, a per-channel value on axis 1."""
+    """``y op value`` in float64, a per-channel value on the step's axis."""
     import torch
 
     from ..engine.passes import held
 
     if isinstance(step.value, str):
         c = held(model, step.value).detach().to(device="cpu", dtype=torch.float64).reshape(-1)
-        c = c.reshape(1, -1, *([1] * (y.dim() - 2))) if c.numel() > 1 else c.reshape(())
+        view = [-1 if i == step.axis % y.dim() else 1 for i in range(y.dim())] if c.numel() > 1 else []
+        c = c.reshape(view)
     else:
         c = torch.tensor(float(step.value), dtype=torch.float64)
     return {"mul": torch.mul, "add": torch.add, "sub": torch.sub, "div": torch.div}[step.op](y, c)

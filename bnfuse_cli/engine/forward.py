@@ -38,21 +38,50 @@ def trace_block(block: "nn.Module") -> "fx.Graph":
             saved[k].update(v)
 
 
+def _skip_identities(block: "nn.Module", graph: "fx.Graph") -> None:
+    """Call no ``nn.Identity`` child (a folded BatchNorm's stand-in, an absent attention): its input
+    is its output.  It holds no state, so the state_dict is unchanged; each call skipped is one
+    module call less per forward (about 1.5 us on a CPU at batch 1)."""
+    from torch import nn
+
+    for node in list(graph.nodes):
+        if (node.op == "call_module" and len(node.args) == 1 and not node.kwargs
+                and type(block.get_submodule(str(node.target))) is nn.Identity):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
+def _plain_call(gm: "fx.GraphModule") -> None:
+    """Let ``gm`` be called as any module is: ``recompile`` wraps each call in a frame that only
+    rewrites the message of an exception, which costs about 2% of a merged MobileOne's forward at
+    batch 1 (measured 2026-12-05).  Each GraphModule has a class of its own, so only ``gm`` changes
+    (a copy made by ``copy.deepcopy`` or unpickling gets the wrapper back, and is otherwise the same)."""
+    from torch import fx
+
+    cls = type(gm)
+    if cls is not fx.GraphModule and "__call__" in vars(cls):
+        del cls.__call__
+
+
 def rewrite_forward(model: "nn.Module", block_name: str, edit: "Callable[[nn.Module, fx.Graph], None]"
                     ) -> "nn.Module":
     """Trace ``block_name``'s forward, let ``edit(block, graph)`` change the graph (and add children to
-    the block), then put a ``GraphModule`` of it in the block's place: dead nodes and the children
-    nothing calls any more are dropped (from the state_dict too).  Returns the model, or the new root
+    the block), then put a ``GraphModule`` of it in the block's place: dead nodes, calls of
+    ``nn.Identity`` and the children nothing calls any more are dropped (from the state_dict too).  Returns the model, or the new root
     when ``block_name`` is "" (the model's own forward)."""
     from torch import fx
 
     block = model.get_submodule(block_name) if block_name else model
     graph = trace_block(block)
     edit(block, graph)
+    _skip_identities(block, graph)
     gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
     gm.graph.eliminate_dead_code()
+    # built again from itself: it copies only what the graph still reads (a folded scale goes)
+    gm = fx.GraphModule(gm, gm.graph, class_name=type(block).__name__)
     gm.delete_all_unused_submodules()
     gm.recompile()
+    _plain_call(gm)
     gm.train(block.training)
     if not block_name:
         return gm

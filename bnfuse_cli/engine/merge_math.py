@@ -57,6 +57,8 @@ def identity_kernel(channels: int, groups: int, kernel: Sequence[int]) -> "torch
         raise FoldError(f"{channels} channels cannot be split into {groups} groups")
     if any(k % 2 == 0 for k in kernel):
         raise FoldError(f"an even kernel {tuple(kernel)} has no centre for an identity branch")
+    if not kernel:  # a Linear: the identity matrix
+        return torch.eye(channels, dtype=torch.float64)
     per_group = channels // groups
     w = torch.zeros((channels, per_group, *kernel), dtype=torch.float64)
     centre = tuple(k // 2 for k in kernel)

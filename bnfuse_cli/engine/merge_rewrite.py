@@ -45,29 +45,72 @@ def main_conv(module: "nn.Module") -> "nn.Module":
 
 
 def _new_conv(like: "nn.Module") -> "nn.Module":
-    """An empty conv with ``like``'s shape and geometry, with a bias."""
+    """An empty conv (or Linear) with ``like``'s shape and geometry, with a bias."""
     from torch import nn
 
+    if isinstance(like, nn.Linear):
+        return nn.Linear(like.in_features, like.out_features, bias=True, device=like.weight.device,
+                         dtype=like.weight.dtype)
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(like.kernel_size)]
     return cls(like.in_channels, like.out_channels, like.kernel_size, stride=like.stride, padding=like.padding,
                dilation=like.dilation, groups=like.groups, bias=True, device=like.weight.device,
                dtype=like.weight.dtype)
 
 
+def _kernel(module: "nn.Module") -> "tuple[int, ...]":
+    return tuple(getattr(module, "kernel_size", ()))
+
+
 def _branch_kernel(model: "nn.Module", branch, conv: "nn.Module") -> "tuple[torch.Tensor, torch.Tensor | None]":  # noqa: ANN001
-    """One branch as a float64 (weight, bias) in the main conv's geometry (unpadded)."""
+    """One branch as a float64 (weight, bias) in the main conv's geometry (unpadded), times its scale."""
+    import torch
+
     if branch.kind == "conv":
         c = main_conv(model.get_submodule(branch.module))
-        return c.weight.detach(), None if c.bias is None else c.bias.detach()
-    ident = identity_kernel(conv.out_channels, conv.groups, conv.kernel_size)
-    if branch.kind == "identity":
-        return ident, None
-    norm = model.get_submodule(branch.norm)
-    rule, why = norm_rule(norm)
-    if rule is None:
-        raise BnfuseError(f"cannot merge {branch.norm}: {why}")
-    scale, shift = affine_from_stats(*rule.stats(norm), name=branch.norm)
-    return ident * scale.reshape(-1, *([1] * (ident.dim() - 1))), shift
+        w, b = c.weight.detach().to(torch.float64), None if c.bias is None else c.bias.detach().to(torch.float64)
+    else:
+        channels = getattr(conv, "out_channels", getattr(conv, "out_features", 0))
+        w, b = identity_kernel(channels, getattr(conv, "groups", 1), _kernel(conv)), None
+        if branch.kind == "norm":
+            norm = model.get_submodule(branch.norm)
+            rule, why = norm_rule(norm)
+            if rule is None:
+                raise BnfuseError(f"cannot merge {branch.norm}: {why}")
+            scale, b = affine_from_stats(*rule.stats(norm), name=branch.norm)
+            w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    g = branch_scale(model, branch.scale, w.shape[0], len(_kernel(conv)) + 2)
+    if g is None:
+        return w, b
+    return w * g.reshape(-1, *([1] * (w.dim() - 1))), None if b is None else b * g
+
+
+def branch_scale(model: "nn.Module", scale: "tuple[tuple[str, Any], ...]", channels: int, rank: int
+                 ) -> "torch.Tensor | None":
+    """The per-channel factor (float64) a branch's ``scale`` multiplies it by (on axis 1 of a rank-``rank``
+    activation); None for none."""
+    import torch
+
+    from .sums import channel_scale
+
+    g = None
+    for op, value in scale:
+        if op == "module":
+            module = model.get_submodule(value)
+            c, why = channel_scale(module, (1, channels) + (2,) * (rank - 2))
+            if c is None:
+                raise BnfuseError(f"cannot merge with {value}: {why}")
+        elif isinstance(value, str):
+            mod, _, attr = value.rpartition(".")
+            c = getattr(model.get_submodule(mod), attr).detach().to(torch.float64).reshape(-1)
+        else:
+            c = torch.tensor([float(value)], dtype=torch.float64)
+        if op == "div":
+            c = 1.0 / c
+        c = c.expand(channels) if c.numel() == 1 else c
+        if c.numel() != channels:
+            raise BnfuseError(f"a branch scale {value} has {c.numel()} values for {channels} channels")
+        g = c if g is None else g * c
+    return g
 
 
 def _rewrite_block(model: "nn.Module", block_name: str, merges: "list[Merge]",
@@ -105,7 +148,7 @@ def apply_merges(model: "nn.Module", merges: "Iterable[Merge]") -> "nn.Module":
     convs = {}
     for m in merges:
         main = main_conv(model.get_submodule(m.into))
-        weight, bias = merge_kernels([_branch_kernel(model, b, main) for b in m.branches], main.kernel_size)
+        weight, bias = merge_kernels([_branch_kernel(model, b, main) for b in m.branches], _kernel(main))
         new = _new_conv(main)
         with torch.no_grad():
             new.weight.copy_(weight)

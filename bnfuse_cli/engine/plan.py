@@ -68,13 +68,22 @@ class Branch:
     #: the BatchNorm the branch absorbs: the BN of a ``norm`` branch, or the separate BN child of a flat
     #: ``conv`` branch (folded into its conv first, as a Fold)
     norm: "str | None" = None
+    #: what the sum multiplies the branch by, innermost first: ("mul", a number or a held tensor's
+    #: name, one value or one per channel), ("div", a number), ("module", a per-channel scale module)
+    scale: "tuple[tuple[str, Any], ...]" = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "module": self.module, "norm": self.norm}
+        out: dict[str, Any] = {"kind": self.kind, "module": self.module, "norm": self.norm}
+        if self.scale:
+            out["scale"] = [[op, v] for op, v in self.scale]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Branch":
-        return cls(str(d["kind"]), d.get("module"), d.get("norm"))
+        scale = tuple((str(op), v if isinstance(v, str) else float(v)) for op, v in d.get("scale", ()))
+        if any(op not in ("mul", "div", "module") or op == "module" and not isinstance(v, str) for op, v in scale):
+            raise ValueError(f"unknown branch scale {d.get('scale')!r}")
+        return cls(str(d["kind"]), d.get("module"), d.get("norm"), scale)
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,9 @@ class Plan:
     rounds: "list[dict[str, int]]" = field(default_factory=list)
     #: what the passes were asked (``clone_shared``); not recorded in files
     options: "dict[str, Any]" = field(default_factory=dict)
+    #: a pass left something this round that this round's rewrites may make possible (a layer scale
+    #: after a BatchNorm being folded): the rounds go on
+    more: bool = False
 
     def of(self, name: str) -> list[Any]:
         """The items of the pass called ``name`` (a live list)."""

@@ -53,8 +53,8 @@ _SELF_ONLY = frozenset("type_as reshape_as view_as expand_as".split())
 #: reshapes that can keep a producer's channel axis as axis 1 of a 2-D BatchNorm1d input
 #: (levit's ``bn(linear(x).flatten(0, 1))``); results of these on a producer output are watched
 _RESHAPES = frozenset("flatten reshape view squeeze unsqueeze".split())
-#: additions: a module inside whose call one runs may hold parallel branches to merge
-_ADDS = frozenset("add add_ __add__ __iadd__ __radd__".split())
+#: additions and subtractions: a module inside whose call one runs may hold parallel branches to merge
+_ADDS = frozenset("add add_ __add__ __iadd__ __radd__ sub sub_ __sub__ __isub__ __rsub__".split())
 #: concatenations; a cat of producer outputs along axis 1 is watched (MixNet's MixedConv2d)
 _CATS = frozenset("cat concat concatenate".split())
 
@@ -148,6 +148,8 @@ class Recorder:
         #: producers and norms; every producer class is recorded, foldable or not, so a BN after a
         #: re-parametrised or subclassed conv is reported against that conv, not as "not a Conv output"
         self.interesting: set[int] = set()
+        #: leaf modules with parameters of their own, neither producer nor norm (a layer scale may be one)
+        self.scales: set[int] = set()
         self.stack: list[Call] = []
         self.calls: dict[int, list[Call]] = {}
         #: id(tensor) -> (weak reference, record) for the tensors the analysis remembers
@@ -193,6 +195,8 @@ class Recorder:
                 self.names[id(m)] = name
                 if is_norm_like(m) or is_producer_like(m):
                     self.interesting.add(id(m))
+                elif m._parameters and not m._modules:  # a layer scale, perhaps: who reads its output
+                    self.scales.add(id(m))
             for attr, t in (*m._parameters.items(), *m._buffers.items()):
                 if t is None:
                     continue
@@ -311,12 +315,12 @@ class Recorder:
             call.input = self.track(first)
             if call.input is not None and call.input.origin is None:
                 call.input.origin = self.describe_origin(first)
-            if self.on_input is not None:
-                import torch
-
-                with torch._C.DisableTorchFunction():  # the callback's reads are not the model's
-                    self.on_input(call.name, module, first)
             self.calls.setdefault(id(module), []).append(call)
+        if self.on_input is not None and (id(module) in self.interesting or id(module) in self.scales):
+            import torch
+
+            with torch._C.DisableTorchFunction():  # the callback's reads are not the model's
+                self.on_input(call.name, module, first)
         self.stack.append(call)
 
     def _post(self, module: "nn.Module", args: Any, kwargs: Any, output: Any) -> None:
@@ -329,6 +333,8 @@ class Recorder:
         call.output = self.track(output)
         if id(module) in self.interesting and call.output is not None:
             self.produced[id(call.output)] = call
+            self.reads.setdefault(id(call.output), [])
+        elif id(module) in self.scales and call.output is not None and call.output is not call.input:
             self.reads.setdefault(id(call.output), [])
 
     def _on_read(self, op: str, args: Any, kwargs: Any) -> None:

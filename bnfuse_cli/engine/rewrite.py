@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["apply_plan", "apply_structure", "fold_affine_backward", "give_bias"]
+__all__ = ["apply_plan", "apply_structure", "fold_affine_backward", "fold_affine_forward", "give_bias"]
 
 
 def _replacement(norm: "nn.Module", kind: str) -> "nn.Module":
@@ -157,6 +157,21 @@ def fold_affine_backward(layer: "nn.Module", scale: "torch.Tensor", shift: "torc
     if prod is None:
         raise BnfuseError(f"cannot fold {name}: {why}")
     fold = prepare_fold(layer.weight, layer.bias, backward=(scale, shift), transposed=prod.transposed,
+                        groups=getattr(layer, "groups", 1), name=name)
+    with torch.no_grad():
+        apply_fold_(layer.weight, fold)
+        _set_bias(layer, fold.bias)
+
+
+def fold_affine_forward(layer: "nn.Module", scale: "torch.Tensor", shift: "torch.Tensor", name: str) -> None:
+    """Fold ``layer(scale * x + shift)`` (per input channel, float64) into ``layer`` in place, checked
+    first like every fold (the caller has made sure no zero padding meets the shift)."""
+    import torch
+
+    prod, why = producer_rule(layer)
+    if prod is None:
+        raise BnfuseError(f"cannot fold {name}: {why}")
+    fold = prepare_fold(layer.weight, layer.bias, forward=(scale, shift), transposed=prod.transposed,
                         groups=getattr(layer, "groups", 1), name=name)
     with torch.no_grad():
         apply_fold_(layer.weight, fold)

@@ -242,6 +242,6 @@ def _rounds(model: "nn.Module", args: tuple[Any, ...], *, merge: bool, options: 
         seconds["rewrite"] += t2 - t1
         seconds["check"] += time.perf_counter() - t2
         plan.add_round(step)
-        if not any(p.again and step.of(p.name) for p in PASSES):
+        if not (step.more or any(p.again and step.of(p.name) for p in PASSES)):
             break
     return model, plan, reference, sites, seconds, before

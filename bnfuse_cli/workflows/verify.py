@@ -79,7 +79,7 @@ def _site_checks(src_o: Source, src_f: Source, x: Any, name: str) -> tuple[list[
     probe.use(specs)
     # a layer changed in several rounds (a BatchNorm folded into a merged conv) has no one site to
     # compare on the original: it is judged end to end
-    layers = [s.spec.layer for s in probe.sites.values()]
+    layers = [spec.layer for spec in specs]
     several = sorted({n for n in layers if layers.count(n) > 1})
     if several:
         probe.use([s.spec for s in probe.sites.values() if s.spec.layer not in several])

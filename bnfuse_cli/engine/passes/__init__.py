@@ -19,6 +19,7 @@ from .clone import CLONE
 from .fold import FOLD
 from .functional import FUNCTIONAL
 from .merge import MERGE
+from .scale import SCALE
 from .standardise import STANDARDISE
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["PASSES", "Pass", "SiteSpec", "Rows", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise", "Sum", "by_name", "rebuild", "site_specs", "held"]
 
 #: the passes, in the order they find and apply their items within a round
-PASSES: "list[Pass]" = [FOLD, STANDARDISE, CHAIN, FUNCTIONAL, MERGE, CLONE]
+PASSES: "list[Pass]" = [FOLD, STANDARDISE, CHAIN, FUNCTIONAL, MERGE, SCALE, CLONE]
 
 
 def by_name(name: str) -> Any:

@@ -64,11 +64,12 @@ class Stats:
 
 @dataclass(frozen=True)
 class Elementwise:
-    """``y op value`` per channel on axis 1 (``mul``, ``add``, ``sub``, ``div``): ``value`` a number,
+    """``y op value`` per channel on ``axis`` (``mul``, ``add``, ``sub``, ``div``): ``value`` a number,
     or the qualified name of a tensor the model holds (one value, or one per channel)."""
 
     op: str
     value: Any
+    axis: int = 1
 
 
 @dataclass(frozen=True)

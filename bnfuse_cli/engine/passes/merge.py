@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ..merge import find_merges
 from ..merge_rewrite import apply_merge_structure, apply_merges, main_conv_name
 from ..plan import Merge, MergeSkip, Plan
-from .base import Rows, RunLayer, RunModule, SiteSpec, Sum
+from .base import Elementwise, Rows, RunLayer, RunModule, SiteSpec, Sum
 
 if TYPE_CHECKING:
     from torch import nn
@@ -60,9 +60,11 @@ class MergePass:
                 capture = main_conv_name(model, m.into)
             except AttributeError:  # a block this model lacks: the table leaves the site out
                 capture = m.into
-            # a branch's module, then its BatchNorm when that is a separate child (a flat branch)
-            chains = tuple(((RunModule(b.module),) + ((RunModule(b.norm),) if b.norm and b.norm != b.module else ()))
-                           if b.module else () for b in m.branches)
+            # a branch's module, then its BatchNorm when that is a separate child (a flat branch), then
+            # what the sum scales it by
+            chains = tuple((((RunModule(b.module),) + ((RunModule(b.norm),) if _flat(b) else ()))
+                            if b.module else ()) + tuple(_scale_step(op, v) for op, v in b.scale)
+                           for b in m.branches)
             specs.append(SiteSpec(self.name, m.into, capture,
                                   tuple(b.module or "input" for b in m.branches), (Sum(chains),), (RunLayer(m.into),),
                                   covers=tuple(n for b in m.branches for n in (b.module, b.norm) if n)))
@@ -73,9 +75,25 @@ class MergePass:
         branches = sum(len(m.branches) for m in items)
         summary = ("branches merged", f"{len(items)} sums of {branches} branches -> one conv each") if items else None
         return Rows("Merged (parallel branches -> one conv)", ("one conv at", "branches summed"),
-                    [(m.into, ", ".join(b.module or "the input itself" for b in m.branches)) for m in items],
+                    [(m.into, ", ".join(_branch_text(b) for b in m.branches)) for m in items],
                     "Sums of branches left as they are", "block", [(s.block or "(the model)", s.reason) for s in left],
                     summary)
+
+
+def _flat(b: Any) -> bool:
+    """A branch whose BatchNorm is a separate child after its conv (not inside its module)."""
+    return bool(b.norm) and b.norm != b.module and not b.norm.startswith(f"{b.module}.")
+
+
+def _scale_step(op: str, value: Any) -> Any:
+    return RunModule(value) if op == "module" else Elementwise(op, value)
+
+
+def _branch_text(b: Any) -> str:
+    text = b.module or "the input itself"
+    for op, v in b.scale:
+        text += f" * {v}" if op == "module" else f" {'/' if op == 'div' else '*'} {v if isinstance(v, str) else f'{v:g}'}"
+    return text
 
 
 MERGE = MergePass()
