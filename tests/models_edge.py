@@ -620,3 +620,25 @@ class GatedByMean(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = (x.mean() > 2).to(x.dtype)
         return self.bn(self.conv(x * gate)).mean((2, 3))
+
+
+class SeqConvNorm(nn.Sequential):
+    """RepViT's ``ConvNorm``: a Sequential of a conv and its BatchNorm."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.add_module("c", nn.Conv2d(cin, cout, 3, padding=1, bias=False))
+        self.add_module("bn", nn.BatchNorm2d(cout))
+
+
+class WrappedConvs(nn.Module):
+    """A ``ConvNorm`` Sequential (folds, then the conv takes its place) and torchvision's
+    conv-BN-ReLU Sequential (the BN is in the middle: every index stays)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cn = SeqConvNorm(3, 4)
+        self.cbr = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        return self.cbr(torch.relu(self.cn(x)))

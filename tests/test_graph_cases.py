@@ -309,6 +309,13 @@ def test_timm_batchnormact_keeps_its_activation(act):
     assert type(res.model.bn.act) is type(norm.act) and not isinstance(norm.act, nn.Identity)
 
 
+def test_timm_batchnormact_without_activation_leaves_a_plain_identity():
+    timm_layers = pytest.importorskip("timm.layers")
+
+    res = run(me.ConvNorm(timm_layers.BatchNormAct2d(4, apply_act=False)), _x(2, 3, 6, 6), folds=1, skipped=0)
+    assert type(res.model.bn) is nn.Identity  # no module call that calls two more that do nothing
+
+
 def test_conv_transpose_groups_folds():
     conv = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2, bias=False)
     res = run(me.ConvNorm(nn.BatchNorm2d(6), conv), _x(2, 4, 5, 5), folds=1, skipped=0)
@@ -628,3 +635,15 @@ def test_a_bn_between_relu_and_max_pool_names_both_blockers():
     res = run(randomize_bn(model).eval(), _x(1, 1, 12, 12), folds=0, skipped=1)
     assert reason(res, "2") == ("follows relu in 1, not a Conv/Linear output; nor can it fold into the layer after it: "
                                 "its output goes to max_pool2d in 3, not straight into a Conv/Linear")
+
+
+def test_a_bn_after_a_merged_sum_leaves_the_rewritten_forward_and_a_sequential_keeps_its_indices():
+    import models_merge as mm
+
+    res = run(mm.PostSumBN(), torch.randn(2, 8, 8, 8, dtype=torch.float64), folds=2, skipped=0)
+    block = res.model.block
+    assert "bn" not in dict(block.named_children())  # the round-2 fold's Identity is not called, and gone
+    res = run(me.WrappedConvs(), _x(2, 3, 6, 6), folds=2, skipped=0)
+    assert [type(m) for m in res.model.cbr] == [nn.Conv2d, nn.Identity, nn.ReLU]  # every index stays
+    assert type(res.model.cn.bn) is nn.Identity and {k for k in res.model.state_dict() if k.startswith("cn.")} == \
+        {"cn.c.weight", "cn.c.bias"}

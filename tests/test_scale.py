@@ -106,3 +106,34 @@ def test_cli_shows_scales_folded_and_left(tmp_path: Path) -> None:
     # one round (inspect): the scale after the BatchNorm says it folds next round
     left = {s["scale"]: s["reason"] for s in json.loads(run_bnfuse("inspect", *args, cwd=ROOT / "tests").stdout)["scales_left"]}
     assert "folds in the next round, once block.mlp.3 has folded" in left["block.ls2"]
+
+
+#: (model, scales folded, scales left, what the ones left say): every layer scale and Affine on the
+#: feature axis of the Conv/Linear next to it folds; ResMLP's token mixing and EfficientFormer's
+#: ``pool(x) - x`` stay
+ZOO = [("tv:convnext_tiny", 18, 0, None), ("convnext_tiny", 18, 0, None), ("deit3_small_patch16_224", 24, 0, None),
+       ("cait_xxs24_224", 52, 0, None), ("resmlp_12_224", 24, 25, "not its features"),
+       ("efficientformer_l1", 16, 14, "does not read a Conv/Linear output")]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name, folded, left, reason", ZOO, ids=[z[0] for z in ZOO])
+def test_layer_scales_of_real_families_fold_exactly(name: str, folded: int, left: int, reason: "str | None") -> None:
+    sys_path = str(ROOT / "scripts")
+    import sys
+
+    sys.path.insert(0, sys_path)
+    try:
+        import bench_scales
+    finally:
+        sys.path.remove(sys_path)
+    if not name.startswith("tv:"):
+        pytest.importorskip("timm")
+    model, x = bench_scales._build(name)
+    m64 = copy.deepcopy(model).double()
+    result = fuse(copy.deepcopy(m64), x.double())
+    assert result.ok, result.verdict.reasons
+    assert (len(result.plan.of("scale")), len(result.plan.left_by("scale"))) == (folded, left)
+    assert reason is None or any(reason in s.reason for s in result.plan.left_by("scale"))
+    assert bench_scales._rel64(m64, result.model, x.double()) < 1e-12
+    assert bench_scales._muls(result.model, x.double()) <= bench_scales._muls(m64, x.double()) - folded

@@ -1,6 +1,5 @@
-"""At every fold site, in float64: the fused layer on (a crop of) the activation that really
-reached it, against the original layer and BatchNorm on the same activation.
-"""
+"""At every site of every pass, in float64: the fused layer on (a crop of) the activation that
+really reached it, against what it replaces (layer and BatchNorm, branches) on the same activation."""
 
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ class SiteCheck:
     tolerance: float = 0.0
     #: why the site could not be checked (None when it was)
     skipped: "str | None" = None
-    #: "fold" (``norms`` are the BatchNorms folded) or "merge" (``norms`` are the branches summed)
+    #: the pass (``fold``: ``norms`` are the BatchNorms folded; ``merge``: the branches summed; ...)
     kind: str = "fold"
 
     @property
@@ -36,8 +35,8 @@ class SiteCheck:
         return self.skipped is not None or self.rel_error <= self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "kind": self.kind, "norms": self.norms, "rel_error": json_number(self.rel_error),
-                "tolerance": self.tolerance, "ok": self.ok, "skipped": self.skipped}
+        return {"layer": self.layer, "kind": self.kind, "norms": self.norms, "ok": self.ok, "skipped": self.skipped,
+                "rel_error": json_number(self.rel_error), "tolerance": self.tolerance}
 
 
 @dataclass
@@ -48,8 +47,7 @@ class _Site:
     crop: "torch.Tensor | None" = None
 
 
-#: window kept of a BatchNorm's input, per spatial axis (for a fold into the layer after it, which
-#: never zero-pads: 1x1 convs and Linear layers in practice)
+#: window kept of a BatchNorm's input per spatial axis (a fold into the layer after it: no zero padding)
 NORM_WINDOW = 8
 #: float64 weights held at once by a site check: a Conv or Linear runs in blocks of output channels
 BLOCK_BYTES = 2 * 2**20

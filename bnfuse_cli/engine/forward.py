@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from torch import fx, nn
 
-__all__ = ["trace_block", "rewrite_forward", "child_name"]
+__all__ = ["trace_block", "rewrite_forward", "child_name", "skip_identity_calls"]
 
 
 def child_name(block_name: str, target: Any) -> str:
@@ -51,6 +51,15 @@ def _skip_identities(block: "nn.Module", graph: "fx.Graph") -> None:
             graph.erase_node(node)
 
 
+def skip_identity_calls(gm: "fx.GraphModule") -> None:
+    """Take the calls of ``nn.Identity`` children out of a rewritten block's forward (a BatchNorm a
+    later round folded into the layer before it), and drop those children."""
+    _skip_identities(gm, gm.graph)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    _plain_call(gm)
+
+
 def _plain_call(gm: "fx.GraphModule") -> None:
     """Let ``gm`` be called as any module is: ``recompile`` wraps each call in a frame that only
     rewrites the message of an exception, which costs about 2% of a merged MobileOne's forward at
@@ -74,11 +83,11 @@ def rewrite_forward(model: "nn.Module", block_name: str, edit: "Callable[[nn.Mod
     block = model.get_submodule(block_name) if block_name else model
     graph = trace_block(block)
     edit(block, graph)
+    # dead code goes before the GraphModule copies what its graph reads (a merged container, a folded
+    # scale): a child call counts as pure, as fx's own rule has it for modules not marked impure
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_module" and n.is_impure())
     _skip_identities(block, graph)
     gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
-    gm.graph.eliminate_dead_code()
-    # built again from itself: it copies only what the graph still reads (a folded scale goes)
-    gm = fx.GraphModule(gm, gm.graph, class_name=type(block).__name__)
     gm.delete_all_unused_submodules()
     gm.recompile()
     _plain_call(gm)

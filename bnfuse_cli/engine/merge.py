@@ -160,7 +160,23 @@ def _merge_tree(block_name: str, block: "nn.Module", root: "fx.Node", leaves: li
         if f is None:
             return MergeSkip(block_name, f"{where}: {why}")
         scaled.append(Branch(b.kind, b.module, b.norm, f))
-    return Merge(block_name, root.name, str(convs[main_i][0].module), tuple(scaled))
+    into = str(convs[main_i][0].module)
+    return Merge(block_name, root.name, into, tuple(scaled), _placement(block_name, block, into, scaled))
+
+
+def _placement(block_name: str, block: "nn.Module", into: str, branches: "list[Branch]") -> str:
+    """The block's child that holds the main branch when each of its children is one of the merged
+    branches and it holds nothing else (MobileOne's ``conv_kxk`` list): the merged conv takes its
+    place.  Else "" (the conv goes at ``into``)."""
+    rel = into[len(block_name) + 1:] if block_name else into
+    top = rel.split(".")[0]
+    if top == rel:
+        return ""
+    container, name = block.get_submodule(top), child_name(block_name, top)
+    mods = {b.module for b in branches if b.module}
+    if container._parameters or container._buffers or not all(f"{name}.{c}" in mods for c in container._modules):
+        return ""
+    return name
 
 
 def _branches(block_name: str, block: "nn.Module", nodes: list[Any], x: Any, rec: "Recorder",

@@ -123,7 +123,7 @@ def _rewrite_block(model: "nn.Module", block_name: str, merges: "list[Merge]",
         nodes = {n.name: n for n in graph.nodes}
         for m in merges:
             root = nodes.get(m.node)
-            rel = m.into[len(block_name) + 1:] if block_name else m.into
+            rel, at = (n[len(block_name) + 1:] if block_name else n for n in (m.into, m.place))
             x = next((n.args[0] for n in nodes.values() if n.op == "call_module" and str(n.target) == rel), None)
             while x is not None and x.op == "call_module" and isinstance(block.get_submodule(str(x.target)),
                                                                           nn.Identity):
@@ -131,10 +131,10 @@ def _rewrite_block(model: "nn.Module", block_name: str, merges: "list[Merge]",
             if root is None or x is None:
                 raise BnfuseError(f"cannot find the merged sum {m.node} of {block_name or 'the model'} in its forward")
             with graph.inserting_before(root):
-                new = graph.call_module(rel, (x,))
+                new = graph.call_module(at, (x,))
             root.replace_all_uses_with(new)
             graph.erase_node(root)
-            block.set_submodule(rel, convs[m.into])
+            block.set_submodule(at, convs[m.place])
 
     return rewrite_forward(model, block_name, edit)
 
@@ -155,7 +155,7 @@ def apply_merges(model: "nn.Module", merges: "Iterable[Merge]") -> "nn.Module":
             new.bias.copy_(bias)
         new.weight.requires_grad_(main.weight.requires_grad)
         new.bias.requires_grad_(main.weight.requires_grad)
-        convs[m.into] = new
+        convs[m.place] = new
     return _by_block(model, merges, convs)
 
 
@@ -163,7 +163,7 @@ def apply_merge_structure(model: "nn.Module", merges: "Iterable[Merge]") -> "nn.
     """Give an unmerged model the merged structure (its values come from a state_dict loaded next);
     the model, a new root as for :func:`apply_merges`."""
     merges = list(merges)
-    convs = {m.into: _new_conv(main_conv(model.get_submodule(m.into))) for m in merges}
+    convs = {m.place: _new_conv(main_conv(model.get_submodule(m.into))) for m in merges}
     return _by_block(model, merges, convs)
 
 

@@ -96,19 +96,27 @@ class Merge:
     node: str
     into: str
     branches: tuple[Branch, ...]
+    #: where the merged conv is placed when not at ``into``: the block's child that held only the
+    #: merged branches (MobileOne's ``conv_kxk`` list), so the forward reaches it in one lookup
+    at: str = ""
 
     @property
     def norms(self) -> list[str]:
         return [b.norm for b in self.branches if b.norm]
 
+    @property
+    def place(self) -> str:
+        """The merged conv's name in the fused model."""
+        return self.at or self.into
+
     def to_dict(self) -> dict[str, Any]:
         return {"block": self.block, "node": self.node, "into": self.into,
-                "branches": [b.to_dict() for b in self.branches]}
+                "branches": [b.to_dict() for b in self.branches], **({"at": self.at} if self.at else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Merge":
         return cls(str(d["block"]), str(d["node"]), str(d["into"]),
-                   tuple(Branch.from_dict(b) for b in d["branches"]))
+                   tuple(Branch.from_dict(b) for b in d["branches"]), str(d.get("at", "")))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["apply_plan", "apply_structure", "fold_affine_backward", "fold_affine_forward", "give_bias"]
+__all__ = ["apply_plan", "apply_structure", "fold_affine", "give_bias"]
 
 
 def _replacement(norm: "nn.Module", kind: str) -> "nn.Module":
@@ -31,7 +31,10 @@ def _replacement(norm: "nn.Module", kind: str) -> "nn.Module":
     if kind == "activation":
         from .layers import NormActivation
 
-        return NormActivation(getattr(norm, "drop", nn.Identity()), getattr(norm, "act", nn.Identity()))
+        drop, act = getattr(norm, "drop", nn.Identity()), getattr(norm, "act", nn.Identity())
+        if type(drop) is nn.Identity and type(act) is nn.Identity:  # nothing after normalising (apply_act=False)
+            return nn.Identity()
+        return NormActivation(drop, act)
     raise BnfuseError(f"unknown replacement {kind!r} in the fold plan")
 
 
@@ -71,6 +74,21 @@ def _replace_norms(model: "nn.Module", folds: Iterable[Fold], build) -> None:  #
         new = build(norm, f.replacement)
         for name in aliases.get(id(norm), [f.norm]):
             model.set_submodule(name, new)
+            _skip_in_rewritten_block(model, name, new)
+
+
+def _skip_in_rewritten_block(model: "nn.Module", name: str, new: "nn.Module") -> None:
+    """A BatchNorm folded inside a block an earlier round rewrote (one after a merged sum) leaves that
+    block's forward: the ``nn.Identity`` in its place is not called.  Elsewhere it stays in place under
+    its name, so the module tree and every index of a ``Sequential`` stay as they were."""
+    from torch import fx, nn
+
+    from .forward import skip_identity_calls
+
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, fx.GraphModule) and type(new) is nn.Identity:
+        skip_identity_calls(parent)
 
 
 @dataclass
@@ -148,30 +166,18 @@ def apply_structure(model: "nn.Module", folds: Iterable[Fold]) -> None:
 
 
 
-def fold_affine_backward(layer: "nn.Module", scale: "torch.Tensor", shift: "torch.Tensor", name: str) -> None:
-    """Fold ``z = scale * layer(x) + shift`` (per output channel, float64) into ``layer`` in place,
-    checked first like every fold (:func:`bnfuse_cli.engine.fold.prepare_fold`)."""
+def fold_affine(layer: "nn.Module", scale: "torch.Tensor", shift: "torch.Tensor", name: str,
+                         direction: str = "backward") -> None:
+    """Fold ``z = scale * layer(x) + shift`` (per output channel, float64) into ``layer`` in place, or
+    with ``direction="forward"`` ``layer(scale * x + shift)`` (per input channel; the caller has made
+    sure no zero padding meets the shift), checked first like every fold
+    (:func:`bnfuse_cli.engine.fold.prepare_fold`)."""
     import torch
 
     prod, why = producer_rule(layer)
     if prod is None:
         raise BnfuseError(f"cannot fold {name}: {why}")
-    fold = prepare_fold(layer.weight, layer.bias, backward=(scale, shift), transposed=prod.transposed,
-                        groups=getattr(layer, "groups", 1), name=name)
-    with torch.no_grad():
-        apply_fold_(layer.weight, fold)
-        _set_bias(layer, fold.bias)
-
-
-def fold_affine_forward(layer: "nn.Module", scale: "torch.Tensor", shift: "torch.Tensor", name: str) -> None:
-    """Fold ``layer(scale * x + shift)`` (per input channel, float64) into ``layer`` in place, checked
-    first like every fold (the caller has made sure no zero padding meets the shift)."""
-    import torch
-
-    prod, why = producer_rule(layer)
-    if prod is None:
-        raise BnfuseError(f"cannot fold {name}: {why}")
-    fold = prepare_fold(layer.weight, layer.bias, forward=(scale, shift), transposed=prod.transposed,
+    fold = prepare_fold(layer.weight, layer.bias, **{direction: (scale, shift)}, transposed=prod.transposed,
                         groups=getattr(layer, "groups", 1), name=name)
     with torch.no_grad():
         apply_fold_(layer.weight, fold)

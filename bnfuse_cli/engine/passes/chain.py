@@ -15,7 +15,7 @@ from ..fold import affine_from_stats
 from ..forward import child_name, rewrite_forward, trace_block
 from ..patterns import norm_rule, producer_rule
 from ..plan import Plan, Skip
-from ..rewrite import fold_affine_backward, give_bias
+from ..rewrite import fold_affine, give_bias
 from .base import held, Elementwise, Norm, Rows, RunLayer, SiteSpec
 
 if TYPE_CHECKING:
@@ -191,7 +191,7 @@ class ChainPass:
             rule, _ = norm_rule(norm)
             s, t = affine_from_stats(*rule.stats(norm), name=it.norm)
             a, b = chain_affine(model, it.steps, s.numel())
-            fold_affine_backward(model.get_submodule(it.producer), s * a, s * b + t, it.norm)
+            fold_affine(model.get_submodule(it.producer), s * a, s * b + t, it.norm)
         return _cut(model, items)
 
     def rebuild(self, model: "nn.Module", items: "list[ChainFold]") -> "nn.Module":

@@ -15,7 +15,7 @@ from ..fold import affine_from_stats
 from ..forward import child_name, rewrite_forward
 from ..patterns import norm_rule, producer_rule
 from ..plan import Plan, Skip
-from ..rewrite import fold_affine_backward, give_bias
+from ..rewrite import fold_affine, give_bias
 from .base import layer_axis, Norm, Rows, RunLayer, SiteSpec
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def _rewrite(model: "nn.Module", items: "list[CloneFold]", *, values: bool) -> "
                 if values:
                     norm = block.get_submodule(rel(it.norm))
                     s, t = affine_from_stats(*norm_rule(norm)[0].stats(norm), name=it.norm)
-                    fold_affine_backward(twin, s, t, it.norm)
+                    fold_affine(twin, s, t, it.norm)
                 else:
                     give_bias(twin)
                 block.add_module(rel(it.copy), twin)

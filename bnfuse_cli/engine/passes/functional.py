@@ -16,7 +16,7 @@ from ..forward import rewrite_forward, trace_block
 from ..patterns import producer_rule, std_conv_rule
 from ..plan import Plan
 from ..record import pretty_op, where
-from ..rewrite import fold_affine_backward, give_bias
+from ..rewrite import fold_affine, give_bias
 from .base import held, layer_axis, Rows, RunLayer, SiteSpec, Stats
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ class FunctionalPass:
         for it in items:
             stats = [held(model, q) for q in it.stats]
             scale, shift = affine_from_stats(stats[0], stats[1], stats[2], stats[3], it.eps, name=it.label)
-            fold_affine_backward(model.get_submodule(it.producer), scale, shift, it.label)
+            fold_affine(model.get_submodule(it.producer), scale, shift, it.label)
         _remove_calls(model, items)
 
     def rebuild(self, model: "nn.Module", items: "list[FunctionalFold]") -> None:

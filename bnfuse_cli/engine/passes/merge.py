@@ -65,8 +65,8 @@ class MergePass:
             chains = tuple((((RunModule(b.module),) + ((RunModule(b.norm),) if _flat(b) else ()))
                             if b.module else ()) + tuple(_scale_step(op, v) for op, v in b.scale)
                            for b in m.branches)
-            specs.append(SiteSpec(self.name, m.into, capture,
-                                  tuple(b.module or "input" for b in m.branches), (Sum(chains),), (RunLayer(m.into),),
+            specs.append(SiteSpec(self.name, m.place, capture,
+                                  tuple(b.module or "input" for b in m.branches), (Sum(chains),), (RunLayer(m.place),),
                                   covers=tuple(n for b in m.branches for n in (b.module, b.norm) if n)))
         return specs
 
@@ -75,7 +75,7 @@ class MergePass:
         branches = sum(len(m.branches) for m in items)
         summary = ("branches merged", f"{len(items)} sums of {branches} branches -> one conv each") if items else None
         return Rows("Merged (parallel branches -> one conv)", ("one conv at", "branches summed"),
-                    [(m.into, ", ".join(_branch_text(b) for b in m.branches)) for m in items],
+                    [(m.place, ", ".join(_branch_text(b) for b in m.branches)) for m in items],
                     "Sums of branches left as they are", "block", [(s.block or "(the model)", s.reason) for s in left],
                     summary)
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import BnfuseError
 from ..forward import rewrite_forward
 from ..plan import Plan
-from ..rewrite import fold_affine_backward, fold_affine_forward, give_bias
+from ..rewrite import fold_affine, give_bias
 from ..scale_find import ScaleFold, ScaleSkip, _WAITING, find_scales
 from ..sums import channel_affine, constant_operand
 from .base import Elementwise, held, Rows, RunLayer, RunModule, SiteSpec
@@ -71,7 +71,7 @@ class ScalePass:
         for it in items:
             layer = model.get_submodule(it.producer)
             a, b = _values(model, it, layer)
-            (fold_affine_backward if it.direction == "backward" else fold_affine_forward)(layer, a, b, it.scale)
+            fold_affine(layer, a, b, it.scale, it.direction)
         return _remove(model, items)
 
     def rebuild(self, model: "nn.Module", items: "list[ScaleFold]") -> "nn.Module":
