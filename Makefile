@@ -44,6 +44,8 @@ bench-scripts: $(VENV)/.extras
 	$(BIN)/python scripts/bench_batch_convert.py
 	$(BIN)/python scripts/compare_onnxruntime.py
 	$(BIN)/python scripts/compare_reparam.py
+	$(BIN)/python scripts/bench_scales.py
+	$(BIN)/python scripts/bench_horizontal.py
 	$(BIN)/python scripts/export_zoo.py
 	$(BIN)/python scripts/compare_runtimes.py
 	mkdir -p out

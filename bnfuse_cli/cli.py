@@ -164,6 +164,7 @@ def convert(
     json_file: JsonOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every fold and every BatchNorm left.")] = False,
     clone_shared: Annotated[bool, typer.Option("--clone-shared", help="Fold a BatchNorm into a copy of a layer whose output is also read elsewhere (more parameters, one operation less; off: the report says what it would fold).")] = False,
+    horizontal: Annotated[bool, typer.Option("--horizontal", help="Make sibling Conv/Linear layers that read one tensor one wider layer (off by default: not always faster in eager PyTorch; see the README).")] = False,
 ) -> None:
     """Fold every BatchNorm that can be folded and write the fused checkpoint.
 
@@ -187,7 +188,8 @@ def convert(
         for src, dest in zip(sources, dests):
             with _library_output_to_stderr():
                 r = convert_fn(src, dest, options=opts, save_as=save_as, force=force, rtol=rtol, atol=atol,
-                               tolerance=tolerance, placed=placed, verbose=verbose, clone_shared=clone_shared)
+                               tolerance=tolerance, placed=placed, verbose=verbose, clone_shared=clone_shared,
+                               horizontal=horizontal)
             res.print(convert_table(r))
             for table in plan_tables(r.plan, verbose=verbose):
                 res.print(table)
@@ -320,6 +322,7 @@ def bench(
     json_file: JsonOpt = None,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write a Markdown table (for a CI job summary) to this file.", dir_okay=False)] = None,
     min_speedup: Annotated[Optional[float], typer.Option("--min-speedup", help="Exit 1 when a model's median speedup (original/fused) is below this.", show_default=False)] = None,
+    horizontal: Annotated[bool, typer.Option("--horizontal", help="Fuse sibling Conv/Linear layers on one input side by side in the fused model too (time it on and off).")] = False,
 ) -> None:
     """Time each model and its fused copy side by side, and check the fused output.
 
@@ -353,7 +356,7 @@ def bench(
             report = bench_fn(models or None, options=opts, device=device, dtype=dtype, batch_size=batch_size,
                               channels_last=channels_last, threads=threads, iters=iters, warmup=warmup,
                               time_budget=time_budget, compile=compile_, autocast=autocast, rtol=rtol, atol=atol,
-                              runtime=runtime, progress=tick)
+                              runtime=runtime, progress=tick, horizontal=horizontal)
         res = _results(json_file)
         for table in bench_tables(report, min_speedup, res.width) + left_tables(report):
             res.print(table)

@@ -206,7 +206,7 @@ def _run_chain(model: "nn.Module", chain: "tuple[Any, ...]", x: "torch.Tensor") 
 
     import torch
 
-    from ..engine.passes import Elementwise, Norm, RunLayer, RunModule, Stats, Sum
+    from ..engine.passes import Cat, Elementwise, Norm, RunLayer, RunModule, Stats, Sum
 
     for step in chain:
         if isinstance(step, RunLayer):
@@ -228,6 +228,8 @@ def _run_chain(model: "nn.Module", chain: "tuple[Any, ...]", x: "torch.Tensor") 
                 y = _run_chain(model, sub, x)
                 total = y if total is None else total + y
             x = total
+        elif isinstance(step, Cat):
+            x = torch.cat([_run_chain(model, sub, x) for sub in step.chains], step.axis)
         else:
             raise ValueError(f"unknown site step {step!r}")
     return x

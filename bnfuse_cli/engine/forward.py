@@ -17,25 +17,35 @@ def child_name(block_name: str, target: Any) -> str:
     return f"{block_name}.{target}" if block_name else str(target)
 
 
-def trace_block(block: "nn.Module") -> "fx.Graph":
-    """The block's forward as an fx graph in which every child module is one call."""
+def trace_block(block: "nn.Module", deep: bool = False) -> "fx.Graph":
+    """The block's forward as an fx graph in which every child module is one call; ``deep``: traced
+    through its children down to torch's own layers (a Conv inside a wrapper inside a Sequential is
+    one call of the block's graph, under its dotted name)."""
     from torch import fx
+
+    from .patterns import is_norm_like, is_producer_like
 
     class _ChildrenAsLeaves(fx.Tracer):
         def is_leaf_module(self, m: "nn.Module", qualname: str) -> bool:  # noqa: ARG002
             return True
 
-    # tracing runs the block's own forward with proxies: whatever it stores on itself is undone
-    saved = dict(block.__dict__)
-    tables = {k: dict(v) for k, v in saved.items() if k in ("_modules", "_parameters", "_buffers")}
+    class _LayersAsLeaves(fx.Tracer):
+        def is_leaf_module(self, m: "nn.Module", qualname: str) -> bool:
+            return is_producer_like(m) or is_norm_like(m) or super().is_leaf_module(m, qualname)
+
+    # tracing runs the forward with proxies: whatever it stores on the modules it runs is undone
+    mods = list(block.modules()) if deep else [block]
+    saved = [(m, dict(m.__dict__)) for m in mods]
+    tables = [{k: dict(v) for k, v in d.items() if k in ("_modules", "_parameters", "_buffers")} for _, d in saved]
     try:
-        return _ChildrenAsLeaves().trace(block)
+        return (_LayersAsLeaves() if deep else _ChildrenAsLeaves()).trace(block)
     finally:
-        block.__dict__.clear()
-        block.__dict__.update(saved)
-        for k, v in tables.items():
-            saved[k].clear()
-            saved[k].update(v)
+        for (m, d), t in zip(saved, tables):
+            m.__dict__.clear()
+            m.__dict__.update(d)
+            for k, v in t.items():
+                d[k].clear()
+                d[k].update(v)
 
 
 def _skip_identities(block: "nn.Module", graph: "fx.Graph") -> None:
@@ -72,8 +82,8 @@ def _plain_call(gm: "fx.GraphModule") -> None:
         del cls.__call__
 
 
-def rewrite_forward(model: "nn.Module", block_name: str, edit: "Callable[[nn.Module, fx.Graph], None]"
-                    ) -> "nn.Module":
+def rewrite_forward(model: "nn.Module", block_name: str, edit: "Callable[[nn.Module, fx.Graph], None]",
+                    deep: bool = False) -> "nn.Module":
     """Trace ``block_name``'s forward, let ``edit(block, graph)`` change the graph (and add children to
     the block), then put a ``GraphModule`` of it in the block's place: dead nodes, calls of
     ``nn.Identity`` and the children nothing calls any more are dropped (from the state_dict too).  Returns the model, or the new root
@@ -81,7 +91,7 @@ def rewrite_forward(model: "nn.Module", block_name: str, edit: "Callable[[nn.Mod
     from torch import fx
 
     block = model.get_submodule(block_name) if block_name else model
-    graph = trace_block(block)
+    graph = trace_block(block, deep)
     edit(block, graph)
     # dead code goes before the GraphModule copies what its graph reads (a merged container, a folded
     # scale): a child call counts as pure, as fx's own rule has it for modules not marked impure

@@ -113,6 +113,8 @@ class _Settings:
     threads: "int | None" = None
     #: what both models run in: one of :data:`RUNTIMES`
     runtime: str = "eager"
+    #: the fused side also makes sibling layers on one input one wider layer (``--horizontal``)
+    horizontal: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as the JSON report gives them (the batch size the device's default when
@@ -123,7 +125,7 @@ class _Settings:
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""), "autocast": self.autocast,
             "batch_size": batch,
             "input_shape": shape if isinstance(shape, (str, type(None))) else list(shape),
-            "runtime": self.runtime,
+            "runtime": self.runtime, "horizontal": self.horizontal,
             "channels_last": self.channels_last, "threads": self.threads, "compile": self.compile, "iters": self.iters,
             "warmup": self.warmup, "time_budget_s": self.time_budget, "min_sample_ms": self.min_sample_ms,
             "weights": self.source.weights, "rtol": self.rtol, "atol": self.atol, "seed": self.seed,
@@ -183,7 +185,7 @@ def _fold(prep: _Prepared, st: _Settings) -> "FuseResult":
 
     probe = InputSpec((1, *prep.spec.shape[1:]), prep.spec.kind)
     return fuse(prep.original, as_args(make_input(probe, dtype=torch.float32, seed=st.seed)), inplace=False,
-                rtol=st.rtol, atol=st.atol)
+                rtol=st.rtol, atol=st.atol, horizontal=st.horizontal)
 
 
 def _reference(prep: _Prepared, args32: tuple[Any, ...], st: _Settings) -> Any:
@@ -312,6 +314,7 @@ def bench(
     min_sample_ms: float = 2.0,
     runtime: str = "eager",
     progress: "ProgressFn | None" = None,
+    horizontal: bool = False,
     **load: Any,
 ) -> BenchReport:
     """Time each model and its fused copy, alternating, and judge the fused model.
@@ -333,6 +336,7 @@ def bench(
     (torch.export programs, ``ep.module()``) or ``onnxruntime`` (ONNX graphs, both sessions at
     ``ORT_ENABLE_ALL`` with ``threads`` or torch's thread count as intra-op threads, on the CPU,
     float32; the report gives each graph's BatchNorm and conv nodes after onnxruntime's optimisation).
+    ``horizontal`` fuses sibling layers on one input side by side in the fused model too.
     """
     import torch
 
@@ -359,7 +363,7 @@ def bench(
     st = _Settings(device=dev, dtype=dt, autocast=amp, source=opts, batch_size=batch_size,
                    channels_last=channels_last, compile=compile, iters=iters, warmup=warmup, time_budget=budget,
                    min_sample_ms=min_sample_ms, rtol=rtol, atol=atol, progress=progress, threads=threads,
-                   runtime=runtime)
+                   runtime=runtime, horizontal=horizontal)
 
     old_threads = torch.get_num_threads()
     flags_before = backend_flags()

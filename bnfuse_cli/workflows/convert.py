@@ -152,6 +152,7 @@ def convert(
     placed: "list[Path] | None" = None,
     verbose: bool = False,
     clone_shared: bool = False,
+    horizontal: bool = False,
     **load: Any,
 ) -> ConvertReport:
     """Fold every foldable BatchNorm of ``source`` and write the fused model to ``output``.
@@ -171,7 +172,8 @@ def convert(
     (``torch.export``) or ``.onnx`` (the ``onnx`` extra) is a program exported from the fused
     model, which runs without bnfuse or the model's code; it is opened in its own runtime and
     judged against the original before it is placed.  ``verbose`` shows the exporter's messages.
-    ``clone_shared`` folds a BatchNorm into a copy of a layer whose output is also read elsewhere.
+    ``clone_shared`` folds a BatchNorm into a copy of a layer whose output is also read elsewhere;
+    ``horizontal`` makes sibling layers on one input one wider layer.
     """
     t0 = time.perf_counter()
     rtol = _rtol(rtol, tolerance)
@@ -184,7 +186,7 @@ def convert(
     t1 = time.perf_counter()
     fmt = output_format(out_path) if out_path is not None else None
     result = fuse_prepared(prep, rtol=rtol, atol=atol, keep_reference=bool(fmt and fmt.program),
-                           clone_shared=clone_shared)
+                           clone_shared=clone_shared, horizontal=horizontal)
     t4 = time.perf_counter()
     report = _report(prep, out_path, result)
     if not result.ok:

@@ -120,6 +120,7 @@ def fuse(
     merge: bool = True,
     keep_reference: bool = False,
     clone_shared: bool = False,
+    horizontal: bool = False,
 ) -> FuseResult:
     """Fold every BatchNorm of ``model`` that can be folded exactly, merge every sum of parallel
     branches that can become one conv (``merge=True``), and judge the result.
@@ -138,6 +139,8 @@ def fuse(
     original's output on the example input in the result (``reference``).  ``clone_shared``: a
     layer whose output a BatchNorm and something else read gets a copy for the BatchNorm's path,
     folded (more parameters, one operation less); off, the report says what it would fold.
+    ``horizontal``: sibling Conv/Linear layers that read one tensor become one wider layer (off by
+    default: not always faster in eager PyTorch; ``scripts/bench_horizontal.py``).
     """
     dtype, device = model_dtype(model)
     Tolerance.for_dtype(dtype, rtol, atol)  # a bad tolerance is refused before the copy
@@ -149,29 +152,28 @@ def fuse(
     args = _example(model, example_input)
     copied = time.perf_counter() - t0
     result = _fuse(model, args, dtype, device, rtol=rtol, atol=atol, merge=merge, keep_reference=keep_reference,
-                   clone_shared=clone_shared)
+                   options={"clone_shared": clone_shared, "horizontal": horizontal})
     result.switched_to_eval = switched
     result.seconds = {"copy": copied, **result.seconds}
     return result
 
 
 def fuse_prepared(prep: Any, *, rtol: "float | None" = None, atol: "float | None" = None, merge: bool = True,
-                  keep_reference: bool = False, clone_shared: bool = False) -> FuseResult:
+                  keep_reference: bool = False, clone_shared: bool = False, horizontal: bool = False) -> FuseResult:
     """:func:`fuse` of a :class:`~bnfuse_cli.workflows.source.Prepared` source, in place, on the
     example input, dtype and device it was prepared with (``convert``'s way in)."""
     return _fuse(prep.model, prep.args, prep.dtype, prep.device, rtol=rtol, atol=atol, merge=merge,
-                 keep_reference=keep_reference, clone_shared=clone_shared)
+                 keep_reference=keep_reference, options={"clone_shared": clone_shared, "horizontal": horizontal})
 
 
 def _fuse(model: "nn.Module", args: tuple[Any, ...], dtype: Any, device: Any, *, rtol: "float | None",
-          atol: "float | None", merge: bool, keep_reference: bool, clone_shared: bool = False) -> FuseResult:
+          atol: "float | None", merge: bool, keep_reference: bool, options: "dict[str, Any] | None" = None) -> FuseResult:
     """The pipeline on a model in eval mode: rounds of record, plan and rewrite, then the verdict."""
     import torch
 
     tol = Tolerance.for_dtype(dtype, rtol, atol)
     with exact_math():
-        model, plan, reference, sites, seconds, before = _rounds(model, args, merge=merge,
-                                                                 options={"clone_shared": clone_shared})
+        model, plan, reference, sites, seconds, before = _rounds(model, args, merge=merge, options=options)
         t3 = time.perf_counter()
         with torch.no_grad(), SelectionProbe() as after:
             fused_out = model(*args)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .base import Elementwise, Norm, Pass, held, Rows, RunLayer, RunModule, SiteSpec, Stats, Sum
+from .base import Cat, Elementwise, Norm, Pass, held, Rows, RunLayer, RunModule, SiteSpec, Stats, Sum
 from .chain import CHAIN
 from .clone import CLONE
 from .fold import FOLD
 from .functional import FUNCTIONAL
+from .horizontal import HORIZONTAL
 from .merge import MERGE
 from .scale import SCALE
 from .standardise import STANDARDISE
@@ -25,10 +26,10 @@ from .standardise import STANDARDISE
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["PASSES", "Pass", "SiteSpec", "Rows", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise", "Sum", "by_name", "rebuild", "site_specs", "held"]
+__all__ = ["PASSES", "Pass", "SiteSpec", "Rows", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise", "Sum", "Cat", "by_name", "rebuild", "site_specs", "held"]
 
 #: the passes, in the order they find and apply their items within a round
-PASSES: "list[Pass]" = [FOLD, STANDARDISE, CHAIN, FUNCTIONAL, MERGE, SCALE, CLONE]
+PASSES: "list[Pass]" = [FOLD, STANDARDISE, CHAIN, FUNCTIONAL, MERGE, SCALE, HORIZONTAL, CLONE]
 
 
 def by_name(name: str) -> Any:
@@ -73,7 +74,7 @@ def _names(spec: SiteSpec) -> "set[str]":
     todo = list(spec.original)
     while todo:
         step = todo.pop()
-        if isinstance(step, Sum):
+        if isinstance(step, (Sum, Cat)):
             todo += [s for chain in step.chains for s in chain]
         elif isinstance(step, Elementwise):
             if isinstance(step.value, str):

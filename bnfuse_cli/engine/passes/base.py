@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from ..plan import Plan
     from ..record import Recorder
 
-__all__ = ["Pass", "SiteSpec", "layer_axis", "held", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise", "Sum", "Rows"]
+__all__ = ["Pass", "SiteSpec", "layer_axis", "held", "touched", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise",
+           "Sum", "Cat", "Rows"]
 
 
 # ----------------------------------------------------------------------------- site descriptions
@@ -80,6 +81,15 @@ class Sum:
 
 
 @dataclass(frozen=True)
+class Cat:
+    """Several chains, each applied to the same input, side by side on ``axis`` (1: channels; -1: a
+    Linear's features)."""
+
+    chains: "tuple[tuple[Any, ...], ...]"
+    axis: int = 1
+
+
+@dataclass(frozen=True)
 class SiteSpec:
     """One site the judge checks: ``original`` and ``fused`` are chains of the steps above, run in
     float64 on a crop of the first input of ``capture`` (the original chain on the model before the
@@ -111,6 +121,21 @@ def held(model: "nn.Module", qual: str) -> Any:
         return None
     mod, _, attr = qual.rpartition(".")
     return getattr(model.get_submodule(mod), attr)
+
+
+def touched(plan: "Plan", own: str) -> "set[str]":
+    """The layers and modules the other passes rewrite in this round (their items' ``producer``,
+    ``into``, branches and branch scales): a pass that would rewrite one of them again leaves it for
+    the next round, so that each site is judged on its own."""
+    out: set[str] = set()
+    for name, items in plan.items.items():
+        if name == own:
+            continue
+        for it in items:
+            out |= {v for v in (getattr(it, "producer", None), getattr(it, "into", None)) if isinstance(v, str)}
+            for b in getattr(it, "branches", ()):
+                out |= {v for v in (b.module, b.norm) if v} | {v for _, v in b.scale if isinstance(v, str)}
+    return out
 
 
 def layer_axis(model: "nn.Module", name: str) -> int:

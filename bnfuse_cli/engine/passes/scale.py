@@ -13,7 +13,7 @@ from ..plan import Plan
 from ..rewrite import fold_affine, give_bias
 from ..scale_find import ScaleFold, ScaleSkip, _WAITING, find_scales
 from ..sums import channel_affine, constant_operand
-from .base import Elementwise, held, Rows, RunLayer, RunModule, SiteSpec
+from .base import Elementwise, held, Rows, RunLayer, RunModule, SiteSpec, touched
 
 if TYPE_CHECKING:
     import torch
@@ -22,20 +22,6 @@ if TYPE_CHECKING:
     from ..record import Recorder
 
 __all__ = ["SCALE", "ScalePass"]
-
-
-def _touched(plan: Plan, own: str) -> "set[str]":
-    """The layers and modules the other passes rewrite in this round (their items' ``producer``,
-    ``into``, branches and branch scales): a scale on one of them waits for the next round."""
-    out: set[str] = set()
-    for name, items in plan.items.items():
-        if name == own:
-            continue
-        for it in items:
-            out |= {v for v in (getattr(it, "producer", None), getattr(it, "into", None)) if isinstance(v, str)}
-            for b in getattr(it, "branches", ()):
-                out |= {v for v in (b.module, b.norm) if v} | {v for _, v in b.scale if isinstance(v, str)}
-    return out
 
 
 class ScalePass:
@@ -48,15 +34,15 @@ class ScalePass:
     def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
         step = Plan()
         find_scales(model, rec, escapes, step, self.name)
-        touched = _touched(plan, self.name)
+        busy_now = touched(plan, self.name)
         folded = {f.norm for f in plan.folds if f.direction == "backward"}
         for it in step.of(self.name):
-            busy = [n for n in (it.producer, it.scale) if n in touched or any(n.startswith(f"{t}.") for t in touched)]
+            busy = [n for n in (it.producer, it.scale) if n in busy_now or any(n.startswith(f"{t}.") for t in busy_now)]
             if busy:  # one rewrite of a layer per round, each judged at its site: the next round sees the rest
                 plan.more = True
             else:
                 plan.of(self.name).append(it)
-                touched.add(it.producer)
+                busy_now.add(it.producer)
         for skip in step.left_by(self.name):
             if skip.reason.startswith(_WAITING):
                 norm = skip.reason[len(_WAITING):].split(" ", 1)[0]
