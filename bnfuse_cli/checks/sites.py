@@ -206,7 +206,7 @@ def _run_chain(model: "nn.Module", chain: "tuple[Any, ...]", x: "torch.Tensor") 
 
     import torch
 
-    from ..engine.passes import Cat, Elementwise, Norm, RunLayer, RunModule, Stats, Sum
+    from ..engine.passes import Cat, Elementwise, Layout, Norm, RunLayer, RunModule, Stats, Sum
 
     for step in chain:
         if isinstance(step, RunLayer):
@@ -230,6 +230,8 @@ def _run_chain(model: "nn.Module", chain: "tuple[Any, ...]", x: "torch.Tensor") 
             x = total
         elif isinstance(step, Cat):
             x = torch.cat([_run_chain(model, sub, x) for sub in step.chains], step.axis)
+        elif isinstance(step, Layout):
+            x = getattr(x, step.op)(*step.args)
         else:
             raise ValueError(f"unknown site step {step!r}")
     return x
@@ -336,9 +338,7 @@ class SiteProbe:
                 h.remove()
 
     def _compute(self, model: "nn.Module", site: _Site, fused: bool) -> "torch.Tensor":
-        import torch
-
-        return _run_chain(model, site.spec.fused if fused else site.spec.original, site.crop.to(torch.float64))
+        return _run_chain(model, site.spec.fused if fused else site.spec.original, site.crop.double())
 
     def reference(self, original: "nn.Module") -> None:
         """Compute each site's float64 reference from the original, unfused model."""

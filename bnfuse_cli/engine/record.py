@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BnfuseError
 from .batch_norm_calls import BatchNormCall, note_batch_norm
+from .ops import (ADDS, CATS, METADATA, MOVES, PASSTHROUGH, RESHAPES, SELF_ONLY, VALUE_FREE, op_name,
+                  pretty_op)
 from .patterns import is_norm_like, is_producer_like
 
 if TYPE_CHECKING:
@@ -29,35 +31,6 @@ if TYPE_CHECKING:
     InputCallback = Callable[[str, "nn.Module", Any], None]
 
 __all__ = ["Recorder", "TensorRecord", "Call", "BatchNormCall", "tensors_in", "pretty_op", "where"]
-
-#: reads that look only at a tensor's metadata, never its values
-_METADATA = frozenset(
-    """size dim shape dtype device ndim numel nelement __len__ is_floating_point is_complex
-    stride requires_grad is_cuda layout names is_sparse is_quantized is_meta is_nested grad_fn
-    is_leaf element_size get_device is_contiguous storage_offset __hash__ is_mkldnn is_xpu
-    is_cpu""".split()
-)
-
-#: ops that return their first argument itself when there is nothing to do (same dtype, already
-#: contiguous, dropout in eval): then nothing new was read or made, and nothing is recorded
-_PASSTHROUGH = frozenset(
-    """to type_as contiguous float double half bfloat16 cpu cuda type dropout dropout1d dropout2d
-    dropout3d alpha_dropout feature_alpha_dropout""".split()
-)
-#: ops that look only at their arguments' shape, dtype and device (their result is recorded)
-_VALUE_FREE = frozenset(
-    "new_zeros new_ones new_empty new_full zeros_like ones_like empty_like full_like rand_like randn_like".split()
-)
-#: ops that read the values of their first argument only (the second gives a dtype or shape)
-_SELF_ONLY = frozenset("type_as reshape_as view_as expand_as".split())
-#: reshapes that can keep a producer's channel axis as axis 1 of a 2-D BatchNorm1d input
-#: (levit's ``bn(linear(x).flatten(0, 1))``); results of these on a producer output are watched
-_RESHAPES = frozenset("flatten reshape view squeeze unsqueeze".split())
-#: additions and subtractions: a module inside whose call one runs may hold parallel branches to merge
-_ADDS = frozenset("add add_ __add__ __iadd__ __radd__ sub sub_ __sub__ __isub__ __rsub__".split())
-#: concatenations; a cat of producer outputs along axis 1 is watched (MixNet's MixedConv2d)
-_CATS = frozenset("cat concat concatenate".split())
-
 
 @dataclass(eq=False)
 class TensorRecord:
@@ -81,34 +54,6 @@ class Call:
     output: "TensorRecord | None" = None
     #: the module's training flag during this call (a model may switch a BN to train itself)
     training: bool = False
-
-
-def _op_name(func: Any) -> str:
-    name = getattr(func, "__name__", None) or str(func)
-    if name in ("__get__", "__set__"):
-        owner = getattr(func, "__self__", None)
-        name = getattr(owner, "__name__", name)
-    return name
-
-
-#: operator names whose ``__iop__``/``__rop__`` forms are the same operation for a reader
-_BINARY_OPS = frozenset(
-    "add sub mul truediv floordiv div matmul mod pow and or xor lshift rshift".split()
-)
-_OP_WORDS = {"truediv": "div", "floordiv": "floor_divide", "getitem": "indexing", "setitem": "index assignment"}
-
-
-def pretty_op(op: str) -> str:
-    """A readable name for a recorded op: ``__add__``/``__iadd__``/``__radd__``/``add_`` ->
-    ``add``, ``relu_`` -> ``relu``, ``__getitem__`` -> ``indexing``."""
-    name = op
-    if op.startswith("__") and op.endswith("__") and len(op) > 4:
-        name = op[2:-2]
-        if name[:1] in ("i", "r") and name[1:] in _BINARY_OPS:
-            name = name[1:]
-    elif op.endswith("_") and not op.startswith("_"):
-        name = op.rstrip("_")
-    return _OP_WORDS.get(name, name)
 
 
 def where(call: "Call | None") -> str:
@@ -174,6 +119,10 @@ class Recorder:
         self.reshaped: dict[int, tuple[TensorRecord, str]] = {}
         #: id(record) -> (part records, dim) for a cat whose every part is a producer output (watched)
         self.cats: dict[int, tuple[tuple[TensorRecord, ...], Any]] = {}
+        #: id(source record) -> (result record, op, int arguments) for a flatten/transpose/permute of a
+        #: norm's output, or of such a result (watched); ``moved_out``: the ids of those results
+        self.moved: dict[int, tuple[TensorRecord, str, tuple[int, ...]]] = {}
+        self.moved_out: set[int] = set()
         #: id(module) -> its calls, for modules that are neither producers nor norms (containers)
         self.module_calls: dict[int, list[Call]] = {}
         #: ids of the modules inside whose call a tensor sum ran (candidate blocks for merging)
@@ -224,21 +173,21 @@ class Recorder:
         class _Mode(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
                 kwargs = kwargs or {}
-                op = _op_name(func)
+                op = op_name(func)
                 out = func(*args, **kwargs)
-                if op in _METADATA:
+                if op in METADATA:
                     return out
                 if kwargs.get("inplace") is True:  # F.relu(x, inplace=True) & co: a write
                     op = op + "_"
-                elif op in _PASSTHROUGH and args and out is args[0]:
+                elif op in PASSTHROUGH and args and out is args[0]:
                     return out
                 # recorded after the call: an op runs with the mode off, so nothing nests
-                if op in _ADDS and recorder.stack:
+                if op in ADDS and recorder.stack:
                     recorder.sum_blocks.add(id(recorder.stack[-1].module))
-                if op not in _VALUE_FREE:
-                    recorder._on_read(op, args[:1] if op in _SELF_ONLY else args, kwargs)
+                if op not in VALUE_FREE:
+                    recorder._on_read(op, args[:1] if op in SELF_ONLY else args, kwargs)
                 recorder._on_result(op, out)
-                if op in _RESHAPES or op in _CATS:
+                if op in RESHAPES or op in CATS or op in MOVES:
                     recorder._on_layout_op(op, args, kwargs, out)
                 if op == "batch_norm":
                     note_batch_norm(recorder, args, kwargs, out)
@@ -363,22 +312,36 @@ class Recorder:
 
         if not isinstance(out, torch.Tensor):
             return
-        if op in _RESHAPES:
+        if op in MOVES:
+            src = self.lookup(args[0]) if args else None
+            ints = tuple(a for a in (args[1:] if len(args) != 2 or not isinstance(args[1], (list, tuple)) else args[1]))
+            if src is not None and args[0] is not out and not kwargs and all(isinstance(a, int) for a in ints) and (
+                    id(src) in self.moved_out or id(src) in self.produced and is_norm_like(self.produced[id(src)].module)):
+                info = self.track(out)
+                self.moved[id(src)] = (info, op, ints)
+                self.moved_out.add(id(info))
+                self.reads.setdefault(id(info), [])
+        if op in CATS:
+            self._on_cat(args, kwargs, out)
+            return
+        if op in RESHAPES:
             src = self.lookup(args[0]) if args else None
             if src is None or args[0] is out or id(src) not in self.produced:
                 return
             info = self.track(out)
             self.reshaped[id(info)] = (src, op)
-        else:
-            parts = args[0] if args else kwargs.get("tensors")
-            if not isinstance(parts, (list, tuple)) or not parts:
-                return
-            infos = [self.lookup(p) for p in parts]
-            if any(i is None or id(i) not in self.produced for i in infos):
-                return
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
-            info = self.track(out)
-            self.cats[id(info)] = (tuple(infos), dim)  # type: ignore[arg-type]
+            self.reads.setdefault(id(info), [])
+
+    def _on_cat(self, args: Any, kwargs: Any, out: Any) -> None:
+        parts = args[0] if args else kwargs.get("tensors")
+        if not isinstance(parts, (list, tuple)) or not parts:
+            return
+        infos = [self.lookup(p) for p in parts]
+        if any(i is None or id(i) not in self.produced for i in infos):
+            return
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+        info = self.track(out)
+        self.cats[id(info)] = (tuple(infos), dim)  # type: ignore[arg-type]
         self.reads.setdefault(id(info), [])
 
     def describe_origin(self, t: Any) -> str:

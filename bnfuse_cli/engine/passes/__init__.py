@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .base import Cat, Elementwise, Norm, Pass, held, Rows, RunLayer, RunModule, SiteSpec, Stats, Sum
+from .base import Cat, Elementwise, Layout, Norm, Pass, held, Rows, RunLayer, RunModule, SiteSpec, Stats, Sum
 from .chain import CHAIN
 from .clone import CLONE
 from .fold import FOLD
 from .functional import FUNCTIONAL
 from .horizontal import HORIZONTAL
+from .layout import LAYOUT
 from .merge import MERGE
 from .scale import SCALE
 from .standardise import STANDARDISE
@@ -26,10 +27,10 @@ from .standardise import STANDARDISE
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["PASSES", "Pass", "SiteSpec", "Rows", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise", "Sum", "Cat", "by_name", "rebuild", "site_specs", "held"]
+__all__ = ["PASSES", "Pass", "SiteSpec", "Rows", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise", "Sum", "Cat", "Layout", "by_name", "rebuild", "site_specs", "held"]
 
 #: the passes, in the order they find and apply their items within a round
-PASSES: "list[Pass]" = [FOLD, STANDARDISE, CHAIN, FUNCTIONAL, MERGE, SCALE, HORIZONTAL, CLONE]
+PASSES: "list[Pass]" = [FOLD, STANDARDISE, CHAIN, LAYOUT, FUNCTIONAL, MERGE, SCALE, HORIZONTAL, CLONE]
 
 
 def by_name(name: str) -> Any:
@@ -79,6 +80,8 @@ def _names(spec: SiteSpec) -> "set[str]":
         elif isinstance(step, Elementwise):
             if isinstance(step.value, str):
                 out.add(step.value.rpartition(".")[0])
+        elif isinstance(step, Layout):
+            continue
         elif isinstance(step, Stats):
             out |= {q.rpartition(".")[0] for q in (step.mean, step.var, step.weight, step.bias) if q}
         else:

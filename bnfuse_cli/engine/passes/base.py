@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ..record import Recorder
 
 __all__ = ["Pass", "SiteSpec", "layer_axis", "held", "touched", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise",
-           "Sum", "Cat", "Rows"]
+           "Sum", "Cat", "Layout", "Rows"]
 
 
 # ----------------------------------------------------------------------------- site descriptions
@@ -78,6 +78,14 @@ class Sum:
     """The sum of several chains, each applied to the same input (an empty chain: the input itself)."""
 
     chains: "tuple[tuple[Any, ...], ...]"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """``y.op(*args)``: a ``flatten``, ``transpose`` or ``permute`` on the way to a layer."""
+
+    op: str
+    args: "tuple[int, ...]"
 
 
 @dataclass(frozen=True)

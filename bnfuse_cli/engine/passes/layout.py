@@ -1,0 +1,160 @@
+"""The layout pass: a BatchNorm whose output reaches a Linear only through ``flatten``, ``transpose``
+and ``permute`` (FastViT's attention: ``bn(x).flatten(2).transpose(-2, -1)`` before ``qkv``) folds
+forward into that Linear when its channel axis ends up as the Linear's feature axis, exactly; the
+layout ops stay, the BatchNorm goes.  Found on the recorded data flow, for the BatchNorms the fold
+pass left."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ...errors import BnfuseError
+from ..fold import affine_from_stats
+from ..patterns import norm_rule, producer_rule
+from ..plan import Plan, Skip
+from ..rewrite import fold_affine, give_bias
+from .base import Layout, Norm, Rows, RunLayer, SiteSpec, touched
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..record import Recorder
+
+__all__ = ["LAYOUT", "LayoutPass", "LayoutFold"]
+
+
+@dataclass(frozen=True)
+class LayoutFold:
+    """``norm`` folded forward into the Linear ``producer`` through ``steps`` ((op, int args), in order)."""
+
+    norm: str
+    producer: str
+    steps: "tuple[tuple[str, tuple[int, ...]], ...]"
+
+
+def _move(axis: int, rank: int, op: str, args: "tuple[int, ...]") -> "tuple[int | None, int]":
+    """Where ``axis`` of a rank-``rank`` tensor goes under one layout op, and the new rank (None: the
+    op merges the axis with others)."""
+    if op == "transpose" and len(args) == 2:
+        a, b = (d % rank for d in args)
+        return (b if axis == a else a if axis == b else axis), rank
+    if op == "permute" and sorted(d % rank for d in args) == list(range(rank)):
+        return [d % rank for d in args].index(axis), rank
+    if op == "flatten" and len(args) <= 2:
+        start, end = (args + (0, -1)[len(args):])[:2] if args else (0, -1)
+        start, end = start % rank, end % rank
+        if start <= axis <= end and start != end:
+            return None, rank - (end - start)
+        return (axis - (end - start) if axis > end else axis), rank - (end - start)
+    return None, rank
+
+
+def _follow(rec: "Recorder", y: Any) -> "tuple[Any, list[tuple[str, tuple[int, ...]]], str | None]":
+    """From a BatchNorm's output through layout ops to the one Linear call that reads the result:
+    (that call, the ops, why not)."""
+    steps: list[tuple[str, tuple[int, ...]]] = []
+    axis, rank, x = 1, len(y.shape), y
+    while True:
+        reads = rec.reads.get(id(x), [])
+        if len(reads) != 1:
+            return None, [], f"its output is read {len(reads)} times on the way"
+        reader, op = reads[0]
+        if op == "linear" and reader is not None and reader.input is x:
+            if axis != rank - 1:
+                return None, [], f"its channel axis reaches {reader.name} as axis {axis}, not the features"
+            return reader, steps, None
+        nxt = rec.moved.get(id(x))
+        if nxt is None or nxt[1] != op:
+            return None, [], f"its output goes to {op}, not through flatten/transpose/permute to a Linear"
+        info, op, args = nxt
+        axis, rank = _move(axis, rank, op, args)
+        if axis is None:
+            return None, [], f"{op} merges its channel axis with others"
+        steps.append((op, args))
+        x = info
+
+
+class LayoutPass:
+    name = "layout"
+    key = "layout_folds"
+    left_key = "layout_left"
+    again = False
+    verb = "folded through layout ops"
+
+    def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
+        busy = touched(plan, self.name)
+        keep = []
+        for skip in plan.skipped:
+            norm = model.get_submodule(skip.norm)
+            calls = rec.calls.get(id(norm), [])
+            rule, _ = norm_rule(norm)
+            if rule is None or rule.replacement != "identity" or len(calls) != 1 or calls[0].output is None \
+                    or not rec.moved or id(calls[0].output) in escapes:
+                keep.append(skip)
+                continue
+            reader, steps, why = _follow(rec, calls[0].output)
+            if reader is None or not steps or len(rec.calls.get(id(reader.module), [])) != 1 \
+                    or producer_rule(reader.module)[0] is None:
+                keep.append(skip)
+                continue
+            if reader.name in busy:
+                plan.more = True
+                keep.append(skip)
+                continue
+            plan.of(self.name).append(LayoutFold(skip.norm, reader.name, tuple(steps)))
+        plan.skipped = keep
+
+    def apply(self, model: "nn.Module", items: "list[LayoutFold]") -> None:
+        from torch import nn
+
+        for it in items:
+            norm = model.get_submodule(it.norm)
+            rule, why = norm_rule(norm)
+            if rule is None:
+                raise BnfuseError(f"cannot fold {it.norm}: {why}")
+            scale, shift = affine_from_stats(*rule.stats(norm), name=it.norm)
+            fold_affine(model.get_submodule(it.producer), scale, shift, it.norm, "forward")
+            model.set_submodule(it.norm, nn.Identity())
+
+    def rebuild(self, model: "nn.Module", items: "list[LayoutFold]") -> None:
+        from torch import nn
+
+        for it in items:
+            give_bias(model.get_submodule(it.producer))
+            model.set_submodule(it.norm, nn.Identity())
+
+    def to_row(self, item: LayoutFold) -> "dict[str, Any]":
+        return {"norm": item.norm, "producer": item.producer, "steps": [[op, list(args)] for op, args in item.steps]}
+
+    def from_row(self, row: Any) -> LayoutFold:
+        steps = tuple((str(op), tuple(int(a) for a in args)) for op, args in row["steps"])
+        if any(op not in ("flatten", "transpose", "permute") for op, _ in steps):
+            raise ValueError(f"unknown layout step in {row['steps']!r}")
+        return LayoutFold(str(row["norm"]), str(row["producer"]), steps)
+
+    def to_json(self, item: LayoutFold) -> "dict[str, Any]":
+        return self.to_row(item)
+
+    def left_json(self, left: Skip) -> "dict[str, Any]":
+        return {"norm": left.norm, "reason": left.reason}
+
+    def absorbed(self, item: LayoutFold) -> "list[str]":
+        return [item.norm]
+
+    def sites(self, model: "nn.Module", items: "list[LayoutFold]") -> "list[SiteSpec]":
+        out = []
+        for it in items:
+            moves = tuple(Layout(op, args) for op, args in it.steps)
+            out.append(SiteSpec(self.name, it.producer, it.norm, (it.norm,), (Norm(it.norm), *moves, RunLayer(it.producer)),
+                                (*moves, RunLayer(it.producer))))
+        return out
+
+    def rows(self, plan: Plan) -> Rows:
+        items = plan.of(self.name)
+        return Rows("Folded forward through layout ops", ("BatchNorm", "into", "through"),
+                    [(it.norm, it.producer, " -> ".join(f"{op}{args}" for op, args in it.steps)) for it in items],
+                    "", "", [])
+
+
+LAYOUT = LayoutPass()
