@@ -5,9 +5,9 @@ attention block with separate ``query``/``key``/``value`` Linear layers, 197 tok
 random weights and BatchNorm statistics, eval mode: ``bnfuse_cli.fuse`` without and with
 ``horizontal=True``; the groups of siblings made one layer; exactness of the horizontal model against
 the float64 original (both transforms applied to a float64 copy); and CPU latency at ``--batch``,
-float32, ``torch.set_num_threads(THREADS)``, ``torch.inference_mode()``: ITERS pairs alternating
-the order in each pair (ABBA), the medians, and the median on/off ratio with the IQR of the per-pair
-ratios.  Below 1.00x the wider layers are faster.
+float32, ``torch.set_num_threads(THREADS)``, ``torch.inference_mode()``: ITERS pairs, the order
+alternating from pair to pair, timed as ``bnfuse bench`` times them (``compare_reparam.paired``);
+the medians, and the median on/off ratio with the IQR of the per-pair ratios.  Below 1.00x the wider layers are faster.
 
     python scripts/bench_horizontal.py [--models googlenet,qkv] [--batch 1] [--iters 30] [--json FILE]
 """
@@ -18,11 +18,7 @@ import argparse
 import copy
 import datetime
 import json
-import os
-import statistics
 import sys
-import time
-import warnings
 from typing import Any
 
 MODELS = ["googlenet", "inception_v3", "resnet50", "qkv"]
@@ -66,30 +62,10 @@ def _build(name: str, batch: int) -> "tuple[Any, Any]":
     return model, x
 
 
-def _latency(a: Any, b: Any, x: Any, iters: int) -> "dict[str, float]":
-    import torch
-
-    def once(m: Any) -> float:
-        t0 = time.perf_counter()
-        m(x)
-        return time.perf_counter() - t0
-
-    ta, tb = [], []
-    with torch.inference_mode():
-        for _ in range(3):
-            once(a), once(b)
-        for i in range(iters):
-            first, second = (a, b) if i % 2 == 0 else (b, a)
-            t1, t2 = once(first), once(second)
-            (ta, tb)[first is b].append(t1)
-            (ta, tb)[second is b].append(t2)
-    ratios = [y / x_ for x_, y in zip(ta, tb)]
-    q = statistics.quantiles(ratios, n=4, method="inclusive")
-    return {"off_ms": statistics.median(ta) * 1e3, "on_ms": statistics.median(tb) * 1e3,
-            "ratio": statistics.median(ratios), "q1": q[0], "q3": q[2]}
-
-
 def run_one(name: str, batch: int, iters: int) -> "dict[str, Any]":
+    import torch
+    from compare_reparam import paired  # the pairing of bnfuse bench, as compare_reparam times it
+
     from bnfuse_cli import fuse
 
     row: dict[str, Any] = {"model": name, "batch": batch}
@@ -100,20 +76,15 @@ def run_one(name: str, batch: int, iters: int) -> "dict[str, Any]":
         groups = on_result.plan.of("horizontal")
         row.update(ok=on_result.ok, groups=len(groups), layers=sum(len(g.layers) for g in groups))
         m64 = copy.deepcopy(model).double()
-        with torch_no_grad():
+        with torch.no_grad():
             ref = m64(x.double())
             out = fuse(copy.deepcopy(m64), x.double(), horizontal=True).model(x.double())
         row["rel_err64"] = float((out - ref).norm() / ref.norm())
-        row.update(_latency(off, on_result.model, x, iters))
+        t = paired(off, on_result.model, x, iters)
+        row.update(off_ms=t["a_ms"], on_ms=t["b_ms"], ratio=t["ratio"], q1=t["q1"], q3=t["q3"])
     except Exception as exc:  # noqa: BLE001 - one model's failure is a row, the others go on
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return row
-
-
-def torch_no_grad() -> Any:
-    import torch
-
-    return torch.no_grad()
 
 
 def main(argv: "list[str] | None" = None) -> int:
@@ -124,16 +95,13 @@ def main(argv: "list[str] | None" = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    from compare_reparam import start
+
+    info = start(args.threads)
     import torch
 
-    from bnfuse_cli.workflows.timing import machine_info
-
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    info = machine_info()
     print(f"# horizontal fusion on / off ({datetime.date.today().isoformat()}; {info['cpu']}, {info['cores']} cores, "
-          f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.iters} ABBA pairs)")
+          f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.iters} alternating pairs)")
     print()
     print("| model | groups (layers) made one | rel err float64 | latency off / on | on/off (IQR) |")
     print("|---|---:|---:|---:|---:|")

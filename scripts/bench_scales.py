@@ -10,8 +10,9 @@ parameter drawn from U(0.5, 1.5), since their init values of 1e-5 or 1 would hid
 * exactness: the transform applied to a float64 copy, ``||fused - original|| / ||original||`` on
   one float64 input (of the model's features where its head is initialised to zero, as ResMLP's);
 * CPU latency at batch 1, float32, ``torch.set_num_threads(THREADS)``, ``torch.inference_mode()``:
-  ITERS pairs alternating the order in each pair (ABBA); the medians, and the median fused/original
-  ratio with the interquartile range of the per-pair ratios.
+  ITERS pairs, the order alternating from pair to pair, timed as ``bnfuse bench`` times them
+  (``compare_reparam.paired``); the medians, and the median fused/original ratio with the
+  interquartile range of the per-pair ratios.
 
     python scripts/bench_scales.py [--models tv:convnext_tiny,deit3_small_patch16_224] [--iters 30] [--json FILE]
 """
@@ -22,11 +23,8 @@ import argparse
 import copy
 import datetime
 import json
-import os
-import statistics
 import sys
 import time
-import warnings
 from typing import Any
 
 MODELS = ["tv:convnext_tiny", "convnext_tiny", "deit3_small_patch16_224", "cait_xxs24_224", "resmlp_12_224",
@@ -84,32 +82,9 @@ def _rel64(model: Any, fused: Any, x: Any) -> float:
     return float((b - a).norm() / a.norm())
 
 
-def _latency(a: Any, b: Any, x: Any, iters: int) -> "dict[str, float]":
-    import torch
-
-    def once(m: Any) -> float:
-        t0 = time.perf_counter()
-        m(x)
-        return time.perf_counter() - t0
-
-    ta, tb = [], []
-    with torch.inference_mode():
-        for _ in range(3):
-            once(a), once(b)
-        for i in range(iters):
-            if i % 2:
-                tb.append(once(b))
-                ta.append(once(a))
-            else:
-                ta.append(once(a))
-                tb.append(once(b))
-    ratios = [y / x_ for x_, y in zip(ta, tb)]
-    q = statistics.quantiles(ratios, n=4, method="inclusive")
-    return {"original_ms": statistics.median(ta) * 1e3, "fused_ms": statistics.median(tb) * 1e3,
-            "ratio": statistics.median(ratios), "q1": q[0], "q3": q[2]}
-
-
 def run_one(name: str, iters: int) -> "dict[str, Any]":
+    from compare_reparam import paired  # the pairing of bnfuse bench, as compare_reparam times it
+
     from bnfuse_cli import fuse
 
     row: dict[str, Any] = {"model": name}
@@ -124,7 +99,8 @@ def run_one(name: str, iters: int) -> "dict[str, Any]":
                    muls=[_muls(model, x), _muls(fused, x)])
         m64 = copy.deepcopy(model).double()
         row["rel_err64"] = _rel64(m64, fuse(copy.deepcopy(m64), x.double()).model, x.double())
-        row.update(_latency(model, fused, x, iters))
+        t = paired(model, fused, x, iters)
+        row.update(original_ms=t["a_ms"], fused_ms=t["b_ms"], ratio=t["ratio"], q1=t["q1"], q3=t["q3"])
     except Exception as exc:  # noqa: BLE001 - one model's failure is a row, the others go on
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     row["seconds"] = time.perf_counter() - t0
@@ -138,16 +114,13 @@ def main(argv: "list[str] | None" = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    from compare_reparam import start
+
+    info = start(args.threads)
     import torch
 
-    from bnfuse_cli.workflows.timing import machine_info
-
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    info = machine_info()
     print(f"# bnfuse scale pass ({datetime.date.today().isoformat()}; {info['cpu']}, {info['cores']} cores, "
-          f"torch {torch.__version__}, {args.threads} threads, batch 1, {args.iters} ABBA pairs)")
+          f"torch {torch.__version__}, {args.threads} threads, batch 1, {args.iters} alternating pairs)")
     print()
     print("| model | scales folded / left | elementwise mul per forward: before / after | rel err float64 "
           "| latency original / fused (ratio, IQR) |")

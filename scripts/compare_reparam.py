@@ -15,7 +15,8 @@ batch at the model's default input size, so activations stay of order 1):
   ||b - a|| / ||a|| and ||c - a|| / ||a|| on one float64 input (exact: about 1e-12 or less;
   converting the float32 results with ``.double()`` would only measure float32 weight rounding);
 * CPU latency at batch 1, float32, ``torch.set_num_threads(THREADS)``, ``torch.inference_mode()``:
-  after a warm-up, ITERS pairs of calls alternating (b) and (c); the medians, and the median
+  after a warm-up, ITERS pairs of calls, the order alternating from pair to pair, timed as ``bnfuse
+  bench`` times them (:func:`paired`); the medians, and the median
   bnfuse/timm ratio with the interquartile range of the per-pair ratios.
 
 A model that fails to build, fuse or re-parameterise gets a row saying where and why; the others
@@ -35,7 +36,6 @@ import copy
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -164,34 +164,42 @@ def _timm_reparam(model: Any) -> Any:
     return reparameterize_model(model).eval()
 
 
-def _latency(row: Row, fused: Any, reparam: Any, x: Any, iters: int, warmup: int) -> None:
+def start(threads: int) -> dict[str, Any]:
+    """Set up a timing script's process (``threads`` for OpenMP and torch, warnings off) and describe
+    the machine (:func:`bnfuse_cli.workflows.timing.machine_info`)."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     import torch
 
-    def once(m: Any) -> float:
-        t0 = time.perf_counter()
-        m(x)
-        return time.perf_counter() - t0
+    from bnfuse_cli.workflows.timing import machine_info
 
-    with torch.inference_mode():
-        for _ in range(warmup):
-            once(fused), once(reparam)
-        tb, tc = [], []
-        for i in range(iters):  # the order alternates from pair to pair (ABBA): neither always runs first
-            if i % 2:
-                tc.append(once(reparam))
-                tb.append(once(fused))
-            else:
-                tb.append(once(fused))
-                tc.append(once(reparam))
-    ratios = [b / c for b, c in zip(tb, tc)]
-    row.latency_ms_bnfuse = statistics.median(tb) * 1e3
-    row.latency_ms_timm = statistics.median(tc) * 1e3
-    row.ratio_median = statistics.median(ratios)
-    if len(ratios) >= 2:
-        q = statistics.quantiles(ratios, n=4, method="inclusive")
-        row.ratio_q1, row.ratio_q3 = q[0], q[2]
-    else:
-        row.ratio_q1 = row.ratio_q3 = ratios[0]
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    return machine_info()
+
+
+def paired(a: Any, b: Any, x: Any, iters: int, warmup: int = 3) -> dict[str, float]:
+    """``a(x)`` and ``b(x)`` timed in pairs, the order alternating from pair to pair, on the CPU (the
+    pairing of ``bnfuse bench``: :func:`bnfuse_cli.workflows.timing.race`): both medians in ms and
+    the median of the per-pair ratios b/a with its quartiles."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bnfuse_cli.workflows.bench_report import Stats
+    from bnfuse_cli.workflows.timing import race
+
+    st = SimpleNamespace(device=torch.device("cpu"), autocast=None, warmup=warmup, iters=iters, min_sample_ms=0.0,
+                         time_budget=0)
+    ta, tb, _ = race((lambda: a(x), lambda: b(x)), st, lambda *_: None, [])
+    ratio = Stats.of([y / x_ for x_, y in zip(ta, tb)])
+    return {"a_ms": Stats.of(ta).median, "b_ms": Stats.of(tb).median, "ratio": ratio.median, "q1": ratio.q1,
+            "q3": ratio.q3}
+
+
+def _latency(row: Row, fused: Any, reparam: Any, x: Any, iters: int, warmup: int) -> None:
+    t = paired(reparam, fused, x, iters, warmup)
+    row.latency_ms_bnfuse, row.latency_ms_timm = t["b_ms"], t["a_ms"]
+    row.ratio_median, row.ratio_q1, row.ratio_q3 = t["ratio"], t["q1"], t["q3"]
 
 
 def run_one(name: str, iters: int, warmup: int) -> Row:
@@ -308,16 +316,11 @@ def main(argv: "list[str] | None" = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the data as JSON")
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    info = start(args.threads)
     import timm
     import torch
 
-    from bnfuse_cli.workflows.timing import machine_info
-
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
     models = args.models.split(",") if args.models else MODELS
-    info = machine_info()
     date = datetime.date.today().isoformat()
 
     print(f"# bnfuse fold vs timm reparameterize_model ({date})")

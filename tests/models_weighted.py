@@ -107,13 +107,14 @@ class ZeroPlusOne(nn.Module):
     def __init__(self, c: int = 8) -> None:
         super().__init__()
         self.conv_kxk = nn.ModuleList([_cbn(c, 3)])
+        self.attn = nn.Identity()  # MobileOne's absent attention
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = 0
         for ck in self.conv_kxk:
             out += ck(x)
-        return self.act(out)
+        return self.act(self.attn(out))
 
 
 class Model(nn.Module):

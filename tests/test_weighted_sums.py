@@ -45,6 +45,24 @@ def test_a_weighted_sum_of_conv_branches_is_one_conv(build: Any, convs: int) -> 
     assert len(site) == 1 and site[0].skipped is None and site[0].rel_error < 1e-12
 
 
+def test_the_merged_conv_takes_the_place_of_a_list_that_held_only_its_branches() -> None:
+    result, rel = _fused(mw.Zero, X)
+    (m,) = result.plan.merges
+    assert rel < 1e-12 and m.into == "block.conv_kxk.0" and m.place == "block.conv_kxk"
+    assert type(result.model.block.conv_kxk) is nn.Conv2d  # one attribute lookup, not conv_kxk[0]
+    assert {k for k in result.model.state_dict() if "conv_kxk" in k} == {"block.conv_kxk.weight", "block.conv_kxk.bias"}
+    # and the rewritten forward calls no Identity (the block's absent attention is gone)
+    assert "attn" not in dict(result.model.block.named_children())
+    calls: list[int] = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in result.model.modules()
+             if isinstance(m, nn.Identity)]
+    with torch.no_grad():
+        result.model(X)
+    for h in hooks:
+        h.remove()
+    assert calls == []
+
+
 def test_the_mean_of_two_linear_heads_is_one_linear() -> None:
     result, rel = _fused(mw.Heads, XH)
     assert rel < 1e-12 and result.ok, (rel, result.plan.merge_skips)
@@ -66,14 +84,15 @@ def test_a_scale_on_the_wrong_axis_stays_with_its_reason() -> None:
 def test_a_weighted_merge_is_saved_rebuilt_and_verified(tmp_path: Path, tests_on_path: None) -> None:
     from bnfuse_cli import convert, load, verify
 
-    for arch, shape, x in (("models_weighted:Mixer", "1,3,6,6", X), ("models_weighted:Heads", "4,12", XH)):
+    for arch, shape, x in (("models_weighted:Mixer", "1,3,6,6", X), ("models_weighted:Heads", "4,12", XH),
+                           ("models_weighted:Zero", "1,3,6,6", X)):
         model = randomize_bn(getattr(mw, arch.split(":")[1])(), seed=4).eval()
         torch.save(model.state_dict(), tmp_path / "orig.pth")
         out = tmp_path / "fused.safetensors"
         report = convert(tmp_path / "orig.pth", out, arch=arch, input_shape=shape, force=True)
         assert report.verdict.ok and len(report.plan.merges) == 1
-        scales = [b.get("scale") for b in report.to_dict()["merges"][0]["branches"]]
-        assert any(scales), scales
+        merge = report.to_dict()["merges"][0]
+        assert any(b.get("scale") for b in merge["branches"]) or merge["at"] == "block.conv_kxk", merge
         fused = load(out).double()
         with torch.no_grad():
             ref = model.double()(x)

@@ -1,6 +1,7 @@
-"""A block's own forward as a ``torch.fx`` graph one level deep (every child one call), and the
-one way a pass rewrites it: edit the graph, and the block becomes a ``GraphModule`` of it (the
-model itself when the block is the model's own forward)."""
+"""A block's own forward as a ``torch.fx`` graph one level deep (every child one call), or down to
+torch's layers, and the one way a pass rewrites it: edit the graph, and the block becomes a
+``GraphModule`` of it (the model itself when the block is the model's own forward); and the one
+resolver of a held tensor's qualified name (:func:`held`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,21 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from torch import fx, nn
 
-__all__ = ["trace_block", "rewrite_forward", "child_name", "skip_identity_calls"]
+__all__ = ["trace_block", "rewrite_forward", "child_name", "held", "skip_identity_calls"]
 
 
 def child_name(block_name: str, target: Any) -> str:
     """The dotted name of the block's child ``target`` (the model's own child for the block "")."""
     return f"{block_name}.{target}" if block_name else str(target)
+
+
+def held(model: "nn.Module", qual: str) -> Any:
+    """The parameter or buffer the model holds under the qualified name ``qual`` (None for "": a
+    step's tensor that was not given; AttributeError for a name it does not hold)."""
+    if not qual:
+        return None
+    mod, _, attr = qual.rpartition(".")
+    return getattr(model.get_submodule(mod), attr)
 
 
 def trace_block(block: "nn.Module", deep: bool = False) -> "fx.Graph":
@@ -86,8 +96,9 @@ def rewrite_forward(model: "nn.Module", block_name: str, edit: "Callable[[nn.Mod
                     deep: bool = False) -> "nn.Module":
     """Trace ``block_name``'s forward, let ``edit(block, graph)`` change the graph (and add children to
     the block), then put a ``GraphModule`` of it in the block's place: dead nodes, calls of
-    ``nn.Identity`` and the children nothing calls any more are dropped (from the state_dict too).  Returns the model, or the new root
-    when ``block_name`` is "" (the model's own forward)."""
+    ``nn.Identity`` and the children nothing calls any more are dropped (from the state_dict too).
+    ``deep``: traced down to torch's own layers (:func:`trace_block`).  Returns the model, or the new
+    root when ``block_name`` is "" (the model's own forward)."""
     from torch import fx
 
     block = model.get_submodule(block_name) if block_name else model

@@ -1,12 +1,15 @@
-"""Find sums of parallel branches that can become one convolution (structural re-parameterisation).
+"""Find sums of parallel branches that can become one layer (structural re-parameterisation).
 
 A *block* is a module inside whose forward a tensor sum ran during the recorded pass.  Its forward
-is traced with ``torch.fx`` one level deep (every child is a leaf), and every tree of additions is
-flattened through additions and eval-mode identities (``drop_path``) whose intermediate results
-nothing else reads.  The tree merges when every leaf is a *branch* that reads the same tensor
-``x``: a conv (its BatchNorm folded into it), a BatchNorm on ``x``, or ``x`` itself; when the
-convs agree in stride, dilation, groups and channels and their kernel centres align; and when
-each branch is called once and does nothing else (checked on the recorded data flow).
+is traced with ``torch.fx`` one level deep (every child is a leaf), and every linear tree in it
+(additions, subtractions, scalings by numbers, held per-channel tensors or layer-scale modules,
+through eval-mode identities such as ``drop_path``: :func:`bnfuse_cli.engine.sums.linear_trees`)
+is flattened into leaves, each with its factors.  The tree merges when every leaf is a *branch*
+that reads the same tensor ``x`` (:mod:`bnfuse_cli.engine.merge_branches`): a conv or Linear (its
+BatchNorm folded into it), a BatchNorm on ``x``, or ``x`` itself; when the convs agree in stride,
+dilation, groups and channels and their kernel centres align; when every factor is one value or
+one per channel; and when each branch is called once and does nothing else (checked on the
+recorded data flow).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from .merge_branches import branch_of, flat_branch, flat_pair, passthrough, rule
 from .merge_math import centre_padding
 from .patterns import is_norm_like, is_producer_like
 from .plan import Branch, Merge, MergeSkip, Plan
-from .sums import channel_scale, linear_trees
+from .sums import channel_scale, held_value, linear_trees, per_channel_axis
 
 if TYPE_CHECKING:
     from torch import fx, nn
@@ -73,42 +76,24 @@ def _check_linears(convs: list[tuple[Branch, Any]], identities: bool) -> "tuple[
     return 0, None
 
 
-def _factors(block_name: str, block: "nn.Module", factors: "tuple[Any, ...]", shape: "tuple[int, ...]",
-             rec: "Recorder") -> "tuple[tuple[tuple[str, Any], ...] | None, str | None]":
-    """A leaf's factors with model-level names, each checked to scale per channel on axis 1 of a
-    branch output of ``shape``; or why one does not."""
-    import torch
-
+def _factors(block_name: str, block: "nn.Module", factors: "tuple[Any, ...]", shape: "tuple[int, ...]"
+             ) -> "tuple[tuple[tuple[str, Any], ...] | None, str | None]":
+    """A leaf's factors with model-level names, each a number, a scale module (probed by the tree's
+    walk) or a held tensor checked to hold one value, or one per channel on axis 1 of a branch output
+    of ``shape``; or why one does not."""
     out = []
     for op, value in factors:
-        if op == "module":
-            name = child_name(block_name, value)
-            module = block.get_submodule(value)
-            call = single_call(module, rec)
-            if call is None or call.input is None:
-                return None, f"{name} is called more than once"
-            g, why = channel_scale(module, tuple(call.input.shape))
-            if g is None:
-                return None, why
-            out.append((op, name))
-        elif isinstance(value, tuple):
+        if isinstance(value, tuple):  # a held tensor, and the reshapes the forward applies to it
             target, reshapes = value
             name = child_name(block_name, target)
-            mod, _, attr = target.rpartition(".")
-            t = getattr(block.get_submodule(mod), attr, None)
-            if not isinstance(t, torch.Tensor):
-                return None, f"{op} by {name}: not a parameter or buffer"
-            try:
-                for method, args in reshapes:
-                    t = getattr(t, method)(*args)
-            except RuntimeError:
-                return None, f"{op} by {name}: its reshape fails"
-            big = [len(shape) - t.dim() + i for i, d in enumerate(t.shape) if d != 1]
-            if t.numel() != 1 and (t.dim() > len(shape) or big != [1] or t.shape[1 - len(shape) + t.dim()] != shape[1]):
+            t = held_value(block, target, reshapes)
+            if t is None:
+                return None, f"{op} by {name}: not a parameter or buffer the block holds as it reshapes it"
+            if t.numel() != 1 and (per_channel_axis(t, len(shape)) != 1 or t.numel() != shape[1]):
                 return None, f"{op} by {name} {tuple(t.shape)}: not one value per channel on axis 1 of {tuple(shape)}"
             out.append((op, name))
         else:
-            out.append((op, float(value)))
+            out.append((op, child_name(block_name, value) if op == "module" else float(value)))
     return tuple(out), None
 
 
@@ -156,7 +141,7 @@ def _merge_tree(block_name: str, block: "nn.Module", root: "fx.Node", leaves: li
                                      f"not on {len(shape)}-D")
     scaled = []
     for n, b in zip(nodes, branches):
-        f, why = _factors(block_name, block, factors[n], shape, rec)
+        f, why = _factors(block_name, block, factors[n], shape)
         if f is None:
             return MergeSkip(block_name, f"{where}: {why}")
         scaled.append(Branch(b.kind, b.module, b.norm, f))

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from .record import Recorder
 
-__all__ = ["passthrough", "writes_in_place", "single_call", "branch_of", "flat_pair", "flat_branch", "rule_kind"]
+__all__ = ["passthrough", "writes_in_place", "single_call", "branch_of", "flat_pair", "flat_branch", "rule_kind", "plain_layer"]
 
 
 #: modules that are the identity in eval mode (when their recorded call returned its input)
@@ -58,7 +58,8 @@ def single_call(module: "nn.Module", rec: "Recorder") -> Any:
     return calls[0] if len(calls) == 1 else None
 
 
-def _plain_conv(module: "nn.Module") -> bool:
+def plain_layer(module: "nn.Module") -> bool:
+    """A Conv1d/2d/3d or Linear computing with torch's own forward (its stored weight, as is)."""
     from torch import nn
 
     return type(module).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward)
@@ -78,7 +79,7 @@ def _identity_norm(norm: "nn.Module") -> "str | None":
     return None
 
 
-def branch_of(name: str, module: "nn.Module", rec: "Recorder", folds: dict[str, str]) -> "tuple[Branch | None, Any, str | None]":
+def branch_of(name: str, module: "nn.Module", rec: "Recorder", folds: "dict[str, tuple[str, str]]") -> "tuple[Branch | None, Any, str | None]":
     """Classify one child: (branch, its conv or None, why it is not a linear branch).  Its output
     must be read first by the sum: an in-place activation after a BatchNorm (``SiLU(inplace=True)``)
     returns the same tensor, changed, and shows up here as an earlier read."""
@@ -97,14 +98,14 @@ def branch_of(name: str, module: "nn.Module", rec: "Recorder", folds: dict[str, 
     return branch, conv, why
 
 
-def _classify(name: str, module: "nn.Module", rec: "Recorder", folds: dict[str, str]) -> "tuple[Branch | None, Any, str | None]":
+def _classify(name: str, module: "nn.Module", rec: "Recorder", folds: "dict[str, tuple[str, str]]") -> "tuple[Branch | None, Any, str | None]":
     """What one child computes, by the recorded data flow: a conv (its BN folded), a BN, or neither."""
     call = single_call(module, rec)
     if call is None:
         return None, None, f"{name} is called more than once"
     if is_producer_like(module):
         rule, why = producer_rule(module)
-        if rule is None or rule.kind not in ("conv", "linear") or rule.transposed or not _plain_conv(module):
+        if rule is None or rule.kind not in ("conv", "linear") or rule.transposed or not plain_layer(module):
             return None, None, f"{name} is not a plain Conv or Linear ({why or type(module).__name__})"
         holders = [q for _, q in rec.holders.get(id(module.weight), []) if q != f"{rec.names.get(id(module))}.weight"]
         if holders:  # a merged conv is a new one: the tie would be cut and the weight held twice
@@ -197,7 +198,7 @@ def flat_pair(n: Any, block: "nn.Module") -> Any:
 
 
 def flat_branch(block_name: str, block: "nn.Module", conv_node: Any, norm_node: Any, rec: "Recorder",
-                 folds: dict[str, str]) -> "tuple[Branch | None, Any, str | None]":
+                 folds: "dict[str, tuple[str, str]]") -> "tuple[Branch | None, Any, str | None]":
     """A conv child and the BatchNorm child after it as one branch: the BN must fold into the conv and
     be read by the sum alone."""
     cname, nname = child_name(block_name, conv_node.target), child_name(block_name, norm_node.target)

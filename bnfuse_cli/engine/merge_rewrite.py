@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from ..errors import BnfuseError
 from .fold import affine_from_stats
-from .forward import rewrite_forward
+from .forward import held, rewrite_forward
 from .merge_math import identity_kernel, merge_kernels
 from .patterns import is_producer_like, norm_rule
 from .plan import Merge
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["apply_merges", "apply_merge_structure", "main_conv", "main_conv_name"]
+__all__ = ["apply_merges", "apply_merge_structure", "main_conv", "main_conv_name", "new_layer"]
 
 
 def main_conv_name(model: "nn.Module", into: str) -> str:
@@ -44,17 +44,18 @@ def main_conv(module: "nn.Module") -> "nn.Module":
     return convs[0]
 
 
-def _new_conv(like: "nn.Module") -> "nn.Module":
-    """An empty conv (or Linear) with ``like``'s shape and geometry, with a bias."""
+def new_layer(like: "nn.Module", out: "int | None" = None) -> "nn.Module":
+    """An empty conv (or Linear) with ``like``'s geometry and ``out`` output channels (``like``'s by
+    default), with a bias, on ``like``'s device and dtype."""
     from torch import nn
 
     if isinstance(like, nn.Linear):
-        return nn.Linear(like.in_features, like.out_features, bias=True, device=like.weight.device,
+        return nn.Linear(like.in_features, out or like.out_features, bias=True, device=like.weight.device,
                          dtype=like.weight.dtype)
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(like.kernel_size)]
-    return cls(like.in_channels, like.out_channels, like.kernel_size, stride=like.stride, padding=like.padding,
-               dilation=like.dilation, groups=like.groups, bias=True, device=like.weight.device,
-               dtype=like.weight.dtype)
+    return cls(like.in_channels, out or like.out_channels, like.kernel_size, stride=like.stride, padding=like.padding,
+               dilation=like.dilation, groups=like.groups, bias=True, padding_mode=like.padding_mode,
+               device=like.weight.device, dtype=like.weight.dtype)
 
 
 def _kernel(module: "nn.Module") -> "tuple[int, ...]":
@@ -100,8 +101,7 @@ def branch_scale(model: "nn.Module", scale: "tuple[tuple[str, Any], ...]", chann
             if c is None:
                 raise BnfuseError(f"cannot merge with {value}: {why}")
         elif isinstance(value, str):
-            mod, _, attr = value.rpartition(".")
-            c = getattr(model.get_submodule(mod), attr).detach().to(torch.float64).reshape(-1)
+            c = held(model, value).detach().to(torch.float64).reshape(-1)
         else:
             c = torch.tensor([float(value)], dtype=torch.float64)
         if op == "div":
@@ -149,7 +149,7 @@ def apply_merges(model: "nn.Module", merges: "Iterable[Merge]") -> "nn.Module":
     for m in merges:
         main = main_conv(model.get_submodule(m.into))
         weight, bias = merge_kernels([_branch_kernel(model, b, main) for b in m.branches], _kernel(main))
-        new = _new_conv(main)
+        new = new_layer(main)
         with torch.no_grad():
             new.weight.copy_(weight)
             new.bias.copy_(bias)
@@ -163,7 +163,7 @@ def apply_merge_structure(model: "nn.Module", merges: "Iterable[Merge]") -> "nn.
     """Give an unmerged model the merged structure (its values come from a state_dict loaded next);
     the model, a new root as for :func:`apply_merges`."""
     merges = list(merges)
-    convs = {m.place: _new_conv(main_conv(model.get_submodule(m.into))) for m in merges}
+    convs = {m.place: new_layer(main_conv(model.get_submodule(m.into))) for m in merges}
     return _by_block(model, merges, convs)
 
 

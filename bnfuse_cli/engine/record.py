@@ -314,7 +314,8 @@ class Recorder:
             return
         if op in MOVES:
             src = self.lookup(args[0]) if args else None
-            ints = tuple(a for a in (args[1:] if len(args) != 2 or not isinstance(args[1], (list, tuple)) else args[1]))
+            rest = args[1:]
+            ints = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else tuple(rest)
             if src is not None and args[0] is not out and not kwargs and all(isinstance(a, int) for a in ints) and (
                     id(src) in self.moved_out or id(src) in self.produced and is_norm_like(self.produced[id(src)].module)):
                 info = self.track(out)

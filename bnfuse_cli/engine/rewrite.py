@@ -167,7 +167,7 @@ def apply_structure(model: "nn.Module", folds: Iterable[Fold]) -> None:
 
 
 def fold_affine(layer: "nn.Module", scale: "torch.Tensor", shift: "torch.Tensor", name: str,
-                         direction: str = "backward") -> None:
+                direction: str = "backward") -> None:
     """Fold ``z = scale * layer(x) + shift`` (per output channel, float64) into ``layer`` in place, or
     with ``direction="forward"`` ``layer(scale * x + shift)`` (per input channel; the caller has made
     sure no zero padding meets the shift), checked first like every fold

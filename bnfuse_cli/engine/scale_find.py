@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .forward import child_name, trace_block
 from .merge_branches import passthrough, single_call
 from .patterns import is_norm_like, is_producer_like, producer_rule
-from .sums import channel_affine, constant_operand
+from .sums import channel_affine, constant_operand, held_value, per_channel_axis
 
 if TYPE_CHECKING:
     from torch import fx, nn
@@ -49,10 +49,12 @@ class ScaleFold:
 
 @dataclass(frozen=True)
 class ScaleSkip:
-    """A per-channel scale left as it is, and why."""
+    """A per-channel scale left as it is, and why; ``after``: the BatchNorm it follows, when that is
+    what stops it (it folds once that BatchNorm has folded into the layer before it)."""
 
     scale: str
     reason: str
+    after: str = ""
 
 
 def feature_axis(layer: "nn.Module", rank: int) -> "int | None":
@@ -74,12 +76,8 @@ def _affine_module(module: "nn.Module", shape: "tuple[int, ...]") -> "tuple[int 
     return None, why
 
 
-#: a scale after a BatchNorm: the pass sees whether that BatchNorm folds this round
-_WAITING = "waits for "
-
-
-def _after_norm(norm: str, scale: str) -> str:
-    return f"{_WAITING}{norm} to fold first: {scale} follows it"
+def _after_norm(norm: str) -> str:
+    return f"it follows {norm}, which stays (a BatchNorm, not a Conv/Linear)"
 
 
 def _layer_ok(model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", pname: str) -> "str | None":
@@ -116,14 +114,17 @@ def _module_scales(model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]
         if fwd is not None:
             plan.of(name).append(ScaleFold("", "", mname, fwd, "forward", axis, rank))
         else:
-            plan.left_by(name).append(ScaleSkip(mname, f"{why}; nor can it fold into the layer after it: {fwhy}"))
+            before = rec.produced.get(id(call.input))
+            after = before.name if before is not None and is_norm_like(before.module) else ""
+            plan.left_by(name).append(ScaleSkip(mname, f"{why}; nor can it fold into the layer after it: {fwhy}",
+                                                after))
 
 
 def _backward(model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", mname: str, call: Any, axis: int,
               rank: int) -> "str | None":
     pcall = rec.produced.get(id(call.input))
     if pcall is not None and is_norm_like(pcall.module):
-        return _after_norm(pcall.name, mname)
+        return _after_norm(pcall.name)
     if pcall is None or not is_producer_like(pcall.module):
         return f"{mname} does not read a Conv/Linear output"
     why = _layer_ok(model, rec, escapes, pcall.name)
@@ -233,45 +234,44 @@ def _op_scales(model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", p
             if found is None:
                 continue
             operand, (target, reshapes) = found
-            item, why = _op_scale(model, rec, escapes, bname, block, node, operand, target, reshapes)
+            item, skip = _op_scale(model, rec, escapes, bname, block, node, operand, target, reshapes)
             if item is not None:
                 plan.of(name).append(item)
-            elif why:
-                plan.left_by(name).append(ScaleSkip(child_name(bname, target), why))
+            elif skip is not None:
+                plan.left_by(name).append(skip)
 
 
 def _op_scale(model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", bname: str, block: "nn.Module",
-              node: "fx.Node", operand: Any, target: str, reshapes: Any) -> "tuple[ScaleFold | None, str | None]":
-    mod, _, attr = target.rpartition(".")
-    t = getattr(block.get_submodule(mod), attr)
-    try:
-        for method, args in reshapes:
-            t = getattr(t, method)(*args)
-    except RuntimeError:
+              node: "fx.Node", operand: Any, target: str, reshapes: Any) -> "tuple[ScaleFold | None, ScaleSkip | None]":
+    """The multiplication ``node`` by the held ``target`` as a fold; else what it leaves (None: not a
+    layer scale at all, such as a factor of a weighted sum)."""
+    t = held_value(block, target, reshapes)
+    if t is None:
         return None, None
     qual = child_name(bname, target)
     child, perms, why = _walk(operand, block, rec)
     if child is None:
-        return None, f"{qual}: {why}" if why else None
+        return None, ScaleSkip(qual, f"{qual}: {why}") if why else None
     layer, perms = _through_child(block.get_submodule(str(child.target)), child_name(bname, child.target), rec, perms)
     if layer is not None and is_norm_like(model.get_submodule(layer)):
-        return None, _after_norm(layer, qual)
+        return None, ScaleSkip(qual, _after_norm(layer), layer)
     if layer is None:
-        return None, f"{qual} scales the output of {child_name(bname, child.target)}, not a Conv/Linear output"
+        return None, ScaleSkip(qual, f"{qual} scales the output of {child_name(bname, child.target)}, "
+                                     "not a Conv/Linear output")
     why = _layer_ok(model, rec, escapes, layer)
     pcall = rec.calls[id(model.get_submodule(layer))][0] if why is None else None
     if why is None and len(rec.reads.get(id(pcall.output), [])) != 1:
         why = f"the output of {layer} is also read elsewhere"
     if why:
-        return None, why
+        return None, ScaleSkip(qual, why)
     rank = len(pcall.output.shape)
-    big = [rank - t.dim() + i for i, d in enumerate(t.shape) if d != 1]
-    if t.dim() > rank or t.numel() != 1 and len(big) != 1:
-        return None, f"{qual} {tuple(t.shape)} is not one value per channel"
-    axis = _back(big[0], perms, rank) if big else None  # back through the permutes, to the layer's output
+    at = per_channel_axis(t, rank)
+    if t.numel() != 1 and at is None:
+        return None, ScaleSkip(qual, f"{qual} {tuple(t.shape)} is not one value per channel")
+    axis = _back(at, perms, rank) if at is not None else None  # back through the permutes, to the layer's output
     feat = feature_axis(model.get_submodule(layer), rank)
     if axis is not None and axis != feat:
-        return None, f"{qual} scales axis {axis} of {layer}'s output, not its features (axis {feat})"
+        return None, ScaleSkip(qual, f"{qual} scales axis {axis} of {layer}'s output, not its features (axis {feat})")
     return ScaleFold(bname, node.name, qual, layer, "backward", feat, rank), None
 
 

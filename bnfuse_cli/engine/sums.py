@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     import torch
     from torch import fx, nn
 
-__all__ = ["linear_trees", "channel_scale", "channel_affine", "constant_operand", "Factor"]
+__all__ = ["linear_trees", "channel_scale", "channel_affine", "constant_operand", "held_value", "per_channel_axis",
+           "Factor"]
 
 #: one factor on a leaf: ("mul", number), ("mul", (held tensor's name in the block, the reshapes the
 #: forward applies to it)), ("div", number) or ("module", a child's name): innermost first
@@ -61,6 +62,29 @@ def _constant(arg: Any) -> "tuple[Any, bool]":
     if getattr(node, "op", None) == "get_attr":
         return (str(node.target), tuple(reshapes)), True
     return None, False
+
+
+def held_value(block: "nn.Module", target: str, reshapes: "tuple[tuple[str, tuple[int, ...]], ...]" = ()
+               ) -> "torch.Tensor | None":
+    """The parameter or buffer ``block`` holds under ``target``, after the reshapes its forward applies
+    to it; None when it holds none there (a plain attribute is not saved with the model), or a reshape
+    fails."""
+    mod, _, attr = target.rpartition(".")
+    try:
+        owner = block.get_submodule(mod)
+        t = owner._parameters.get(attr, owner._buffers.get(attr))
+        for method, args in reshapes if t is not None else ():
+            t = getattr(t, method)(*args)
+    except (AttributeError, RuntimeError):
+        return None
+    return t
+
+
+def per_channel_axis(t: "torch.Tensor", rank: int) -> "int | None":
+    """The axis of a rank-``rank`` activation along which ``t`` holds one value per position (aligned
+    from the right, as torch broadcasts); None when ``t`` is one value or varies along several axes."""
+    big = [rank - t.dim() + i for i, d in enumerate(t.shape) if d != 1]
+    return big[0] if t.dim() <= rank and len(big) == 1 else None
 
 
 def constant_operand(node: "fx.Node") -> "tuple[fx.Node, tuple[str, Any]] | None":

@@ -14,13 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..forward import held
+
 if TYPE_CHECKING:
     from torch import nn
 
     from ..plan import Plan
     from ..record import Recorder
 
-__all__ = ["Pass", "SiteSpec", "layer_axis", "held", "touched", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise",
+__all__ = ["Pass", "SiteSpec", "layer_axis", "held", "touched", "inside", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise",
            "Sum", "Cat", "Layout", "Rows"]
 
 
@@ -122,15 +124,6 @@ class SiteSpec:
         return f"{self.kind}:{self.layer}"
 
 
-def held(model: "nn.Module", qual: str) -> Any:
-    """The parameter or buffer the model holds under the qualified name ``qual`` (None for "": a
-    step's tensor that was not given)."""
-    if not qual:
-        return None
-    mod, _, attr = qual.rpartition(".")
-    return getattr(model.get_submodule(mod), attr)
-
-
 def touched(plan: "Plan", own: str) -> "set[str]":
     """The layers and modules the other passes rewrite in this round (their items' ``producer``,
     ``into``, branches and branch scales): a pass that would rewrite one of them again leaves it for
@@ -144,6 +137,11 @@ def touched(plan: "Plan", own: str) -> "set[str]":
             for b in getattr(it, "branches", ()):
                 out |= {v for v in (b.module, b.norm) if v} | {v for _, v in b.scale if isinstance(v, str)}
     return out
+
+
+def inside(name: str, names: "set[str]") -> bool:
+    """Whether the module ``name`` is one of ``names`` or inside one of them."""
+    return name in names or any(name.startswith(f"{n}.") for n in names)
 
 
 def layer_axis(model: "nn.Module", name: str) -> int:

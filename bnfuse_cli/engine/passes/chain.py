@@ -16,6 +16,7 @@ from ..forward import child_name, rewrite_forward, trace_block
 from ..patterns import norm_rule, producer_rule
 from ..plan import Plan, Skip
 from ..rewrite import fold_affine, give_bias
+from ..sums import held_value, per_channel_axis
 from .base import held, Elementwise, Norm, Rows, RunLayer, SiteSpec
 
 if TYPE_CHECKING:
@@ -48,19 +49,14 @@ def _constant(arg: Any, block: "nn.Module", block_name: str, channels: int, rank
     """A step's constant as recorded (a number, or the dotted name of a tensor the block holds), or why
     not.  A tensor must be one value, or one per channel on the channel axis of the rank-``rank``
     activation it meets."""
-    import torch
-
     if isinstance(arg, (int, float)) and not isinstance(arg, bool):
         return float(arg), None
     if getattr(arg, "op", None) == "get_attr":
         target = str(arg.target)
-        held = dict(block.named_parameters()) | dict(block.named_buffers())
-        t = held.get(target)
-        if not isinstance(t, torch.Tensor):
+        t = held_value(block, target)
+        if t is None:
             return None, f"{child_name(block_name, target)} is not a parameter or buffer"
-        big = [i for i, d in enumerate(t.shape) if d != 1]
-        on_channels = len(big) == 1 and t.shape[big[0]] == channels and rank - t.dim() + big[0] == 1
-        if t.numel() != 1 and not on_channels:
+        if t.numel() != 1 and (per_channel_axis(t, rank) != 1 or t.numel() != channels):
             return None, f"{child_name(block_name, target)} {tuple(t.shape)} does not broadcast on the channel axis"
         return child_name(block_name, target), None
     return None, "it is not a constant (a number, or a parameter or buffer of the block)"

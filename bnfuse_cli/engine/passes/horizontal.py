@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import BnfuseError
 from ..forward import rewrite_forward, trace_block
+from ..merge_branches import plain_layer
+from ..merge_rewrite import new_layer
 from ..patterns import producer_rule
 from ..plan import Plan
-from .base import Cat, Rows, RunLayer, SiteSpec, touched
+from .base import Cat, inside, Rows, RunLayer, SiteSpec, touched
 
 if TYPE_CHECKING:
     from torch import nn
@@ -50,11 +52,8 @@ class WideLeft:
 
 def _signature(layer: "nn.Module") -> Any:
     """What siblings must share to be one wider layer (None: a layer this pass does not widen)."""
-    from torch import nn
-
     rule, _ = producer_rule(layer)
-    if rule is None or rule.transposed or type(layer).forward not in (nn.Conv1d.forward, nn.Conv2d.forward,
-                                                                      nn.Conv3d.forward, nn.Linear.forward):
+    if rule is None or rule.transposed or not plain_layer(layer):
         return None
     w = layer.weight
     if rule.kind == "linear":
@@ -99,7 +98,7 @@ class HorizontalPass:
         for names in groups.values():
             if len(names) < 2:
                 continue
-            if any(n in busy or any(n.startswith(f"{t}.") for t in busy) for n in names):
+            if any(inside(n, busy) for n in names):
                 plan.more = True  # another pass rewrites one of them this round: the next round sees it
                 continue
             item, why = self._place(model, names)
@@ -168,22 +167,12 @@ class HorizontalPass:
 def _wide_layer(model: "nn.Module", it: Wide, values: bool) -> "tuple[nn.Module, list[int]]":
     """The wider layer (the siblings' weights stacked on the output axis when ``values``) and each
     sibling's width."""
-    import copy
-
     import torch
-    from torch import nn
 
     layers = [model.get_submodule(n) for n in it.layers]
     widths = [_width(m) for m in layers]
     first = layers[0]
-    if isinstance(first, nn.Linear):
-        wide = nn.Linear(first.in_features, sum(widths), bias=True, device=first.weight.device, dtype=first.weight.dtype)
-    else:
-        wide = copy.deepcopy(first)
-        wide.out_channels = sum(widths)
-        wide.weight = nn.Parameter(torch.empty((sum(widths), *first.weight.shape[1:]), dtype=first.weight.dtype,
-                                               device=first.weight.device))
-        wide.bias = nn.Parameter(torch.empty(sum(widths), dtype=first.weight.dtype, device=first.weight.device))
+    wide = new_layer(first, sum(widths))
     if values:
         with torch.no_grad():
             wide.weight.copy_(torch.cat([m.weight for m in layers], 0))

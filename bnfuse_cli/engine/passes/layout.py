@@ -14,7 +14,7 @@ from ..fold import affine_from_stats
 from ..patterns import norm_rule, producer_rule
 from ..plan import Plan, Skip
 from ..rewrite import fold_affine, give_bias
-from .base import Layout, Norm, Rows, RunLayer, SiteSpec, touched
+from .base import inside, Layout, Norm, Rows, RunLayer, SiteSpec, touched
 
 if TYPE_CHECKING:
     from torch import nn
@@ -50,29 +50,27 @@ def _move(axis: int, rank: int, op: str, args: "tuple[int, ...]") -> "tuple[int 
     return None, rank
 
 
-def _follow(rec: "Recorder", y: Any) -> "tuple[Any, list[tuple[str, tuple[int, ...]]], str | None]":
-    """From a BatchNorm's output through layout ops to the one Linear call that reads the result:
-    (that call, the ops, why not)."""
+def _follow(rec: "Recorder", y: Any) -> "tuple[Any, list[tuple[str, tuple[int, ...]]]]":
+    """From a BatchNorm's output through layout ops, each result read once, to the one Linear call that
+    reads the last of them with the BatchNorm's channels as its features: (that call, the ops), or
+    (None, []).  What stops it is the fold pass's reason, which stays."""
     steps: list[tuple[str, tuple[int, ...]]] = []
     axis, rank, x = 1, len(y.shape), y
     while True:
         reads = rec.reads.get(id(x), [])
         if len(reads) != 1:
-            return None, [], f"its output is read {len(reads)} times on the way"
+            return None, []
         reader, op = reads[0]
         if op == "linear" and reader is not None and reader.input is x:
-            if axis != rank - 1:
-                return None, [], f"its channel axis reaches {reader.name} as axis {axis}, not the features"
-            return reader, steps, None
+            return (reader, steps) if axis == rank - 1 else (None, [])
         nxt = rec.moved.get(id(x))
         if nxt is None or nxt[1] != op:
-            return None, [], f"its output goes to {op}, not through flatten/transpose/permute to a Linear"
-        info, op, args = nxt
+            return None, []
+        x, op, args = nxt
         axis, rank = _move(axis, rank, op, args)
         if axis is None:
-            return None, [], f"{op} merges its channel axis with others"
+            return None, []
         steps.append((op, args))
-        x = info
 
 
 class LayoutPass:
@@ -93,12 +91,12 @@ class LayoutPass:
                     or not rec.moved or id(calls[0].output) in escapes:
                 keep.append(skip)
                 continue
-            reader, steps, why = _follow(rec, calls[0].output)
+            reader, steps = _follow(rec, calls[0].output)
             if reader is None or not steps or len(rec.calls.get(id(reader.module), [])) != 1 \
                     or producer_rule(reader.module)[0] is None:
                 keep.append(skip)
                 continue
-            if reader.name in busy:
+            if inside(reader.name, busy):
                 plan.more = True
                 keep.append(skip)
                 continue

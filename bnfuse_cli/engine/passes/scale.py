@@ -11,9 +11,9 @@ from ...errors import BnfuseError
 from ..forward import rewrite_forward
 from ..plan import Plan
 from ..rewrite import fold_affine, give_bias
-from ..scale_find import ScaleFold, ScaleSkip, _WAITING, find_scales
+from ..scale_find import ScaleFold, ScaleSkip, find_scales
 from ..sums import channel_affine, constant_operand
-from .base import Elementwise, held, Rows, RunLayer, RunModule, SiteSpec, touched
+from .base import Elementwise, held, inside, Rows, RunLayer, RunModule, SiteSpec, touched
 
 if TYPE_CHECKING:
     import torch
@@ -34,23 +34,19 @@ class ScalePass:
     def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
         step = Plan()
         find_scales(model, rec, escapes, step, self.name)
-        busy_now = touched(plan, self.name)
+        busy = touched(plan, self.name)
         folded = {f.norm for f in plan.folds if f.direction == "backward"}
         for it in step.of(self.name):
-            busy = [n for n in (it.producer, it.scale) if n in busy_now or any(n.startswith(f"{t}.") for t in busy_now)]
-            if busy:  # one rewrite of a layer per round, each judged at its site: the next round sees the rest
-                plan.more = True
+            if inside(it.producer, busy) or inside(it.scale, busy):
+                plan.more = True  # one rewrite of a layer per round, each judged at its site: the next round sees it
             else:
                 plan.of(self.name).append(it)
-                busy_now.add(it.producer)
+                busy.add(it.producer)
         for skip in step.left_by(self.name):
-            if skip.reason.startswith(_WAITING):
-                norm = skip.reason[len(_WAITING):].split(" ", 1)[0]
-                if norm in folded:  # what a round shows (inspect); the next round folds it
-                    plan.more = True
-                    skip = ScaleSkip(skip.scale, f"it folds in the next round, once {norm} has folded into the layer before it")
-                else:
-                    skip = ScaleSkip(skip.scale, f"it follows {norm}, which stays (a BatchNorm, not a Conv/Linear)")
+            if skip.after in folded:  # what a round shows (inspect); the next round folds it
+                plan.more = True
+                skip = ScaleSkip(skip.scale, f"it folds in the next round, once {skip.after} has folded into the layer "
+                                 "before it", skip.after)
             plan.left_by(self.name).append(skip)
 
     def apply(self, model: "nn.Module", items: "list[ScaleFold]") -> "nn.Module":
@@ -79,7 +75,7 @@ class ScalePass:
         return asdict(item)
 
     def left_json(self, left: ScaleSkip) -> "dict[str, Any]":
-        return asdict(left)
+        return {"scale": left.scale, "reason": left.reason}
 
     def absorbed(self, item: ScaleFold) -> "list[str]":
         return []  # not a BatchNorm
