@@ -70,7 +70,10 @@ def test_the_mean_of_two_linear_heads_is_one_linear() -> None:
     assert {b.module for b in m.branches} == {"classifier.head", "classifier.head_dist"}
     assert all(b.scale == (("div", 2.0),) for b in m.branches)
     linears = [n for n, mod in result.model.named_modules() if isinstance(mod, nn.Linear)]
-    assert linears == ["features", m.into]  # one head is gone, and both BatchNorm1d
+    # the classifier's forward was the sum alone: the merged Linear is the classifier itself (one call,
+    # no wrapper), as timm's hand-written fuse leaves it
+    assert m.place == "classifier" and type(result.model.classifier) is nn.Linear
+    assert linears == ["features", "classifier"]  # one head is gone, and both BatchNorm1d
     assert not any(isinstance(mod, nn.BatchNorm1d) for mod in result.model.modules())
 
 

@@ -146,7 +146,34 @@ def _merge_tree(block_name: str, block: "nn.Module", root: "fx.Node", leaves: li
             return MergeSkip(block_name, f"{where}: {why}")
         scaled.append(Branch(b.kind, b.module, b.norm, f))
     into = str(convs[main_i][0].module)
-    return Merge(block_name, root.name, into, tuple(scaled), _placement(block_name, block, into, scaled))
+    at = block_name if _whole_block(block_name, block, root, x, rec) else _placement(block_name, block, into, scaled)
+    return Merge(block_name, root.name, into, tuple(scaled), at)
+
+
+def _whole_block(block_name: str, block: "nn.Module", root: "fx.Node", x: "fx.Node", rec: "Recorder") -> bool:
+    """Whether the block's forward is the sum and nothing else: its one input is the branches' input,
+    its output is the sum, and every other step feeds the sum (RepViT's ``RepVggDw``, a RepVGG block
+    without its activation).  The merged conv then takes the block's own place: the forward calls
+    the conv itself, as a hand-written re-parameterisation does, not a wrapper around it."""
+    graph = root.graph
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    out = next(n for n in graph.nodes if n.op == "output")
+    if (not block_name or inputs != [x] or out.args[0] is not root or len(root.users) != 1
+            or single_call(block, rec) is None or type(block).__call__ is not _module_call()):
+        return False
+    seen, todo = {root}, [root]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return all(n in seen or n is out for n in graph.nodes)
+
+
+def _module_call() -> Any:
+    from torch import nn
+
+    return nn.Module.__call__
 
 
 def _placement(block_name: str, block: "nn.Module", into: str, branches: "list[Branch]") -> str:

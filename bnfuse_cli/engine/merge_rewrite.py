@@ -119,6 +119,14 @@ def _rewrite_block(model: "nn.Module", block_name: str, merges: "list[Merge]",
     with the nodes nothing reads); the model, a new root for a sum in the model's own forward."""
     from torch import nn
 
+    whole = [m for m in merges if m.place == block_name and block_name]
+    if whole:  # the block's forward was the sum alone: the merged conv is the block now
+        if len(merges) != 1:
+            raise BnfuseError(f"the fold plan merges {len(merges)} sums in {block_name}, one of them the whole block")
+        convs[block_name].train(model.get_submodule(block_name).training)
+        model.set_submodule(block_name, convs[block_name])
+        return model
+
     def edit(block: "nn.Module", graph: Any) -> None:
         nodes = {n.name: n for n in graph.nodes}
         for m in merges:

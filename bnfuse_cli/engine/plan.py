@@ -96,8 +96,9 @@ class Merge:
     node: str
     into: str
     branches: tuple[Branch, ...]
-    #: where the merged conv is placed when not at ``into``: the block's child that held only the
-    #: merged branches (MobileOne's ``conv_kxk`` list), so the forward reaches it in one lookup
+    #: where the merged conv is placed when not at ``into``: the block itself when its forward was
+    #: the sum alone (RepViT's ``RepVggDw``), or the block's child that held only the merged branches
+    #: (MobileOne's ``conv_kxk`` list), so the forward reaches it in one lookup
     at: str = ""
 
     @property
