@@ -136,6 +136,7 @@ PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow full unpi
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random weights of a model name with --weights none (the same name and seed give the same model) and of the first random input.")]
 KeyOpt = Annotated[Optional[str], typer.Option("--key", help="Where the weights are in a checkpoint that holds several, as a dotted path (for example model_state or ema.model).", show_default=False)]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file (- for stdout: the tables then go to stderr).", dir_okay=False)]
+UnwrapOpt = Annotated[bool, typer.Option("--unwrap", help="Replace each wrapper left calling one layer alone (a Sequential of a conv and its folded BatchNorm) by that layer: two module calls less each, as timm's own re-parameterisation does, but its parameters are renamed (x.c.weight becomes x.weight).")]
 RtolOpt = Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance, of each output's largest magnitude, on top of the original's own error at this precision (default by dtype: 1e-4 for float32).", show_default=False)]
 AtolOpt = Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance (default by dtype: 1e-6 for float32).", show_default=False)]
 AutocastOpt = Annotated[Optional[str], typer.Option("--autocast", help="Run both models under torch.autocast: float16 or bfloat16 (mixed precision as deployed with AMP).", show_default=False)]
@@ -165,6 +166,7 @@ def convert(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every fold and every BatchNorm left.")] = False,
     clone_shared: Annotated[bool, typer.Option("--clone-shared", help="Fold a BatchNorm into a copy of a layer whose output is also read elsewhere (more parameters, one operation less; off: the report says what it would fold).")] = False,
     horizontal: Annotated[bool, typer.Option("--horizontal", help="Make sibling Conv/Linear layers that read one tensor one wider layer (off by default: not always faster in eager PyTorch; see the README).")] = False,
+    unwrap: UnwrapOpt = False,
 ) -> None:
     """Fold every BatchNorm that can be folded and write the fused checkpoint.
 
@@ -189,7 +191,7 @@ def convert(
             with _library_output_to_stderr():
                 r = convert_fn(src, dest, options=opts, save_as=save_as, force=force, rtol=rtol, atol=atol,
                                tolerance=tolerance, placed=placed, verbose=verbose, clone_shared=clone_shared,
-                               horizontal=horizontal)
+                               horizontal=horizontal, unwrap=unwrap)
             res.print(convert_table(r))
             for table in plan_tables(r.plan, verbose=verbose):
                 res.print(table)
@@ -323,6 +325,7 @@ def bench(
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write a Markdown table (for a CI job summary) to this file.", dir_okay=False)] = None,
     min_speedup: Annotated[Optional[float], typer.Option("--min-speedup", help="Exit 1 when a model's median speedup (original/fused) is below this.", show_default=False)] = None,
     horizontal: Annotated[bool, typer.Option("--horizontal", help="Fuse sibling Conv/Linear layers on one input side by side in the fused model too (time it on and off).")] = False,
+    unwrap: UnwrapOpt = False,
 ) -> None:
     """Time each model and its fused copy side by side, and check the fused output.
 
@@ -356,7 +359,7 @@ def bench(
             report = bench_fn(models or None, options=opts, device=device, dtype=dtype, batch_size=batch_size,
                               channels_last=channels_last, threads=threads, iters=iters, warmup=warmup,
                               time_budget=time_budget, compile=compile_, autocast=autocast, rtol=rtol, atol=atol,
-                              runtime=runtime, progress=tick, horizontal=horizontal)
+                              runtime=runtime, progress=tick, horizontal=horizontal, unwrap=unwrap)
         res = _results(json_file)
         for table in bench_tables(report, min_speedup, res.width) + left_tables(report):
             res.print(table)

@@ -4,7 +4,7 @@ For each timm model (``timm.create_model(name, pretrained=False)``: random weigh
 eval mode; BatchNorm affine parameters randomised and running statistics measured on a random
 batch at the model's default input size, so activations stay of order 1):
 
-* (a) the original, (b) ``bnfuse_cli.fuse(model, x).model``, (c)
+* (a) the original, (b) ``bnfuse_cli.fuse(model, x).model`` (``--unwrap``: ``fuse(model, x, unwrap=True)``), (c)
   ``timm.utils.model.reparameterize_model(model)`` (timm's multi-branch merge, conv+BN fusion);
 * BN calls and conv calls in one forward pass at batch 1, counted with forward hooks on every
   module (BN: instances of ``torch.nn.modules.batchnorm._BatchNorm``, which timm's
@@ -26,7 +26,7 @@ run after ``.double()`` and carries float32 rounding).  Prints a Markdown table;
 writes the same data (with each model's float32 errors, bnfuse's fold/skip/merge counts and the
 run's seconds).  Exits 2 if any model had an error (including a fused model the judge rejected).
 
-    python scripts/compare_reparam.py [--models repvgg_a0,mobileone_s0] [--iters 20] [--json out/reparam.json]
+    python scripts/compare_reparam.py [--models repvgg_a0,mobileone_s0] [--iters 20] [--unwrap] [--json out/reparam.json]
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def _latency(row: Row, fused: Any, reparam: Any, x: Any, iters: int, warmup: int
     row.ratio_median, row.ratio_q1, row.ratio_q3 = t["ratio"], t["q1"], t["q3"]
 
 
-def run_one(name: str, iters: int, warmup: int) -> Row:
+def run_one(name: str, iters: int, warmup: int, unwrap: bool = False) -> Row:
     import torch
 
     import bnfuse_cli
@@ -225,7 +225,7 @@ def run_one(name: str, iters: int, warmup: int) -> Row:
 
     fused = reparam = None
     try:
-        result = bnfuse_cli.fuse(original, x)
+        result = bnfuse_cli.fuse(original, x, unwrap=unwrap)
         fused = result.model.eval()
         row.bnfuse_folds, row.bnfuse_skipped, row.bnfuse_ok = len(result.folds), len(result.skipped), result.ok
         merges = getattr(result.plan, "merges", None)  # branch merging, where this bnfuse has it
@@ -256,7 +256,7 @@ def run_one(name: str, iters: int, warmup: int) -> Row:
             if reparam is not None:
                 row.rel_err32_timm = _rel(ref64, reparam(x))
         if fused is not None:
-            fused64 = bnfuse_cli.fuse(original64, x64).model.eval()
+            fused64 = bnfuse_cli.fuse(original64, x64, unwrap=unwrap).model.eval()
             with torch.no_grad():
                 row.rel_err64_bnfuse = _rel(ref64, fused64(x64))
             del fused64
@@ -314,6 +314,8 @@ def main(argv: "list[str] | None" = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed pairs of calls first (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--json", metavar="FILE", help="also write the data as JSON")
+    parser.add_argument("--unwrap", action="store_true",
+                        help="fuse with unwrap=True (wrappers of one call replaced by their layer, renamed)")
     args = parser.parse_args(argv)
 
     info = start(args.threads)
@@ -323,7 +325,7 @@ def main(argv: "list[str] | None" = None) -> int:
     models = args.models.split(",") if args.models else MODELS
     date = datetime.date.today().isoformat()
 
-    print(f"# bnfuse fold vs timm reparameterize_model ({date})")
+    print(f"# bnfuse fold{' --unwrap' if args.unwrap else ''} vs timm reparameterize_model ({date})")
     print()
     print(f"{info['cpu']}, {info['cores']} cores, {info['os']}; Python {info['python']}, torch {torch.__version__}, "
           f"timm {timm.__version__}, bnfuse {info['bnfuse']}; {args.threads} threads")
@@ -339,7 +341,7 @@ def main(argv: "list[str] | None" = None) -> int:
     print("|---|---:|---:|---:|---:|---:|")
     rows = []
     for name in models:
-        row = run_one(name, args.iters, args.warmup)
+        row = run_one(name, args.iters, args.warmup, args.unwrap)
         rows.append(row)
         print(_markdown_row(row), flush=True)
     errors = [f"{r.model}: {e}" for r in rows for e in r.errors]
@@ -358,6 +360,7 @@ def main(argv: "list[str] | None" = None) -> int:
             "torch": torch.__version__,
             "timm": timm.__version__,
             "threads": args.threads,
+            "unwrap": args.unwrap,
             "iters": args.iters,
             "warmup": args.warmup,
             "rows": [{k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(r).items()} for r in rows],

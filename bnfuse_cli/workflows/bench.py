@@ -115,6 +115,8 @@ class _Settings:
     runtime: str = "eager"
     #: the fused side also makes sibling layers on one input one wider layer (``--horizontal``)
     horizontal: bool = False
+    #: the fused side also replaces wrappers of one call by the layer they call (``--unwrap``)
+    unwrap: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as the JSON report gives them (the batch size the device's default when
@@ -125,7 +127,7 @@ class _Settings:
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""), "autocast": self.autocast,
             "batch_size": batch,
             "input_shape": shape if isinstance(shape, (str, type(None))) else list(shape),
-            "runtime": self.runtime, "horizontal": self.horizontal,
+            "runtime": self.runtime, "horizontal": self.horizontal, "unwrap": self.unwrap,
             "channels_last": self.channels_last, "threads": self.threads, "compile": self.compile, "iters": self.iters,
             "warmup": self.warmup, "time_budget_s": self.time_budget, "min_sample_ms": self.min_sample_ms,
             "weights": self.source.weights, "rtol": self.rtol, "atol": self.atol, "seed": self.seed,
@@ -185,7 +187,7 @@ def _fold(prep: _Prepared, st: _Settings) -> "FuseResult":
 
     probe = InputSpec((1, *prep.spec.shape[1:]), prep.spec.kind)
     return fuse(prep.original, as_args(make_input(probe, dtype=torch.float32, seed=st.seed)), inplace=False,
-                rtol=st.rtol, atol=st.atol, horizontal=st.horizontal)
+                rtol=st.rtol, atol=st.atol, horizontal=st.horizontal, unwrap=st.unwrap)
 
 
 def _reference(prep: _Prepared, args32: tuple[Any, ...], st: _Settings) -> Any:
@@ -315,6 +317,7 @@ def bench(
     runtime: str = "eager",
     progress: "ProgressFn | None" = None,
     horizontal: bool = False,
+    unwrap: bool = False,
     **load: Any,
 ) -> BenchReport:
     """Time each model and its fused copy, alternating, and judge the fused model.
@@ -336,7 +339,8 @@ def bench(
     (torch.export programs, ``ep.module()``) or ``onnxruntime`` (ONNX graphs, both sessions at
     ``ORT_ENABLE_ALL`` with ``threads`` or torch's thread count as intra-op threads, on the CPU,
     float32; the report gives each graph's BatchNorm and conv nodes after onnxruntime's optimisation).
-    ``horizontal`` fuses sibling layers on one input side by side in the fused model too.
+    ``horizontal`` fuses sibling layers on one input side by side in the fused model too; ``unwrap``
+    replaces wrappers of one call by the layer they call in it too.
     """
     import torch
 
@@ -363,7 +367,7 @@ def bench(
     st = _Settings(device=dev, dtype=dt, autocast=amp, source=opts, batch_size=batch_size,
                    channels_last=channels_last, compile=compile, iters=iters, warmup=warmup, time_budget=budget,
                    min_sample_ms=min_sample_ms, rtol=rtol, atol=atol, progress=progress, threads=threads,
-                   runtime=runtime, horizontal=horizontal)
+                   runtime=runtime, horizontal=horizontal, unwrap=unwrap)
 
     old_threads = torch.get_num_threads()
     flags_before = backend_flags()

@@ -153,6 +153,7 @@ def convert(
     verbose: bool = False,
     clone_shared: bool = False,
     horizontal: bool = False,
+    unwrap: bool = False,
     **load: Any,
 ) -> ConvertReport:
     """Fold every foldable BatchNorm of ``source`` and write the fused model to ``output``.
@@ -173,7 +174,8 @@ def convert(
     model, which runs without bnfuse or the model's code; it is opened in its own runtime and
     judged against the original before it is placed.  ``verbose`` shows the exporter's messages.
     ``clone_shared`` folds a BatchNorm into a copy of a layer whose output is also read elsewhere;
-    ``horizontal`` makes sibling layers on one input one wider layer.
+    ``horizontal`` makes sibling layers on one input one wider layer; ``unwrap`` replaces a wrapper
+    left calling one layer alone by that layer (renaming its parameters).
     """
     t0 = time.perf_counter()
     rtol = _rtol(rtol, tolerance)
@@ -186,7 +188,7 @@ def convert(
     t1 = time.perf_counter()
     fmt = output_format(out_path) if out_path is not None else None
     result = fuse_prepared(prep, rtol=rtol, atol=atol, keep_reference=bool(fmt and fmt.program),
-                           clone_shared=clone_shared, horizontal=horizontal)
+                           clone_shared=clone_shared, horizontal=horizontal, unwrap=unwrap)
     t4 = time.perf_counter()
     report = _report(prep, out_path, result)
     if not result.ok:

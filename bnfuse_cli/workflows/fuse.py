@@ -121,6 +121,7 @@ def fuse(
     keep_reference: bool = False,
     clone_shared: bool = False,
     horizontal: bool = False,
+    unwrap: bool = False,
 ) -> FuseResult:
     """Fold every BatchNorm of ``model`` that can be folded exactly, merge every sum of parallel
     branches that can become one conv (``merge=True``), and judge the result.
@@ -140,7 +141,9 @@ def fuse(
     layer whose output a BatchNorm and something else read gets a copy for the BatchNorm's path,
     folded (more parameters, one operation less); off, the report says what it would fold.
     ``horizontal``: sibling Conv/Linear layers that read one tensor become one wider layer (off by
-    default: not always faster in eager PyTorch; ``scripts/bench_horizontal.py``).
+    default: not always faster in eager PyTorch; ``scripts/bench_horizontal.py``).  ``unwrap``: a
+    wrapper left calling one layer alone (a ``Sequential`` of a conv and its folded BatchNorm) is
+    replaced by that layer, which renames its parameters (off by default; the README has the cost).
     """
     dtype, device = model_dtype(model)
     Tolerance.for_dtype(dtype, rtol, atol)  # a bad tolerance is refused before the copy
@@ -152,18 +155,19 @@ def fuse(
     args = _example(model, example_input)
     copied = time.perf_counter() - t0
     result = _fuse(model, args, dtype, device, rtol=rtol, atol=atol, merge=merge, keep_reference=keep_reference,
-                   options={"clone_shared": clone_shared, "horizontal": horizontal})
+                   options={"clone_shared": clone_shared, "horizontal": horizontal, "unwrap": unwrap})
     result.switched_to_eval = switched
     result.seconds = {"copy": copied, **result.seconds}
     return result
 
 
 def fuse_prepared(prep: Any, *, rtol: "float | None" = None, atol: "float | None" = None, merge: bool = True,
-                  keep_reference: bool = False, clone_shared: bool = False, horizontal: bool = False) -> FuseResult:
+                  keep_reference: bool = False, clone_shared: bool = False, horizontal: bool = False,
+                  unwrap: bool = False) -> FuseResult:
     """:func:`fuse` of a :class:`~bnfuse_cli.workflows.source.Prepared` source, in place, on the
     example input, dtype and device it was prepared with (``convert``'s way in)."""
     return _fuse(prep.model, prep.args, prep.dtype, prep.device, rtol=rtol, atol=atol, merge=merge,
-                 keep_reference=keep_reference, options={"clone_shared": clone_shared, "horizontal": horizontal})
+                 keep_reference=keep_reference, options={"clone_shared": clone_shared, "horizontal": horizontal, "unwrap": unwrap})
 
 
 def _fuse(model: "nn.Module", args: tuple[Any, ...], dtype: Any, device: Any, *, rtol: "float | None",
@@ -201,7 +205,7 @@ def _fuse(model: "nn.Module", args: tuple[Any, ...], dtype: Any, device: Any, *,
 
 #: at most this many rounds: a merge can leave a BatchNorm after the merged conv (RepViT's
 #: ``bn(conv(x) + conv1(x) + x)``) that the next round folds
-MAX_ROUNDS = 3
+MAX_ROUNDS = 4
 
 
 def _rounds(model: "nn.Module", args: tuple[Any, ...], *, merge: bool, options: "dict[str, Any] | None" = None

@@ -23,6 +23,7 @@ from .layout import LAYOUT
 from .merge import MERGE
 from .scale import SCALE
 from .standardise import STANDARDISE
+from .unwrap import UNWRAP
 
 if TYPE_CHECKING:
     from torch import nn
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["PASSES", "Pass", "SiteSpec", "Rows", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise", "Sum", "Cat", "Layout", "by_name", "rebuild", "site_specs", "held"]
 
 #: the passes, in the order they find and apply their items within a round
-PASSES: "list[Pass]" = [FOLD, STANDARDISE, CHAIN, LAYOUT, FUNCTIONAL, MERGE, SCALE, HORIZONTAL, CLONE]
+PASSES: "list[Pass]" = [FOLD, STANDARDISE, CHAIN, LAYOUT, FUNCTIONAL, MERGE, SCALE, HORIZONTAL, CLONE, UNWRAP]
 
 
 def by_name(name: str) -> Any:

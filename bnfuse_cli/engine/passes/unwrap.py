@@ -1,0 +1,154 @@
+"""The unwrap pass (``--unwrap``, off by default): a wrapper whose forward, once the other passes are
+done, calls one child alone on its input is replaced by that child, so the model calls the layer
+itself.  A ``Sequential`` of a conv and its folded BatchNorm (RepViT's 60 ``ConvNorm``, torchvision
+ResNet's ``downsample``), a block a merge left calling its merged conv alone (RepViT's
+``RepVggDw``): two module calls less each per forward, which is what timm's hand-written
+re-parameterisation does.
+
+It renames: the child's parameters lose the wrapper's part of their names (``x.c.weight`` becomes
+``x.weight``), and a ``Sequential`` wrapper can no longer be indexed.  That is why it is the user's
+choice; ``load`` rebuilds the same names from the fused file's record.  It runs in a round of its
+own, after every other pass has finished (they leave the ``nn.Identity`` that makes a wrapper
+one call), and each item is judged like any other: the wrapper on the model before against the
+child in its place after (in ``verify``: the original wrapper, BatchNorm and all, against it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from ...errors import BnfuseError
+from ..forward import child_name
+from ..plan import Plan
+from .base import Rows, RunModule, SiteSpec
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..record import Recorder
+
+__all__ = ["UNWRAP", "Unwrap", "UnwrapLeft", "only_child"]
+
+
+@dataclass(frozen=True)
+class Unwrap:
+    """The module ``wrapper`` replaced by its child ``child`` (a dotted name inside it); ``layer``: the
+    layer that first reads the wrapper's input (the judge's crop is taken there)."""
+
+    wrapper: str
+    child: str
+    layer: str
+
+
+@dataclass(frozen=True)
+class UnwrapLeft:
+    """A wrapper of one call left in place, and why."""
+
+    wrapper: str
+    reason: str
+
+
+def only_child(module: "nn.Module") -> "str | None":
+    """The child ``module``'s forward calls alone on its one input, or None: a ``Sequential`` whose other
+    members are ``nn.Identity``, or a rewritten block whose graph is one call of a child."""
+    from torch import fx, nn
+
+    if module._parameters or module._buffers or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    if type(module).forward is nn.Sequential.forward and type(module).__call__ is nn.Module.__call__:
+        real = [k for k, c in module._modules.items() if type(c) is not nn.Identity]
+        return real[0] if len(real) == 1 else None
+    if isinstance(module, fx.GraphModule):
+        nodes = list(module.graph.nodes)
+        if (len(nodes) == 3 and [n.op for n in nodes] == ["placeholder", "call_module", "output"]
+                and nodes[1].args == (nodes[0],) and not nodes[1].kwargs and nodes[2].args == (nodes[1],)):
+            return str(nodes[1].target)
+    return None
+
+
+def _calls(module: "nn.Module", rec: "Recorder") -> int:
+    return len(rec.calls.get(id(module)) or rec.module_calls.get(id(module)) or [])
+
+
+def _first_layer(model: "nn.Module", name: str) -> str:
+    """The innermost module that reads a wrapper's input first (down through wrappers of one call)."""
+    inner = only_child(model.get_submodule(name))
+    return _first_layer(model, child_name(name, inner)) if inner is not None else name
+
+
+class UnwrapPass:
+    name = "unwrap"
+    key = "unwraps"
+    left_key = "unwrap_left"
+    again = False
+    verb = "unwrapped"
+
+    def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
+        if not plan.options.get("unwrap"):
+            return
+        if any(items for name, items in plan.items.items() if name != self.name):
+            plan.more = True  # a round of its own, once the others have left their wrappers
+            return
+        counts: dict[int, int] = {}
+        for _, m in model.named_modules(remove_duplicate=False):
+            counts[id(m)] = counts.get(id(m), 0) + 1
+        for name, module in model.named_modules():
+            rel = only_child(module) if name else None
+            if rel is None:
+                continue
+            child = module.get_submodule(rel)
+            why = ("it is held under more than one name" if counts[id(module)] > 1 else
+                   f"the model calls {child_name(name, rel)} without it" if _calls(child, rec) != _calls(module, rec)
+                   else "")
+            if why:
+                plan.left_by(self.name).append(UnwrapLeft(name, why))
+            else:
+                full = child_name(name, rel)
+                plan.of(self.name).append(Unwrap(name, full, _first_layer(model, full)))
+
+    def apply(self, model: "nn.Module", items: "list[Unwrap]") -> None:
+        # innermost first: an outer wrapper then holds the inner one's child under the inner's name
+        for it in sorted(items, key=lambda i: -i.wrapper.count(".")):
+            try:
+                child = model.get_submodule(it.child)
+            except AttributeError as exc:
+                raise BnfuseError(f"the fused file unwraps {it.wrapper} to {it.child}, which this model "
+                                  "does not have") from exc
+            model.set_submodule(it.wrapper, child)
+
+    rebuild = apply
+
+    def to_row(self, item: Unwrap) -> "dict[str, Any]":
+        return asdict(item)
+
+    def from_row(self, row: Any) -> Unwrap:
+        it = Unwrap(str(row["wrapper"]), str(row["child"]), str(row["layer"]))
+        if not it.wrapper or not it.child.startswith(f"{it.wrapper}."):
+            raise ValueError(f"unwrap of {it.wrapper!r} to {it.child!r}: not a child of it")
+        return it
+
+    def to_json(self, item: Unwrap) -> "dict[str, Any]":
+        return self.to_row(item)
+
+    def left_json(self, left: UnwrapLeft) -> "dict[str, Any]":
+        return asdict(left)
+
+    def absorbed(self, item: Unwrap) -> "list[str]":
+        return []
+
+    def sites(self, model: "nn.Module", items: "list[Unwrap]") -> "list[SiteSpec]":
+        """The wrapper before against the child in its place after (covering every site inside it: their
+        layers have the wrapper's names no more)."""
+        return [SiteSpec(self.name, it.wrapper, it.layer, (it.child,), (RunModule(it.wrapper),),
+                         (RunModule(it.wrapper),), covers=(it.wrapper,)) for it in items]
+
+    def rows(self, plan: Plan) -> Rows:
+        items, left = plan.of(self.name), plan.left_by(self.name)
+        summary = ("unwrapped", f"{len(items)} wrappers of one call -> the layer they call") if items else None
+        return Rows("Unwrapped (a wrapper that calls one layer -> that layer, renamed)", ("layer now at", "was"),
+                    [(it.wrapper, it.child) for it in items], "Wrappers left in place", "wrapper",
+                    [(w.wrapper, w.reason) for w in left], summary)
+
+
+UNWRAP = UnwrapPass()

@@ -1,0 +1,86 @@
+"""``--unwrap``: a wrapper left calling one layer alone (a Sequential of a conv and its folded BatchNorm,
+a merged block) is replaced by that layer in a round of its own; off by default, the names stay."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import bnfuse_cli
+from conftest import ROOT, randomize_bn, run_bnfuse
+
+pytestmark = pytest.mark.usefixtures("tests_on_path")
+
+ARCH = "models_unwrap:Wrapped"
+X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def _model() -> nn.Module:
+    from models_unwrap import Wrapped
+
+    torch.manual_seed(0)
+    return randomize_bn(Wrapped(), seed=5).eval()
+
+
+def _module_calls(model: nn.Module, x: torch.Tensor) -> int:
+    calls: list[int] = []
+    hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in model.modules()]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return len(calls)
+
+
+def test_off_by_default_every_name_stays() -> None:
+    result = bnfuse_cli.fuse(_model(), X)
+    assert result.ok and not result.plan.of("unwrap") and not result.plan.left_by("unwrap")
+    assert isinstance(result.model.stem, nn.Sequential) and "stem.c.weight" in result.model.state_dict()
+
+
+def test_each_wrapper_of_one_call_becomes_its_layer_exactly() -> None:
+    model = _model().double()
+    with torch.no_grad():
+        ref = model(X.double())
+    plain = bnfuse_cli.fuse(model, X.double())
+    result = bnfuse_cli.fuse(model, X.double(), unwrap=True)
+    assert result.ok, result.verdict.reasons
+    with torch.no_grad():
+        assert float((result.model(X.double()) - ref).norm() / ref.norm()) < 1e-12
+    done = {(u.wrapper, u.child) for u in result.plan.of("unwrap")}
+    assert done == {("stem", "stem.c"), ("nested.0", "nested.0.c"), ("nested", "nested.0"),
+                    ("mixer", "mixer.conv"), ("numbered", "numbered.0")}
+    for name in ("stem", "nested", "mixer", "numbered"):
+        assert type(result.model.get_submodule(name)) is nn.Conv2d, name
+    assert {(w.wrapper, w.reason) for w in result.plan.left_by("unwrap")} == {
+        ("reached", "the model calls reached.c without it"), ("twice", "it is held under more than one name")}
+    # a Sequential and its Identity: two module calls less (stem, numbered); the nested pair three;
+    # the merged block (whose rewritten forward already skips its Identity) one
+    assert _module_calls(plain.model, X.double()) - _module_calls(result.model, X.double()) == 2 + 2 + 3 + 1
+    sites = [s for s in result.verdict.sites if s.kind == "unwrap"]
+    assert {s.layer for s in sites} == {"stem", "nested", "mixer", "numbered"}  # nested.0: inside nested's
+    assert all(s.rel_error is not None and s.rel_error < 1e-12 for s in sites)
+
+
+def test_convert_unwrap_is_saved_rebuilt_and_verified(tmp_path: Path) -> None:
+    torch.save(_model().state_dict(), tmp_path / "orig.pth")
+    out, report = tmp_path / "fused.safetensors", tmp_path / "report.json"
+    proc = run_bnfuse("convert", str(tmp_path / "orig.pth"), "--arch", ARCH, "--input-shape", "2,3,8,8", "--unwrap",
+                      "-o", str(out), "--json", str(report), cwd=ROOT / "tests")
+    assert proc.returncode == 0, proc.stderr
+    assert "5 wrappers of one call -> the layer they call" in proc.stdout
+    assert {u["wrapper"] for u in json.loads(report.read_text())["unwraps"]} == {
+        "stem", "nested.0", "nested", "mixer", "numbered"}
+    fused = bnfuse_cli.load(out)
+    keys = set(fused.state_dict())
+    assert {"stem.weight", "nested.weight", "mixer.weight", "numbered.weight"} <= keys
+    assert not any(k.startswith(("stem.c.", "numbered.0.")) for k in keys)
+    with torch.no_grad():
+        ref = _model()(X)
+        assert float((fused(X) - ref).norm() / ref.norm()) < 1e-6
+    proc = run_bnfuse("verify", str(tmp_path / "orig.pth"), str(out), "--arch", ARCH, cwd=ROOT / "tests")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
