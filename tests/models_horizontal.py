@@ -66,3 +66,35 @@ class Untraceable(nn.Module):
         if float(x.sum()) > 1e9:
             return self.a(x)
         return self.a(x) * self.b(x)
+
+
+class Fire(nn.Module):
+    """SqueezeNet's Fire module with both expand convs 1x1: siblings whose ReLU'd outputs are
+    concatenated in order anyway (one conv, one ReLU, no slice and no concatenation once fused)."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.squeeze = nn.Conv2d(3, c, 1)
+        self.expand_a, self.expand_b = nn.Conv2d(c, 4, 1), nn.Conv2d(c, 5, 1)
+        self.act_a, self.act_b = nn.ReLU(inplace=True), nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.squeeze(x))
+        return torch.cat([self.act_a(self.expand_a(x)), self.act_b(self.expand_b(x))], 1)
+
+
+class Mixed(nn.Module):
+    """Siblings followed by different activations, and siblings concatenated out of order: the
+    activations stay per slice and the slices stay."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 1)
+        self.a, self.b = nn.Conv2d(c, 4, 1), nn.Conv2d(c, 4, 1)
+        self.c, self.d = nn.Conv2d(c, 3, 3, padding=1), nn.Conv2d(c, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = torch.relu(self.a(x)) + torch.sigmoid(self.b(x))
+        d = self.d(x)  # the wider layer's slices in call order: d, c
+        return torch.cat([y, self.c(x), d], 1)

@@ -13,7 +13,7 @@ from torch import nn
 
 import models_horizontal as mh
 from bnfuse_cli import fuse
-from conftest import ROOT, randomize_bn, run_bnfuse
+from conftest import ROOT, count_ops, randomize_bn, run_bnfuse
 
 X = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 XT = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -49,6 +49,28 @@ def test_an_inception_blocks_sibling_convs_become_one_wider_conv() -> None:
     assert tuple(result.model.get_submodule("branch1.conv").weight.shape) == (4 + 3 + 2, 6, 1, 1)
     (site,) = [s for s in result.verdict.sites if s.kind == "horizontal"]
     assert site.skipped is None and site.rel_error < 1e-12 and site.norms == list(wide.layers)
+    # the ReLU after each sibling runs once, on the wider output (stem's, the three siblings' in one,
+    # the two 3x3 convs' and the pool branch's)
+    assert count_ops(model, X, {"relu"}) == 7 and count_ops(result.model, X, {"relu"}) == 5
+
+
+def test_siblings_concatenated_in_order_need_no_slice_and_their_activation_runs_once() -> None:
+    model, result, rel = _fused(mh.Fire(), X, horizontal=True)
+    assert rel < 1e-12 and result.ok, (rel, result.verdict.reasons)
+    (wide,) = result.plan.of("horizontal")
+    assert wide.layers == ("expand_a", "expand_b")
+    assert count_ops(result.model, X, {"narrow", "cat"}) == 0
+    assert _calls(result.model, X, nn.ReLU) == 1 and _calls(model, X, nn.ReLU) == 2
+    code = result.model.code
+    assert "expand_b" not in code and "act_b" not in code, code
+
+
+def test_unlike_activations_and_an_unordered_concatenation_stay_per_slice() -> None:
+    model, result, rel = _fused(mh.Mixed(), X, horizontal=True)
+    assert rel < 1e-12 and result.ok, (rel, result.verdict.reasons)
+    assert {w.layers for w in result.plan.of("horizontal")} == {("a", "b"), ("d", "c")}
+    assert count_ops(result.model, X, {"relu"}) == 1 and count_ops(result.model, X, {"sigmoid"}) == 1
+    assert count_ops(result.model, X, {"narrow"}) == 4 and count_ops(result.model, X, {"cat"}) == 1
 
 
 def test_horizontal_fusion_is_off_by_default() -> None:

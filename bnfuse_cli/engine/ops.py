@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["pretty_op", "op_name", "METADATA", "PASSTHROUGH", "VALUE_FREE", "SELF_ONLY", "RESHAPES", "ADDS", "CATS", "MOVES"]
+__all__ = ["pretty_op", "op_name", "METADATA", "PASSTHROUGH", "VALUE_FREE", "SELF_ONLY", "RESHAPES", "ADDS", "CATS", "MOVES", "ACTIVATIONS"]
 
 #: reads that look only at a tensor's metadata, never its values
 METADATA = frozenset(
@@ -38,6 +38,14 @@ CATS = frozenset("cat concat concatenate".split())
 #: layout ops a BatchNorm's output is followed through, to a Linear it may fold into (FastViT's
 #: ``x.flatten(2).transpose(-2, -1)`` before ``qkv``)
 MOVES = frozenset("flatten transpose permute".split())
+
+
+#: activations that act on each element alone, as module classes, functions and tensor methods (the
+#: horizontal pass applies one once to a wider layer's output instead of once per sibling)
+ACTIVATIONS = frozenset(
+    """ReLU ReLU6 GELU SiLU Sigmoid Tanh Hardswish Hardsigmoid Hardtanh LeakyReLU ELU SELU CELU Mish Softplus
+    relu relu6 gelu silu sigmoid tanh hardswish hardsigmoid hardtanh leaky_relu elu selu celu mish softplus""".split()
+)
 
 
 def op_name(func: Any) -> str:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...errors import BnfuseError
-from ..forward import rewrite_forward, trace_block
+from ..forward import rewrite_forward, skip_identities, trace_block
 from ..merge_branches import plain_layer
 from ..merge_rewrite import new_layer
 from ..patterns import producer_rule
@@ -185,32 +185,112 @@ def _wide_layer(model: "nn.Module", it: Wide, values: bool) -> "tuple[nn.Module,
 
 
 def _rewrite(model: "nn.Module", items: "list[Wide]", values: bool) -> "nn.Module":
-    import torch
-
     for it in sorted(items, key=lambda i: (i.block == "", -i.block.count("."))):
         wide, widths = _wide_layer(model, it, values)
-        axis = -1 if hasattr(wide, "in_features") else 1
 
         def edit(block: "nn.Module", graph: Any, it: Wide = it, wide: Any = wide, widths: "list[int]" = widths) -> None:
-            rel = [n[len(it.block) + 1:] if it.block else n for n in it.layers]
-            nodes = {str(n.target): n for n in graph.nodes if n.op == "call_module" and str(n.target) in rel}
-            if len(nodes) != len(rel):
-                raise BnfuseError(f"cannot find the layers {', '.join(it.layers)} in the forward of "
-                                  f"{it.block or 'the model'}")
-            first = min(nodes.values(), key=lambda n: list(graph.nodes).index(n))
-            with graph.inserting_before(first):
-                out = graph.call_module(rel[0], (first.args[0],))
-            start = 0
-            for r, w in zip(rel, widths):
-                with graph.inserting_after(out):
-                    part = graph.call_function(torch.narrow, (out, axis, start, w))
-                nodes[r].replace_all_uses_with(part)
-                graph.erase_node(nodes[r])
-                start += w
-            block.set_submodule(rel[0], wide)
+            _edit(block, graph, it, wide, widths)
 
         model = rewrite_forward(model, it.block, edit, deep=True)
     return model
+
+
+def _edit(block: "nn.Module", graph: Any, it: Wide, wide: "nn.Module", widths: "list[int]") -> None:
+    """One call of the wider layer in place of the siblings' calls; an activation each sibling's output
+    went through alike, applied once to the wider output; each sibling's consumers read its slice, and
+    a concatenation of all the slices in order reads the wider output itself."""
+    import torch
+
+    axis = -1 if hasattr(wide, "in_features") else 1
+    rel = [n[len(it.block) + 1:] if it.block else n for n in it.layers]
+    skip_identities(block, graph)  # a folded BatchNorm between a sibling and its activation
+    nodes = {str(n.target): n for n in graph.nodes if n.op == "call_module" and str(n.target) in rel}
+    if len(nodes) != len(rel):
+        raise BnfuseError(f"cannot find the layers {', '.join(it.layers)} in the forward of {it.block or 'the model'}")
+    order = list(graph.nodes)
+    first = min(nodes.values(), key=order.index)
+    calls = [nodes[r] for r in rel]
+    with graph.inserting_before(first):
+        out = graph.call_module(rel[0], (first.args[0],))
+    acts = _alike_activations(block, calls)
+    src = out
+    if acts:
+        with graph.inserting_after(out):
+            src = graph.node_copy(acts[0], lambda n: out if n is calls[0] else n)
+    parts, start = [], 0
+    for w in widths:
+        with graph.inserting_before(first):
+            parts.append(graph.call_function(torch.narrow, (src, axis, start, w)))
+        start += w
+    for i, (call, part) in enumerate(zip(calls, parts)):
+        if acts:
+            acts[i].replace_all_uses_with(part)
+            graph.erase_node(acts[i])
+        call.replace_all_uses_with(part)
+        graph.erase_node(call)
+    _read_whole(graph, parts, src, axis)
+    block.set_submodule(rel[0], wide)
+
+
+def _activation(block: "nn.Module", node: Any) -> Any:
+    """What makes ``node`` an elementwise activation of its first argument, as a comparable key (an
+    ``inplace`` flag aside), or None."""
+    from ..ops import ACTIVATIONS
+
+    rest = (node.args[1:], tuple(sorted((k, v) for k, v in node.kwargs.items() if k != "inplace")))
+    if any(hasattr(a, "op") for a in rest[0]) or any(hasattr(v, "op") for _, v in rest[1]):
+        return None
+    if node.op == "call_module":
+        m = block.get_submodule(str(node.target))
+        if type(m).__name__ not in ACTIVATIONS or next(m.parameters(), None) is not None or m._forward_hooks \
+                or m._forward_pre_hooks or not type(m).__module__.startswith("torch.nn"):
+            return None
+        return ("module", type(m), tuple(sorted((k, repr(v)) for k, v in vars(m).items()
+                                                if not k.startswith("_") and k not in ("training", "inplace"))), rest)
+    if node.op == "call_function" and getattr(node.target, "__name__", "").rstrip("_") in ACTIVATIONS:
+        return ("function", node.target.__name__.rstrip("_"), rest)
+    if node.op == "call_method" and str(node.target).rstrip("_") in ACTIVATIONS:
+        return ("function", str(node.target).rstrip("_"), rest)
+    return None
+
+
+def _alike_activations(block: "nn.Module", calls: "list[Any]") -> "list[Any]":
+    """The activation each sibling's output goes through and nothing else reads, when it is the same
+    one for all (a ReLU after each of an Inception block's 1x1 convs); else []."""
+    acts = []
+    for c in calls:
+        users = list(c.users)
+        if len(users) != 1 or not users[0].args or users[0].args[0] is not c:
+            return []
+        acts.append(users[0])
+    keys = [_activation(block, a) for a in acts]
+    return acts if keys[0] is not None and all(k == keys[0] for k in keys) else []
+
+
+def _read_whole(graph: Any, parts: "list[Any]", src: Any, axis: int) -> None:
+    """Where the slices are concatenated whole and in order on their own axis, and read nowhere else,
+    the concatenation reads the wider output instead (no slice, no copy of it)."""
+    import torch
+
+    users = {u for p in parts for u in p.users}
+    if len(users) != 1 or any(len(p.users) != 1 for p in parts):
+        return
+    (cat,) = users
+    if cat.op != "call_function" or cat.target not in (torch.cat, torch.concat) or not cat.args:
+        return
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    seq = list(cat.args[0]) if isinstance(cat.args[0], (list, tuple)) else []
+    at = next((i for i in range(len(seq)) if seq[i:i + len(parts)] == parts), None)
+    if dim != axis or at is None:
+        return
+    seq[at:at + len(parts)] = [src]
+    if len(seq) == 1:
+        cat.replace_all_uses_with(src)
+        graph.erase_node(cat)
+    else:
+        cat.args = (seq, *cat.args[1:])
+    for p in parts:
+        graph.erase_node(p)
 
 
 HORIZONTAL = HorizontalPass()
