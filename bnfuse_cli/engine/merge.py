@@ -155,11 +155,13 @@ def _whole_block(block_name: str, block: "nn.Module", root: "fx.Node", x: "fx.No
     its output is the sum, and every other step feeds the sum (RepViT's ``RepVggDw``, a RepVGG block
     without its activation).  The merged conv then takes the block's own place: the forward calls
     the conv itself, as a hand-written re-parameterisation does, not a wrapper around it."""
+    from torch import nn
+
     graph = root.graph
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     out = next(n for n in graph.nodes if n.op == "output")
     if (not block_name or inputs != [x] or out.args[0] is not root or len(root.users) != 1
-            or single_call(block, rec) is None or type(block).__call__ is not _module_call()):
+            or single_call(block, rec) is None or type(block).__call__ is not nn.Module.__call__):
         return False
     seen, todo = {root}, [root]
     while todo:
@@ -168,12 +170,6 @@ def _whole_block(block_name: str, block: "nn.Module", root: "fx.Node", x: "fx.No
                 seen.add(a)
                 todo.append(a)
     return all(n in seen or n is out for n in graph.nodes)
-
-
-def _module_call() -> Any:
-    from torch import nn
-
-    return nn.Module.__call__
 
 
 def _placement(block_name: str, block: "nn.Module", into: str, branches: "list[Branch]") -> str:

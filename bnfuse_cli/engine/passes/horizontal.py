@@ -14,6 +14,7 @@ in eager PyTorch a slice of a wider output is not always cheaper than the separa
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -187,15 +188,11 @@ def _wide_layer(model: "nn.Module", it: Wide, values: bool) -> "tuple[nn.Module,
 def _rewrite(model: "nn.Module", items: "list[Wide]", values: bool) -> "nn.Module":
     for it in sorted(items, key=lambda i: (i.block == "", -i.block.count("."))):
         wide, widths = _wide_layer(model, it, values)
-
-        def edit(block: "nn.Module", graph: Any, it: Wide = it, wide: Any = wide, widths: "list[int]" = widths) -> None:
-            _edit(block, graph, it, wide, widths)
-
-        model = rewrite_forward(model, it.block, edit, deep=True)
+        model = rewrite_forward(model, it.block, functools.partial(_edit, it=it, wide=wide, widths=widths), deep=True)
     return model
 
 
-def _edit(block: "nn.Module", graph: Any, it: Wide, wide: "nn.Module", widths: "list[int]") -> None:
+def _edit(block: "nn.Module", graph: Any, *, it: Wide, wide: "nn.Module", widths: "list[int]") -> None:
     """One call of the wider layer in place of the siblings' calls; an activation each sibling's output
     went through alike, applied once to the wider output; each sibling's consumers read its slice, and
     a concatenation of all the slices in order reads the wider output itself."""
