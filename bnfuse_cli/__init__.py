@@ -32,6 +32,10 @@ from .version import __version__
 #: one never replaces the function of the same name on this package.
 _LAZY = {
     "fuse": "workflows.fuse",
+    "FuseOptions": "workflows.options",
+    "ConvertOptions": "workflows.options",
+    "JudgeOptions": "workflows.options",
+    "BenchSettings": "workflows.options",
     "plan": "workflows.fuse",
     "FuseResult": "workflows.fuse",
     "convert": "workflows.convert",
@@ -66,6 +70,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .files.load import load
     from .files.read import read_checkpoint
     from .workflows.fuse import FuseResult, fuse, plan
+    from .workflows.options import BenchSettings, ConvertOptions, FuseOptions, JudgeOptions
     from .workflows.source import Prepared, SourceOptions, prepare
     from .workflows.verify import VerifyReport, verify
 

@@ -9,6 +9,8 @@ tables go to stderr); notes, progress and errors go to stderr.  Exit codes live 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect as _inspect
 import json
 import os
 import sys
@@ -18,9 +20,12 @@ from typing import Annotated, Any, Callable, Iterator, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand
 
-from .version import __version__
+from .engine.passes import options as pass_options
 from .errors import BnfuseError, DeviceError, OutputError, UnsafeCheckpointError, UsageError
+from .files.outputs import suffixes_text
+from .version import __version__
 
 app = typer.Typer(
     name="bnfuse",
@@ -28,7 +33,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # click's help: paragraphs wrapped to the terminal, flags shown as flags
 )
 out = Console()
 err = Console(stderr=True)
@@ -127,71 +132,136 @@ def _main(
     """Fold BatchNorm into Conv/Linear layers of PyTorch checkpoints, exactly, and prove it."""
 
 
+# ----------------------------------------------------------------------------- help and the table's flags
+
+
+class Command(TyperCommand):
+    """A command whose help names its arguments as a person writes them (``SOURCE...``, ``ORIG
+    FUSED``), in the usage line and in its own paragraph, and leaves their types out."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for p in self.get_params(ctx):
+            if p.param_type_name == "argument":
+                name = p.metavar or p.name.upper()
+                pieces.append(name if p.required else f"[{name}]")
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        args = [(p.metavar or p.name.upper(), getattr(p, "help", "") or "") for p in self.get_params(ctx)
+                if p.param_type_name == "argument"]
+        opts = [r for p in self.get_params(ctx) if p.param_type_name == "option" and (r := p.get_help_record(ctx))]
+        if args:
+            with formatter.section("Arguments"):
+                formatter.write_dl(args)
+        if opts:
+            with formatter.section("Options"):
+                formatter.write_dl(opts)
+
+
+class _WithPassOptions:
+    """A command that gains one flag per option of the table of passes (``--unwrap``, ``--no-merge``,
+    ...: :func:`bnfuse_cli.engine.passes.options`), read from the table whenever the CLI is built, so
+    a pass added to the table is a flag at once.  The command gets them as ``passes``, by name."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+
+    @property
+    def __signature__(self) -> _inspect.Signature:
+        sig = _inspect.signature(self.fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "passes"]
+        flags = [
+            _inspect.Parameter(o.name, _inspect.Parameter.KEYWORD_ONLY, default=o.default, annotation=Annotated[
+                bool, typer.Option(f"{o.flag}/--no-{o.flag[2:]}" if o.default else o.flag, help=o.help)])
+            for o in pass_options()]
+        return sig.replace(parameters=own + flags)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        names = {o.name for o in pass_options()}
+        passes = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        return self.fn(**kwargs, passes=passes)
+
+
+def _command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Register ``fn`` as a command with person-readable help; the flags of the passes' options too
+    when it takes ``passes``."""
+    target = _WithPassOptions(fn) if "passes" in _inspect.signature(fn).parameters else fn
+    app.command(cls=Command)(target)
+    return fn
+
+
 # ----------------------------------------------------------------------------- shared options
 
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture for a state_dict: torchvision name, timm:NAME or package.module:factory.")]
-WeightsOpt = Annotated[str, typer.Option("--weights", help="For a model name: default, a torchvision weights name, none (random), or a state_dict file.")]
-ShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", help="Input shape for the checks, e.g. 1,3,224,224 (default: inferred from the model).")]
+#: what a SOURCE can be, for every command's help
+SOURCE_FORMS = ("a torchvision model name (resnet50), timm:NAME (the timm extra), package.module:factory (your "
+                "own code), or a checkpoint file (.pth, .pt, .bin, .ckpt, .tar or .safetensors; a state_dict, a "
+                "training checkpoint, a TorchScript or pickled module)")
+
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", metavar="NAME", help="Architecture for a state_dict: torchvision name, timm:NAME or package.module:factory.")]
+WeightsOpt = Annotated[str, typer.Option("--weights", metavar="WEIGHTS", help="For a model name: default (its pretrained weights, or its own initialisation when it has none), a torchvision weights name, none (random), or a state_dict file.")]
+ShapeOpt = Annotated[Optional[str], typer.Option("--input-shape", metavar="N,C,H,W", help="Input shape for the checks, e.g. 1,3,224,224 (default: inferred from the model).")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow full unpickling (runs code from the file): only for files you trust.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random weights of a model name with --weights none (the same name and seed give the same model) and of the first random input.")]
-KeyOpt = Annotated[Optional[str], typer.Option("--key", help="Where the weights are in a checkpoint that holds several, as a dotted path (for example model_state or ema.model).", show_default=False)]
-JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file (- for stdout: the tables then go to stderr).", dir_okay=False)]
-UnwrapOpt = Annotated[bool, typer.Option("--unwrap", help="Replace each wrapper left calling one layer alone (a Sequential of a conv and its folded BatchNorm) by that layer: two module calls less each, as timm's own re-parameterisation does, but its parameters are renamed (x.c.weight becomes x.weight).")]
-RtolOpt = Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance, of each output's largest magnitude, on top of the original's own error at this precision (default by dtype: 1e-4 for float32).", show_default=False)]
-AtolOpt = Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance (default by dtype: 1e-6 for float32).", show_default=False)]
-AutocastOpt = Annotated[Optional[str], typer.Option("--autocast", help="Run both models under torch.autocast: float16 or bfloat16 (mixed precision as deployed with AMP).", show_default=False)]
+SeedOpt = Annotated[int, typer.Option("--seed", metavar="INT", help="Seed of the random weights of a model name with --weights none (the same name and seed give the same model) and of the first random input.")]
+KeyOpt = Annotated[Optional[str], typer.Option("--key", metavar="PATH", help="Where the weights are in a checkpoint that holds several, as a dotted path (for example model_state or ema.model).", show_default=False)]
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", metavar="FILE", help="Also write the report as JSON to this file (- for stdout: the tables then go to stderr).", dir_okay=False)]
+RtolOpt = Annotated[Optional[float], typer.Option("--rtol", metavar="X", help="Relative tolerance, of each output's largest magnitude, on top of the original's own error at this precision (default by dtype: 1e-4 for float32).", show_default=False)]
+AtolOpt = Annotated[Optional[float], typer.Option("--atol", metavar="X", help="Absolute tolerance (default by dtype: 1e-6 for float32).", show_default=False)]
+AutocastOpt = Annotated[Optional[str], typer.Option("--autocast", metavar="DTYPE", help="Run both models under torch.autocast: float16 or bfloat16 (mixed precision as deployed with AMP).", show_default=False)]
+
+
+def _source_options(**given: Any) -> Any:
+    from .workflows.source import SourceOptions
+
+    return SourceOptions(**given)
 
 
 # ----------------------------------------------------------------------------- commands
 
 
-@app.command()
+@_command
 def convert(
-    sources: Annotated[list[str], typer.Argument(help="Torchvision model name(s) or checkpoint file(s).", show_default=False)],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file: .pth, .safetensors, or .pt2 (a torch.export program that runs without bnfuse).", dir_okay=False)] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Output directory, for several sources.", file_okay=False)] = None,
-    suffix: Annotated[str, typer.Option("--suffix", help="With --out-dir: .pth, .safetensors or .pt2.")] = ".pth",
+    sources: Annotated[list[str], typer.Argument(metavar="SOURCE...", help=f"What to convert: {SOURCE_FORMS}.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE", help=f"Output file: {suffixes_text()} (see the formats in the README).", dir_okay=False)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out-dir", metavar="DIR", help="Output directory, for several sources.", file_okay=False)] = None,
+    suffix: Annotated[str, typer.Option("--suffix", metavar="SUFFIX", help=f"With --out-dir: {suffixes_text()}.")] = ".pth",
     arch: ArchOpt = None,
     weights: WeightsOpt = "default",
     input_shape: ShapeOpt = None,
-    save_as: Annotated[Optional[str], typer.Option("--save-as", help="For .pth: module or state-dict (default mirrors the input).")] = None,
+    save_as: Annotated[Optional[str], typer.Option("--save-as", metavar="FORM", help="For .pth: module or state-dict (default mirrors the input).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     allow_pickle: PickleOpt = False,
     key: KeyOpt = None,
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
-    tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Alias of --rtol.", show_default=False)] = None,
+    tolerance: Annotated[Optional[float], typer.Option("--tolerance", hidden=True, show_default=False)] = None,
     seed: SeedOpt = 0,
     json_file: JsonOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every fold and every BatchNorm left.")] = False,
-    clone_shared: Annotated[bool, typer.Option("--clone-shared", help="Fold a BatchNorm into a copy of a layer whose output is also read elsewhere (more parameters, one operation less; off: the report says what it would fold).")] = False,
-    horizontal: Annotated[bool, typer.Option("--horizontal", help="Make sibling Conv/Linear layers that read one tensor one wider layer (off by default: not always faster in eager PyTorch; see the README).")] = False,
-    unwrap: UnwrapOpt = False,
+    passes: "dict[str, bool] | None" = None,
 ) -> None:
-    """Fold every BatchNorm that can be folded and write the fused checkpoint.
+    """Fold every BatchNorm that can be folded and write the fused model.
 
-    Loads SOURCE (a torchvision model name or a checkpoint), switches it to eval, finds fold sites
-    by recording one forward pass, folds in place, checks every fold site in float64 and the output
-    against the original on a seeded random input, and writes .pth or .safetensors.  Nothing is
-    written if the check fails.
+    Loads SOURCE, switches it to eval, finds fold sites by recording one forward pass, folds in place, checks every fold site in float64 and the output against the original on a seeded random input, and writes the output (nothing is written if the check fails).
     """
 
     def run(placed: list[Path]) -> None:
-        from .workflows.convert import convert as convert_fn, outputs_for
-        from .workflows.source import SourceOptions
+        from .workflows.convert import _rtol, convert as convert_fn, outputs_for
+        from .workflows.options import ConvertOptions, FuseOptions
         from .render import convert_table, plan_tables
 
         _check_report_path("--json", json_file)
-        opts = SourceOptions(arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle, key=key,
-                             seed=seed)
+        src = _source_options(arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle, key=key,
+                              seed=seed)
+        opts = ConvertOptions(FuseOptions(_rtol(rtol, tolerance), atol, passes or {}), save_as=save_as, force=force,
+                              verbose=verbose)
         dests = outputs_for(sources, output, out_dir, suffix)
         res = _results(json_file)
         reports = []
-        for src, dest in zip(sources, dests):
+        for source, dest in zip(sources, dests):
             with _library_output_to_stderr():
-                r = convert_fn(src, dest, options=opts, save_as=save_as, force=force, rtol=rtol, atol=atol,
-                               tolerance=tolerance, placed=placed, verbose=verbose, clone_shared=clone_shared,
-                               horizontal=horizontal, unwrap=unwrap)
+                r = convert_fn(source, dest, opts, src, placed=placed)
             res.print(convert_table(r))
             for table in plan_tables(r.plan, verbose=verbose):
                 res.print(table)
@@ -205,27 +275,28 @@ def convert(
     _run(run)
 
 
-@app.command()
+@_command
 def inspect(
-    source: Annotated[str, typer.Argument(help="Torchvision model name or checkpoint file.", show_default=False)],
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help=f"What to inspect: {SOURCE_FORMS}.", show_default=False)],
     arch: ArchOpt = None,
     weights: WeightsOpt = "default",
     input_shape: ShapeOpt = None,
     allow_pickle: PickleOpt = False,
     key: KeyOpt = None,
     json_file: JsonOpt = None,
+    passes: "dict[str, bool] | None" = None,
 ) -> None:
     """Show what would fold and what would not, and why, without writing anything."""
 
     def run(placed: list[Path]) -> None:
         from .workflows.convert import inspect as inspect_fn
-        from .workflows.source import SourceOptions
+        from .workflows.options import FuseOptions
         from .render import inspect_line, plan_tables
 
         _check_report_path("--json", json_file)
-        opts = SourceOptions(arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle, key=key)
+        src = _source_options(arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle, key=key)
         with _library_output_to_stderr():
-            r = inspect_fn(source, options=opts)
+            r = inspect_fn(source, src, FuseOptions(passes=passes or {}))
         res = _results(json_file)
         res.print(inspect_line(r), highlight=False)
         for table in plan_tables(r.plan, verbose=True):
@@ -235,22 +306,22 @@ def inspect(
     _run(run)
 
 
-@app.command()
+@_command
 def verify(
-    orig: Annotated[str, typer.Argument(help="The original: checkpoint file or torchvision model name.", show_default=False)],
-    fused: Annotated[str, typer.Argument(help="The fused checkpoint (from bnfuse convert, or any checkpoint form).", show_default=False)],
+    orig: Annotated[str, typer.Argument(metavar="ORIG", help=f"The original: {SOURCE_FORMS}.", show_default=False)],
+    fused: Annotated[str, typer.Argument(metavar="FUSED", help="The fused model: a bnfuse output (any format it writes) or any checkpoint form.", show_default=False)],
     arch: ArchOpt = None,
     weights: WeightsOpt = "default",
     input_shape: ShapeOpt = None,
-    samples: Annotated[int, typer.Option("--samples", min=0, help="Number of seeded random inputs.")] = 3,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the first random input, and of the random weights of an original given as a name with --weights none (a fused file that records its seed brings its own).")] = 0,
+    samples: Annotated[int, typer.Option("--samples", metavar="N", min=0, help="Number of seeded random inputs.")] = 3,
+    seed: Annotated[int, typer.Option("--seed", metavar="INT", help="Seed of the first random input, and of the random weights of an original given as a name with --weights none (a fused file that records its seed brings its own).")] = 0,
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda (or cuda:N), or auto: run both models there.")] = "cpu",
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, float16 or bfloat16 for both models (default: as stored).", show_default=False)] = None,
+    device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="cpu, cuda (or cuda:N), or auto: run both models there.")] = "cpu",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE", help="float32, float16 or bfloat16 for both models (default: as stored).", show_default=False)] = None,
     autocast: AutocastOpt = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Tensor file of real inputs: a tensor, {'inputs': T, 'labels': T} or (inputs, labels).", dir_okay=False)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Inputs per forward pass with --data.")] = 256,
+    data: Annotated[Optional[Path], typer.Option("--data", metavar="FILE", help="Tensor file of real inputs: a tensor, {'inputs': T, 'labels': T} or (inputs, labels).", dir_okay=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", min=1, help="Inputs per forward pass with --data.")] = 256,
     allow_pickle: PickleOpt = False,
     key: KeyOpt = None,
     json_file: JsonOpt = None,
@@ -258,26 +329,23 @@ def verify(
 ) -> None:
     """Check that FUSED computes what ORIG computes, and what changed in its structure.
 
-    Runs both models on seeded random inputs (and on --data, with accuracy when it has labels) and
-    reports max abs error, relative error, cosine similarity, top-1 agreement for classifier logits,
-    the BatchNorm layers removed and both parameter counts, on --device in --dtype (and under
-    --autocast), as deployed.  Exit 0: every fold site named in FUSED's metadata matches in float64
-    and every output is within atol + rtol * max|ref| + 4 x the original's own error of the
-    original run in float64; 1: they differ; 2: error.  --arch applies to a file holding only a
-    state_dict; bnfuse outputs carry their own.
+    Runs both models on seeded random inputs (and on --data, with accuracy when it has labels) and reports max abs error, relative error, cosine similarity, top-1 agreement for classifier logits, the BatchNorm layers removed and both parameter counts, on --device in --dtype (and under --autocast), as deployed.
+
+    Exit 0: every fold site named in FUSED's record matches in float64 and every output is within atol + rtol x max|ref| + 4 x the original's own error of the original run in float64; 1: they differ; 2: error. --arch applies to a file holding only a state_dict; bnfuse outputs carry their own.
     """
 
     def run(placed: list[Path]) -> Any:
         from .render import verify_table
-        from .workflows.source import SourceOptions
+        from .workflows.options import JudgeOptions
         from .workflows.verify import verify as verify_fn
 
         _check_report_path("--json", json_file)
-        opts = SourceOptions(arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle, key=key,
-                             seed=seed)
+        src = _source_options(arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle, key=key,
+                              seed=seed)
+        judge = JudgeOptions(samples=samples, rtol=rtol, atol=atol, data=data, batch_size=batch_size, device=device,
+                             dtype=dtype, autocast=autocast)
         with _library_output_to_stderr():
-            r = verify_fn(orig, fused, options=opts, samples=samples, rtol=rtol, atol=atol, data=data,
-                          batch_size=batch_size, device=device, dtype=dtype, autocast=autocast)
+            r = verify_fn(orig, fused, judge, src)
         res = _results(json_file)
         res.print(verify_table(r, verbose=verbose))
         for note in r.notes:
@@ -296,57 +364,54 @@ def verify(
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
-@app.command()
+@_command
 def bench(
     models: Annotated[Optional[list[str]], typer.Argument(
-        help="Torchvision model names, timm:NAME, package.module:factory or checkpoint files "
-             "(default: resnet18 resnet50 mobilenet_v3_large efficientnet_b0 regnet_y_400mf).",
-        show_default=False)] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda (or cuda:N), or auto: CUDA when available.")] = "auto",
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Batch size (default 1 on CPU, 32 on CUDA).", show_default=False)] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16 (both models; the fold itself is float64).")] = "float32",
+        metavar="SOURCE...", help=f"What to time: {SOURCE_FORMS} (default: resnet18 resnet50 mobilenet_v3_large "
+                                  "efficientnet_b0 regnet_y_400mf).", show_default=False)] = None,
+    device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="cpu, cuda (or cuda:N), or auto: CUDA when available.")] = "auto",
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", metavar="N", help="Batch size (default 1 on CPU, 32 on CUDA).", show_default=False)] = None,
+    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="float32, float16 or bfloat16 (both models; the fold itself is float64).")] = "float32",
     autocast: AutocastOpt = None,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Run both models and the input in channels_last memory format.")] = False,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="torch intra-op CPU threads (default: torch's choice).", show_default=False)] = None,
-    iters: Annotated[Optional[int], typer.Option("--iters", help="Timed pairs per model (default 20 on CPU, 100 on CUDA).", show_default=False)] = None,
-    warmup: Annotated[Optional[int], typer.Option("--warmup", help="Untimed pairs first (default 3 on CPU, 10 on CUDA).", show_default=False)] = None,
-    time_budget: Annotated[Optional[float], typer.Option("--time-budget", help="Stop timing a model after this many seconds, with at least 5 pairs (default 8 on CPU, 10 on CUDA; 0: no limit).", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="torch intra-op CPU threads (default: torch's choice).", show_default=False)] = None,
+    iters: Annotated[Optional[int], typer.Option("--iters", metavar="N", help="Timed pairs per model (default 20 on CPU, 100 on CUDA).", show_default=False)] = None,
+    warmup: Annotated[Optional[int], typer.Option("--warmup", metavar="N", help="Untimed pairs first (default 3 on CPU, 10 on CUDA).", show_default=False)] = None,
+    time_budget: Annotated[Optional[float], typer.Option("--time-budget", metavar="SECONDS", help="Stop timing a model after this many seconds, with at least 5 pairs (default 8 on CPU, 10 on CUDA; 0: no limit).", show_default=False)] = None,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile both models (compilation happens during warm-up).")] = False,
-    runtime: Annotated[str, typer.Option("--runtime", help="What both models run in: eager (the modules), export (torch.export programs, ep.module()) or onnxruntime (ONNX graphs, both at ORT_ENABLE_ALL with --threads intra-op threads, CPU, float32; needs the onnx extra).")] = "eager",
+    runtime: Annotated[str, typer.Option("--runtime", metavar="RUNTIME", help="What both models run in: eager (the modules), export (torch.export programs, ep.module()) or onnxruntime (ONNX graphs, both at ORT_ENABLE_ALL with --threads intra-op threads, CPU, float32; needs the onnx extra).")] = "eager",
     input_shape: ShapeOpt = None,
     arch: ArchOpt = None,
-    weights: Annotated[str, typer.Option("--weights", help="For a model name: none (random weights, random BN statistics; runs offline), default, a torchvision weights name, or a state_dict file.")] = "none",
+    weights: Annotated[str, typer.Option("--weights", metavar="WEIGHTS", help="For a model name: none (random weights, random BN statistics; runs offline), default, a torchvision weights name, or a state_dict file.")] = "none",
     allow_pickle: PickleOpt = False,
     key: KeyOpt = None,
     rtol: RtolOpt = None,
     atol: AtolOpt = None,
     seed: SeedOpt = 0,
     json_file: JsonOpt = None,
-    markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write a Markdown table (for a CI job summary) to this file.", dir_okay=False)] = None,
-    min_speedup: Annotated[Optional[float], typer.Option("--min-speedup", help="Exit 1 when a model's median speedup (original/fused) is below this.", show_default=False)] = None,
-    horizontal: Annotated[bool, typer.Option("--horizontal", help="Fuse sibling Conv/Linear layers on one input side by side in the fused model too (time it on and off).")] = False,
-    unwrap: UnwrapOpt = False,
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", metavar="FILE", help="Also write a Markdown table (for a CI job summary) to this file.", dir_okay=False)] = None,
+    min_speedup: Annotated[Optional[float], typer.Option("--min-speedup", metavar="X", help="Exit 1 when a model's median speedup (original/fused) is below this.", show_default=False)] = None,
+    passes: "dict[str, bool] | None" = None,
 ) -> None:
     """Time each model and its fused copy side by side, and check the fused output.
 
-    Both run in this process on the same device, dtype and settings, alternately, after a
-    warm-up; the table gives median and IQR of the times and of the speedup, and says
-    "within noise" when the speedup's IQR contains 1.0.  --runtime export or onnxruntime races
-    the two as exported programs (onnxruntime: the original as onnxruntime's own optimisation
-    leaves it).  Exit 1 when a fused output is wrong
-    or a median speedup is below --min-speedup; exit 2 for errors (no CUDA for --device cuda).
+    Both run in this process on the same device, dtype and settings, alternately, after a warm-up; the table gives median and IQR of the times and of the speedup, and says "within noise" when the speedup's IQR contains 1.0. --runtime export or onnxruntime races the two as exported programs (onnxruntime: the original as onnxruntime's own optimisation leaves it). Exit 1 when a fused output is wrong or a median speedup is below --min-speedup; exit 2 for errors (no CUDA for --device cuda).
     """
 
     def run(placed: list[Path]) -> int:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from .workflows.bench import bench as bench_fn
-        from .workflows.source import SourceOptions
+        from .workflows.options import BenchSettings, FuseOptions
         from .render import bench_tables, left_tables
 
         _check_report_path("--json", json_file)
-        opts = SourceOptions(arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle, key=key,
-                             seed=seed)
+        src = _source_options(arch=arch, weights=weights, input_shape=input_shape, allow_pickle=allow_pickle, key=key,
+                              seed=seed)
+        settings = BenchSettings(device=device, dtype=dtype, autocast=autocast, batch_size=batch_size,
+                                 channels_last=channels_last, threads=threads, iters=iters, warmup=warmup,
+                                 time_budget=time_budget, compile=compile_, runtime=runtime,
+                                 fuse=FuseOptions(rtol, atol, passes or {}))
         _check_report_path("--markdown", markdown)
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             console=err, transient=True, disable=not err.is_terminal)
@@ -356,10 +421,7 @@ def bench(
             progress.update(task, description=description, completed=done, total=total)
 
         with progress, _library_output_to_stderr():
-            report = bench_fn(models or None, options=opts, device=device, dtype=dtype, batch_size=batch_size,
-                              channels_last=channels_last, threads=threads, iters=iters, warmup=warmup,
-                              time_budget=time_budget, compile=compile_, autocast=autocast, rtol=rtol, atol=atol,
-                              runtime=runtime, progress=tick, horizontal=horizontal, unwrap=unwrap)
+            report = bench_fn(models or None, settings, src, progress=tick)
         res = _results(json_file)
         for table in bench_tables(report, min_speedup, res.width) + left_tables(report):
             res.print(table)

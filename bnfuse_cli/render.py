@@ -65,10 +65,8 @@ def check_rows(t: Table, verdict: Any) -> None:
 def plan_tables(plan: Any, *, verbose: bool, limit: int = 25) -> list[Table]:
     """Each pass of the table's part of the report: what it did (with ``verbose``), and what it
     left, with the reasons (the first ``limit`` unless ``verbose``)."""
-    from .engine.passes import PASSES
-
     tables = []
-    for p in PASSES:
+    for p in plan.passes:
         rows = p.rows(plan)
         if verbose and rows.done:
             t = Table(title=rows.title, title_justify="left", min_width=len(rows.title) + 2)
@@ -85,9 +83,7 @@ def plan_tables(plan: Any, *, verbose: bool, limit: int = 25) -> list[Table]:
 def plan_summary(plan: Any) -> "list[tuple[str, str]]":
     """Each pass's line for a summary table, in the table's order (the fold pass's BatchNorm counts
     first), as (label, text)."""
-    from .engine.passes import PASSES
-
-    return [rows.summary for p in PASSES if (rows := p.rows(plan)).summary is not None]
+    return [rows.summary for p in plan.passes if (rows := p.rows(plan)).summary is not None]
 
 
 def _reasons(title: str, what: str, rows: list[tuple[str, str]], *, verbose: bool, limit: int) -> Table:

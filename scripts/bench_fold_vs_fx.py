@@ -52,7 +52,7 @@ def main() -> int:
     from bnfuse_cli.engine.analyse import analyse
     from bnfuse_cli.checks import compare
     from bnfuse_cli.inputs import parse_shape
-    from bnfuse_cli.engine.rewrite import apply_plan
+    from bnfuse_cli.engine.passes.fold.rewrite import apply_plan
 
     info = machine_info()
     print(f"# bench_fold_vs_fx: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")

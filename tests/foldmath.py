@@ -1,13 +1,13 @@
 """Folding on a copy, for the arithmetic tests: new ``(weight, bias)`` from the package's real
-two-step fold (:func:`~bnfuse_cli.engine.fold.prepare_fold` checks and computes the bias,
-:func:`~bnfuse_cli.engine.fold.apply_fold_` rescales the weight in place), applied to a clone so
+two-step fold (:func:`~bnfuse_cli.engine.affine.prepare_fold` checks and computes the bias,
+:func:`~bnfuse_cli.engine.affine.apply_fold_` rescales the weight in place), applied to a clone so
 the layer's own tensors stay unchanged."""
 
 from __future__ import annotations
 
 import torch
 
-from bnfuse_cli.engine.fold import apply_fold_, prepare_fold
+from bnfuse_cli.engine.affine import apply_fold_, prepare_fold
 
 
 def _on_copy(weight: torch.Tensor, fold) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001

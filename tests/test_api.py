@@ -343,7 +343,7 @@ def test_convert_of_a_prepared_source_loads_nothing_again_and_fuses_on_its_input
     monkeypatch.setattr(source, "load_source", no_load)
     seen = []
     real = fusion._rounds
-    monkeypatch.setattr(fusion, "_rounds", lambda model, args, **k: seen.append(args) or real(model, args, **k))
+    monkeypatch.setattr(fusion, "_rounds", lambda model, args, *a: seen.append(args) or real(model, args, *a))
     report = convert(prep, tmp_path / "f.safetensors")
     assert seen and seen[0] is prep.args
     assert report.verdict.ok

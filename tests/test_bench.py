@@ -112,7 +112,7 @@ def test_bench_library_report() -> None:
 
 
 def test_bench_catches_a_wrong_fold(monkeypatch: pytest.MonkeyPatch) -> None:
-    import bnfuse_cli.engine.rewrite as rewrite
+    import bnfuse_cli.engine.passes.fold.rewrite as rewrite
 
     real = rewrite.apply_plan
 

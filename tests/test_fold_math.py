@@ -1,4 +1,4 @@
-"""Property tests of the fold arithmetic (bnfuse_cli.engine.fold) on real torch layers, in float64.
+"""Property tests of the fold arithmetic (bnfuse_cli.engine.affine) on real torch layers, in float64.
 
 ``fold(conv, bn)(x) == bn(conv(x))`` across conv dimensions, groups, stride, dilation, padding
 and padding modes, bias or not, affine or not, transposed convs (weight laid out
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from bnfuse_cli.errors import FoldError
-from bnfuse_cli.engine.fold import affine_from_stats
+from bnfuse_cli.engine.affine import affine_from_stats
 from foldmath import fold_into_next, fold_into_previous
 from conftest import randomize_bn
 
@@ -294,7 +294,7 @@ def test_blockwise_in_place_fold_matches_the_reference(monkeypatch, transposed, 
     """The in-place fold works a few rows at a time (blocks may straddle groups); with one row per
     block it must give bit for bit what a whole-tensor float64 computation gives, BN before and
     after the layer at once included."""
-    import bnfuse_cli.engine.fold as fold_mod
+    import bnfuse_cli.engine.affine as fold_mod
 
     g = _gen(7)
     cin, cout = 6, 12

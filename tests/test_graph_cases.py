@@ -157,7 +157,7 @@ def test_conv_flattened_then_bn1d_folds():
 
 
 def test_fold_rows_round_trip():
-    from bnfuse_cli.engine.plan import Fold
+    from bnfuse_cli.engine.passes.fold import Fold
 
     for f in (Fold("bn", "conv"), Fold("bn", "convs.1", channels=(3, 8)), Fold("n", "c", "forward", "activation")):
         assert Fold.from_list(f.to_list()) == f
@@ -615,8 +615,9 @@ def test_a_plan_folding_two_batchnorms_into_one_side_of_a_layer_is_refused():
     """Two BNs cannot both read (or both feed) one layer's single output (input): such a plan is a
     bug, refused before anything is written rather than folded into a wrong model."""
     from bnfuse_cli.errors import BnfuseError
-    from bnfuse_cli.engine.plan import Fold, Plan
-    from bnfuse_cli.engine.rewrite import apply_plan
+    from bnfuse_cli.engine.plan import Plan
+    from bnfuse_cli.engine.passes.fold import Fold
+    from bnfuse_cli.engine.passes.fold.rewrite import apply_plan
 
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.BatchNorm2d(8)).eval()
     randomize_bn(model)

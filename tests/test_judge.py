@@ -229,7 +229,7 @@ def test_judge_with_injected_1e_3_noise_per_layer() -> None:
     import copy
 
     from bnfuse_cli.engine.analyse import analyse
-    from bnfuse_cli.engine.rewrite import apply_plan
+    from bnfuse_cli.engine.passes.fold.rewrite import apply_plan
 
     torch.manual_seed(0)
     model = NoisyTinyCNN().eval()

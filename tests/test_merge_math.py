@@ -1,4 +1,4 @@
-"""Property tests of the branch-merge arithmetic (bnfuse_cli.engine.merge_math) on real torch layers, in float64.
+"""Property tests of the branch-merge arithmetic (bnfuse_cli.engine.passes.merge.kernels) on real torch layers, in float64.
 
 Structural re-parameterisation (RepVGG, ACNet, MobileOne): a sum of parallel branches that all
 read the same ``x`` -- convs with smaller, centred kernels, an identity, a BatchNorm on ``x`` --
@@ -17,8 +17,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bnfuse_cli.engine.fold import affine_from_stats
-from bnfuse_cli.engine.merge_math import centre_padding, identity_kernel, merge_kernels, pad_kernel
+from bnfuse_cli.engine.affine import affine_from_stats
+from bnfuse_cli.engine.passes.merge.kernels import centre_padding, identity_kernel, merge_kernels, pad_kernel
 from bnfuse_cli.errors import FoldError
 from conftest import randomize_bn
 from foldmath import fold_into_previous

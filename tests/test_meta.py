@@ -15,7 +15,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bnfuse_cli import convert, load, verify  # noqa: E402
-from bnfuse_cli.engine.plan import Branch, Fold, Merge  # noqa: E402
+from bnfuse_cli.engine.passes.fold import Fold  # noqa: E402
+from bnfuse_cli.engine.passes.merge import Branch, Merge  # noqa: E402
 from bnfuse_cli.errors import CheckpointError  # noqa: E402
 from bnfuse_cli.files.meta import FusedMeta, Step  # noqa: E402
 from bnfuse_cli.files.read import read_checkpoint  # noqa: E402

@@ -5,7 +5,7 @@ still knew the passes by name, this pass would be missing there and a test below
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import bnfuse_cli
-from bnfuse_cli.engine.passes import PASSES, Rows, RunLayer, RunModule, SiteSpec
+from bnfuse_cli.engine.passes import PASSES, Option, Pass
+from bnfuse_cli.engine.steps import RunLayer, RunModule, SiteSpec
 from conftest import randomize_bn
 
 ARCH = "models_passes:ToyNet"
@@ -33,10 +34,13 @@ class ScaleLeft:
     reason: str
 
 
-class ScalePass:
-    """Fold a per-channel ``Scale`` into the conv whose output it alone reads."""
+class ScalePass(Pass):
+    """Fold a per-channel ``Scale`` into the conv whose output it alone reads: a whole pass, on the
+    defaults of :class:`~bnfuse_cli.engine.passes.Pass` (its items' JSON, rows and refusals)."""
 
     name, key, left_key, again = "scale", "scales", "scales_left", True  # a fold of bn1 follows
+    item, rewrites, absorbs = ScaleFold, ("conv",), ()
+    title, columns, left_title, left_what = "Scales folded", ("scale", "into"), "Scales left", "scale"
 
     def __init__(self, twice: bool = False) -> None:
         self.twice = twice  # a wrong fold, for the judge to catch
@@ -72,29 +76,22 @@ class ScalePass:
                     conv.bias.mul_(s)
             model.set_submodule(it.scale, nn.Identity())
 
-    def to_row(self, item: ScaleFold) -> list[str]:
-        return [item.scale, item.conv]
-
-    def from_row(self, row: Any) -> ScaleFold:
-        return ScaleFold(*map(str, row))
-
-    def to_json(self, item: ScaleFold) -> dict[str, Any]:
-        return asdict(item)
-
-    def left_json(self, left: ScaleLeft) -> dict[str, Any]:
-        return asdict(left)
-
-    def absorbed(self, item: ScaleFold) -> list[str]:
-        return []
-
     def sites(self, model: nn.Module, items: list[ScaleFold]) -> list[SiteSpec]:
         return [SiteSpec(self.name, it.conv, it.conv, (it.scale,), (RunLayer(it.conv), RunModule(it.scale)),
                          (RunLayer(it.conv),)) for it in items]
 
-    def rows(self, plan: Any) -> Rows:
-        items, left = plan.of(self.name), plan.left_by(self.name)
-        return Rows("Scales folded", ("scale", "into"), [(i.scale, i.conv) for i in items],
-                    "Scales left", "scale", [(x.scale, x.reason) for x in left], ("scales", f"{len(items)} folded"))
+    def row(self, it: ScaleFold) -> tuple[str, ...]:
+        return it.scale, it.conv
+
+    def summary(self, plan: Any) -> tuple[str, str]:
+        return "scales", f"{len(plan.of(self.name))} folded"
+
+
+class OptInScales(ScalePass):
+    """The same pass, opt-in: its option is one declaration in its row."""
+
+    name, key, left_key = "toy_scale", "toy_scales", "toy_scales_left"
+    option = Option("toy_scales", "Fold the toy model's per-channel scales into their convs.")
 
 
 @pytest.fixture
@@ -151,7 +148,8 @@ def test_a_registered_pass_is_recorded_rebuilt_and_verified(scale_pass: ScalePas
     report = bnfuse_cli.convert(tmp_path / "orig.pth", out, arch=ARCH, input_shape="1,3,12,12")
     assert report.verdict.ok
     steps = read_checkpoint(out).metadata["steps"]
-    assert steps[0]["scales"] == [["scale1", "conv1"], ["scale3", "conv3"]] and not steps[0]["folds"]
+    assert steps[0]["scales"] == [{"scale": "scale1", "conv": "conv1"}, {"scale": "scale3", "conv": "conv3"}]
+    assert not steps[0]["folds"]
     assert steps[1]["folds"] == [["conv1", "bn1", "backward", "identity"]] and not steps[1]["scales"]
     fused = bnfuse_cli.load(out)
     assert isinstance(fused.scale1, nn.Identity) and isinstance(fused.scale3, nn.Identity)
@@ -171,3 +169,56 @@ def report_model_out(path: Path, x: torch.Tensor) -> torch.Tensor:
     model.load_state_dict(torch.load(path))
     with torch.no_grad():
         return model(x)
+
+
+@pytest.fixture
+def opt_in(tests_on_path: None):  # noqa: ANN201
+    """The opt-in toy pass as the last row of the table, for this test only."""
+    row = OptInScales()
+    saved = list(PASSES)
+    PASSES[:] = [p for p in PASSES if p.name != "scale"] + [row]
+    yield row
+    PASSES[:] = saved
+
+
+def test_an_opt_in_pass_is_one_row_that_becomes_a_flag_an_option_a_record_and_a_report(opt_in: OptInScales,
+                                                                                        tmp_path: Path) -> None:
+    """One module and one row: the CLI's flags of convert, inspect and bench, the library's pass options,
+    the plan, the fused file's record, ``load`` and the report all come from the row."""
+    from typer.testing import CliRunner
+
+    from bnfuse_cli import FuseOptions
+    from bnfuse_cli.cli import app
+    from bnfuse_cli.files.read import read_checkpoint
+
+    runner = CliRunner()
+    for command in ("convert", "bench", "inspect"):
+        shown = runner.invoke(app, [command, "--help"], env={"COLUMNS": "100"})
+        assert shown.exit_code == 0 and "--toy-scales" in shown.output, shown.output
+        assert "per-channel scales into their convs" in " ".join(shown.output.split())
+    off = bnfuse_cli.fuse(_toy(), torch.randn(SHAPE))
+    assert off.plan.of("toy_scale") == [] and off.plan.options == {}
+    on = bnfuse_cli.fuse(_toy(), torch.randn(SHAPE), FuseOptions(passes={"toy_scales": True}))
+    assert on.ok and on.plan.options == {"toy_scales": True}
+    assert on.plan.of("toy_scale") == [ScaleFold("scale1", "conv1"), ScaleFold("scale3", "conv3")]
+    with pytest.raises(bnfuse_cli.UsageError, match="toy_scales"):
+        FuseOptions(passes={"toy_scale": True})  # a pass name is not its option's name
+
+    torch.save(_toy().state_dict(), tmp_path / "orig.pth")
+    out = tmp_path / "fused.pth"
+    args = ["convert", str(tmp_path / "orig.pth"), "--arch", ARCH, "--input-shape", "1,3,12,12", "-o", str(out),
+            "--json", str(tmp_path / "r.json"), "-v"]
+    plain = runner.invoke(app, [*args[:-3], "--json", str(tmp_path / "plain.json")])
+    assert plain.exit_code == 0, plain.output
+    import json
+
+    assert json.loads((tmp_path / "plain.json").read_text())["toy_scales"] == []
+    done = runner.invoke(app, [*args, "--toy-scales", "--force"], env={"COLUMNS": "120"})
+    assert done.exit_code == 0, done.output
+    assert "Scales folded" in done.output and "scales" in done.output  # its rows, in the report
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["toy_scales"] == [{"scale": "scale1", "conv": "conv1"}, {"scale": "scale3", "conv": "conv3"}]
+    assert read_checkpoint(out).metadata["steps"][0]["toy_scales"] == report["toy_scales"]
+    fused = bnfuse_cli.load(out)
+    assert isinstance(fused.scale1, nn.Identity) and isinstance(fused.scale3, nn.Identity)
+    assert bnfuse_cli.verify(tmp_path / "orig.pth", out, source_options=bnfuse_cli.SourceOptions(arch=ARCH)).ok

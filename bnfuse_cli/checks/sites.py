@@ -41,7 +41,7 @@ class SiteCheck:
 
 @dataclass
 class _Site:
-    #: what a pass says the site is (:class:`bnfuse_cli.engine.passes.SiteSpec`)
+    #: what a pass says the site is (:class:`bnfuse_cli.engine.steps.SiteSpec`)
     spec: Any
     reference: "torch.Tensor | None" = None
     crop: "torch.Tensor | None" = None
@@ -172,7 +172,7 @@ def _stats(model: "nn.Module", step: Any, y: "torch.Tensor") -> "torch.Tensor":
     import torch
     import torch.nn.functional as F
 
-    from ..engine.passes import held
+    from ..engine.forward import held
 
     def get(qual: str) -> "torch.Tensor | None":
         t = held(model, qual)
@@ -188,7 +188,7 @@ def _elementwise(model: "nn.Module", step: Any, y: "torch.Tensor") -> "torch.Ten
     """``y op value`` in float64, a per-channel value on the step's axis."""
     import torch
 
-    from ..engine.passes import held
+    from ..engine.forward import held
 
     if isinstance(step.value, str):
         c = held(model, step.value).detach().to(device="cpu", dtype=torch.float64).reshape(-1)
@@ -200,13 +200,13 @@ def _elementwise(model: "nn.Module", step: Any, y: "torch.Tensor") -> "torch.Ten
 
 
 def _run_chain(model: "nn.Module", chain: "tuple[Any, ...]", x: "torch.Tensor") -> "torch.Tensor":
-    """A site's chain of steps (:mod:`bnfuse_cli.engine.passes.base`) on ``x``, in float64: a layer
+    """A site's chain of steps (:mod:`bnfuse_cli.engine.steps`) on ``x``, in float64: a layer
     block by block, a module as a float64 copy of its own, a BatchNorm's affine map, a sum."""
     import copy
 
     import torch
 
-    from ..engine.passes import Cat, Elementwise, Layout, Norm, RunLayer, RunModule, Stats, Sum
+    from ..engine.steps import Cat, Elementwise, Layout, Norm, RunLayer, RunModule, Stats, Sum
 
     for step in chain:
         if isinstance(step, RunLayer):

@@ -70,20 +70,20 @@ def _record(model: "nn.Module", args: tuple[Any, ...], kwargs: "dict[str, Any] |
 
 
 def analyse(model: "nn.Module", args: tuple[Any, ...], kwargs: "dict[str, Any] | None" = None, *,
-            on_input: "InputCallback | None" = None, merge: bool = True,
-            options: "dict[str, Any] | None" = None) -> Analysis:
+            on_input: "InputCallback | None" = None, options: "dict[str, Any] | None" = None) -> Analysis:
     """Run ``model(*args, **kwargs)`` once under recording and return the plan and the output.
 
     The model must already be in eval mode.  Nothing is changed.  ``on_input(name, module, x)``
     sees the first input of every producer and norm call, outside the recording.  Each pass of
-    the table (:data:`bnfuse_cli.engine.passes.PASSES`) finds its items in that one recording, in
-    the table's order; ``merge=False`` (``plan.options["merge"]``) turns the merge pass off.  ``options``
-    reach every pass as ``plan.options`` (``clone_shared``: fold a BatchNorm into a copy of a layer
-    whose output is also read elsewhere).
+    the table (:data:`bnfuse_cli.engine.passes.PASSES`) that is on finds its items in that one
+    recording, in the table's order.  ``options`` are the passes' options by name (``merge``,
+    ``clone_shared``, ...; a pass's :class:`~bnfuse_cli.engine.passes.Option` gives the default of
+    each one not given); they reach every pass as ``plan.options``.
     """
     rec, output = _record(model, args, kwargs, on_input)
     out_ids = escapes(model, output, rec)
-    plan = Plan(options={"merge": merge, **(options or {})})
+    plan = Plan(options=dict(options or {}), passes=tuple(PASSES))
     for p in PASSES:
-        p.find(model, rec, out_ids, plan)
+        if p.on(plan):
+            p.find(model, rec, out_ids, plan)
     return Analysis(plan=plan, output=output)

@@ -10,7 +10,10 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from torch import fx, nn
 
-__all__ = ["trace_block", "rewrite_forward", "child_name", "held", "skip_identities", "skip_identity_calls"]
+    from .record import Recorder
+
+__all__ = ["trace_block", "rewrite_forward", "child_name", "held", "skip_identities", "skip_identity_calls", "passthrough",
+           "single_call"]
 
 
 def child_name(block_name: str, target: Any) -> str:
@@ -117,3 +120,28 @@ def rewrite_forward(model: "nn.Module", block_name: str, edit: "Callable[[nn.Mod
         return gm
     model.set_submodule(block_name, gm)
     return model
+
+
+#: modules that are the identity in eval mode (when their recorded call returned its input)
+_EVAL_IDENTITIES = ("Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "DropPath",
+                    "StochasticDepth", "DropBlock2d")
+
+
+def passthrough(node: "fx.Node", block: "nn.Module", rec: "Recorder") -> bool:
+    """A child call that returned its input unchanged on every recorded call: an eval-mode identity
+    (``drop_path``, dropout).  An in-place activation also returns its input, changed: never this."""
+    if node.op != "call_module":
+        return False
+    module = block.get_submodule(str(node.target))
+    if type(module).__name__ not in _EVAL_IDENTITIES or getattr(module, "inplace", False) or module.training:
+        return False
+    if type(module).__name__ == "Identity":
+        return True
+    calls = rec.module_calls.get(id(module), [])
+    return bool(calls) and all(c.input is not None and c.output is c.input for c in calls)
+
+
+def single_call(module: "nn.Module", rec: "Recorder") -> Any:
+    """The one recorded call of ``module``, or None when it was called never or more than once."""
+    calls = rec.calls.get(id(module)) or rec.module_calls.get(id(module)) or []
+    return calls[0] if len(calls) == 1 else None

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BnfuseError
-from .batch_norm_calls import BatchNormCall, note_batch_norm
 from .ops import (ADDS, CATS, METADATA, MOVES, PASSTHROUGH, RESHAPES, SELF_ONLY, VALUE_FREE, op_name,
                   pretty_op)
 from .patterns import is_norm_like, is_producer_like
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
 
     InputCallback = Callable[[str, "nn.Module", Any], None]
 
-__all__ = ["Recorder", "TensorRecord", "Call", "BatchNormCall", "tensors_in", "pretty_op", "where"]
+__all__ = ["Recorder", "TensorRecord", "Call", "BatchNormCall", "note_batch_norm", "tensors_in", "pretty_op", "where"]
 
 @dataclass(eq=False)
 class TensorRecord:
@@ -58,6 +57,55 @@ class Call:
 
 def where(call: "Call | None") -> str:
     return call.name if call is not None and call.name else "the model forward"
+
+
+# ----------------------------------------------------------------------------- functional batch norms
+# an ``F.batch_norm`` made outside a BatchNorm module's own call, with what it normalised and with which
+# statistics (read by the functional pass)
+
+
+@dataclass(eq=False)
+class BatchNormCall:
+    """A functional batch-norm call (``F.batch_norm``) made outside a BatchNorm module's own call."""
+
+    #: the innermost module call it ran in (the module whose forward made it), None at no module
+    caller: "Call | None"
+    input: "TensorRecord | None"
+    output: "TensorRecord | None"
+    #: qualified names of running_mean, running_var, weight and bias: None where not given,
+    #: "" for a tensor no module holds (computed in the forward)
+    stats: "tuple[str | None, ...]"
+    training: bool
+    eps: float
+
+
+#: F.batch_norm's positional parameters after the input, with their defaults
+_BN_PARAMS = (("running_mean", None), ("running_var", None), ("weight", None), ("bias", None),
+              ("training", False), ("momentum", 0.1), ("eps", 1e-5))
+
+
+def note_batch_norm(rec: "Recorder", args: Any, kwargs: Any, out: Any) -> None:
+    """A batch-norm call: noted unless it is a BatchNorm module's own (its call is innermost)."""
+    import torch
+
+    caller = rec.stack[-1] if rec.stack else None
+    if caller is not None and is_norm_like(caller.module):
+        return
+    given = dict(zip([n for n, _ in _BN_PARAMS], args[1:]))
+    given.update({k: v for k, v in kwargs.items() if k != "input"})
+    values = {n: given.get(n, d) for n, d in _BN_PARAMS}
+
+    def qual(t: Any) -> "str | None":
+        if not isinstance(t, torch.Tensor):
+            return None
+        held = rec.holders.get(id(t))
+        return held[0][1] if held else ""
+
+    x = args[0] if args else kwargs.get("input")
+    rec.batch_norms.append(BatchNormCall(
+        caller, rec.lookup(x) or rec.track(x), rec.track(out),
+        tuple(qual(values[n]) for n in ("running_mean", "running_var", "weight", "bias")),
+        bool(values["training"]), float(values["eps"])))
 
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.passes import PASSES
-from ..engine.plan import Fold, Merge
 from ..errors import CheckpointError
 
 __all__ = ["Step", "FusedMeta", "steps_of"]
@@ -34,11 +33,11 @@ class Step:
         return tuple(self.items.get(name, ()))
 
     @property
-    def folds(self) -> tuple[Fold, ...]:
+    def folds(self) -> tuple[Any, ...]:
         return self.of("fold")
 
     @property
-    def merges(self) -> tuple[Merge, ...]:
+    def merges(self) -> tuple[Any, ...]:
         return self.of("merge")
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,11 +78,11 @@ class FusedMeta:
         return [i for s in self.steps for i in s.of(name)]
 
     @property
-    def folds(self) -> list[Fold]:
+    def folds(self) -> list[Any]:
         return self.all_of("fold")
 
     @property
-    def merges(self) -> list[Merge]:
+    def merges(self) -> list[Any]:
         return self.all_of("merge")
 
     def to_dict(self) -> dict[str, Any]:

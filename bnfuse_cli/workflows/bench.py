@@ -32,7 +32,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..errors import UsageError
@@ -41,7 +41,9 @@ from ..precision import parse_dtype, resolve_device
 from .bench_report import DEVICE_RUN, BenchReport, ModelBench, Stats, verdict
 from .runtimes import RUNTIMES, check_runtime, ort_op_counts, programs
 from .timing import backend_flags, environment, first_call, machine_info, race
+from .options import BenchSettings, split_call
 from .source import SourceOptions, prepare
+from ..engine.passes import options as pass_options
 
 if TYPE_CHECKING:
     import torch
@@ -113,10 +115,8 @@ class _Settings:
     threads: "int | None" = None
     #: what both models run in: one of :data:`RUNTIMES`
     runtime: str = "eager"
-    #: the fused side also makes sibling layers on one input one wider layer (``--horizontal``)
-    horizontal: bool = False
-    #: the fused side also replaces wrappers of one call by the layer they call (``--unwrap``)
-    unwrap: bool = False
+    #: the options of the passes that make the fused side, by name (the table's defaults for the rest)
+    passes: "dict[str, bool]" = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as the JSON report gives them (the batch size the device's default when
@@ -127,7 +127,7 @@ class _Settings:
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""), "autocast": self.autocast,
             "batch_size": batch,
             "input_shape": shape if isinstance(shape, (str, type(None))) else list(shape),
-            "runtime": self.runtime, "horizontal": self.horizontal, "unwrap": self.unwrap,
+            "runtime": self.runtime, **{o.name: self.passes.get(o.name, o.default) for o in pass_options()},
             "channels_last": self.channels_last, "threads": self.threads, "compile": self.compile, "iters": self.iters,
             "warmup": self.warmup, "time_budget_s": self.time_budget, "min_sample_ms": self.min_sample_ms,
             "weights": self.source.weights, "rtol": self.rtol, "atol": self.atol, "seed": self.seed,
@@ -183,11 +183,12 @@ def _fold(prep: _Prepared, st: _Settings) -> "FuseResult":
     import torch
 
     from .fuse import fuse
+    from .options import FuseOptions
     from ..inputs import InputSpec, as_args, make_input
 
     probe = InputSpec((1, *prep.spec.shape[1:]), prep.spec.kind)
-    return fuse(prep.original, as_args(make_input(probe, dtype=torch.float32, seed=st.seed)), inplace=False,
-                rtol=st.rtol, atol=st.atol, horizontal=st.horizontal, unwrap=st.unwrap)
+    return fuse(prep.original, as_args(make_input(probe, dtype=torch.float32, seed=st.seed)),
+                FuseOptions(st.rtol, st.atol, st.passes))
 
 
 def _reference(prep: _Prepared, args32: tuple[Any, ...], st: _Settings) -> Any:
@@ -297,34 +298,16 @@ def _check_counts(*, iters: int, warmup: int, batch_size: "int | None", threads:
         raise UsageError(f"--time-budget {budget:g}: give seconds of timing per model, or 0 for no limit")
 
 
-def bench(
-    models: "Sequence[str] | None" = None,
-    *,
-    device: str = "auto",
-    dtype: str = "float32",
-    autocast: "str | None" = None,
-    batch_size: "int | None" = None,
-    channels_last: bool = False,
-    threads: "int | None" = None,
-    iters: "int | None" = None,
-    warmup: "int | None" = None,
-    time_budget: "float | None" = None,
-    compile: bool = False,
-    options: "SourceOptions | None" = None,
-    rtol: "float | None" = None,
-    atol: "float | None" = None,
-    min_sample_ms: float = 2.0,
-    runtime: str = "eager",
-    progress: "ProgressFn | None" = None,
-    horizontal: bool = False,
-    unwrap: bool = False,
-    **load: Any,
-) -> BenchReport:
+def bench(models: "Sequence[str] | None" = None, settings: "BenchSettings | None" = None,
+          source_options: "SourceOptions | None" = None, *, progress: "ProgressFn | None" = None,
+          **keywords: Any) -> BenchReport:
     """Time each model and its fused copy, alternating, and judge the fused model.
 
     ``models`` are torchvision names, ``timm:NAME``, ``pkg.mod:factory`` or checkpoint files
-    (default: :data:`DEFAULT_MODELS`), loaded with ``options`` (a :class:`SourceOptions`, or its
-    fields as keywords: ``arch``, ``weights``, ``input_shape``, ``allow_pickle``, ``key``, ``seed``).
+    (default: :data:`DEFAULT_MODELS`), loaded with ``source_options`` (a :class:`SourceOptions`:
+    ``arch``, ``weights``, ``input_shape``, ``allow_pickle``, ``key``, ``seed``); ``settings``
+    (:class:`BenchSettings`) say how they are timed and fused, and ``progress(description, done,
+    total)`` hears how far it is.
     A model built with random weights (``weights="none"``, bench's default, so it runs offline) gets random BatchNorm statistics first.  The fold runs on
     the CPU in float32 through :func:`bnfuse_cli.fuse` (statistics in float64); both models are
     then cast to ``dtype`` and moved to ``device``, and run under ``autocast`` (float16 or
@@ -339,15 +322,21 @@ def bench(
     (torch.export programs, ``ep.module()``) or ``onnxruntime`` (ONNX graphs, both sessions at
     ``ORT_ENABLE_ALL`` with ``threads`` or torch's thread count as intra-op threads, on the CPU,
     float32; the report gives each graph's BatchNorm and conv nodes after onnxruntime's optimisation).
-    ``horizontal`` fuses sibling layers on one input side by side in the fused model too; ``unwrap``
-    replaces wrappers of one call by the layer they call in it too.
+    ``settings.fuse`` makes the fused side: its passes' options (``horizontal``, ``unwrap``, ...) as
+    in ``convert``.
     """
     import torch
 
     from ..checks import Tolerance
     from ..precision import check_autocast
 
-    opts = SourceOptions.of(options, load) if options is not None else SourceOptions.of(None, {"weights": "none", **load})
+    weights_given = source_options is not None or isinstance(settings, SourceOptions) or "weights" in keywords
+    bs, opts = split_call(BenchSettings, settings, source_options, keywords, "bnfuse_cli.bench")
+    if not weights_given:
+        opts = replace(opts, weights="none")  # bench's default: random weights, runs offline
+    device, dtype, autocast, batch_size, channels_last = bs.device, bs.dtype, bs.autocast, bs.batch_size, bs.channels_last
+    threads, iters, warmup, time_budget, compile = bs.threads, bs.iters, bs.warmup, bs.time_budget, bs.compile
+    runtime, rtol, atol, min_sample_ms = bs.runtime, bs.fuse.rtol, bs.fuse.atol, bs.min_sample_ms
 
     dt = parse_dtype(dtype)
     amp = check_autocast(autocast)
@@ -367,7 +356,7 @@ def bench(
     st = _Settings(device=dev, dtype=dt, autocast=amp, source=opts, batch_size=batch_size,
                    channels_last=channels_last, compile=compile, iters=iters, warmup=warmup, time_budget=budget,
                    min_sample_ms=min_sample_ms, rtol=rtol, atol=atol, progress=progress, threads=threads,
-                   runtime=runtime, horizontal=horizontal, unwrap=unwrap)
+                   runtime=runtime, passes=dict(bs.fuse.passes))
 
     old_threads = torch.get_num_threads()
     flags_before = backend_flags()

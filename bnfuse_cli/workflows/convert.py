@@ -5,15 +5,16 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..version import __version__
 from ..files.write import check_output_path, write_checkpoint
-from ..checks import Comparison, Tolerance, Verdict
+from ..checks import Comparison, Verdict
 from ..errors import FoldError, OutputError, UsageError
 from .fuse import fuse_prepared
+from .options import ConvertOptions, FuseOptions, split_call
 from .source import Prepared, SourceOptions, count_tensors, prepare
 from ..engine.analyse import analyse
 from ..engine.plan import Plan
@@ -107,12 +108,13 @@ class InspectReport:
         }
 
 
-def inspect(source: "str | os.PathLike[str] | Prepared", *, options: "SourceOptions | None" = None,
-            **load: Any) -> InspectReport:
-    """The fold plan for ``source`` without changing or writing anything.  ``options`` (or the
-    keywords of :class:`SourceOptions`: ``arch=``, ``weights=``, ...) say how to load it."""
-    prep = prepare(source, SourceOptions.of(options, load))
-    plan = analyse(prep.model, prep.args).plan
+def inspect(source: "str | os.PathLike[str] | Prepared", source_options: "SourceOptions | None" = None,
+            options: "FuseOptions | None" = None, **keywords: Any) -> InspectReport:
+    """The fold plan for ``source`` (its first round) without changing or writing anything.
+    ``source_options`` say how to load it; ``options`` which passes are on."""
+    options, source_options = split_call(FuseOptions, options, source_options, keywords, "bnfuse_cli.inspect")
+    prep = prepare(source, source_options)
+    plan = analyse(prep.model, prep.args, options=dict(options.passes)).plan
     return InspectReport(prep.name, prep.arch, prep.spec, plan)
 
 
@@ -139,56 +141,40 @@ def outputs_for(sources: "list[str]", output: "str | os.PathLike[str] | None", o
     return dests
 
 
-def convert(
-    source: "str | os.PathLike[str] | Prepared",
-    output: "str | os.PathLike[str] | None" = None,
-    *,
-    options: "SourceOptions | None" = None,
-    save_as: "str | None" = None,
-    force: bool = False,
-    rtol: "float | None" = None,
-    atol: "float | None" = None,
-    tolerance: "float | None" = None,
-    placed: "list[Path] | None" = None,
-    verbose: bool = False,
-    clone_shared: bool = False,
-    horizontal: bool = False,
-    unwrap: bool = False,
-    **load: Any,
-) -> ConvertReport:
+def convert(source: "str | os.PathLike[str] | Prepared", output: "str | os.PathLike[str] | None" = None,
+            options: "ConvertOptions | None" = None, source_options: "SourceOptions | None" = None, *,
+            placed: "list[Path] | None" = None, **keywords: Any) -> ConvertReport:
     """Fold every foldable BatchNorm of ``source`` and write the fused model to ``output``.
 
-    ``source`` is a model name or a checkpoint, loaded with ``options`` (a :class:`SourceOptions`,
-    or its fields as keywords: ``arch``, ``weights``, ``input_shape``, ``allow_pickle``, ``key``,
+    ``source`` is a model name or a checkpoint, loaded with ``source_options``
+    (:class:`SourceOptions`: ``arch``, ``weights``, ``input_shape``, ``allow_pickle``, ``key``,
     ``seed``), or a source already :func:`prepared <bnfuse_cli.workflows.source.prepare>`.
     The model is fused in place through the one pipeline of :mod:`bnfuse_cli.workflows.fuse`
     (no copy of the model is made) and judged by :mod:`bnfuse_cli.checks`: every fold site on the
     activation that reaches it, and the output on a seeded random input, within
-    ``atol + rtol * max|output|`` (defaults by dtype; ``tolerance`` is an alias of ``rtol``).
-    The seed draws the example input and, for a model name with ``weights="none"``, its random
-    initialisation (recorded in the file, so ``verify`` rebuilds the same model).  Nothing is
-    written when the verdict is negative (:class:`FoldError`).  ``output=None`` folds and checks
-    without writing.  ``placed``, when given, gets the output appended the moment it is in place
-    (see :func:`bnfuse_cli.files.write.write_checkpoint`).  An output ending in ``.pt2``
-    (``torch.export``) or ``.onnx`` (the ``onnx`` extra) is a program exported from the fused
-    model, which runs without bnfuse or the model's code; it is opened in its own runtime and
-    judged against the original before it is placed.  ``verbose`` shows the exporter's messages.
-    ``clone_shared`` folds a BatchNorm into a copy of a layer whose output is also read elsewhere;
-    ``horizontal`` makes sibling layers on one input one wider layer; ``unwrap`` replaces a wrapper
-    left calling one layer alone by that layer (renaming its parameters).
+    ``atol + rtol * max|output|`` (``options.fuse``; defaults by dtype).  The seed draws the example
+    input and, for a model name with ``weights="none"``, its random initialisation (recorded in the
+    file, so ``verify`` rebuilds the same model).  Nothing is written when the verdict is negative
+    (:class:`FoldError`).  ``output=None`` folds and checks without writing.  ``placed``, when
+    given, gets the output appended the moment it is in place (see
+    :func:`bnfuse_cli.files.write.write_checkpoint`).  An output whose format is a program (``.pt2``,
+    ``.onnx``: :data:`bnfuse_cli.files.outputs.OUTPUT_FORMATS`) is exported from the fused model and
+    runs without bnfuse or the model's code; it is opened in its own runtime and judged against the
+    original before it is placed.  ``options`` (:class:`ConvertOptions`): ``save_as``, ``force``,
+    ``verbose`` (the exporter's messages) and the fuse options, the passes' among them.
     """
     t0 = time.perf_counter()
-    rtol = _rtol(rtol, tolerance)
-    opts = SourceOptions.of(options, load)
+    if "tolerance" in keywords:  # bnfuse 0.1's alias of rtol
+        keywords["rtol"] = _rtol(keywords.get("rtol"), keywords.pop("tolerance"))
+    opts, src_opts = split_call(ConvertOptions, options, source_options, keywords, "bnfuse_cli.convert")
     out_path = Path(output) if output is not None else None
     given = source.path if isinstance(source, Prepared) else source
-    _check_options(given, out_path, save_as=save_as, force=force, rtol=rtol, atol=atol)
-    prep = prepare(source, opts)
-    form = _output_form(prep, out_path, save_as)
+    _check_options(given, out_path, opts)
+    prep = prepare(source, src_opts)
+    form = _output_form(prep, out_path, opts.save_as)
     t1 = time.perf_counter()
     fmt = output_format(out_path) if out_path is not None else None
-    result = fuse_prepared(prep, rtol=rtol, atol=atol, keep_reference=bool(fmt and fmt.program),
-                           clone_shared=clone_shared, horizontal=horizontal, unwrap=unwrap)
+    result = fuse_prepared(prep, replace(opts.fuse, keep_reference=bool(fmt and fmt.program)))
     t4 = time.perf_counter()
     report = _report(prep, out_path, result)
     if not result.ok:
@@ -200,8 +186,8 @@ def convert(
         )
     if out_path is not None and form is not None:
         report.form = form.replace("-", "_")
-        judge = _ProgramJudge(fmt, result.reference, prep.args, report, verbose=verbose) if fmt.program else None
-        report.file_size = _write(result.model, prep, report, out_path, form, force, placed, judge)
+        judge = _ProgramJudge(fmt, result.reference, prep.args, report, verbose=opts.verbose) if fmt.program else None
+        report.file_size = _write(result.model, prep, report, out_path, form, opts.force, placed, judge)
     t5 = time.perf_counter()
     fs = result.seconds
     report.seconds = {"load": t1 - t0, "analyse": fs["analyse"], "fold": fs["rewrite"], "check": fs["check"],
@@ -226,7 +212,7 @@ def _report(prep: Prepared, out_path: "Path | None", result: Any) -> ConvertRepo
 
 
 def _rtol(rtol: "float | None", tolerance: "float | None") -> "float | None":
-    """``--tolerance`` is an alias of ``--rtol``."""
+    """``tolerance`` is bnfuse 0.1's alias of ``rtol``."""
     if tolerance is None:
         return rtol
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
@@ -236,12 +222,10 @@ def _rtol(rtol: "float | None", tolerance: "float | None") -> "float | None":
     return tolerance
 
 
-def _check_options(source: Any, out_path: "Path | None", *, save_as: "str | None", force: bool,
-                   rtol: "float | None", atol: "float | None") -> None:
-    """Every option that can be checked without the model, before any work (the source options
-    were checked when their :class:`SourceOptions` was made)."""
-    if save_as not in (None, "module", "state-dict"):
-        raise UsageError(f"--save-as {save_as!r}: choose module or state-dict")
+def _check_options(source: Any, out_path: "Path | None", opts: ConvertOptions) -> None:
+    """Every option that can be checked without the model, before any work (the options objects
+    checked themselves when they were made)."""
+    save_as = opts.save_as
     if out_path is not None:
         fmt = output_format(out_path)
         if save_as == "module" and not fmt.holds_module:
@@ -252,8 +236,7 @@ def _check_options(source: Any, out_path: "Path | None", *, save_as: "str | None
                              f"fused model ({out_path})")
         if fmt.require is not None:
             fmt.require()
-        check_output_path(out_path, inputs=[Path(str(source))], force=force)
-    Tolerance.for_dtype("float32", rtol, atol)
+        check_output_path(out_path, inputs=[Path(str(source))], force=opts.force)
 
 
 def _output_form(prep: Prepared, out_path: "Path | None", save_as: "str | None") -> "str | None":

@@ -13,14 +13,15 @@ from typing import TYPE_CHECKING, Any
 from ..checks import Comparison, OutputCheck, SelectionProbe, SiteProbe, Tolerance, Verdict, judge_post_processing
 from ..errors import UsageError
 from ..engine.analyse import analyse
-from ..engine.plan import Fold, Plan, Skip
+from ..engine.plan import Plan, Skip
 from ..inputs import as_args, infer_spec, make_input, model_dtype
 from ..precision import exact_math, precision_flags
+from .options import FuseOptions, from_keywords
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["FuseResult", "fuse", "fuse_prepared", "plan"]
+__all__ = ["FuseResult", "FuseOptions", "fuse", "fuse_prepared", "plan"]
 
 
 @dataclass
@@ -48,7 +49,7 @@ class FuseResult:
         return self.verdict.error
 
     @property
-    def folds(self) -> list[Fold]:
+    def folds(self) -> list[Any]:
         return self.plan.folds
 
     @property
@@ -97,34 +98,24 @@ def _copy(model: "nn.Module") -> "nn.Module":
         ) from first
 
 
-def plan(model: "nn.Module", example_input: Any = None) -> Plan:
-    """What :func:`fuse` would fold and what it would leave, without changing ``model``.
+def plan(model: "nn.Module", example_input: Any = None, options: "FuseOptions | None" = None) -> Plan:
+    """What :func:`fuse` would fold and what it would leave in one round, without changing ``model``.
 
     ``model`` is analysed in eval mode; its training flag is restored afterwards.
     """
     was_training = model.training
     model.eval()
     try:
-        return analyse(model, _example(model, example_input)).plan
+        return analyse(model, _example(model, example_input), options=dict((options or FuseOptions()).passes)).plan
     finally:
         model.train(was_training)
 
 
-def fuse(
-    model: "nn.Module",
-    example_input: Any = None,
-    *,
-    inplace: bool = False,
-    rtol: "float | None" = None,
-    atol: "float | None" = None,
-    merge: bool = True,
-    keep_reference: bool = False,
-    clone_shared: bool = False,
-    horizontal: bool = False,
-    unwrap: bool = False,
-) -> FuseResult:
-    """Fold every BatchNorm of ``model`` that can be folded exactly, merge every sum of parallel
-    branches that can become one conv (``merge=True``), and judge the result.
+def fuse(model: "nn.Module", example_input: Any = None, options: "FuseOptions | None" = None, *,
+         inplace: bool = False, **keywords: Any) -> FuseResult:
+    """Fold every BatchNorm of ``model`` that can be folded exactly, make every other rewrite of the
+    table of passes that is on (merge each sum of parallel branches into one conv, ...), and judge
+    the result.
 
     ``example_input`` is a tensor, or a tuple of positional arguments (anything else, such as
     the list of images a torchvision detection model takes, is one argument); without it a
@@ -132,21 +123,18 @@ def fuse(
     forward pass on it, whose output is kept as the reference, and a crop of the activation
     reaching each fold site is kept for the per-site check.  The recording and the check run
     with TF32 switched off (restored after), so the verdict does not depend on it.
-    ``rtol``/``atol`` default by the model's dtype (:data:`bnfuse_cli.checks.TOLERANCES`).
-    With ``inplace=False`` (the default) the caller's model is left untouched.  Always use the
-    result's ``model``: a sum of branches in the model's own forward is merged by rewriting that
-    forward, so the fused model is then a new root module (a ``GraphModule``).  The result's
-    ``ok`` is the verdict; nothing is raised for a negative one.  ``keep_reference`` keeps the
-    original's output on the example input in the result (``reference``).  ``clone_shared``: a
-    layer whose output a BatchNorm and something else read gets a copy for the BatchNorm's path,
-    folded (more parameters, one operation less); off, the report says what it would fold.
-    ``horizontal``: sibling Conv/Linear layers that read one tensor become one wider layer (off by
-    default: not always faster in eager PyTorch; ``scripts/bench_horizontal.py``).  ``unwrap``: a
-    wrapper left calling one layer alone (a ``Sequential`` of a conv and its folded BatchNorm) is
-    replaced by that layer, which renames its parameters (off by default; the README has the cost).
+    ``options`` (:class:`~bnfuse_cli.workflows.options.FuseOptions`): the tolerances of the check
+    (by the model's dtype unless given) and the passes' options by name (``passes={"unwrap":
+    True}``; ``bnfuse convert --help`` lists them).  With ``inplace=False`` (the default) the
+    caller's model is left untouched.  Always use the result's ``model``: a sum of branches in the
+    model's own forward is merged by rewriting that forward, so the fused model is then a new root
+    module (a ``GraphModule``).  The result's ``ok`` is the verdict; nothing is raised for a
+    negative one.  The keywords of bnfuse 0.1 (``rtol=``, ``merge=``, ``unwrap=``, ...) still work,
+    with a DeprecationWarning.
     """
+    opts = from_keywords(FuseOptions, options, keywords, "bnfuse_cli.fuse")
     dtype, device = model_dtype(model)
-    Tolerance.for_dtype(dtype, rtol, atol)  # a bad tolerance is refused before the copy
+    Tolerance.for_dtype(dtype, opts.rtol, opts.atol)  # a bad tolerance is refused before the copy
     t0 = time.perf_counter()
     if not inplace:
         model = _copy(model)
@@ -154,30 +142,25 @@ def fuse(
     model.eval()
     args = _example(model, example_input)
     copied = time.perf_counter() - t0
-    result = _fuse(model, args, dtype, device, rtol=rtol, atol=atol, merge=merge, keep_reference=keep_reference,
-                   options={"clone_shared": clone_shared, "horizontal": horizontal, "unwrap": unwrap})
+    result = _fuse(model, args, dtype, device, opts)
     result.switched_to_eval = switched
     result.seconds = {"copy": copied, **result.seconds}
     return result
 
 
-def fuse_prepared(prep: Any, *, rtol: "float | None" = None, atol: "float | None" = None, merge: bool = True,
-                  keep_reference: bool = False, clone_shared: bool = False, horizontal: bool = False,
-                  unwrap: bool = False) -> FuseResult:
+def fuse_prepared(prep: Any, options: "FuseOptions | None" = None) -> FuseResult:
     """:func:`fuse` of a :class:`~bnfuse_cli.workflows.source.Prepared` source, in place, on the
     example input, dtype and device it was prepared with (``convert``'s way in)."""
-    return _fuse(prep.model, prep.args, prep.dtype, prep.device, rtol=rtol, atol=atol, merge=merge,
-                 keep_reference=keep_reference, options={"clone_shared": clone_shared, "horizontal": horizontal, "unwrap": unwrap})
+    return _fuse(prep.model, prep.args, prep.dtype, prep.device, options or FuseOptions())
 
 
-def _fuse(model: "nn.Module", args: tuple[Any, ...], dtype: Any, device: Any, *, rtol: "float | None",
-          atol: "float | None", merge: bool, keep_reference: bool, options: "dict[str, Any] | None" = None) -> FuseResult:
+def _fuse(model: "nn.Module", args: tuple[Any, ...], dtype: Any, device: Any, opts: "FuseOptions") -> FuseResult:
     """The pipeline on a model in eval mode: rounds of record, plan and rewrite, then the verdict."""
     import torch
 
-    tol = Tolerance.for_dtype(dtype, rtol, atol)
+    tol = Tolerance.for_dtype(dtype, opts.rtol, opts.atol)
     with exact_math():
-        model, plan, reference, sites, seconds, before = _rounds(model, args, merge=merge, options=options)
+        model, plan, reference, sites, seconds, before = _rounds(model, args, dict(opts.passes))
         t3 = time.perf_counter()
         with torch.no_grad(), SelectionProbe() as after:
             fused_out = model(*args)
@@ -190,7 +173,7 @@ def _fuse(model: "nn.Module", args: tuple[Any, ...], dtype: Any, device: Any, *,
         pre = OutputCheck(tol, reference="original")
         pre.add(before, after.kept)
     judge_post_processing(outputs, "example input", pre)
-    kept = reference if keep_reference else None
+    kept = reference if opts.keep_reference else None
     del reference, fused_out, before, after
     verdict = Verdict(
         tol, outputs, sites, flags,
@@ -208,7 +191,7 @@ def _fuse(model: "nn.Module", args: tuple[Any, ...], dtype: Any, device: Any, *,
 MAX_ROUNDS = 4
 
 
-def _rounds(model: "nn.Module", args: tuple[Any, ...], *, merge: bool, options: "dict[str, Any] | None" = None
+def _rounds(model: "nn.Module", args: tuple[Any, ...], options: "dict[str, Any]"
             ) -> "tuple[nn.Module, Plan, Any, list[Any], dict[str, float], list[Any]]":
     """Record, plan and apply each pass of the table until a round finds nothing for a pass that
     can make more possible (``Pass.again``); each round's sites are checked right after it.
@@ -228,7 +211,7 @@ def _rounds(model: "nn.Module", args: tuple[Any, ...], *, merge: bool, options: 
         t0 = time.perf_counter()
         probe = SiteProbe()
         with SelectionProbe() if reference is None else contextlib.nullcontext() as selection:
-            analysis = analyse(model, args, on_input=probe.capture, merge=merge, options=options)
+            analysis = analyse(model, args, on_input=probe.capture, options=options)
         if reference is None:
             before = selection.kept
         step = analysis.plan

@@ -16,9 +16,11 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from ..checks import OutputCheck, SelectionProbe, SiteCheck, SiteProbe, Tolerance, Verdict, judge_post_processing
+from .options import JudgeOptions, split_call
 from .source import SourceOptions, count_tensors
 from ..errors import BnfuseError, UsageError
 from ..inputs import InputSpec, as_args, input_spec, make_input, model_dtype
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["VerifyReport", "DataResult", "Structure", "verify"]
+__all__ = ["VerifyReport", "JudgeOptions", "DataResult", "Structure", "verify"]
 
 # ----------------------------------------------------------------------------- verify
 
@@ -195,54 +197,41 @@ def _data_check(runner: _Runner, inputs: "torch.Tensor", labels: "torch.Tensor |
 
 
 def _validate(samples: int, data: Any, batch_size: int, device: str, dtype: "str | None",
-              autocast_dtype: "str | None", rtol: Any, atol: Any) -> tuple[Any, Any, "str | None"]:
+              autocast_dtype: "str | None") -> tuple[Any, Any, "str | None"]:
     """Every option checked before anything is loaded (the source options were checked when their
     :class:`SourceOptions` was made)."""
     if samples < 0 or (samples == 0 and data is None):
         raise UsageError(f"--samples {samples}: give at least 1 random sample, or --data with real inputs")
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: give a positive number of inputs per batch")
-    Tolerance.for_dtype("float32", rtol, atol)  # refuses a negative or non-finite tolerance now
     return resolve_device(device), None if dtype is None else parse_dtype(dtype), check_autocast(autocast_dtype)
 
 
-def verify(
-    orig: "str | os.PathLike[str]",
-    fused: "str | os.PathLike[str]",
-    *,
-    options: "SourceOptions | None" = None,
-    samples: int = 3,
-    rtol: "float | None" = None,
-    atol: "float | None" = None,
-    data: "str | os.PathLike[str] | None" = None,
-    batch_size: int = 256,
-    device: str = "cpu",
-    dtype: "str | None" = None,
-    autocast: "str | None" = None,
-    **load: Any,
-) -> VerifyReport:
-    """Judge ``fused`` against ``orig`` on ``samples`` seeded random inputs and, with ``data``, on real ones.
+def verify(orig: "str | os.PathLike[str]", fused: "str | os.PathLike[str]", options: "JudgeOptions | None" = None,
+           source_options: "SourceOptions | None" = None, **keywords: Any) -> VerifyReport:
+    """Judge ``fused`` against ``orig`` on seeded random inputs and, with real data, on those too.
 
-    Both models run on ``device`` (cpu, cuda, cuda:N, auto), in ``dtype`` (float32, float16,
-    bfloat16; default: each model's own) and under ``autocast`` (float16 or bfloat16), as they
-    will be deployed; ``options`` (a :class:`SourceOptions`, or its fields as keywords: ``arch``,
-    ``weights``, ``input_shape``, ``allow_pickle``, ``key``, ``seed``) say how both are loaded, and
-    ``seed`` draws the first random input.  The original also runs in float64 as the exact reference, so each output
-    may differ from it by ``atol + rtol * max|ref|`` plus a few times the original's own error.
-    ``rtol``/``atol`` default by dtype (:data:`bnfuse_cli.checks.TOLERANCES`).  Every fold site
-    named in the fused file's metadata is checked on the activation that reaches it.  ``arch``
-    is used for a file that holds only a state_dict (a bnfuse output brings its own); ``key``
-    picks the original's weights in a checkpoint that holds several.  The report's ``ok`` is the verdict; a model that cannot be loaded or run raises a :class:`BnfuseError`.
+    ``options`` (:class:`JudgeOptions`): ``samples`` seeded random inputs, ``data`` (a tensor file
+    of real inputs, with labels or not) in batches of ``batch_size``; both models on ``device``
+    (cpu, cuda, cuda:N, auto), in ``dtype`` (float32, float16, bfloat16; default: each model's
+    own) and under ``autocast`` (float16 or bfloat16), as they will be deployed.
+    ``source_options`` (:class:`SourceOptions`) say how both are loaded, and its ``seed`` draws the
+    first random input.  The original also runs in float64 as the exact reference, so each output
+    may differ from it by ``atol + rtol * max|ref|`` plus a few times the original's own error
+    (``rtol``/``atol`` default by dtype: :data:`bnfuse_cli.checks.TOLERANCES`).  Every fold site
+    named in the fused file's record is checked on the activation that reaches it.  ``arch`` is
+    used for a file that holds only a state_dict (a bnfuse output brings its own); ``key`` picks
+    the original's weights in a checkpoint that holds several.  The report's ``ok`` is the
+    verdict; a model that cannot be loaded or run raises a :class:`BnfuseError`.
     """
     import torch
 
-    opts = SourceOptions.of(options, load)
+    judge, opts = split_call(JudgeOptions, options, source_options, keywords, "bnfuse_cli.verify")
+    samples, rtol, atol, data, batch_size, device, dtype, autocast = (getattr(judge, f.name) for f in fields(judge))
     seed = opts.seed
-    dev, want_dtype, amp = _validate(samples, data, batch_size, device, dtype, autocast, rtol, atol)
+    dev, want_dtype, amp = _validate(samples, data, batch_size, device, dtype, autocast)
     t0 = time.perf_counter()
-    inputs = labels = None
-    if data is not None:
-        inputs, labels = read_data(data, allow_pickle=opts.allow_pickle)
+    inputs, labels = read_data(data, allow_pickle=opts.allow_pickle) if data is not None else (None, None)
     src_o, src_f, init_note = _load_pair(orig, fused, opts, device=device)
     model_o, model_f = src_o.model, src_f.model
     spec = _pick_spec(src_o, src_f, opts.input_shape, inputs)

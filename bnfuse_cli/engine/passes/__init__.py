@@ -1,19 +1,21 @@
 """The table of passes: every rewrite bnfuse makes is one row.
 
-Each row follows :class:`~.base.Pass`: it finds its sites in the recorded data flow (a reason for
+Each row extends :class:`~.base.Pass`: it finds its sites in the recorded data flow (a reason for
 each refusal), plans items, applies them, records them in the fused file, rebuilds them in ``load``,
-names its sites for the judge and gives its rows to the report.  Everything that handles a plan
-(:func:`bnfuse_cli.engine.analyse.analyse`, the rounds of :mod:`bnfuse_cli.workflows.fuse`, the
-fused file's record, ``load``, the site checks, the report) walks this table when it runs, so a
-new pass is one module and one row here.  The order matters: a pass sees what the passes before
-it planned in the same round (a merge absorbs the BatchNorms the fold pass left).
+names its sites for the judge and gives its rows to the report; an opt-in pass declares its
+:class:`~.base.Option`.  Everything that handles a plan (:func:`bnfuse_cli.engine.analyse.analyse`,
+the rounds of :mod:`bnfuse_cli.workflows.fuse`, the fused file's record, ``load``, the site checks,
+the report, the CLI's flags) walks this table when it runs, so a new pass is one module and one row
+here.  The order matters: a pass sees what the passes before it planned in the same round (a merge
+absorbs the BatchNorms the fold pass left).  No pass imports another.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .base import Cat, Elementwise, Layout, Norm, Pass, held, Rows, RunLayer, RunModule, SiteSpec, Stats, Sum
+from ..steps import SiteSpec, modules_read
+from .base import Option, Pass, Rows
 from .chain import CHAIN
 from .clone import CLONE
 from .fold import FOLD
@@ -28,18 +30,24 @@ from .unwrap import UNWRAP
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["PASSES", "Pass", "SiteSpec", "Rows", "RunLayer", "RunModule", "Norm", "Stats", "Elementwise", "Sum", "Cat", "Layout", "by_name", "rebuild", "site_specs", "held"]
+__all__ = ["PASSES", "Pass", "Option", "Rows", "by_name", "options", "rebuild", "site_specs"]
 
 #: the passes, in the order they find and apply their items within a round
 PASSES: "list[Pass]" = [FOLD, STANDARDISE, CHAIN, LAYOUT, FUNCTIONAL, MERGE, SCALE, HORIZONTAL, CLONE, UNWRAP]
 
 
-def by_name(name: str) -> Any:
+def by_name(name: str) -> Pass:
     """The pass called ``name`` (KeyError if none is)."""
     for p in PASSES:
         if p.name == name:
             return p
     raise KeyError(name)
+
+
+def options() -> "list[Option]":
+    """The options of the passes of the table, in its order: each is a library keyword, a CLI flag and
+    a key of ``plan.options``."""
+    return [p.option for p in PASSES if p.option is not None]
 
 
 def rebuild(model: "nn.Module", steps: "Iterable[Any]") -> "nn.Module":
@@ -62,29 +70,8 @@ def site_specs(model: "nn.Module", items: "dict[str, Any]") -> "tuple[list[SiteS
     missing = 0
     for p in PASSES:
         for spec in p.sites(model, list(items.get(p.name, ()))):
-            if all(n in names for n in _names(spec)):
+            if all(n in names for n in modules_read(spec)):
                 specs.append(spec)
             else:
                 missing += 1
     return specs, missing
-
-
-def _names(spec: SiteSpec) -> "set[str]":
-    """Every module a site reads on the model before the rewrite (its fused side may name a module
-    the rewrite makes: a copy)."""
-    out = {spec.capture}
-    todo = list(spec.original)
-    while todo:
-        step = todo.pop()
-        if isinstance(step, (Sum, Cat)):
-            todo += [s for chain in step.chains for s in chain]
-        elif isinstance(step, Elementwise):
-            if isinstance(step.value, str):
-                out.add(step.value.rpartition(".")[0])
-        elif isinstance(step, Layout):
-            continue
-        elif isinstance(step, Stats):
-            out |= {q.rpartition(".")[0] for q in (step.mean, step.var, step.weight, step.bias) if q}
-        else:
-            out.add(step.name)
-    return out

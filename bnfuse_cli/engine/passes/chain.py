@@ -11,13 +11,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...errors import BnfuseError
-from ..fold import affine_from_stats
-from ..forward import child_name, rewrite_forward, trace_block
+from ..forward import child_name, held, rewrite_forward, trace_block
 from ..patterns import norm_rule, producer_rule
 from ..plan import Plan, Skip
-from ..rewrite import fold_affine, give_bias
+from ..steps import Elementwise, Norm, RunLayer, SiteSpec
 from ..sums import held_value, per_channel_axis
-from .base import held, Elementwise, Norm, Rows, RunLayer, SiteSpec
+from .base import AffineFold, by_block, norm_affine
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +40,11 @@ class ChainFold:
     block: str
     norm: str
     producer: str
-    steps: "tuple[tuple[str, Any], ...]"
+    steps: "tuple[tuple[str, str | float], ...]"
+
+    def __post_init__(self) -> None:
+        if any(op not in ("mul", "add", "sub", "div") for op, _ in self.steps):
+            raise ValueError(f"unknown affine step in {self.steps!r}")
 
 
 def _constant(arg: Any, block: "nn.Module", block_name: str, channels: int, rank: int
@@ -124,12 +127,13 @@ def chain_affine(model: "nn.Module", steps: "tuple[tuple[str, Any], ...]", chann
     return a, b
 
 
-class ChainPass:
+class ChainPass(AffineFold):
     name = "chain"
     key = "chain_folds"
     left_key = "chain_left"
-    again = False
+    item = ChainFold
     verb = "folded through an affine chain"
+    title, columns = "Folded through affine steps", ("BatchNorm", "into", "steps between")
 
     def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
         """Each BatchNorm the fold pass left after an affine step: folded with its chain, or its
@@ -181,60 +185,30 @@ class ChainPass:
             return f"the output of {producer} is also {escapes[id(out)]}"
         return None
 
-    def apply(self, model: "nn.Module", items: "list[ChainFold]") -> "nn.Module":
-        for it in items:
-            norm = model.get_submodule(it.norm)
-            rule, _ = norm_rule(norm)
-            s, t = affine_from_stats(*rule.stats(norm), name=it.norm)
-            a, b = chain_affine(model, it.steps, s.numel())
-            fold_affine(model.get_submodule(it.producer), s * a, s * b + t, it.norm)
+    def affine(self, model: "nn.Module", it: ChainFold) -> "tuple[torch.Tensor, torch.Tensor]":
+        """The BatchNorm's map after the chain's: ``s * (a * y + b) + t``."""
+        s, t = norm_affine(model, it.norm)
+        a, b = chain_affine(model, it.steps, s.numel())
+        return s * a, s * b + t
+
+    def remove(self, model: "nn.Module", items: "list[ChainFold]", values: bool) -> "nn.Module":
         return _cut(model, items)
-
-    def rebuild(self, model: "nn.Module", items: "list[ChainFold]") -> "nn.Module":
-        for it in items:
-            give_bias(model.get_submodule(it.producer))
-        return _cut(model, items)
-
-    def to_row(self, item: ChainFold) -> "dict[str, Any]":
-        return {"block": item.block, "norm": item.norm, "producer": item.producer,
-                "steps": [[op, v] for op, v in item.steps]}
-
-    def from_row(self, row: Any) -> ChainFold:
-        steps = tuple((str(op), v if isinstance(v, str) else float(v)) for op, v in row["steps"])
-        if any(op not in ("mul", "add", "sub", "div") for op, _ in steps):
-            raise ValueError(f"unknown affine step in {row['steps']!r}")
-        return ChainFold(str(row["block"]), str(row["norm"]), str(row["producer"]), steps)
-
-    def to_json(self, item: ChainFold) -> "dict[str, Any]":
-        return self.to_row(item)
-
-    def left_json(self, left: Any) -> "dict[str, Any]":
-        return {}
-
-    def absorbed(self, item: ChainFold) -> "list[str]":
-        return [item.norm]
 
     def sites(self, model: "nn.Module", items: "list[ChainFold]") -> "list[SiteSpec]":
         return [SiteSpec(self.name, it.producer, it.producer, (it.norm,),
                          (RunLayer(it.producer), *(Elementwise(op, v) for op, v in it.steps), Norm(it.norm)),
                          (RunLayer(it.producer),)) for it in items]
 
-    def rows(self, plan: Plan) -> Rows:
-        items = plan.of(self.name)
+    def row(self, it: ChainFold) -> "tuple[str, ...]":
         text = {"mul": "*", "add": "+", "sub": "-", "div": "/"}
-        return Rows("Folded through affine steps", ("BatchNorm", "into", "steps between"),
-                    [(it.norm, it.producer, " ".join(f"{text[op]} {v:g}" if not isinstance(v, str) else f"{text[op]} {v}"
-                                                      for op, v in it.steps)) for it in items],
-                    "", "", [])
+        return it.norm, it.producer, " ".join(f"{text[op]} {v:g}" if not isinstance(v, str) else f"{text[op]} {v}"
+                                              for op, v in it.steps)
 
 
 def _cut(model: "nn.Module", items: "list[ChainFold]") -> "nn.Module":
     """Each folded chain and its BatchNorm taken out of the block's forward; the model, a new root
     when the chain was in the model's own forward."""
-    by_block: dict[str, list[ChainFold]] = {}
-    for it in items:
-        by_block.setdefault(it.block, []).append(it)
-    for name, folds in sorted(by_block.items(), key=lambda kv: (kv[0] == "", -kv[0].count("."))):
+    for name, folds in by_block(items):
         def edit(block: "nn.Module", graph: Any, name: str = name, folds: "list[ChainFold]" = folds) -> None:
             for it in folds:
                 child = it.norm[len(name) + 1:] if name else it.norm

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...errors import BnfuseError
-from ..fold import affine_from_stats
 from ..forward import child_name, rewrite_forward
 from ..patterns import norm_rule, producer_rule
 from ..plan import Plan, Skip
-from ..rewrite import fold_affine, give_bias
-from .base import layer_axis, Norm, Rows, RunLayer, SiteSpec
+from ..steps import Norm, RunLayer, SiteSpec
+from .base import Option, Pass, by_block, layer_axis, norm_affine
 
 if TYPE_CHECKING:
     from torch import nn
@@ -61,15 +60,22 @@ def _candidate(model: "nn.Module", name: str, rec: "Recorder") -> "tuple[CloneFo
     return CloneFold(block, name, pcall.name, child_name(block, f"{pchild}_for_{child}")), added
 
 
-class ClonePass:
+class ClonePass(Pass):
     name = "clone"
     key = "clone_folds"
     left_key = "clone_left"
-    again = False
+    item = CloneFold
     verb = "folded into copies of shared layers"
+    option = Option("clone_shared", "Fold a BatchNorm into a copy of a layer whose output is also read elsewhere "
+                                    "(more parameters, one operation less; off: the report says what it would fold).")
+    rewrites = ("producer", "copy")
+    title, columns = "Folded into copies of shared layers (--clone-shared)", ("BatchNorm", "copy of", "as")
+
+    def on(self, plan: Plan) -> bool:
+        return True  # off, it still finds each candidate, to say in its BatchNorm's reason what it would fold
 
     def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
-        on = bool(plan.options.get("clone_shared"))
+        on = super().on(plan)
         left = []
         names = {n for n, _ in model.named_modules()}
         for s in plan.skipped:
@@ -89,40 +95,25 @@ class ClonePass:
     def rebuild(self, model: "nn.Module", items: "list[CloneFold]") -> "nn.Module":
         return _rewrite(model, items, values=False)
 
-    def to_row(self, item: CloneFold) -> "dict[str, Any]":
-        return {"block": item.block, "norm": item.norm, "producer": item.producer, "copy": item.copy}
-
-    def from_row(self, row: Any) -> CloneFold:
-        return CloneFold(str(row["block"]), str(row["norm"]), str(row["producer"]), str(row["copy"]))
-
-    def to_json(self, item: CloneFold) -> "dict[str, Any]":
-        return self.to_row(item)
-
-    def left_json(self, left: Any) -> "dict[str, Any]":
-        return {}
-
-    def absorbed(self, item: CloneFold) -> "list[str]":
-        return [item.norm]
-
     def sites(self, model: "nn.Module", items: "list[CloneFold]") -> "list[SiteSpec]":
         return [SiteSpec(self.name, it.copy, it.producer, (it.norm,),
                          (RunLayer(it.producer), Norm(it.norm, layer_axis(model, it.producer))), (RunLayer(it.copy),))
                 for it in items]
 
-    def rows(self, plan: Plan) -> Rows:
-        items = plan.of(self.name)
-        summary = ("copies of shared layers", f"{len(items)} made, each with a BatchNorm folded") if items else None
-        return Rows("Folded into copies of shared layers (--clone-shared)", ("BatchNorm", "copy of", "as"),
-                    [(it.norm, it.producer, it.copy) for it in items], "", "", [], summary)
+    def row(self, it: CloneFold) -> "tuple[str, ...]":
+        return it.norm, it.producer, it.copy
+
+    def summary(self, plan: Plan) -> "tuple[str, str] | None":
+        n = len(plan.of(self.name))
+        return ("copies of shared layers", f"{n} made, each with a BatchNorm folded") if n else None
 
 
 def _rewrite(model: "nn.Module", items: "list[CloneFold]", *, values: bool) -> "nn.Module":
     """Each copy added to its block, the BatchNorm's call replaced by the copy's call on the layer's
     input; the model, a new root for the model's own forward."""
-    by_block: dict[str, list[CloneFold]] = {}
-    for it in items:
-        by_block.setdefault(it.block, []).append(it)
-    for name, clones in sorted(by_block.items(), key=lambda kv: (kv[0] == "", -kv[0].count("."))):
+    from ..layers import fold_affine, give_bias
+
+    for name, clones in by_block(items):
         def edit(block: "nn.Module", graph: Any, name: str = name, clones: "list[CloneFold]" = clones) -> None:
             def rel(q: str) -> str:
                 return q[len(name) + 1:] if name else q
@@ -130,8 +121,7 @@ def _rewrite(model: "nn.Module", items: "list[CloneFold]", *, values: bool) -> "
             for it in clones:
                 twin = copy.deepcopy(block.get_submodule(rel(it.producer)))
                 if values:
-                    norm = block.get_submodule(rel(it.norm))
-                    s, t = affine_from_stats(*norm_rule(norm)[0].stats(norm), name=it.norm)
+                    s, t = norm_affine(block, rel(it.norm))
                     fold_affine(twin, s, t, it.norm)
                 else:
                     give_bias(twin)

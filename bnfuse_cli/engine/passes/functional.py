@@ -7,23 +7,23 @@ batch-norm call of a forward pass is accounted for."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...errors import BnfuseError
-from ..fold import affine_from_stats
-from ..forward import rewrite_forward, trace_block
+from ..affine import affine_from_stats
+from ..forward import held, rewrite_forward, trace_block
 from ..patterns import producer_rule, std_conv_rule
 from ..plan import Plan
 from ..record import pretty_op, where
-from ..rewrite import fold_affine, give_bias
-from .base import held, layer_axis, Rows, RunLayer, SiteSpec, Stats
+from ..steps import RunLayer, SiteSpec, Stats
+from .base import AffineFold, by_block, layer_axis
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
-    from ..batch_norm_calls import BatchNormCall
-    from ..record import Recorder
+    from ..record import BatchNormCall, Recorder
 
 __all__ = ["FUNCTIONAL", "FunctionalFold", "FunctionalLeft"]
 
@@ -75,12 +75,15 @@ def _refusal(call: "BatchNormCall", rec: "Recorder", escapes: "dict[int, str]") 
     return None
 
 
-class FunctionalPass:
+class FunctionalPass(AffineFold):
     name = "functional"
     key = "functional_folds"
     left_key = "functional_left"
+    item = FunctionalFold
     verb = "folded from F.batch_norm calls"
-    again = False
+    absorbs = ("label",)
+    title, columns = "Functional batch norms folded", ("call", "into")
+    left_title, left_what = "Functional batch norms left", "call"
 
     def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
         for call in rec.batch_norms:
@@ -103,45 +106,25 @@ class FunctionalPass:
             prod = rec.produced[id(call.input)]
             plan.of(self.name).append(FunctionalFold(block, prod.name, tuple(s or "" for s in call.stats), call.eps))
 
-    def apply(self, model: "nn.Module", items: "list[FunctionalFold]") -> None:
-        for it in items:
-            stats = [held(model, q) for q in it.stats]
-            scale, shift = affine_from_stats(stats[0], stats[1], stats[2], stats[3], it.eps, name=it.label)
-            fold_affine(model.get_submodule(it.producer), scale, shift, it.label)
+    def affine(self, model: "nn.Module", it: FunctionalFold) -> "tuple[torch.Tensor, torch.Tensor]":
+        stats = [held(model, q) for q in it.stats]
+        return affine_from_stats(stats[0], stats[1], stats[2], stats[3], it.eps, name=it.label)
+
+    def remove(self, model: "nn.Module", items: "list[FunctionalFold]", values: bool) -> None:
         _remove_calls(model, items)
-
-    def rebuild(self, model: "nn.Module", items: "list[FunctionalFold]") -> None:
-        for it in items:
-            give_bias(model.get_submodule(it.producer))
-        _remove_calls(model, items)
-
-    def to_row(self, item: FunctionalFold) -> "dict[str, Any]":
-        return asdict(item)
-
-    def from_row(self, row: Any) -> FunctionalFold:
-        return FunctionalFold(str(row["block"]), str(row["producer"]), tuple(str(s) for s in row["stats"]),
-                              float(row["eps"]))
-
-    def to_json(self, item: FunctionalFold) -> "dict[str, Any]":
-        return asdict(item)
-
-    def left_json(self, left: FunctionalLeft) -> "dict[str, Any]":
-        return asdict(left)
-
-    def absorbed(self, item: FunctionalFold) -> "list[str]":
-        return [item.label]
 
     def sites(self, model: "nn.Module", items: "list[FunctionalFold]") -> "list[SiteSpec]":
         return [SiteSpec(self.name, it.producer, it.producer, (it.label,),
                          (RunLayer(it.producer), Stats(*it.stats, eps=it.eps, axis=layer_axis(model, it.producer))),
                          (RunLayer(it.producer),)) for it in items]
 
-    def rows(self, plan: Plan) -> Rows:
+    def row(self, it: FunctionalFold) -> "tuple[str, ...]":
+        return it.label, it.producer
+
+    def summary(self, plan: Plan) -> "tuple[str, str] | None":
         items, left = plan.of(self.name), plan.left_by(self.name)
-        summary = ("functional batch norms", f"{len(items) + len(left)} found, {len(items)} folded, {len(left)} left") \
+        return ("functional batch norms", f"{len(items) + len(left)} found, {len(items)} folded, {len(left)} left") \
             if items or left else None
-        return Rows("Functional batch norms folded", ("call", "into"), [(it.label, it.producer) for it in items],
-                    "Functional batch norms left", "call", [(x.where, x.reason) for x in left], summary)
 
 
 def _remove_calls(model: "nn.Module", items: "list[FunctionalFold]") -> None:
@@ -150,10 +133,7 @@ def _remove_calls(model: "nn.Module", items: "list[FunctionalFold]") -> None:
     import torch.nn.functional as F
     from torch import fx
 
-    by_block: dict[str, list[FunctionalFold]] = {}
-    for it in items:
-        by_block.setdefault(it.block, []).append(it)
-    for name, folds in by_block.items():
+    for name, folds in by_block(items):
         def edit(block: "nn.Module", graph: Any, name: str = name, folds: "list[FunctionalFold]" = folds) -> None:
             wanted = {f.producer[len(name) + 1:] if name else f.producer for f in folds}
             done = 0

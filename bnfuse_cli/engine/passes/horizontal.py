@@ -15,16 +15,15 @@ in eager PyTorch a slice of a wider output is not always cheaper than the separa
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...errors import BnfuseError
 from ..forward import rewrite_forward, skip_identities, trace_block
-from ..merge_branches import plain_layer
-from ..merge_rewrite import new_layer
 from ..patterns import producer_rule
 from ..plan import Plan
-from .base import Cat, inside, Rows, RunLayer, SiteSpec, touched
+from ..steps import Cat, RunLayer, SiteSpec
+from .base import Option, Pass, inside, touched
 
 if TYPE_CHECKING:
     from torch import nn
@@ -42,6 +41,10 @@ class Wide:
     block: str
     layers: "tuple[str, ...]"
 
+    def __post_init__(self) -> None:
+        if len(self.layers) < 2:
+            raise ValueError(f"a horizontal fusion of {len(self.layers)} layer(s)")
+
 
 @dataclass(frozen=True)
 class WideLeft:
@@ -53,6 +56,8 @@ class WideLeft:
 
 def _signature(layer: "nn.Module") -> Any:
     """What siblings must share to be one wider layer (None: a layer this pass does not widen)."""
+    from ..layers import plain_layer
+
     rule, _ = producer_rule(layer)
     if rule is None or rule.transposed or not plain_layer(layer):
         return None
@@ -79,16 +84,19 @@ def _width(layer: "nn.Module") -> int:
     return int(layer.weight.shape[0])
 
 
-class HorizontalPass:
+class HorizontalPass(Pass):
     name = "horizontal"
     key = "horizontal"
     left_key = "horizontal_left"
-    again = False
+    item = Wide
     verb = "fused side by side"
+    option = Option("horizontal", "Make sibling Conv/Linear layers that read one tensor one wider layer (off by "
+                                  "default: not always faster in eager PyTorch; see docs/passes.md).")
+    rewrites = absorbs = ()
+    title, columns = "Fused side by side (siblings on one input -> one wider layer)", ("wider layer at", "siblings")
+    left_title, left_what = "Siblings left side by side", "layers"
 
     def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
-        if not plan.options.get("horizontal"):
-            return
         busy = touched(plan, self.name)
         groups: dict[Any, list[str]] = {}
         for name, layer in model.named_modules():
@@ -128,24 +136,6 @@ class HorizontalPass:
     def rebuild(self, model: "nn.Module", items: "list[Wide]") -> "nn.Module":
         return _rewrite(model, items, values=False)
 
-    def to_row(self, item: Wide) -> "dict[str, Any]":
-        return {"block": item.block, "layers": list(item.layers)}
-
-    def from_row(self, row: Any) -> Wide:
-        layers = tuple(str(n) for n in row["layers"])
-        if len(layers) < 2:
-            raise ValueError(f"a horizontal fusion of {len(layers)} layer(s)")
-        return Wide(str(row["block"]), layers)
-
-    def to_json(self, item: Wide) -> "dict[str, Any]":
-        return self.to_row(item)
-
-    def left_json(self, left: WideLeft) -> "dict[str, Any]":
-        return asdict(left)
-
-    def absorbed(self, item: Wide) -> "list[str]":
-        return []
-
     def sites(self, model: "nn.Module", items: "list[Wide]") -> "list[SiteSpec]":
         """The siblings' outputs side by side (on the channel axis: the last for a Linear) against the
         wider layer, on the siblings' shared input."""
@@ -156,19 +146,24 @@ class HorizontalPass:
                                 (Cat(tuple((RunLayer(n),) for n in it.layers), axis),), (RunLayer(it.layers[0]),)))
         return out
 
-    def rows(self, plan: Plan) -> Rows:
-        items, left = plan.of(self.name), plan.left_by(self.name)
-        summary = (("side by side", f"{len(items)} groups of {sum(len(i.layers) for i in items)} layers -> one "
-                    f"wider layer each") if items else None)
-        return Rows("Fused side by side (siblings on one input -> one wider layer)", ("wider layer at", "siblings"),
-                    [(it.layers[0], ", ".join(it.layers)) for it in items],
-                    "Siblings left side by side", "layers", [(", ".join(w.layers), w.reason) for w in left], summary)
+    def row(self, it: Wide) -> "tuple[str, ...]":
+        return it.layers[0], ", ".join(it.layers)
+
+    def left_row(self, left: WideLeft) -> "tuple[str, str]":
+        return ", ".join(left.layers), left.reason
+
+    def summary(self, plan: Plan) -> "tuple[str, str] | None":
+        items = plan.of(self.name)
+        return (("side by side", f"{len(items)} groups of {sum(len(i.layers) for i in items)} layers -> one "
+                 f"wider layer each") if items else None)
 
 
 def _wide_layer(model: "nn.Module", it: Wide, values: bool) -> "tuple[nn.Module, list[int]]":
     """The wider layer (the siblings' weights stacked on the output axis when ``values``) and each
     sibling's width."""
     import torch
+
+    from ..layers import new_layer
 
     layers = [model.get_submodule(n) for n in it.layers]
     widths = [_width(m) for m in layers]

@@ -9,14 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ...errors import BnfuseError
-from ..fold import affine_from_stats
 from ..patterns import norm_rule, producer_rule
-from ..plan import Plan, Skip
-from ..rewrite import fold_affine, give_bias
-from .base import inside, Layout, Norm, Rows, RunLayer, SiteSpec, touched
+from ..plan import Plan
+from ..steps import Layout, Norm, RunLayer, SiteSpec
+from .base import AffineFold, inside, norm_affine, touched
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from ..record import Recorder
@@ -31,6 +30,11 @@ class LayoutFold:
     norm: str
     producer: str
     steps: "tuple[tuple[str, tuple[int, ...]], ...]"
+    direction = "forward"
+
+    def __post_init__(self) -> None:
+        if any(op not in ("flatten", "transpose", "permute") for op, _ in self.steps):
+            raise ValueError(f"unknown layout step in {self.steps!r}")
 
 
 def _move(axis: int, rank: int, op: str, args: "tuple[int, ...]") -> "tuple[int | None, int]":
@@ -73,12 +77,13 @@ def _follow(rec: "Recorder", y: Any) -> "tuple[Any, list[tuple[str, tuple[int, .
         steps.append((op, args))
 
 
-class LayoutPass:
+class LayoutPass(AffineFold):
     name = "layout"
     key = "layout_folds"
     left_key = "layout_left"
-    again = False
+    item = LayoutFold
     verb = "folded through layout ops"
+    title, columns = "Folded forward through layout ops", ("BatchNorm", "into", "through")
 
     def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
         busy = touched(plan, self.name)
@@ -103,42 +108,14 @@ class LayoutPass:
             plan.of(self.name).append(LayoutFold(skip.norm, reader.name, tuple(steps)))
         plan.skipped = keep
 
-    def apply(self, model: "nn.Module", items: "list[LayoutFold]") -> None:
+    def affine(self, model: "nn.Module", it: LayoutFold) -> "tuple[torch.Tensor, torch.Tensor]":
+        return norm_affine(model, it.norm)
+
+    def remove(self, model: "nn.Module", items: "list[LayoutFold]", values: bool) -> None:
         from torch import nn
 
         for it in items:
-            norm = model.get_submodule(it.norm)
-            rule, why = norm_rule(norm)
-            if rule is None:
-                raise BnfuseError(f"cannot fold {it.norm}: {why}")
-            scale, shift = affine_from_stats(*rule.stats(norm), name=it.norm)
-            fold_affine(model.get_submodule(it.producer), scale, shift, it.norm, "forward")
             model.set_submodule(it.norm, nn.Identity())
-
-    def rebuild(self, model: "nn.Module", items: "list[LayoutFold]") -> None:
-        from torch import nn
-
-        for it in items:
-            give_bias(model.get_submodule(it.producer))
-            model.set_submodule(it.norm, nn.Identity())
-
-    def to_row(self, item: LayoutFold) -> "dict[str, Any]":
-        return {"norm": item.norm, "producer": item.producer, "steps": [[op, list(args)] for op, args in item.steps]}
-
-    def from_row(self, row: Any) -> LayoutFold:
-        steps = tuple((str(op), tuple(int(a) for a in args)) for op, args in row["steps"])
-        if any(op not in ("flatten", "transpose", "permute") for op, _ in steps):
-            raise ValueError(f"unknown layout step in {row['steps']!r}")
-        return LayoutFold(str(row["norm"]), str(row["producer"]), steps)
-
-    def to_json(self, item: LayoutFold) -> "dict[str, Any]":
-        return self.to_row(item)
-
-    def left_json(self, left: Skip) -> "dict[str, Any]":
-        return {"norm": left.norm, "reason": left.reason}
-
-    def absorbed(self, item: LayoutFold) -> "list[str]":
-        return [item.norm]
 
     def sites(self, model: "nn.Module", items: "list[LayoutFold]") -> "list[SiteSpec]":
         out = []
@@ -148,11 +125,8 @@ class LayoutPass:
                                 (*moves, RunLayer(it.producer))))
         return out
 
-    def rows(self, plan: Plan) -> Rows:
-        items = plan.of(self.name)
-        return Rows("Folded forward through layout ops", ("BatchNorm", "into", "through"),
-                    [(it.norm, it.producer, " -> ".join(f"{op}{args}" for op, args in it.steps)) for it in items],
-                    "", "", [])
+    def row(self, it: LayoutFold) -> "tuple[str, ...]":
+        return it.norm, it.producer, " -> ".join(f"{op}{args}" for op, args in it.steps)
 
 
 LAYOUT = LayoutPass()

@@ -6,12 +6,13 @@ batch-norm call per conv per forward."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..patterns import std_conv_rule
 from ..plan import Plan
-from .base import Rows, RunLayer, RunModule, SiteSpec
+from ..steps import RunLayer, RunModule, SiteSpec
+from .base import Pass
 
 if TYPE_CHECKING:
     import torch
@@ -55,11 +56,15 @@ def _plain(conv: "nn.Module") -> "nn.Module":
                      padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
 
 
-class StandardisePass:
+class StandardisePass(Pass):
     name = "standardise"
     key = "standardised"
     left_key = "standardise_skips"
+    item = Standardised
     again = True  # a plain conv can then take a BatchNorm that follows it
+    rewrites, absorbs = ("layer",), ()
+    title, columns = "Weight standardisation computed once", ("conv",)
+    left_title, left_what = "Weight standardisation left in the forward", "conv"
 
     def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
         for name, m in model.named_modules():
@@ -102,26 +107,18 @@ class StandardisePass:
             raise TypeError(f"a standardised conv is recorded by its name, not {row!r}")
         return Standardised(row)
 
-    def to_json(self, item: Standardised) -> "dict[str, Any]":
-        return asdict(item)
-
-    def left_json(self, left: StandardiseLeft) -> "dict[str, Any]":
-        return asdict(left)
-
-    def absorbed(self, item: Standardised) -> "list[str]":
-        return []
-
     def sites(self, model: "nn.Module", items: "list[Standardised]") -> "list[SiteSpec]":
         """The conv as it was (standardising its weight in float64) against the plain conv."""
         return [SiteSpec(self.name, it.layer, it.layer, ("weight standardisation",), (RunModule(it.layer),),
                          (RunLayer(it.layer),)) for it in items]
 
-    def rows(self, plan: Plan) -> Rows:
+    def row(self, it: Standardised) -> "tuple[str, ...]":
+        return (it.layer,)
+
+    def summary(self, plan: Plan) -> "tuple[str, str] | None":
         items, left = plan.of(self.name), plan.left_by(self.name)
-        summary = ("weight standardisation", f"{len(items)} convs computed once"
-                   + (f", {len(left)} left in the forward" if left else "")) if items or left else None
-        return Rows("Weight standardisation computed once", ("conv",), [(it.layer,) for it in items],
-                    "Weight standardisation left in the forward", "conv", [(x.layer, x.reason) for x in left], summary)
+        return ("weight standardisation", f"{len(items)} convs computed once"
+                + (f", {len(left)} left in the forward" if left else "")) if items or left else None
 
 
 def _replace(model: "nn.Module", old: "nn.Module", new: "nn.Module") -> None:

@@ -15,13 +15,14 @@ child in its place after (in ``verify``: the original wrapper, BatchNorm and all
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...errors import BnfuseError
 from ..forward import child_name
 from ..plan import Plan
-from .base import Rows, RunModule, SiteSpec
+from ..steps import RunModule, SiteSpec
+from .base import Option, Pass
 
 if TYPE_CHECKING:
     from torch import nn
@@ -39,6 +40,10 @@ class Unwrap:
     wrapper: str
     child: str
     layer: str
+
+    def __post_init__(self) -> None:
+        if not self.wrapper or not self.child.startswith(f"{self.wrapper}."):
+            raise ValueError(f"unwrap of {self.wrapper!r} to {self.child!r}: not a child of it")
 
 
 @dataclass(frozen=True)
@@ -77,16 +82,20 @@ def _first_layer(model: "nn.Module", name: str) -> str:
     return _first_layer(model, child_name(name, inner)) if inner is not None else name
 
 
-class UnwrapPass:
+class UnwrapPass(Pass):
     name = "unwrap"
     key = "unwraps"
     left_key = "unwrap_left"
-    again = False
+    item = Unwrap
     verb = "unwrapped"
+    option = Option("unwrap", "Replace each wrapper left calling one layer alone (a Sequential of a conv and its "
+                              "folded BatchNorm) by that layer: two module calls less each, as timm's own "
+                              "re-parameterisation does, but its parameters are renamed (x.c.weight becomes x.weight).")
+    rewrites, absorbs = ("wrapper",), ()
+    title, columns = "Unwrapped (a wrapper that calls one layer -> that layer, renamed)", ("layer now at", "was")
+    left_title, left_what = "Wrappers left in place", "wrapper"
 
     def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
-        if not plan.options.get("unwrap"):
-            return
         if any(items for name, items in plan.items.items() if name != self.name):
             plan.more = True  # a round of its own, once the others have left their wrappers
             return
@@ -119,36 +128,18 @@ class UnwrapPass:
 
     rebuild = apply
 
-    def to_row(self, item: Unwrap) -> "dict[str, Any]":
-        return asdict(item)
-
-    def from_row(self, row: Any) -> Unwrap:
-        it = Unwrap(str(row["wrapper"]), str(row["child"]), str(row["layer"]))
-        if not it.wrapper or not it.child.startswith(f"{it.wrapper}."):
-            raise ValueError(f"unwrap of {it.wrapper!r} to {it.child!r}: not a child of it")
-        return it
-
-    def to_json(self, item: Unwrap) -> "dict[str, Any]":
-        return self.to_row(item)
-
-    def left_json(self, left: UnwrapLeft) -> "dict[str, Any]":
-        return asdict(left)
-
-    def absorbed(self, item: Unwrap) -> "list[str]":
-        return []
-
     def sites(self, model: "nn.Module", items: "list[Unwrap]") -> "list[SiteSpec]":
         """The wrapper before against the child in its place after (covering every site inside it: their
         layers have the wrapper's names no more)."""
         return [SiteSpec(self.name, it.wrapper, it.layer, (it.child,), (RunModule(it.wrapper),),
                          (RunModule(it.wrapper),), covers=(it.wrapper,)) for it in items]
 
-    def rows(self, plan: Plan) -> Rows:
-        items, left = plan.of(self.name), plan.left_by(self.name)
-        summary = ("unwrapped", f"{len(items)} wrappers of one call -> the layer they call") if items else None
-        return Rows("Unwrapped (a wrapper that calls one layer -> that layer, renamed)", ("layer now at", "was"),
-                    [(it.wrapper, it.child) for it in items], "Wrappers left in place", "wrapper",
-                    [(w.wrapper, w.reason) for w in left], summary)
+    def row(self, it: Unwrap) -> "tuple[str, ...]":
+        return it.wrapper, it.child
+
+    def summary(self, plan: Plan) -> "tuple[str, str] | None":
+        n = len(plan.of(self.name))
+        return ("unwrapped", f"{n} wrappers of one call -> the layer they call") if n else None
 
 
 UNWRAP = UnwrapPass()

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .patterns import producer_rule
+from ...patterns import producer_rule
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from .record import Recorder
+    from ...record import Recorder
 
 __all__ = ["zero_pads", "producer_problem", "norm_problem", "channel_count"]
 

@@ -1,5 +1,5 @@
 """Where each BatchNorm folds: into the layer before it (backward) or the layer after it (forward),
-or the reason it stays; the finding half of the fold pass (:mod:`.passes.fold`).
+or the reason it stays; the finding half of the fold pass.
 
 A BatchNorm folds backward into the layer before it only when, for every call, its input is
 exactly that layer's output (or a reshape of it that keeps the channel axis, or a channel-axis cat
@@ -14,15 +14,50 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ...patterns import is_norm_like, norm_rule, producer_row, producer_rule
+from ...plan import Plan, Skip
+from ...record import Call, Recorder, pretty_op, where
 from .guards import channel_count, norm_problem, producer_problem, zero_pads
-from .patterns import is_norm_like, norm_rule, producer_row, producer_rule
-from .plan import Fold, Plan, Skip
-from .record import Call, Recorder, pretty_op, where
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["find_folds"]
+__all__ = ["Fold", "find_folds"]
+
+
+#: the direction words of bnfuse before 0.2, as files written then record them
+_OLD_DIRECTIONS = {"previous": "backward", "next": "forward"}
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One BatchNorm folded into one layer."""
+
+    norm: str
+    producer: str
+    #: "backward": the BN reads the layer's output and folds into the layer before it; "forward":
+    #: the layer reads the BN's output and the BN folds into the layer after it
+    direction: str = "backward"
+    #: what stays in the BN's place: "identity", or "activation" (timm BatchNormAct)
+    replacement: str = "identity"
+    #: the BN channels ``[start, stop)`` this producer gives, when a concatenation of several
+    #: producers feeds the BN (MixNet's MixedConv2d); None: all of them
+    channels: "tuple[int, int] | None" = None
+
+    def to_list(self) -> list[str]:
+        row = [self.producer, self.norm, self.direction, self.replacement]
+        if self.channels is not None:
+            row += [str(self.channels[0]), str(self.channels[1])]
+        return row
+
+    @classmethod
+    def from_list(cls, row: "list[str]") -> "Fold":
+        producer, norm, direction, replacement, *rest = row
+        channels = (int(rest[0]), int(rest[1])) if len(rest) == 2 else None
+        direction = _OLD_DIRECTIONS.get(direction, direction)
+        if direction not in ("backward", "forward"):
+            raise ValueError(f"fold direction {direction!r} is neither backward nor forward")
+        return cls(norm=norm, producer=producer, direction=direction, replacement=replacement, channels=channels)
 
 
 @dataclass

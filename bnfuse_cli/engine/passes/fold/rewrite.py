@@ -11,16 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
-from ..errors import BnfuseError
-from .fold import affine_from_stats, apply_fold_, prepare_fold
-from .plan import Fold, Plan
-from .patterns import norm_rule, producer_rule
+from ....errors import BnfuseError
+from ...affine import affine_from_stats, apply_fold_, prepare_fold
+from ...patterns import norm_rule, producer_rule
+from ...plan import Plan
+from .find import Fold
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["apply_plan", "apply_structure", "fold_affine", "give_bias"]
+__all__ = ["apply_plan", "apply_structure"]
 
 
 def _replacement(norm: "nn.Module", kind: str) -> "nn.Module":
@@ -29,7 +30,7 @@ def _replacement(norm: "nn.Module", kind: str) -> "nn.Module":
     if kind == "identity":
         return nn.Identity()
     if kind == "activation":
-        from .layers import NormActivation
+        from ...layers import NormActivation
 
         drop, act = getattr(norm, "drop", nn.Identity()), getattr(norm, "act", nn.Identity())
         if type(drop) is nn.Identity and type(act) is nn.Identity:  # nothing after normalising (apply_act=False)
@@ -52,17 +53,6 @@ def _get(model: "nn.Module", name: str, what: str) -> "nn.Module":
         raise BnfuseError(f"the fold plan names {what} {name!r}, which this model does not have") from exc
 
 
-def _set_bias(layer: "nn.Module", bias) -> None:  # noqa: ANN001
-    import torch
-    from torch import nn
-
-    if layer.bias is None:
-        layer.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
-    else:
-        with torch.no_grad():
-            layer.bias.copy_(bias)
-
-
 def _replace_norms(model: "nn.Module", folds: Iterable[Fold], build) -> None:  # noqa: ANN001
     aliases = _aliases(model)
     done: set[int] = set()
@@ -83,7 +73,7 @@ def _skip_in_rewritten_block(model: "nn.Module", name: str, new: "nn.Module") ->
     its name, so the module tree and every index of a ``Sequential`` stay as they were."""
     from torch import fx, nn
 
-    from .forward import skip_identity_calls
+    from ...forward import skip_identity_calls
 
     parent_name = name.rpartition(".")[0]
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -114,6 +104,8 @@ def apply_plan(model: "nn.Module", folds: "Iterable[Fold] | Plan") -> None:
     second copy of the weights.  A layer that absorbs a BN before it and one after it gets both.
     """
     import torch
+
+    from ...layers import set_bias
 
     folds = list(folds.folds if isinstance(folds, Plan) else folds)
     sites: dict[int, _LayerSites] = {}
@@ -149,7 +141,7 @@ def apply_plan(model: "nn.Module", folds: "Iterable[Fold] | Plan") -> None:
     with torch.no_grad():
         for layer, fold in staged:
             workspace = apply_fold_(layer.weight, fold, workspace=workspace)
-            _set_bias(layer, fold.bias)
+            set_bias(layer, fold.bias)
     _replace_norms(model, folds, _replacement)
 
 
@@ -159,35 +151,9 @@ def apply_structure(model: "nn.Module", folds: Iterable[Fold]) -> None:
     Each folded norm is replaced as in :func:`apply_plan` and each producer gains a zero bias;
     the values come from the state_dict loaded afterwards.
     """
+    from ...layers import give_bias
+
     folds = list(folds)
     for f in folds:
         give_bias(_get(model, f.producer, "layer"))
     _replace_norms(model, folds, _replacement)
-
-
-
-def fold_affine(layer: "nn.Module", scale: "torch.Tensor", shift: "torch.Tensor", name: str,
-                direction: str = "backward") -> None:
-    """Fold ``z = scale * layer(x) + shift`` (per output channel, float64) into ``layer`` in place, or
-    with ``direction="forward"`` ``layer(scale * x + shift)`` (per input channel; the caller has made
-    sure no zero padding meets the shift), checked first like every fold
-    (:func:`bnfuse_cli.engine.fold.prepare_fold`)."""
-    import torch
-
-    prod, why = producer_rule(layer)
-    if prod is None:
-        raise BnfuseError(f"cannot fold {name}: {why}")
-    fold = prepare_fold(layer.weight, layer.bias, **{direction: (scale, shift)}, transposed=prod.transposed,
-                        groups=getattr(layer, "groups", 1), name=name)
-    with torch.no_grad():
-        apply_fold_(layer.weight, fold)
-        _set_bias(layer, fold.bias)
-
-
-def give_bias(layer: "nn.Module") -> None:
-    """A zero bias for ``layer`` if it has none (the fused structure, before its state_dict loads)."""
-    import torch
-
-    if getattr(layer, "bias", None) is None:
-        out = getattr(layer, "out_channels", None) or getattr(layer, "out_features")
-        _set_bias(layer, torch.zeros(out, dtype=layer.weight.dtype, device=layer.weight.device))

@@ -16,16 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .forward import child_name, trace_block
-from .merge_branches import passthrough, single_call
-from .patterns import is_norm_like, is_producer_like, producer_rule
-from .sums import channel_affine, constant_operand, held_value, per_channel_axis
+from ...forward import child_name, passthrough, single_call, trace_block
+from ...patterns import is_norm_like, is_producer_like, producer_rule
+from ...sums import channel_affine, constant_operand, held_value, per_channel_axis
 
 if TYPE_CHECKING:
     from torch import fx, nn
 
-    from .plan import Plan
-    from .record import Recorder
+    from ...plan import Plan
+    from ...record import Recorder
 
 __all__ = ["ScaleFold", "ScaleSkip", "find_scales", "feature_axis"]
 
@@ -45,6 +44,10 @@ class ScaleFold:
     rank: int
 
     module_form = property(lambda self: not self.node)
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("backward", "forward") or not self.module_form and self.direction != "backward":
+            raise ValueError(f"unknown scale fold {self!r}")
 
 
 @dataclass(frozen=True)

@@ -1,41 +1,81 @@
 """One branch of a sum, by the recorded data flow: what a leaf of a linear tree computes (a conv or
 Linear with its BatchNorm folded, a BatchNorm on the shared input, a module that is its BatchNorm,
-or the input itself), or why it is not a branch that merges (:mod:`bnfuse_cli.engine.merge`)."""
+or the input itself), or why it is not a branch that merges (:mod:`.find`); and the merge pass's items."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .forward import child_name, trace_block
-from .patterns import is_norm_like, is_producer_like, norm_rule, producer_rule
-from .plan import Branch
-from .sums import linear_trees
+from dataclasses import dataclass, field
+
+from ...forward import child_name, passthrough, single_call, trace_block
+from ...patterns import is_norm_like, is_producer_like, norm_rule, producer_rule
+from ...sums import linear_trees
+from ..base import OMIT_EMPTY
 
 if TYPE_CHECKING:
     from torch import fx, nn
 
-    from .record import Recorder
+    from ...record import Recorder
 
-__all__ = ["passthrough", "writes_in_place", "single_call", "branch_of", "flat_pair", "flat_branch", "rule_kind", "plain_layer"]
-
-
-#: modules that are the identity in eval mode (when their recorded call returned its input)
-_EVAL_IDENTITIES = ("Identity", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "DropPath",
-                    "StochasticDepth", "DropBlock2d")
+__all__ = ["Branch", "Merge", "MergeSkip", "writes_in_place", "branch_of", "flat_pair", "flat_branch", "rule_kind"]
 
 
-def passthrough(node: "fx.Node", block: "nn.Module", rec: "Recorder") -> bool:
-    """A child call that returned its input unchanged on every recorded call: an eval-mode identity
-    (``drop_path``, dropout).  An in-place activation also returns its input, changed: never this."""
-    if node.op != "call_module":
-        return False
-    module = block.get_submodule(str(node.target))
-    if type(module).__name__ not in _EVAL_IDENTITIES or getattr(module, "inplace", False) or module.training:
-        return False
-    if type(module).__name__ == "Identity":
-        return True
-    calls = rec.module_calls.get(id(module), [])
-    return bool(calls) and all(c.input is not None and c.output is c.input for c in calls)
+@dataclass(frozen=True)
+class Branch:
+    """One branch of a sum that merges into one conv: ``conv`` (a conv, its BN folded into it
+    first), ``norm`` (a BatchNorm on the shared input) or ``identity`` (the input itself)."""
+    # a ``conv`` branch written as two children of the block (``self.bn1(self.conv1(x))``) names
+    # its conv as ``module`` and the BatchNorm after it as ``norm``
+
+    kind: str
+    #: the module that computes the branch (the block's child), None for ``identity``
+    module: "str | None" = None
+    #: the BatchNorm the branch absorbs: the BN of a ``norm`` branch, or the separate BN child of a flat
+    #: ``conv`` branch (folded into its conv first, as a Fold)
+    norm: "str | None" = None
+    #: what the sum multiplies the branch by, innermost first: ("mul", a number or a held tensor's
+    #: name, one value or one per channel), ("div", a number), ("module", a per-channel scale module)
+    scale: "tuple[tuple[str, str | float], ...]" = field(default=(), metadata=OMIT_EMPTY)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("conv", "norm", "identity"):
+            raise ValueError(f"unknown branch kind {self.kind!r}")
+        if any(op not in ("mul", "div", "module") or op == "module" and not isinstance(v, str) for op, v in self.scale):
+            raise ValueError(f"unknown branch scale {self.scale!r}")
+
+
+@dataclass(frozen=True)
+class Merge:
+    """A sum of parallel branches reading one tensor, merged into one conv placed at ``into``
+    (the main branch's module), inside ``block`` (the module whose forward computes the sum;
+    ``node`` names the sum in its traced graph)."""
+
+    block: str
+    node: str
+    into: str
+    branches: tuple[Branch, ...]
+    #: where the merged conv is placed when not at ``into``: the block itself when its forward was
+    #: the sum alone (RepViT's ``RepVggDw``), or the block's child that held only the merged branches
+    #: (MobileOne's ``conv_kxk`` list), so the forward reaches it in one lookup
+    at: str = field(default="", metadata=OMIT_EMPTY)
+
+    @property
+    def norms(self) -> list[str]:
+        return [b.norm for b in self.branches if b.norm]
+
+    @property
+    def place(self) -> str:
+        """The merged conv's name in the fused model."""
+        return self.at or self.into
+
+
+@dataclass(frozen=True)
+class MergeSkip:
+    """A sum of branches left as it is, and why."""
+
+    block: str
+    reason: str
 
 
 #: the ops a branch's output may be read by first: those of the linear tree it is a leaf of
@@ -51,18 +91,6 @@ def writes_in_place(node: "fx.Node", block: "nn.Module") -> bool:
     if node.op == "call_module":
         return bool(getattr(block.get_submodule(str(node.target)), "inplace", False))
     return False
-
-
-def single_call(module: "nn.Module", rec: "Recorder") -> Any:
-    calls = rec.calls.get(id(module)) or rec.module_calls.get(id(module)) or []
-    return calls[0] if len(calls) == 1 else None
-
-
-def plain_layer(module: "nn.Module") -> bool:
-    """A Conv1d/2d/3d or Linear computing with torch's own forward (its stored weight, as is)."""
-    from torch import nn
-
-    return type(module).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward)
 
 
 def _identity_norm(norm: "nn.Module") -> "str | None":
@@ -100,6 +128,8 @@ def branch_of(name: str, module: "nn.Module", rec: "Recorder", folds: "dict[str,
 
 def _classify(name: str, module: "nn.Module", rec: "Recorder", folds: "dict[str, tuple[str, str]]") -> "tuple[Branch | None, Any, str | None]":
     """What one child computes, by the recorded data flow: a conv (its BN folded), a BN, or neither."""
+    from ...layers import plain_layer
+
     call = single_call(module, rec)
     if call is None:
         return None, None, f"{name} is called more than once"

@@ -1,33 +1,39 @@
 """The fold pass: each BatchNorm folded into the Conv/Linear before it (backward) or after it
-(forward), exactly, with the reason for every one left."""
+(forward), exactly, with the reason for every one left.
+
+Its finder (:mod:`.find`, with the guards of :mod:`.guards`) walks the recorded data flow; its
+rewrite (:mod:`.rewrite`) folds every layer's statistics in float64, checked before anything is
+written."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from ..fold_find import find_folds
-from ..plan import Fold, Plan, Skip
-from ..rewrite import apply_plan, apply_structure
-from .base import layer_axis, Norm, Rows, RunLayer, SiteSpec
+from ...plan import Plan, Skip
+from ...steps import Norm, RunLayer, SiteSpec
+from ..base import Pass, layer_axis
+from .find import Fold, find_folds
+from .rewrite import apply_plan, apply_structure
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..record import Recorder
+    from ...record import Recorder
 
-__all__ = ["FOLD", "FoldPass"]
+__all__ = ["FOLD", "FoldPass", "Fold", "Skip", "apply_plan", "apply_structure"]
 
 #: how the report says each direction
 DIRECTION_TEXT = {"backward": "backward, into the layer before it", "forward": "forward, into the layer after it"}
 
 
-class FoldPass:
+class FoldPass(Pass):
     name = "fold"
     key = "folds"
     left_key = "skipped"
-    again = False
+    item = Fold
     verb = "folded"
+    title, columns = "Folded", ("BatchNorm", "into", "direction", "left in its place")
+    left_title, left_what = "Left in place", "BatchNorm"
 
     def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
         find_folds(model, rec, escapes, plan)
@@ -43,15 +49,6 @@ class FoldPass:
 
     def from_row(self, row: Any) -> Fold:
         return Fold.from_list([str(x) for x in row])
-
-    def to_json(self, item: Fold) -> "dict[str, Any]":
-        return asdict(item)
-
-    def left_json(self, left: Skip) -> "dict[str, Any]":
-        return asdict(left)
-
-    def absorbed(self, item: Fold) -> "list[str]":
-        return [item.norm]
 
     def sites(self, model: "nn.Module", items: "list[Fold]") -> "list[SiteSpec]":
         """One site per layer: the layer with the BatchNorm folded forward into it (before) and the
@@ -69,21 +66,19 @@ class FoldPass:
                                   tuple(f.norm for f in (fwd, bwd) if f is not None), original, (RunLayer(layer),)))
         return specs
 
-    def rows(self, plan: Plan) -> Rows:
-        """The summary line counts every batch norm found (modules and functional calls) and says
-        which pass removed how many; what is left is what no pass removed."""
-        from . import PASSES
+    def row(self, f: Fold) -> "tuple[str, ...]":
+        return f.norm, f.producer, DIRECTION_TEXT.get(f.direction, f.direction), f.replacement
 
-        items, left = plan.of(self.name), plan.left_by(self.name)
+    def summary(self, plan: Plan) -> "tuple[str, str]":
+        """Every batch norm found (modules and functional calls), how many each pass of the table
+        removed, and how many are left: what no pass removed."""
         parts = [f"{len(plan.norms)} found"]
-        for p in PASSES:
+        for p in plan.passes:
             n = len({a for i in plan.of(p.name) for a in p.absorbed(i)})
             if n or p is self:
-                parts.append(f"{n} {getattr(p, 'verb', 'removed')}")
+                parts.append(f"{n} {p.verb}")
         parts.append(f"{len(plan.norms) - len(plan.folded_norms)} left")
-        return Rows("Folded", ("BatchNorm", "into", "direction", "left in its place"),
-                    [(f.norm, f.producer, DIRECTION_TEXT.get(f.direction, f.direction), f.replacement) for f in items],
-                    "Left in place", "BatchNorm", [(s.norm, s.reason) for s in left], ("BatchNorm layers", ", ".join(parts)))
+        return "BatchNorm layers", ", ".join(parts)
 
 
 FOLD = FoldPass()

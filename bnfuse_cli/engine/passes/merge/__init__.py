@@ -1,34 +1,44 @@
 """The merge pass: a sum of parallel branches that read one tensor (convs with their BatchNorms
-folded, BatchNorms, the tensor itself) becomes one conv, with the reason for every sum left."""
+folded, BatchNorms, the tensor itself, each times a number, a held tensor or a scale module)
+becomes one conv or Linear, with the reason for every sum left.
+
+Its finder (:mod:`.find`) reads each block's forward as linear trees and each leaf as a branch
+(:mod:`.branches`, which also holds its item types); the kernels are summed in float64 by
+:mod:`.kernels` (tensors only) and placed by :mod:`.rewrite`."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from ..merge import find_merges
-from ..merge_rewrite import apply_merge_structure, apply_merges, main_conv_name
-from ..plan import Merge, MergeSkip, Plan
-from .base import Elementwise, Rows, RunLayer, RunModule, SiteSpec, Sum
+from ...plan import Plan
+from ...steps import Elementwise, RunLayer, RunModule, SiteSpec, Sum
+from ..base import Option, Pass
+from .branches import Branch, Merge, MergeSkip
+from .find import find_merges
+from .rewrite import apply_merge_structure, apply_merges, main_conv_name
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..record import Recorder
+    from ...record import Recorder
 
-__all__ = ["MERGE", "MergePass"]
+__all__ = ["MERGE", "MergePass", "Branch", "Merge", "MergeSkip"]
 
 
-class MergePass:
+class MergePass(Pass):
     name = "merge"
     key = "merges"
     left_key = "merge_skips"
+    item = Merge
     verb = "merged"
     again = True  # a BatchNorm after the merged sum folds in the next round (RepViT)
+    option = Option("merge", "Merge each sum of parallel branches that read one tensor (RepVGG, MobileOne, "
+                             "RepViT...) into one conv or Linear; --no-merge folds BatchNorms only.", default=True)
+    title, columns = "Merged (parallel branches -> one conv)", ("one conv at", "branches summed")
+    left_title, left_what = "Sums of branches left as they are", "block"
 
     def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: Plan) -> None:
-        if plan.options.get("merge", True):  # fuse(..., merge=False) folds only
-            find_merges(model, rec, plan)
+        find_merges(model, rec, plan)
 
     def apply(self, model: "nn.Module", items: "list[Merge]") -> "nn.Module":
         return apply_merges(model, items)
@@ -36,20 +46,14 @@ class MergePass:
     def rebuild(self, model: "nn.Module", items: "list[Merge]") -> "nn.Module":
         return apply_merge_structure(model, items)
 
-    def to_row(self, item: Merge) -> "dict[str, Any]":
-        return item.to_dict()
-
-    def from_row(self, row: Any) -> Merge:
-        return Merge.from_dict(row)
-
-    def to_json(self, item: Merge) -> "dict[str, Any]":
-        return item.to_dict()
-
-    def left_json(self, left: MergeSkip) -> "dict[str, Any]":
-        return asdict(left)
-
     def absorbed(self, item: Merge) -> "list[str]":
         return item.norms
+
+    def touches(self, item: Merge) -> "set[str]":
+        out = {item.into}
+        for b in item.branches:
+            out |= {v for v in (b.module, b.norm) if v} | {v for _, v in b.scale if isinstance(v, str)}
+        return out
 
     def sites(self, model: "nn.Module", items: "list[Merge]") -> "list[SiteSpec]":
         """One site per merge: the sum of its original branches against the one conv, on the input
@@ -70,17 +74,19 @@ class MergePass:
                                   covers=tuple(n for b in m.branches for n in (b.module, b.norm) if n)))
         return specs
 
-    def rows(self, plan: Plan) -> Rows:
-        items, left = plan.of(self.name), plan.left_by(self.name)
+    def row(self, m: Merge) -> "tuple[str, ...]":
+        return m.place, ", ".join(_branch_text(b) for b in m.branches)
+
+    def left_row(self, left: MergeSkip) -> "tuple[str, str]":
+        return left.block or "(the model)", left.reason
+
+    def summary(self, plan: Plan) -> "tuple[str, str] | None":
+        items = plan.of(self.name)
         branches = sum(len(m.branches) for m in items)
-        summary = ("branches merged", f"{len(items)} sums of {branches} branches -> one conv each") if items else None
-        return Rows("Merged (parallel branches -> one conv)", ("one conv at", "branches summed"),
-                    [(m.place, ", ".join(_branch_text(b) for b in m.branches)) for m in items],
-                    "Sums of branches left as they are", "block", [(s.block or "(the model)", s.reason) for s in left],
-                    summary)
+        return ("branches merged", f"{len(items)} sums of {branches} branches -> one conv each") if items else None
 
 
-def _flat(b: Any) -> bool:
+def _flat(b: Branch) -> bool:
     """A branch whose BatchNorm is a separate child after its conv (not inside its module)."""
     return bool(b.norm) and b.norm != b.module and not b.norm.startswith(f"{b.module}.")
 
@@ -89,7 +95,7 @@ def _scale_step(op: str, value: Any) -> Any:
     return RunModule(value) if op == "module" else Elementwise(op, value)
 
 
-def _branch_text(b: Any) -> str:
+def _branch_text(b: Branch) -> str:
     text = b.module or "the input itself"
     for op, v in b.scale:
         text += f" * {v}" if op == "module" else f" {'/' if op == 'div' else '*'} {v if isinstance(v, str) else f'{v:g}'}"

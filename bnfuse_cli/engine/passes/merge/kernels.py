@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from ..errors import FoldError
+from ....errors import FoldError
 
 if TYPE_CHECKING:
     import torch

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .forward import child_name, trace_block
-from .merge_branches import branch_of, flat_branch, flat_pair, passthrough, rule_kind, single_call, writes_in_place
-from .merge_math import centre_padding
-from .patterns import is_norm_like, is_producer_like
-from .plan import Branch, Merge, MergeSkip, Plan
-from .sums import channel_scale, held_value, linear_trees, per_channel_axis
+from ...forward import child_name, passthrough, single_call, trace_block
+from ...patterns import is_norm_like, is_producer_like
+from ...plan import Plan
+from ...sums import channel_scale, held_value, linear_trees, per_channel_axis
+from .branches import Branch, Merge, MergeSkip, branch_of, flat_branch, flat_pair, rule_kind, writes_in_place
+from .kernels import centre_padding
 
 if TYPE_CHECKING:
     from torch import fx, nn
 
-    from .record import Recorder
+    from ...record import Recorder
 
 __all__ = ["find_merges"]
 

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable
 
-from ..errors import BnfuseError
-from .fold import affine_from_stats
-from .forward import held, rewrite_forward
-from .merge_math import identity_kernel, merge_kernels
-from .patterns import is_producer_like, norm_rule
-from .plan import Merge
+from ....errors import BnfuseError
+from ...affine import affine_from_stats
+from ...forward import held, rewrite_forward
+from ...patterns import is_producer_like, norm_rule
+from .branches import Merge
+from .kernels import identity_kernel, merge_kernels
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["apply_merges", "apply_merge_structure", "main_conv", "main_conv_name", "new_layer"]
+__all__ = ["apply_merges", "apply_merge_structure", "main_conv", "main_conv_name"]
 
 
 def main_conv_name(model: "nn.Module", into: str) -> str:
@@ -42,20 +42,6 @@ def main_conv(module: "nn.Module") -> "nn.Module":
     if len(convs) != 1:
         raise BnfuseError(f"a merge's main branch {type(module).__name__} holds {len(convs)} convs, not one")
     return convs[0]
-
-
-def new_layer(like: "nn.Module", out: "int | None" = None) -> "nn.Module":
-    """An empty conv (or Linear) with ``like``'s geometry and ``out`` output channels (``like``'s by
-    default), with a bias, on ``like``'s device and dtype."""
-    from torch import nn
-
-    if isinstance(like, nn.Linear):
-        return nn.Linear(like.in_features, out or like.out_features, bias=True, device=like.weight.device,
-                         dtype=like.weight.dtype)
-    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(like.kernel_size)]
-    return cls(like.in_channels, out or like.out_channels, like.kernel_size, stride=like.stride, padding=like.padding,
-               dilation=like.dilation, groups=like.groups, bias=True, padding_mode=like.padding_mode,
-               device=like.weight.device, dtype=like.weight.dtype)
 
 
 def _kernel(module: "nn.Module") -> "tuple[int, ...]":
@@ -91,7 +77,7 @@ def branch_scale(model: "nn.Module", scale: "tuple[tuple[str, Any], ...]", chann
     activation); None for none."""
     import torch
 
-    from .sums import channel_scale
+    from ...sums import channel_scale
 
     g = None
     for op, value in scale:
@@ -152,6 +138,8 @@ def apply_merges(model: "nn.Module", merges: "Iterable[Merge]") -> "nn.Module":
     new root when a sum was in the model's own forward."""
     import torch
 
+    from ...layers import new_layer
+
     merges = list(merges)
     convs = {}
     for m in merges:
@@ -170,6 +158,8 @@ def apply_merges(model: "nn.Module", merges: "Iterable[Merge]") -> "nn.Module":
 def apply_merge_structure(model: "nn.Module", merges: "Iterable[Merge]") -> "nn.Module":
     """Give an unmerged model the merged structure (its values come from a state_dict loaded next);
     the model, a new root as for :func:`apply_merges`."""
+    from ...layers import new_layer
+
     merges = list(merges)
     convs = {m.place: new_layer(main_conv(model.get_submodule(m.into))) for m in merges}
     return _by_block(model, merges, convs)
