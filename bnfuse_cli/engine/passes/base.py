@@ -97,6 +97,15 @@ class Pass:
     left_title: ClassVar[str] = ""
     left_what: ClassVar[str] = ""
 
+    def __init_subclass__(cls, *, name: "str | None" = None, key: "str | None" = None,
+                          left_key: "str | None" = None, item: "type | None" = None, **kwargs: Any) -> None:
+        """A row's identity in its class line: ``class ChainPass(AffineFold, name="chain",
+        key="chain_folds", left_key="chain_left", item=ChainFold)``."""
+        super().__init_subclass__(**kwargs)
+        for attr, value in (("name", name), ("key", key), ("left_key", left_key), ("item", item)):
+            if value is not None:
+                setattr(cls, attr, value)
+
     # --------------------------------------------------------------------- what each pass does
 
     def find(self, model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", plan: "Plan") -> None:

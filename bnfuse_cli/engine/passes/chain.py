@@ -127,11 +127,7 @@ def chain_affine(model: "nn.Module", steps: "tuple[tuple[str, Any], ...]", chann
     return a, b
 
 
-class ChainPass(AffineFold):
-    name = "chain"
-    key = "chain_folds"
-    left_key = "chain_left"
-    item = ChainFold
+class ChainPass(AffineFold, name="chain", key="chain_folds", left_key="chain_left", item=ChainFold):
     verb = "folded through an affine chain"
     title, columns = "Folded through affine steps", ("BatchNorm", "into", "steps between")
 

@@ -60,11 +60,7 @@ def _candidate(model: "nn.Module", name: str, rec: "Recorder") -> "tuple[CloneFo
     return CloneFold(block, name, pcall.name, child_name(block, f"{pchild}_for_{child}")), added
 
 
-class ClonePass(Pass):
-    name = "clone"
-    key = "clone_folds"
-    left_key = "clone_left"
-    item = CloneFold
+class ClonePass(Pass, name="clone", key="clone_folds", left_key="clone_left", item=CloneFold):
     verb = "folded into copies of shared layers"
     option = Option("clone_shared", "Fold a BatchNorm into a copy of a layer whose output is also read elsewhere "
                                     "(more parameters, one operation less; off: the report says what it would fold).")

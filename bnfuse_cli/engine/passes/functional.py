@@ -75,11 +75,8 @@ def _refusal(call: "BatchNormCall", rec: "Recorder", escapes: "dict[int, str]") 
     return None
 
 
-class FunctionalPass(AffineFold):
-    name = "functional"
-    key = "functional_folds"
-    left_key = "functional_left"
-    item = FunctionalFold
+class FunctionalPass(AffineFold, name="functional", key="functional_folds", left_key="functional_left",
+                     item=FunctionalFold):
     verb = "folded from F.batch_norm calls"
     absorbs = ("label",)
     title, columns = "Functional batch norms folded", ("call", "into")

@@ -84,11 +84,7 @@ def _width(layer: "nn.Module") -> int:
     return int(layer.weight.shape[0])
 
 
-class HorizontalPass(Pass):
-    name = "horizontal"
-    key = "horizontal"
-    left_key = "horizontal_left"
-    item = Wide
+class HorizontalPass(Pass, name="horizontal", key="horizontal", left_key="horizontal_left", item=Wide):
     verb = "fused side by side"
     option = Option("horizontal", "Make sibling Conv/Linear layers that read one tensor one wider layer (off by "
                                   "default: not always faster in eager PyTorch; see docs/passes.md).")

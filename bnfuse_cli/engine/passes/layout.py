@@ -77,11 +77,7 @@ def _follow(rec: "Recorder", y: Any) -> "tuple[Any, list[tuple[str, tuple[int, .
         steps.append((op, args))
 
 
-class LayoutPass(AffineFold):
-    name = "layout"
-    key = "layout_folds"
-    left_key = "layout_left"
-    item = LayoutFold
+class LayoutPass(AffineFold, name="layout", key="layout_folds", left_key="layout_left", item=LayoutFold):
     verb = "folded through layout ops"
     title, columns = "Folded forward through layout ops", ("BatchNorm", "into", "through")
 

@@ -56,11 +56,8 @@ def _plain(conv: "nn.Module") -> "nn.Module":
                      padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
 
 
-class StandardisePass(Pass):
-    name = "standardise"
-    key = "standardised"
-    left_key = "standardise_skips"
-    item = Standardised
+class StandardisePass(Pass, name="standardise", key="standardised", left_key="standardise_skips",
+                      item=Standardised):
     again = True  # a plain conv can then take a BatchNorm that follows it
     rewrites, absorbs = ("layer",), ()
     title, columns = "Weight standardisation computed once", ("conv",)

@@ -82,11 +82,7 @@ def _first_layer(model: "nn.Module", name: str) -> str:
     return _first_layer(model, child_name(name, inner)) if inner is not None else name
 
 
-class UnwrapPass(Pass):
-    name = "unwrap"
-    key = "unwraps"
-    left_key = "unwrap_left"
-    item = Unwrap
+class UnwrapPass(Pass, name="unwrap", key="unwraps", left_key="unwrap_left", item=Unwrap):
     verb = "unwrapped"
     option = Option("unwrap", "Replace each wrapper left calling one layer alone (a Sequential of a conv and its "
                               "folded BatchNorm) by that layer: two module calls less each, as timm's own "

@@ -26,11 +26,7 @@ __all__ = ["FOLD", "FoldPass", "Fold", "Skip", "apply_plan", "apply_structure"]
 DIRECTION_TEXT = {"backward": "backward, into the layer before it", "forward": "forward, into the layer after it"}
 
 
-class FoldPass(Pass):
-    name = "fold"
-    key = "folds"
-    left_key = "skipped"
-    item = Fold
+class FoldPass(Pass, name="fold", key="folds", left_key="skipped", item=Fold):
     verb = "folded"
     title, columns = "Folded", ("BatchNorm", "into", "direction", "left in its place")
     left_title, left_what = "Left in place", "BatchNorm"

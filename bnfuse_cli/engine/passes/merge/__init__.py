@@ -25,11 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["MERGE", "MergePass", "Branch", "Merge", "MergeSkip"]
 
 
-class MergePass(Pass):
-    name = "merge"
-    key = "merges"
-    left_key = "merge_skips"
-    item = Merge
+class MergePass(Pass, name="merge", key="merges", left_key="merge_skips", item=Merge):
     verb = "merged"
     again = True  # a BatchNorm after the merged sum folds in the next round (RepViT)
     option = Option("merge", "Merge each sum of parallel branches that read one tensor (RepVGG, MobileOne, "

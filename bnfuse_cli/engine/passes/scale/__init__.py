@@ -23,11 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["SCALE", "ScalePass", "ScaleFold", "ScaleSkip"]
 
 
-class ScalePass(AffineFold):
-    name = "scale"
-    key = "scale_folds"
-    left_key = "scales_left"
-    item = ScaleFold
+class ScalePass(AffineFold, name="scale", key="scale_folds", left_key="scales_left", item=ScaleFold):
     verb = "folded"
     absorbs = ()  # not a BatchNorm
     title, columns = "Per-channel scales folded", ("scale", "into", "direction")
