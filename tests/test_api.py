@@ -21,7 +21,7 @@ from torchvision import models
 import bnfuse_cli
 from bnfuse_cli.workflows.convert import convert
 from bnfuse_cli.workflows.fuse import fuse
-from conftest import ROOT, randomize_bn
+from conftest import ROOT, randomize_bn, run_bnfuse
 
 _BN = nn.modules.batchnorm._BatchNorm
 SHAPE = (1, 3, 64, 64)
@@ -351,3 +351,59 @@ def test_convert_of_a_prepared_source_loads_nothing_again_and_fuses_on_its_input
     assert report.params_after < report.params_before and len(report.plan.folds) == 20
     fused = bnfuse_cli.load(tmp_path / "f.safetensors")
     assert sum(isinstance(m, _BN) for m in fused.modules()) == 0
+
+
+def test_each_workflow_takes_a_few_arguments_and_one_options_object() -> None:
+    import inspect
+
+    import bnfuse_cli
+
+    for name in ("fuse", "convert", "verify", "bench"):
+        params = inspect.signature(getattr(bnfuse_cli, name)).parameters
+        assert len(params) <= 6, (name, list(params))
+    assert {"FuseOptions", "ConvertOptions", "JudgeOptions", "BenchSettings", "SourceOptions"} <= set(bnfuse_cli.__all__)
+
+
+def test_the_keywords_of_0_1_still_work_with_a_deprecation_warning(tmp_path: Path) -> None:
+    """``fuse(model, x, rtol=..., unwrap=True)`` and ``convert(src, out, arch=..., force=True)`` mean what the
+    options objects say, for one release, and warn; both at once is refused."""
+    from bnfuse_cli import ConvertOptions, FuseOptions, SourceOptions, UsageError, convert, fuse
+
+    model = randomize_bn(models.resnet18()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.warns(DeprecationWarning, match=r"fuse\(merge=, rtol=, unwrap=\)"):
+        old = fuse(model, x, rtol=1e-3, merge=False, unwrap=True)
+    new = fuse(model, x, FuseOptions(rtol=1e-3, passes={"merge": False, "unwrap": True}))
+    assert old.verdict.tolerance.rtol == new.verdict.tolerance.rtol == 1e-3
+    assert old.plan.options == new.plan.options == {"merge": False, "unwrap": True}
+    assert [u.wrapper for u in old.plan.of("unwrap")] == [u.wrapper for u in new.plan.of("unwrap")] != []
+    with pytest.raises(UsageError, match="not both"):
+        fuse(model, x, FuseOptions(), rtol=1e-3)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        fuse(model, x, unknown=1)
+    torch.save(model.state_dict(), tmp_path / "r.pth")
+    with pytest.warns(DeprecationWarning, match="source_options"):
+        r = convert(tmp_path / "r.pth", tmp_path / "f.pth", arch="resnet18", input_shape="1,3,32,32", force=True)
+    assert r.verdict.ok and r.arch == "resnet18"
+    r2 = convert(tmp_path / "r.pth", tmp_path / "f.pth", ConvertOptions(force=True),
+                 SourceOptions(arch="resnet18", input_shape="1,3,32,32"))
+    assert r2.plan.to_dict() == r.plan.to_dict()
+
+
+def test_the_help_names_every_output_format_and_fits_80_columns() -> None:
+    """The suffixes come from the format table (.onnx included); flags show as flags, arguments as a person
+    writes them, and no line passes the terminal's width."""
+    from bnfuse_cli.files.outputs import OUTPUT_FORMATS
+
+    for command in ("convert", "inspect", "verify", "bench"):
+        proc = run_bnfuse(command, "--help", columns=80)
+        assert proc.returncode == 0, proc.stderr
+        assert max(len(line) for line in proc.stdout.splitlines()) <= 80, proc.stdout
+        assert "<bool>" not in proc.stdout and "{" not in proc.stdout.splitlines()[0], proc.stdout
+        if command == "convert":
+            text = " ".join(proc.stdout.split())
+            assert all(s in text for f in OUTPUT_FORMATS for s in f.suffixes), text
+            assert "Usage: python -m bnfuse_cli convert [OPTIONS] SOURCE..." in proc.stdout
+            assert "timm:NAME" in text and "package.module:factory" in text and "--tolerance" not in text
+        if command == "verify":
+            assert "[OPTIONS] ORIG FUSED" in proc.stdout
