@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -92,3 +94,81 @@ def corrupt_after_rewrite(monkeypatch: pytest.MonkeyPatch, corrupt) -> None:  # 
             return super().check(fused, site_rtol)
 
     monkeypatch.setattr(fusion, "SiteProbe", CorruptThenCheck)
+
+
+@dataclass
+class RoundTrip:
+    """A fused file's whole life: the original saved as a state_dict, converted, loaded back by
+    ``bnfuse_cli.load`` and verified against the original (:func:`round_trip`)."""
+
+    original: nn.Module
+    out: Path
+    #: convert's report: a ConvertReport in process, the ``--json`` report's dict through the CLI
+    report: Any
+    fused: nn.Module
+    #: verify's report in process; through the CLI, the finished ``verify`` process
+    verified: Any
+    #: the CLI's output of convert (None in process)
+    stdout: "str | None" = None
+
+    @property
+    def ok(self) -> bool:
+        """Converted with a positive verdict and verified (exit 0 through the CLI)."""
+        if self.stdout is None:
+            return self.report.verdict.ok and self.verified.ok
+        return self.report["check"]["ok"] and self.verified.returncode == 0
+
+    def rel(self, x: torch.Tensor) -> float:
+        """Relative error of the loaded fused model against the original on ``x``, both in float64."""
+        import copy
+
+        with torch.no_grad():
+            ref = copy.deepcopy(self.original).double()(x.double())
+            got = copy.deepcopy(self.fused).double()(x.double())
+        return float((got - ref).norm() / ref.norm())
+
+
+def round_trip(model: nn.Module, arch: str, shape: str, tmp_path: Path, *, suffix: str = ".safetensors",
+               passes: "dict[str, bool] | None" = None, cli: "list[str] | None" = None) -> RoundTrip:
+    """Save ``model`` (an instance of ``arch``, a ``models_*`` factory of this folder) as a state_dict, convert
+    it on ``shape`` to ``fused<suffix>``, load the output and verify it: in this process with the passes'
+    options ``passes``, or through the real entry point with the extra ``cli`` arguments (``[]``: none)."""
+    import json
+
+    import bnfuse_cli
+
+    torch.save(model.state_dict(), tmp_path / "orig.pth")
+    out, js = tmp_path / f"fused{suffix}", tmp_path / "convert.json"
+    source = bnfuse_cli.SourceOptions(arch=arch, input_shape=shape)
+    if cli is None:
+        report = bnfuse_cli.convert(tmp_path / "orig.pth", out, bnfuse_cli.ConvertOptions(
+            bnfuse_cli.FuseOptions(passes=passes or {}), force=True), source)
+        verified, stdout = bnfuse_cli.verify(tmp_path / "orig.pth", out, source_options=source), None
+    else:
+        base = ["--arch", arch, "--input-shape", shape]
+        proc = run_bnfuse("convert", str(tmp_path / "orig.pth"), *base, *cli, "-o", str(out), "--json", str(js),
+                          "--force", cwd=ROOT / "tests", columns=200)
+        assert proc.returncode == 0, proc.stderr
+        report, stdout = json.loads(js.read_text()), proc.stdout
+        verified = run_bnfuse("verify", str(tmp_path / "orig.pth"), str(out), *base, cwd=ROOT / "tests", columns=200)
+    sys.path.insert(0, str(ROOT / "tests"))  # load rebuilds the architecture from the models_* module
+    try:
+        fused = bnfuse_cli.load(out)
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    return RoundTrip(model, out, report, fused, verified, stdout)
+
+
+def build(arch: str, seed: int = 0) -> nn.Module:
+    """A fresh ``models_*:Name`` model of this folder in eval mode, its weights from torch seed 0 and its
+    BatchNorm statistics random from ``seed``: the same arch and seed give the same model every time."""
+    import importlib
+
+    module, _, name = arch.partition(":")
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    torch.manual_seed(0)
+    return randomize_bn(cls(), seed=seed).eval()

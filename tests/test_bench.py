@@ -7,7 +7,6 @@ the tiny ones in ``bench_tiny.py`` with a few iterations, so the whole file runs
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import bnfuse_cli
-from conftest import count_ops, randomize_bn
+from conftest import build, count_ops, round_trip
 
 pytestmark = pytest.mark.usefixtures("tests_on_path")
 
@@ -25,10 +25,7 @@ def arithmetic(module: nn.Module, x: torch.Tensor) -> int:
 
 
 def _model() -> nn.Module:
-    from models_chain import ChainNet
-
-    torch.manual_seed(0)
-    return randomize_bn(ChainNet(), seed=5).eval()
+    return build(ARCH, seed=5)
 
 
 def test_an_affine_chain_folds_with_its_batchnorm() -> None:
@@ -51,16 +48,7 @@ def test_an_affine_chain_folds_with_its_batchnorm() -> None:
 
 
 def test_an_affine_chain_fold_is_saved_loaded_and_verified(tmp_path: Path) -> None:
-    torch.save(_model().state_dict(), tmp_path / "orig.pth")
-    out = tmp_path / "fused.safetensors"
-    report = bnfuse_cli.convert(tmp_path / "orig.pth", out, arch=ARCH, input_shape="1,3,10,10")
-    assert report.verdict.ok
-    fused = bnfuse_cli.load(out)
+    rt = round_trip(_model(), ARCH, "1,3,10,10", tmp_path)
     x = torch.randn(1, 3, 10, 10)
-    assert arithmetic(fused.a, x) == 0
-    with torch.no_grad():
-        ref = _model()(x)
-        assert float((fused(x) - ref).norm() / ref.norm()) < 1e-6
-    checked = bnfuse_cli.verify(tmp_path / "orig.pth", out, arch=ARCH)
-    assert checked.ok and [s.layer for s in checked.verdict.sites if s.kind == "chain" and s.skipped is None] == \
-        ["a.conv"]
+    assert rt.ok and rt.rel(x) < 1e-6 and arithmetic(rt.fused.a, x) == 0
+    assert [s.layer for s in rt.verified.verdict.sites if s.kind == "chain" and s.skipped is None] == ["a.conv"]

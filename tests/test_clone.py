@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import bnfuse_cli
-from conftest import ROOT, count_calls, randomize_bn, run_bnfuse
+from conftest import build, count_calls, round_trip
 
 pytestmark = pytest.mark.usefixtures("tests_on_path")
 
@@ -19,10 +19,7 @@ ARCH = "models_clone:SharedConv"
 
 
 def _model() -> nn.Module:
-    from models_clone import SharedConv
-
-    torch.manual_seed(0)
-    return randomize_bn(SharedConv(), seed=7).eval()
+    return build(ARCH, seed=7)
 
 
 def test_off_by_default_the_reason_says_what_it_would_do() -> None:
@@ -43,14 +40,5 @@ def test_clone_shared_folds_into_a_copy_exactly(tmp_path: Path) -> None:
     assert count_calls(result.model, x) == (3, 0)  # conv, its copy, head; no BatchNorm
     (site,) = [s for s in result.verdict.sites if s.kind == "clone"]
     assert site.layer == "conv_for_bn" and site.rel_error < 1e-6
-    torch.save(_model().state_dict(), tmp_path / "orig.pth")
-    out = tmp_path / "fused.safetensors"
-    proc = run_bnfuse("convert", str(tmp_path / "orig.pth"), "--arch", ARCH, "--input-shape", "1,3,8,8",
-                      "--clone-shared", "-o", str(out), cwd=ROOT / "tests")
-    assert proc.returncode == 0, proc.stderr
-    assert "copies of shared layers" in proc.stdout
-    fused = bnfuse_cli.load(out)
-    with torch.no_grad():
-        ref = _model()(x)
-        assert float((fused(x) - ref).norm() / ref.norm()) < 1e-6
-    assert bnfuse_cli.verify(tmp_path / "orig.pth", out, arch=ARCH).ok
+    rt = round_trip(_model(), ARCH, "1,3,8,8", tmp_path, cli=["--clone-shared"])
+    assert rt.ok and "copies of shared layers" in rt.stdout and rt.rel(x) < 1e-6

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import bnfuse_cli
-from conftest import count_ops, randomize_bn
+from conftest import build, count_ops, round_trip
 
 pytestmark = pytest.mark.usefixtures("tests_on_path")
 
@@ -20,10 +20,7 @@ ARCH = "models_functional:FunctionalNet"
 
 
 def _model() -> nn.Module:
-    from models_functional import FunctionalNet
-
-    torch.manual_seed(0)
-    return randomize_bn(FunctionalNet(), seed=3).eval()
+    return build(ARCH, seed=3)
 
 
 def test_functional_batch_norms_fold_or_are_named() -> None:
@@ -51,15 +48,7 @@ def test_functional_batch_norms_fold_or_are_named() -> None:
 
 
 def test_functional_fold_is_saved_loaded_and_verified(tmp_path: Path) -> None:
-    torch.save(_model().state_dict(), tmp_path / "orig.pth")
-    out = tmp_path / "fused.safetensors"
-    report = bnfuse_cli.convert(tmp_path / "orig.pth", out, arch=ARCH, input_shape="1,3,10,10")
-    assert report.verdict.ok
-    fused = bnfuse_cli.load(out)
+    rt = round_trip(_model(), ARCH, "1,3,10,10", tmp_path)
     x = torch.randn(1, 3, 10, 10)
-    assert count_ops(fused, x, {"batch_norm"}) == 2
-    with torch.no_grad():
-        ref = _model()(x)
-        assert float((fused(x) - ref).norm() / ref.norm()) < 1e-6
-    checked = bnfuse_cli.verify(tmp_path / "orig.pth", out, arch=ARCH)
-    assert checked.ok and any(s.kind == "functional" and s.skipped is None for s in checked.verdict.sites)
+    assert rt.ok and rt.rel(x) < 1e-6 and count_ops(rt.fused, x, {"batch_norm"}) == 2
+    assert any(s.kind == "functional" and s.skipped is None for s in rt.verified.verdict.sites)

@@ -13,7 +13,7 @@ from torch import nn
 
 import models_horizontal as mh
 from bnfuse_cli import fuse
-from conftest import ROOT, count_ops, randomize_bn, run_bnfuse
+from conftest import ROOT, count_ops, randomize_bn, round_trip, run_bnfuse
 
 X = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 XT = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -93,21 +93,12 @@ def test_siblings_in_a_forward_fx_cannot_follow_stay_with_the_reason() -> None:
 
 
 def test_a_horizontal_fusion_is_saved_rebuilt_and_verified(tmp_path: Path, tests_on_path: None) -> None:
-    from bnfuse_cli import convert, load, verify
-
-    model = randomize_bn(mh.Inception(), seed=3).eval()
-    torch.save(model.state_dict(), tmp_path / "orig.pth")
-    out = tmp_path / "fused.safetensors"
-    report = convert(tmp_path / "orig.pth", out, arch="models_horizontal:Inception", input_shape="1,3,6,6",
-                     horizontal=True)
-    assert report.verdict.ok and report.to_dict()["horizontal"][0]["layers"][0] == "branch1.conv"
-    fused = load(out).double()
-    with torch.no_grad():
-        ref = model.double()(X)
-        assert float((fused(X) - ref).norm() / ref.norm()) < 1e-6  # float32 weights
-    v = verify(tmp_path / "orig.pth", out, arch="models_horizontal:Inception")
-    assert v.ok  # branch1.conv took a BatchNorm in round 1 and its siblings in round 2: end to end
-    assert any("branch1.conv" in n and "end to end" in n for n in v.notes), v.notes
+    rt = round_trip(randomize_bn(mh.Inception(), seed=3).eval(), "models_horizontal:Inception", "1,3,6,6", tmp_path,
+                    passes={"horizontal": True})
+    assert rt.ok and rt.report.to_dict()["horizontal"][0]["layers"][0] == "branch1.conv"
+    assert rt.rel(X) < 1e-6  # float32 weights
+    # branch1.conv took a BatchNorm in round 1 and its siblings in round 2: end to end
+    assert any("branch1.conv" in n and "end to end" in n for n in rt.verified.notes), rt.verified.notes
 
 
 def test_cli_horizontal_flag(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 
 import models_layout as ml
 from bnfuse_cli import fuse
-from conftest import count_calls, randomize_bn
+from conftest import count_calls, randomize_bn, round_trip
 
 X = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
@@ -51,17 +51,7 @@ def test_a_flatten_that_merges_the_channels_keeps_the_batchnorm() -> None:
 
 
 def test_a_layout_fold_is_saved_rebuilt_and_verified(tmp_path: Path, tests_on_path: None) -> None:
-    from bnfuse_cli import convert, load, verify
-
-    model = randomize_bn(ml.Transpose(), seed=5).eval()
-    torch.save(model.state_dict(), tmp_path / "orig.pth")
-    out = tmp_path / "fused.safetensors"
-    report = convert(tmp_path / "orig.pth", out, arch="models_layout:Transpose", input_shape="1,3,4,4")
-    assert report.verdict.ok and report.to_dict()["layout_folds"][0]["steps"] == [["flatten", [2]], ["transpose", [-2, -1]]]
-    fused = load(out).double()
-    assert isinstance(fused.norm, nn.Identity)
-    with torch.no_grad():
-        ref = model.double()(X)
-        assert float((fused(X) - ref).norm() / ref.norm()) < 1e-6
-    v = verify(tmp_path / "orig.pth", out, arch="models_layout:Transpose")
-    assert v.ok and any(s.kind == "layout" and s.skipped is None for s in v.verdict.sites)
+    rt = round_trip(randomize_bn(ml.Transpose(), seed=5).eval(), "models_layout:Transpose", "1,3,4,4", tmp_path)
+    assert rt.ok and rt.report.to_dict()["layout_folds"][0]["steps"] == [["flatten", [2]], ["transpose", [-2, -1]]]
+    assert isinstance(rt.fused.norm, nn.Identity) and rt.rel(X) < 1e-6
+    assert any(s.kind == "layout" and s.skipped is None for s in rt.verified.verdict.sites)

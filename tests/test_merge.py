@@ -6,7 +6,6 @@ exactly (float64); every must-not-merge block stays as it is, exact, with its re
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from torch import nn
 
 import models_merge as mm
 from bnfuse_cli import fuse
-from conftest import ROOT, corrupt_after_rewrite, count_calls, randomize_bn, run_bnfuse
+from conftest import ROOT, corrupt_after_rewrite, count_calls, randomize_bn, round_trip, run_bnfuse
 
 TESTS = ROOT / "tests"
 
@@ -89,30 +88,22 @@ def test_merge_can_be_switched_off() -> None:
 
 
 def test_merged_file_saves_reloads_and_verifies(tmp_path: Path) -> None:
-    from bnfuse_cli import convert, load, verify
+    from bnfuse_cli import SourceOptions, verify
     from bnfuse_cli.files.read import read_checkpoint
     from bnfuse_cli.files.write import write_checkpoint
 
-    model = randomize_bn(mm.RepVGG(), seed=3).eval()
-    torch.save(model.state_dict(), tmp_path / "orig.pth")
     arch = "models_merge:RepVGG"
-    for suffix in (".safetensors", ".pth"):
-        out = tmp_path / f"fused{suffix}"
-        report = convert(tmp_path / "orig.pth", out, arch=arch, input_shape="1,3,16,16")
-        assert len(report.plan.merges) == 1 and report.to_dict()["merges"][0]["into"] == "block.kxk"
-        fused = load(out).double()
+    for suffix in (".pth", ".safetensors"):
+        rt = round_trip(randomize_bn(mm.RepVGG(), seed=3).eval(), arch, "1,3,16,16", tmp_path, suffix=suffix)
+        assert rt.ok and len(rt.report.plan.merges) == 1 and rt.report.to_dict()["merges"][0]["into"] == "block.kxk"
         x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
-        with torch.no_grad():
-            ref = copy.deepcopy(model).double()(x)
-            rel = float((fused(x) - ref).norm() / ref.norm())
-        assert rel < 1e-6 and count_calls(fused, x) == (2, 0)  # float32 weights, compared in float64
-        v = verify(tmp_path / "orig.pth", out, arch=arch)
-        assert v.ok and any(s.kind == "merge" and s.skipped is None for s in v.verdict.sites)
-    ck = read_checkpoint(tmp_path / "fused.safetensors")
+        assert rt.rel(x) < 1e-6 and count_calls(rt.fused, x.float()) == (2, 0)  # float32 weights, compared in float64
+        assert any(s.kind == "merge" and s.skipped is None for s in rt.verified.verdict.sites)
+    ck = read_checkpoint(rt.out)
     sd = dict(ck.state_dict)
     sd["block.kxk.weight"] = sd["block.kxk.weight"] * 1.01
     write_checkpoint(tmp_path / "bad.safetensors", state_dict=sd, metadata=ck.metadata)
-    bad = verify(tmp_path / "orig.pth", tmp_path / "bad.safetensors", arch=arch)
+    bad = verify(tmp_path / "orig.pth", tmp_path / "bad.safetensors", source_options=SourceOptions(arch=arch))
     assert not bad.ok and [s.layer for s in bad.verdict.failed_sites] == ["block.kxk"]
 
 
@@ -195,13 +186,7 @@ def test_flat_children_merge_in_a_stack_of_three_blocks(tmp_path: Path) -> None:
     assert not result.plan.skipped and not result.plan.merge_skips
     merge_sites = [s for s in result.verdict.sites if s.kind == "merge"]
     assert len(merge_sites) == 3 and all(s.rel_error < 1e-10 for s in merge_sites)
-    torch.save(randomize_bn(mm.FlatStack(), seed=0).state_dict(), tmp_path / "orig.pth")
-    out = tmp_path / "fused.safetensors"
-    proc = run_bnfuse("convert", str(tmp_path / "orig.pth"), "--arch", "models_merge:FlatStack", "--input-shape",
-                      "1,3,8,8", "-o", str(out), cwd=TESTS)
-    assert proc.returncode == 0, proc.stderr
-    proc = run_bnfuse("verify", str(tmp_path / "orig.pth"), str(out), "--arch", "models_merge:FlatStack", cwd=TESTS)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert round_trip(randomize_bn(mm.FlatStack(), seed=0), "models_merge:FlatStack", "1,3,8,8", tmp_path, cli=[]).ok
 
 
 def test_a_flat_branch_with_a_relu_inside_stays_with_its_reason() -> None:
@@ -219,26 +204,10 @@ def test_a_sum_in_the_models_own_forward_merges_and_rebuilds(arch: str, shape: t
                                                               tmp_path: Path) -> None:
     """fuse returns the rewritten root; convert writes it, load rebuilds it, verify checks it; branches
     that read the model's input (a BatchNorm, the input itself) are identity kernels like any other."""
-    import bnfuse_cli
-
     x = torch.randn(*shape, dtype=torch.float64)
     model, result, rel = _fused(getattr(mm, arch), x)
     assert rel < 1e-10 and result.ok and [m.block for m in result.plan.merges] == [""]
     assert result.model is not model and count_calls(result.model, x) == (convs, 0)
-    torch.save(randomize_bn(getattr(mm, arch)(), seed=1).state_dict(), tmp_path / "orig.pth")
-    out = tmp_path / "fused.safetensors"
-    args = ["--arch", f"models_merge:{arch}"]
-    proc = run_bnfuse("convert", str(tmp_path / "orig.pth"), *args, "--input-shape", ",".join(map(str, shape)),
-                      "-o", str(out), cwd=TESTS)
-    assert proc.returncode == 0, proc.stderr
-    assert "branches merged" in proc.stdout
-    import sys
-
-    sys.path.insert(0, str(TESTS))
-    try:
-        fused = bnfuse_cli.load(out)
-    finally:
-        sys.path.remove(str(TESTS))
-    assert count_calls(fused, x.float()) == (convs, 0)
-    proc = run_bnfuse("verify", str(tmp_path / "orig.pth"), str(out), *args, cwd=TESTS)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rt = round_trip(randomize_bn(getattr(mm, arch)(), seed=1), f"models_merge:{arch}", ",".join(map(str, shape)),
+                    tmp_path, cli=[])
+    assert rt.ok and "branches merged" in rt.stdout and count_calls(rt.fused, x.float()) == (convs, 0)

@@ -16,7 +16,7 @@ from torch import nn
 import bnfuse_cli
 from bnfuse_cli.engine.passes import PASSES, Option, Pass
 from bnfuse_cli.engine.steps import RunLayer, RunModule, SiteSpec
-from conftest import randomize_bn
+from conftest import build
 
 ARCH = "models_passes:ToyNet"
 SHAPE = (1, 3, 12, 12)
@@ -106,10 +106,7 @@ def scale_pass(tests_on_path: None):  # noqa: ANN201
 
 
 def _toy() -> nn.Module:
-    from models_passes import ToyNet
-
-    torch.manual_seed(0)
-    return randomize_bn(ToyNet(), seed=1).eval()
+    return build(ARCH, seed=1)
 
 
 def test_a_registered_pass_is_found_applied_and_judged(scale_pass: ScalePass) -> None:

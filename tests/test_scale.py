@@ -15,7 +15,7 @@ import torch
 
 import models_scale as ms
 from bnfuse_cli import fuse
-from conftest import ROOT, count_ops, randomize_bn, run_bnfuse
+from conftest import ROOT, count_ops, randomize_bn, round_trip, run_bnfuse
 
 XT = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 XC = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -72,27 +72,17 @@ def test_a_scale_that_must_stay_is_exact_and_says_why(build: Any, x: torch.Tenso
 
 
 def test_scale_folds_are_saved_rebuilt_and_verified(tmp_path: Path, tests_on_path: None) -> None:
-    from bnfuse_cli import convert, load, verify
-
     for name, shape, x in (("Vit", "2,6,5", XT), ("Next", "1,3,6,6", XC), ("Former", "1,3,6,6", XC)):
         model = randomize_bn(getattr(ms, name)(), seed=6).eval()
-        torch.save(model.state_dict(), tmp_path / "orig.pth")
         for suffix in (".safetensors", ".pth"):
-            out = tmp_path / f"fused{suffix}"
-            report = convert(tmp_path / "orig.pth", out, arch=f"models_scale:{name}", input_shape=shape, force=True)
-            assert report.verdict.ok and report.to_dict()["scale_folds"], name
-            fused = load(out).double()
-            with torch.no_grad():
-                ref = model.double()(x)
-                assert float((fused(x) - ref).norm() / ref.norm()) < 1e-6  # float32 weights
-            assert count_ops(fused, x, MULS) < count_ops(model, x, MULS)
+            rt = round_trip(model, f"models_scale:{name}", shape, tmp_path, suffix=suffix)
+            assert rt.ok and rt.report.to_dict()["scale_folds"] and rt.rel(x) < 1e-6, name  # float32 weights
+            assert count_ops(rt.fused.double(), x, MULS) < count_ops(model.double(), x, MULS)
             model.float()
-            v = verify(tmp_path / "orig.pth", out, arch=f"models_scale:{name}")
-            assert v.ok, name
             if name == "Former":  # its conv took the BatchNorm in round 1 and the scale in round 2
-                assert any("block.mlp.2): checked end to end only" in n for n in v.notes), v.notes
+                assert any("block.mlp.2): checked end to end only" in n for n in rt.verified.notes), rt.verified.notes
             else:
-                assert any(s.kind == "scale" and s.skipped is None for s in v.verdict.sites), name
+                assert any(s.kind == "scale" and s.skipped is None for s in rt.verified.verdict.sites), name
 
 
 def test_cli_shows_scales_folded_and_left(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 timm = pytest.importorskip("timm")
 
 import bnfuse_cli  # noqa: E402
-from conftest import ROOT, count_ops, randomize_bn, run_bnfuse  # noqa: E402
+from conftest import build, count_ops, round_trip  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("tests_on_path")
 
@@ -26,10 +26,7 @@ def batch_norm_calls(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def _model() -> nn.Module:
-    from models_std import StdNet
-
-    torch.manual_seed(0)
-    return randomize_bn(StdNet(), seed=2).eval()
+    return build(ARCH, seed=2)
 
 
 def test_standardised_convs_become_plain_convs_exactly() -> None:
@@ -48,20 +45,11 @@ def test_standardised_convs_become_plain_convs_exactly() -> None:
 
 
 def test_standardised_file_loads_and_verifies(tmp_path: Path) -> None:
-    torch.save(_model().state_dict(), tmp_path / "orig.pth")
-    out = tmp_path / "fused.safetensors"
-    proc = run_bnfuse("convert", str(tmp_path / "orig.pth"), "--arch", ARCH, "--input-shape", "1,3,17,17", "-o",
-                      str(out), "-v", cwd=ROOT / "tests")
-    assert proc.returncode == 0, proc.stderr
-    assert "Weight standardisation computed once" in proc.stdout and "conv3 pads its input at run time" in proc.stdout
-    fused = bnfuse_cli.load(out)
-    assert type(fused.conv2) is nn.Conv2d and not hasattr(fused.conv2, "gain")
-    x = torch.randn(1, 3, 17, 17)
-    with torch.no_grad():
-        ref = _model()(x)
-        assert float((fused(x) - ref).norm() / ref.norm()) < 1e-6
-    report = bnfuse_cli.verify(tmp_path / "orig.pth", out, arch=ARCH)
-    assert report.ok
+    rt = round_trip(_model(), ARCH, "1,3,17,17", tmp_path, cli=["-v"])
+    assert rt.ok and "Weight standardisation computed once" in rt.stdout
+    assert "conv3 pads its input at run time" in rt.stdout
+    assert type(rt.fused.conv2) is nn.Conv2d and not hasattr(rt.fused.conv2, "gain")
+    assert rt.rel(torch.randn(1, 3, 17, 17)) < 1e-6
 
 
 def test_nfnet_l0_computes_no_batch_norm_at_inference() -> None:

@@ -3,7 +3,6 @@ a merged block) is replaced by that layer in a round of its own; off by default,
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 
 import bnfuse_cli
-from conftest import ROOT, randomize_bn, run_bnfuse
+from conftest import build, round_trip
 
 pytestmark = pytest.mark.usefixtures("tests_on_path")
 
@@ -20,10 +19,7 @@ X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
 def _model() -> nn.Module:
-    from models_unwrap import Wrapped
-
-    torch.manual_seed(0)
-    return randomize_bn(Wrapped(), seed=5).eval()
+    return build(ARCH, seed=5)
 
 
 def _module_calls(model: nn.Module, x: torch.Tensor) -> int:
@@ -67,20 +63,10 @@ def test_each_wrapper_of_one_call_becomes_its_layer_exactly() -> None:
 
 
 def test_convert_unwrap_is_saved_rebuilt_and_verified(tmp_path: Path) -> None:
-    torch.save(_model().state_dict(), tmp_path / "orig.pth")
-    out, report = tmp_path / "fused.safetensors", tmp_path / "report.json"
-    proc = run_bnfuse("convert", str(tmp_path / "orig.pth"), "--arch", ARCH, "--input-shape", "2,3,8,8", "--unwrap",
-                      "-o", str(out), "--json", str(report), cwd=ROOT / "tests")
-    assert proc.returncode == 0, proc.stderr
-    assert "5 wrappers of one call -> the layer they call" in proc.stdout
-    assert {u["wrapper"] for u in json.loads(report.read_text())["unwraps"]} == {
-        "stem", "nested.0", "nested", "mixer", "numbered"}
-    fused = bnfuse_cli.load(out)
-    keys = set(fused.state_dict())
+    rt = round_trip(_model(), ARCH, "2,3,8,8", tmp_path, cli=["--unwrap"])
+    assert rt.ok and "5 wrappers of one call -> the layer they call" in rt.stdout
+    assert {u["wrapper"] for u in rt.report["unwraps"]} == {"stem", "nested.0", "nested", "mixer", "numbered"}
+    keys = set(rt.fused.state_dict())
     assert {"stem.weight", "nested.weight", "mixer.weight", "numbered.weight"} <= keys
     assert not any(k.startswith(("stem.c.", "numbered.0.")) for k in keys)
-    with torch.no_grad():
-        ref = _model()(X)
-        assert float((fused(X) - ref).norm() / ref.norm()) < 1e-6
-    proc = run_bnfuse("verify", str(tmp_path / "orig.pth"), str(out), "--arch", ARCH, cwd=ROOT / "tests")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert rt.rel(X) < 1e-6

@@ -15,7 +15,7 @@ from torch import nn
 
 import models_weighted as mw
 from bnfuse_cli import fuse
-from conftest import ROOT, count_calls, count_ops, randomize_bn, run_bnfuse
+from conftest import ROOT, count_calls, count_ops, randomize_bn, round_trip, run_bnfuse
 
 X = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 XH = torch.randn(4, 12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -85,23 +85,13 @@ def test_a_scale_on_the_wrong_axis_stays_with_its_reason() -> None:
 
 
 def test_a_weighted_merge_is_saved_rebuilt_and_verified(tmp_path: Path, tests_on_path: None) -> None:
-    from bnfuse_cli import convert, load, verify
-
     for arch, shape, x in (("models_weighted:Mixer", "1,3,6,6", X), ("models_weighted:Heads", "4,12", XH),
                            ("models_weighted:Zero", "1,3,6,6", X)):
-        model = randomize_bn(getattr(mw, arch.split(":")[1])(), seed=4).eval()
-        torch.save(model.state_dict(), tmp_path / "orig.pth")
-        out = tmp_path / "fused.safetensors"
-        report = convert(tmp_path / "orig.pth", out, arch=arch, input_shape=shape, force=True)
-        assert report.verdict.ok and len(report.plan.merges) == 1
-        merge = report.to_dict()["merges"][0]
+        rt = round_trip(randomize_bn(getattr(mw, arch.split(":")[1])(), seed=4).eval(), arch, shape, tmp_path)
+        assert rt.ok and len(rt.report.plan.merges) == 1 and rt.rel(x) < 1e-6  # float32 weights
+        merge = rt.report.to_dict()["merges"][0]
         assert any(b.get("scale") for b in merge["branches"]) or merge["at"] == "block.conv_kxk", merge
-        fused = load(out).double()
-        with torch.no_grad():
-            ref = model.double()(x)
-            assert float((fused(x) - ref).norm() / ref.norm()) < 1e-6  # float32 weights
-        v = verify(tmp_path / "orig.pth", out, arch=arch)
-        assert v.ok and any(s.kind == "merge" and s.skipped is None for s in v.verdict.sites)
+        assert any(s.kind == "merge" and s.skipped is None for s in rt.verified.verdict.sites)
 
 
 def test_cli_json_shows_the_branch_scales() -> None:

@@ -16,7 +16,7 @@ child in its place after (in ``verify``: the original wrapper, BatchNorm and all
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ...errors import BnfuseError
 from ..forward import child_name
