@@ -36,12 +36,13 @@ mutants: $(STAMP)
 zoo: $(VENV)/.extras
 	$(BIN)/python -m pytest -q -m zoo
 
-## the benchmarks quoted in the README
+## the benchmarks whose figures are in docs/measured/
 bench-scripts: $(VENV)/.extras
 	$(BIN)/python scripts/bench_help.py
 	$(BIN)/python scripts/bench_fold_vs_fx.py
 	$(BIN)/python scripts/bench_memory.py
 	$(BIN)/python scripts/bench_batch_convert.py
+	$(BIN)/python scripts/bench_convert_time.py
 	$(BIN)/python scripts/compare_onnxruntime.py
 	$(BIN)/python scripts/compare_reparam.py
 	$(BIN)/python scripts/bench_scales.py

@@ -40,6 +40,8 @@ _LAZY = {
     "FuseResult": "workflows.fuse",
     "convert": "workflows.convert",
     "ConvertReport": "workflows.convert",
+    "inspect": "workflows.convert",
+    "InspectReport": "workflows.convert",
     "SourceOptions": "workflows.source",
     "prepare": "workflows.source",
     "Prepared": "workflows.source",
@@ -66,7 +68,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .workflows.bench import BenchReport, bench
-    from .workflows.convert import ConvertReport, convert
+    from .workflows.convert import ConvertReport, InspectReport, convert, inspect
     from .files.load import load
     from .files.read import read_checkpoint
     from .workflows.fuse import FuseResult, fuse, plan

@@ -1,3 +1,3 @@
 """The version of bnfuse, in one place: the package, its reports and the files it writes carry it."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,7 +1,7 @@
 """How long does bnfuse's fold pass take, next to torch.fx's fuser, on the same model?
 
 The fold pass is what a conversion adds on top of loading and saving:
-``graph.analyse(model, args)`` (one recorded forward pass) plus ``rewrite.apply_plan``.  Model
+``engine.analyse.analyse(model, args)`` (one recorded forward pass) plus the fold pass's ``apply_plan``.  Model
 building, the deep copy each run starts from, and the output check are not timed.  The analysis
 runs on a small input (default 1x3x64x64): a CNN's data flow does not depend on the resolution,
 so the pass costs a 64x64 forward, not a 224x224 one.  torch.fx's fuser

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device checks in one run, for a lent CUDA machine (see README, "Measured on a GPU").
+# The device checks in one run, for a lent CUDA machine (docs/measured/bnfuse-bench-cuda.md).
 #
 #   OUT=/some/folder scripts/gpu_check.sh
 #

@@ -9,7 +9,7 @@ not shared); the module that holds them all is traced down to torch's own layers
 ``torch.fx.GraphModule`` with the wider layer at the first sibling's name (its weight is the
 siblings' weights stacked, so that name's weight grows) and the other siblings gone.  Off by default:
 in eager PyTorch a slice of a wider output is not always cheaper than the separate layers it replaces
-(measured in ``scripts/bench_horizontal.py``; the README has the table).
+(measured in ``scripts/bench_horizontal.py``: docs/measured/bench_horizontal.md).
 """
 
 from __future__ import annotations
