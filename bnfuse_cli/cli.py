@@ -174,14 +174,15 @@ class _WithPassOptions:
         own = [p for p in sig.parameters.values() if p.name != "passes"]
         flags = [
             _inspect.Parameter(o.name, _inspect.Parameter.KEYWORD_ONLY, default=o.default, annotation=Annotated[
-                bool, typer.Option(f"{o.flag}/--no-{o.flag[2:]}" if o.default else o.flag, help=o.help)])
+                Optional[bool], typer.Option(o.flag if o.default is False else f"{o.flag}/--no-{o.flag[2:]}",
+                                             help=o.help, show_default=o.default is not None)])
             for o in pass_options()]
         return sig.replace(parameters=own + flags)
 
     def __call__(self, **kwargs: Any) -> Any:
         names = {o.name for o in pass_options()}
-        passes = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-        return self.fn(**kwargs, passes=passes)
+        given = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        return self.fn(**kwargs, passes={k: v for k, v in given.items() if v is not None})
 
 
 def _command(fn: Callable[..., Any]) -> Callable[..., Any]:

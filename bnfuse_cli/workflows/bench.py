@@ -127,7 +127,7 @@ class _Settings:
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""), "autocast": self.autocast,
             "batch_size": batch,
             "input_shape": shape if isinstance(shape, (str, type(None))) else list(shape),
-            "runtime": self.runtime, **{o.name: self.passes.get(o.name, o.default) for o in pass_options()},
+            "runtime": self.runtime, **{o.name: o.value(self.passes, names_reach_user=False) for o in pass_options()},
             "channels_last": self.channels_last, "threads": self.threads, "compile": self.compile, "iters": self.iters,
             "warmup": self.warmup, "time_budget_s": self.time_budget, "min_sample_ms": self.min_sample_ms,
             "weights": self.source.weights, "rtol": self.rtol, "atol": self.atol, "seed": self.seed,
@@ -356,7 +356,7 @@ def bench(models: "Sequence[str] | None" = None, settings: "BenchSettings | None
     st = _Settings(device=dev, dtype=dt, autocast=amp, source=opts, batch_size=batch_size,
                    channels_last=channels_last, compile=compile, iters=iters, warmup=warmup, time_budget=budget,
                    min_sample_ms=min_sample_ms, rtol=rtol, atol=atol, progress=progress, threads=threads,
-                   runtime=runtime, passes=dict(bs.fuse.passes))
+                   runtime=runtime, passes=dict(bs.fuse.resolved(names_reach_user=False).passes))
 
     old_threads = torch.get_num_threads()
     flags_before = backend_flags()

@@ -114,7 +114,7 @@ def inspect(source: "str | os.PathLike[str] | Prepared", source_options: "Source
     ``source_options`` say how to load it; ``options`` which passes are on."""
     options, source_options = split_call(FuseOptions, options, source_options, keywords, "bnfuse_cli.inspect")
     prep = prepare(source, source_options)
-    plan = analyse(prep.model, prep.args, options=dict(options.passes)).plan
+    plan = analyse(prep.model, prep.args, options=options.resolved(names_reach_user=True).passes).plan
     return InspectReport(prep.name, prep.arch, prep.spec, plan)
 
 
@@ -174,9 +174,11 @@ def convert(source: "str | os.PathLike[str] | Prepared", output: "str | os.PathL
     form = _output_form(prep, out_path, opts.save_as)
     t1 = time.perf_counter()
     fmt = output_format(out_path) if out_path is not None else None
-    result = fuse_prepared(prep, replace(opts.fuse, keep_reference=bool(fmt and fmt.program)))
+    program = bool(fmt and fmt.program)
+    result = fuse_prepared(prep, replace(opts.fuse.resolved(names_reach_user=not program), keep_reference=program))
     t4 = time.perf_counter()
     report = _report(prep, out_path, result)
+    report.notes += _defaults_taken(opts.fuse, result.plan, out_path) if program else []
     if not result.ok:
         raise FoldError(
             "the fused model does not compute what the original computes "
@@ -193,6 +195,14 @@ def convert(source: "str | os.PathLike[str] | Prepared", output: "str | os.PathL
     report.seconds = {"load": t1 - t0, "analyse": fs["analyse"], "fold": fs["rewrite"], "check": fs["check"],
                       "save": t5 - t4, "total": t5 - t0}
     return report
+
+
+def _defaults_taken(given: FuseOptions, plan: Any, out_path: Path) -> "list[str]":
+    """A note for each pass that ran because an exported program's names do not reach the user."""
+    return [f"{p.option.flag} is on by default for {out_path.suffix}: no name of the fused model reaches you "
+            f"there ({len(plan.of(p.name))} {p.verb}); {p.option.flag.replace('--', '--no-', 1)} keeps its "
+            "structure" for p in plan.passes
+            if p.option is not None and p.option.default is None and p.option.name not in given.passes]
 
 
 def _report(prep: Prepared, out_path: "Path | None", result: Any) -> ConvertReport:

@@ -61,9 +61,10 @@ class FuseOptions:
                              f"{', '.join(sorted(known))}")
         object.__setattr__(self, "passes", {k: bool(v) for k, v in self.passes.items()})
 
-    def with_passes(self, **given: bool) -> "FuseOptions":
-        """A copy with these pass options set (those already set by the caller win)."""
-        return replace(self, passes={**given, **self.passes})
+    def resolved(self, names_reach_user: bool) -> "FuseOptions":
+        """A copy with every pass option set: as given, else its row's default where the fused model
+        goes (``names_reach_user``: a model or state_dict keys the user sees, not an exported program)."""
+        return replace(self, passes={o.name: o.value(self.passes, names_reach_user) for o in pass_options()})
 
 
 @dataclass(frozen=True)

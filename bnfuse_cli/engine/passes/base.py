@@ -38,16 +38,24 @@ __all__ = ["Option", "Pass", "AffineFold", "Rows", "OMIT_EMPTY", "touched", "ins
 class Option:
     """The option of an opt-in (or opt-out) pass, declared in its row: ``name`` is the library
     keyword and the key in ``plan.options``, the CLI flag is ``--name`` (underscores as dashes; with
-    ``--no-name`` when the default is on), ``help`` its text everywhere, ``default`` its value
-    when not given."""
+    ``--no-name`` when the default is not off), ``help`` its text everywhere, ``default`` its value
+    when not given: True, False, or None for "where names do not reach the user": on for an
+    exported program (``.pt2``, ``.onnx``) and bench's fused side, off where the model or its
+    state_dict keys reach the user (the library's ``fuse``, a ``.pth`` or ``.safetensors`` file)."""
 
     name: str
     help: str
-    default: bool = False
+    default: "bool | None" = False
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    def value(self, given: "dict[str, bool]", names_reach_user: bool = True) -> bool:
+        """The option's value: as ``given`` says, else its default where the model goes."""
+        if self.name in given:
+            return bool(given[self.name])
+        return (not names_reach_user) if self.default is None else self.default
 
 
 @dataclass
@@ -134,8 +142,9 @@ class Pass:
     # --------------------------------------------------------------------- defaults
 
     def on(self, plan: "Plan") -> bool:
-        """Whether the pass runs for ``plan`` (its :attr:`option`, as ``plan.options`` has it)."""
-        return self.option is None or bool(plan.options.get(self.option.name, self.option.default))
+        """Whether the pass runs for ``plan`` (its :attr:`option`, as ``plan.options`` has it; the
+        workflow that knows where the model goes has resolved a default of None there)."""
+        return self.option is None or self.option.value(plan.options)
 
     def to_row(self, item: Any) -> Any:
         """``item`` as a JSON value of the fused file's record: its fields."""

@@ -1,4 +1,5 @@
-"""The unwrap pass (``--unwrap``, off by default): a wrapper whose forward, once the other passes are
+"""The unwrap pass (``--unwrap``/``--no-unwrap``; by default on where names do not reach the user, for an
+exported program and bench's fused side, and off for a state_dict file): a wrapper whose forward, once the other passes are
 done, calls one child alone on its input is replaced by that child, so the model calls the layer
 itself.  A ``Sequential`` of a conv and its folded BatchNorm (RepViT's 60 ``ConvNorm``, torchvision
 ResNet's ``downsample``), a block a merge left calling its merged conv alone (RepViT's
@@ -6,8 +7,8 @@ ResNet's ``downsample``), a block a merge left calling its merged conv alone (Re
 re-parameterisation does.
 
 It renames: the child's parameters lose the wrapper's part of their names (``x.c.weight`` becomes
-``x.weight``), and a ``Sequential`` wrapper can no longer be indexed.  That is why it is the user's
-choice; ``load`` rebuilds the same names from the fused file's record.  It runs in a round of its
+``x.weight``), and a ``Sequential`` wrapper can no longer be indexed.  That is why a state_dict keeps
+its names unless the user asks; ``load`` rebuilds the same names from the fused file's record.  It runs in a round of its
 own, after every other pass has finished (they leave the ``nn.Identity`` that makes a wrapper
 one call), and each item is judged like any other: the wrapper on the model before against the
 child in its place after (in ``verify``: the original wrapper, BatchNorm and all, against it).
@@ -86,7 +87,9 @@ class UnwrapPass(Pass, name="unwrap", key="unwraps", left_key="unwrap_left", ite
     verb = "unwrapped"
     option = Option("unwrap", "Replace each wrapper left calling one layer alone (a Sequential of a conv and its "
                               "folded BatchNorm) by that layer: two module calls less each, as timm's own "
-                              "re-parameterisation does, but its parameters are renamed (x.c.weight becomes x.weight).")
+                              "re-parameterisation does, but its parameters are renamed (x.c.weight becomes x.weight). "
+                              "Default: on for .pt2 and .onnx outputs and bench's fused side, where no name reaches "
+                              "you; off for .pth and .safetensors, whose keys stay.", default=None)
     rewrites, absorbs = ("wrapper",), ()
     title, columns = "Unwrapped (a wrapper that calls one layer -> that layer, renamed)", ("layer now at", "was")
     left_title, left_what = "Wrappers left in place", "wrapper"
