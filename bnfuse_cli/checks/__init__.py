@@ -21,8 +21,8 @@ is also judged on the tensors that feed post-processing (:mod:`.postproc`), and 
 outputs where their structure agrees.  Nothing here prints or exits.
 """
 
-from .outputs import (NOISE_FACTOR, TOLERANCES, Comparison, OutputCheck, Tolerance, compare, judge_post_processing,
-                      json_number)
+from .outputs import (NOISE_FACTOR, TOLERANCES, Comparison, Magnitude, OutputCheck, Tolerance, compare,
+                      judge_post_processing, json_number)
 from .postproc import SelectionProbe
 from .sites import SiteCheck, SiteProbe
 from .verdict import Verdict
@@ -35,6 +35,7 @@ __all__ = [
     "compare",
     "json_number",
     "OutputCheck",
+    "Magnitude",
     "SelectionProbe",
     "judge_post_processing",
     "SiteCheck",

@@ -4,17 +4,18 @@ original's own error there, and the one table of tolerances (``--rtol``/``--atol
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import UsageError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TOLERANCES", "NOISE_FACTOR", "Tolerance", "Comparison", "json_number", "OutputCheck", "compare",
-           "judge_post_processing"]
+__all__ = ["TOLERANCES", "NOISE_FACTOR", "Tolerance", "Comparison", "json_number", "OutputCheck", "Magnitude",
+           "compare", "judge_post_processing"]
 
 #: dtype name -> (rtol, atol, site rtol).  rtol/atol: the floor of the end-to-end allowance, of
 #: each output's largest magnitude; site rtol: the largest relative (norm) error of a fused layer
@@ -127,6 +128,10 @@ class OutputCheck:
         self.leaf_err: list[float] = []
         self.leaf_noise: list[float] = []
         self.leaf_scale: list[float] = []
+        #: the rounding floor of the reference run: its unit roundoff times the largest magnitude its
+        #: activations reached (:class:`Magnitude`); where the reference is no more precise than the
+        #: models (float64, or the original's own output) it stands in for the original's own error
+        self.floor = 0.0
         self.mismatch: "str | None" = None
         self.nonfinite_both = 0
         #: why this check does not count (its outputs come after post-processing that rounding flipped,
@@ -141,11 +146,14 @@ class OutputCheck:
 
         return t.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
 
-    def add(self, ref: Any, fused: Any, orig: Any = None, labels: "torch.Tensor | None" = None) -> None:
+    def add(self, ref: Any, fused: Any, orig: Any = None, labels: "torch.Tensor | None" = None,
+            floor: float = 0.0) -> None:
         """Compare one batch: ``ref`` the reference output, ``orig`` the original's output at the
-        precision in use (None when ``ref`` is that output), ``labels`` class indices or None."""
+        precision in use (None when ``ref`` is that output), ``labels`` class indices or None, ``floor``
+        the rounding floor of the reference run (:meth:`Magnitude.floor`)."""
         import torch
 
+        self.floor = max(self.floor, floor)
         r, f = _leaves(ref), _leaves(fused)
         o = r if orig is None else _leaves(orig)
         self.batches += 1
@@ -200,7 +208,7 @@ class OutputCheck:
 
     def allowed(self) -> list[float]:
         t = self.tol
-        return [t.atol + t.rtol * s + t.noise_factor * n for s, n in zip(self.leaf_scale, self.leaf_noise)]
+        return [t.atol + t.rtol * s + t.noise_factor * (n + self.floor) for s, n in zip(self.leaf_scale, self.leaf_noise)]
 
     @property
     def worst(self) -> float:
@@ -231,7 +239,8 @@ class OutputCheck:
         i = max(range(len(self.leaf_err)), key=lambda j: self.leaf_err[j] / max(self.allowed()[j], 1e-300))
         return (f"{label}: output {i} is {self.leaf_err[i]:.3g} away from the {self.reference} reference, above "
                 f"the {self.allowed()[i]:.3g} allowed ({self.tol.atol:g} + {self.tol.rtol:g} x {self.leaf_scale[i]:.3g}"
-                f" + {self.tol.noise_factor:g} x the original's own error {self.leaf_noise[i]:.3g})")
+                f" + {self.tol.noise_factor:g} x the original's own error {self.leaf_noise[i]:.3g}"
+                + (f" + {self.tol.noise_factor:g} x the rounding floor {self.floor:.3g}" if self.floor else "") + ")")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -242,9 +251,52 @@ class OutputCheck:
             "noise": self.noise.to_dict(),
             "worst_ratio": json_number(self.worst),
             "allowed": [json_number(a) for a in self.allowed()],
+            "floor": json_number(self.floor),
             "top1_agreement": self.agreement,
             "nonfinite_both": self.nonfinite_both,
         }
+
+
+class Magnitude:
+    """The largest magnitude the activations of one run of a model reach, and the rounding floor it
+    sets: a model whose activations pass through 1e8 on their way to outputs of 1 carries about
+    ``eps x 1e8`` of rounding in its outputs, whatever the fold, and a reference computed in the
+    same precision as the model (float64) cannot show it.  It sees every module's output during the
+    runs inside :meth:`hooks` (a global module hook, so no module carries a hook of bnfuse's), with
+    torch functions off (a recording run does not see it read anything); ``aminmax`` reduces
+    without a copy of the activation."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+
+    def see(self, x: Any) -> None:
+        import torch
+
+        with torch._C.DisableTorchFunction():
+            for t in _leaves(x):
+                if t.numel():
+                    lo, hi = t.detach().aminmax()
+                    seen = max(abs(float(lo)), abs(float(hi)))
+                    if math.isfinite(seen):
+                        self.peak = max(self.peak, seen)
+
+    def floor(self, dtype: Any) -> float:
+        """``eps(dtype) x`` the peak: the rounding one operation at the peak makes in ``dtype``."""
+        import torch
+
+        return float(torch.finfo(dtype).eps) * self.peak if getattr(dtype, "is_floating_point", False) else 0.0
+
+    @contextlib.contextmanager
+    def hooks(self, model: Any) -> Iterator["Magnitude"]:
+        """See every output of ``model``'s modules during the runs inside this block."""
+        from torch.nn.modules.module import register_module_forward_hook
+
+        mine = {id(m) for m in model.modules()}
+        handle = register_module_forward_hook(lambda m, _i, out: self.see(out) if id(m) in mine else None)
+        try:
+            yield self
+        finally:
+            handle.remove()
 
 
 def compare(reference: Any, output: Any) -> Comparison:

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..checks import Comparison, OutputCheck, SelectionProbe, SiteProbe, Tolerance, Verdict, judge_post_processing
+from ..checks import Comparison, Magnitude, OutputCheck, SelectionProbe, SiteProbe, Tolerance, Verdict, judge_post_processing
 from ..errors import UsageError
 from ..engine.analyse import analyse
 from ..engine.plan import Plan, Skip
@@ -160,13 +160,15 @@ def _fuse(model: "nn.Module", args: tuple[Any, ...], dtype: Any, device: Any, op
 
     tol = Tolerance.for_dtype(dtype, opts.rtol, opts.atol)
     with exact_math():
-        model, plan, reference, sites, seconds, before = _rounds(model, args, dict(opts.passes))
+        magnitude = Magnitude()
+        model, plan, reference, sites, seconds, before = _rounds(model, args, dict(opts.passes), magnitude)
         t3 = time.perf_counter()
         with torch.no_grad(), SelectionProbe() as after:
             fused_out = model(*args)
         flags = precision_flags(device, dtype=dtype)
+    magnitude.see(reference)
     check = OutputCheck(tol, reference="original")
-    check.add(reference, fused_out)
+    check.add(reference, fused_out, floor=magnitude.floor(dtype))
     outputs = {"example input": check}
     pre = None
     if before:  # the model post-processes: the tensors that feed it are judged too
@@ -191,13 +193,14 @@ def _fuse(model: "nn.Module", args: tuple[Any, ...], dtype: Any, device: Any, op
 MAX_ROUNDS = 4
 
 
-def _rounds(model: "nn.Module", args: tuple[Any, ...], options: "dict[str, Any]"
+def _rounds(model: "nn.Module", args: tuple[Any, ...], options: "dict[str, Any]", magnitude: "Magnitude"
             ) -> "tuple[nn.Module, Plan, Any, list[Any], dict[str, float], list[Any]]":
     """Record, plan and apply each pass of the table until a round finds nothing for a pass that
     can make more possible (``Pass.again``); each round's sites are checked right after it.
     Returns the fused model (a new root when a pass rewrote the model's own forward), the combined
     plan, the original output, the site checks, timings, and the tensors that fed the original's
-    post-processing (:class:`SelectionProbe`; none for most)."""
+    post-processing (:class:`SelectionProbe`; none for most).  ``magnitude`` sees the original's
+    activations in the first round."""
     import contextlib
 
     from ..engine.passes import PASSES
@@ -211,7 +214,8 @@ def _rounds(model: "nn.Module", args: tuple[Any, ...], options: "dict[str, Any]"
         t0 = time.perf_counter()
         probe = SiteProbe()
         with SelectionProbe() if reference is None else contextlib.nullcontext() as selection:
-            analysis = analyse(model, args, on_input=probe.capture, options=options)
+            with magnitude.hooks(model) if reference is None else contextlib.nullcontext():
+                analysis = analyse(model, args, on_input=probe.capture, options=options)
         if reference is None:
             before = selection.kept
         step = analysis.plan

@@ -13,13 +13,14 @@ Nothing here prints or exits.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-from ..checks import OutputCheck, SelectionProbe, SiteCheck, SiteProbe, Tolerance, Verdict, judge_post_processing
+from ..checks import Magnitude, OutputCheck, SelectionProbe, SiteCheck, SiteProbe, Tolerance, Verdict, judge_post_processing
 from .options import JudgeOptions, split_call
 from .source import SourceOptions, count_tensors
 from ..errors import BnfuseError, UsageError
@@ -167,18 +168,22 @@ class _Runner:
 
     def add(self, check: OutputCheck, make: Any, labels: Any = None, pre: "OutputCheck | None" = None) -> None:
         """``make(dtype)`` gives a fresh input (a model may change its input in place); ``pre`` judges
-        the tensors that feed post-processing, where both models have them."""
+        the tensors that feed post-processing, where both models have them.  The reference run's
+        rounding floor (:class:`Magnitude`) is the original's own error where nothing is more precise."""
         import torch
 
-        orig, o_pre = self._call(self.orig, make(self.dtypes[0]), "original")
+        seen = Magnitude()
+        with seen.hooks(self.orig) if self.ref is None else contextlib.nullcontext():
+            orig, o_pre = self._call(self.orig, make(self.dtypes[0]), "original")
         fused, f_pre = self._call(self.fused, make(self.dtypes[1]), "fused")
         if self.ref is None:
-            check.add(orig, fused, labels=labels)
+            check.add(orig, fused, labels=labels, floor=seen.floor(self.dtypes[0]))
             if pre is not None and o_pre and f_pre:
                 pre.add(o_pre, f_pre)
         else:
-            ref, r_pre = self._call(self.ref, make(torch.float64), "original (float64)", amp=False)
-            check.add(ref, fused, orig, labels=labels)
+            with seen.hooks(self.ref):
+                ref, r_pre = self._call(self.ref, make(torch.float64), "original (float64)", amp=False)
+            check.add(ref, fused, orig, labels=labels, floor=seen.floor(torch.float64))
             if pre is not None and r_pre and f_pre:
                 pre.add(r_pre, f_pre, o_pre)
 

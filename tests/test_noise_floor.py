@@ -1,0 +1,69 @@
+"""The judge's rounding floor: where the reference is no more precise than the model (a float64 model,
+or ``fuse``'s own check against the original), the allowance grows with the largest magnitude the
+model's activations reach, as the original's own error does in float32.  A correct fold of a model
+whose activations pass through 1e8 is accepted; a wrong one is still refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import bnfuse_cli
+from conftest import ROOT, corrupt_after_rewrite, run_bnfuse
+
+pytestmark = pytest.mark.usefixtures("tests_on_path")
+
+X = torch.randn(1, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+
+def _model() -> torch.nn.Module:
+    from models_floor import cancel
+
+    return cancel().eval()
+
+
+def test_a_correct_fold_of_a_model_reaching_1e8_passes_on_its_rounding_floor() -> None:
+    result = bnfuse_cli.fuse(_model(), X)
+    check = result.verdict.outputs["example input"]
+    assert result.ok, result.verdict.reasons
+    assert len(result.folds) == 2 and check.floor > 1e-9  # the activations reached ~1e8
+    # the fold's error is rounding at that magnitude: above rtol x the outputs, within the floor
+    (err,), (scale,) = check.leaf_err, check.leaf_scale
+    assert err > check.tol.rtol * scale and err <= check.allowed()[0]
+    assert "floor" in check.to_dict() and check.to_dict()["floor"] == check.floor
+
+
+def test_a_wrong_fold_of_it_is_still_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    def corrupt(m: torch.nn.Module) -> None:
+        with torch.no_grad():
+            m.a.weight.mul_(1 + 1e-7)
+
+    corrupt_after_rewrite(monkeypatch, corrupt)
+    result = bnfuse_cli.fuse(_model(), X)
+    assert not result.ok and [s.layer for s in result.verdict.failed_sites] == ["a"]
+    assert not result.verdict.outputs["example input"].ok  # end to end too, floor and all
+
+
+def test_verify_of_a_float64_model_uses_the_same_floor(tmp_path: Path) -> None:
+    torch.save(_model().state_dict(), tmp_path / "orig.pth")
+    out = tmp_path / "fused.pth"
+    args = ["--arch", "models_floor:cancel", "--input-shape", "1,3,8,8"]
+    proc = run_bnfuse("convert", str(tmp_path / "orig.pth"), *args, "-o", str(out), cwd=ROOT / "tests")
+    assert proc.returncode == 0, proc.stderr
+    ok = run_bnfuse("verify", str(tmp_path / "orig.pth"), str(out), *args, "--json", str(tmp_path / "v.json"),
+                    cwd=ROOT / "tests")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    import json
+
+    assert json.loads((tmp_path / "v.json").read_text())["check"]["outputs"]["random inputs"]["floor"] > 1e-9
+    from bnfuse_cli.files.read import read_checkpoint
+    from bnfuse_cli.files.write import write_checkpoint
+
+    ck = read_checkpoint(out)
+    sd = dict(ck.state_dict)
+    sd["head.weight"] = sd["head.weight"] * (1 + 1e-5)
+    write_checkpoint(tmp_path / "bad.pth", state_dict=sd, metadata=ck.metadata)
+    bad = run_bnfuse("verify", str(tmp_path / "orig.pth"), str(tmp_path / "bad.pth"), *args, cwd=ROOT / "tests")
+    assert bad.returncode == 1, bad.stdout + bad.stderr
