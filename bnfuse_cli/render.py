@@ -129,7 +129,8 @@ def verify_table(r: Any, *, verbose: bool) -> Table:
     t = Table(title=f"bnfuse verify {r.orig} vs {r.fused}", title_justify="left", show_header=False)
     t.add_column(style="bold")
     t.add_column(overflow="fold")
-    t.add_row("original", f"{r.orig_kind}, {r.arch or '(pickled module)'}")
+    t.add_row("original", f"{r.orig_kind}, {r.arch or '(pickled module)'}"
+                          + (f" (architecture from {r.arch_from})" if r.arch_from else ""))
     t.add_row("fused", f"{r.fused_kind}, {r.fused_arch or '(pickled module)'}")
     st = r.structure
     removed = st.removed
