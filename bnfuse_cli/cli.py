@@ -98,6 +98,42 @@ def _results(json_path: "Path | None") -> Console:
     return err if json_path is not None and str(json_path) == "-" else out
 
 
+def _fit_width(console: Console) -> "int | None":
+    """The width tables must fit: a terminal's, or an explicit narrow ``COLUMNS`` (below
+    :data:`~bnfuse_cli.render.NARROW`: the stacked layouts); None where the output goes to a file,
+    a pipe or a CI log, which has no width: tables print at their natural width there, never squeezed
+    (rich's 80-column default would split cells such as ``resn|et18``)."""
+    from .render import NARROW
+
+    if console.is_terminal:
+        return console.width
+    columns = os.environ.get("COLUMNS", "").strip()
+    return int(columns) if columns.isdigit() and int(columns) < NARROW else None
+
+
+class _AtWidth:
+    """A renderable drawn at ``width`` columns, wider than the console if need be."""
+
+    def __init__(self, renderable: Any, width: int) -> None:
+        self.renderable, self.width = renderable, width
+
+    def __rich_console__(self, console: Console, options: Any) -> Any:
+        yield from console.render(self.renderable, options.update_width(self.width))
+
+
+def _show(console: Console, *renderables: Any) -> None:
+    """Print tables so that no cell is split: within :func:`_fit_width`, or at their natural width."""
+    from rich.measure import Measurement
+
+    for renderable in renderables:
+        if _fit_width(console) is None:
+            natural = Measurement.get(console, console.options.update_width(10_000), renderable).maximum
+            if natural > console.width:
+                console.print(_AtWidth(renderable, natural), crop=False)
+                continue
+        console.print(renderable)
+
+
 def _write_report(option: str, path: "Path | None", text: str, placed: list[Path]) -> None:
     """The report to a file (whole or not at all), or to stdout for ``-``."""
     if path is None:
@@ -262,9 +298,7 @@ def convert(
         for source, dest in zip(sources, dests):
             with _library_output_to_stderr():
                 r = convert_fn(source, dest, opts, src, placed=placed)
-            res.print(convert_table(r))
-            for table in plan_tables(r.plan, verbose=verbose):
-                res.print(table)
+            _show(res, convert_table(r), *plan_tables(r.plan, verbose=verbose))
             for note in r.notes:
                 _note(note)
             if dest is None:
@@ -299,8 +333,7 @@ def inspect(
             r = inspect_fn(source, src, FuseOptions(passes=passes or {}))
         res = _results(json_file)
         res.print(inspect_line(r), highlight=False)
-        for table in plan_tables(r.plan, verbose=True):
-            res.print(table)
+        _show(res, *plan_tables(r.plan, verbose=True))
         _write_report("--json", json_file, _json(r.to_dict()), placed)
 
     _run(run)
@@ -347,7 +380,7 @@ def verify(
         with _library_output_to_stderr():
             r = verify_fn(orig, fused, judge, src)
         res = _results(json_file)
-        res.print(verify_table(r, verbose=verbose))
+        _show(res, verify_table(r, verbose=verbose))
         for note in r.notes:
             _note(note)
         _write_report("--json", json_file, _json(r.to_dict()), placed)
@@ -423,8 +456,7 @@ def bench(
         with progress, _library_output_to_stderr():
             report = bench_fn(models or None, settings, src, progress=tick)
         res = _results(json_file)
-        for table in bench_tables(report, min_speedup, res.width) + left_tables(report):
-            res.print(table)
+        _show(res, *bench_tables(report, min_speedup, _fit_width(res)), *left_tables(report))
         for r in report.results:
             for note in r.notes:
                 _note(f"{r.model}: {note}")

@@ -1,7 +1,8 @@
 """Rich tables for the reports of ``convert``, ``inspect``, ``verify`` and ``bench``.
 
 Only the command line draws; the workflows return data.  Below 80 columns the bench table
-turns into one small table per model, so no column is squeezed to a few characters.
+turns into one small table per model, so no column is squeezed to a few characters; where the
+output has no width (a file, a pipe), the command line prints every table at its natural width.
 """
 
 from __future__ import annotations
@@ -230,9 +231,10 @@ def _bench_stacked(report: Any, min_speedup: "float | None") -> list[Table]:
     return tables
 
 
-def bench_tables(report: Any, min_speedup: "float | None", width: int) -> list[Table]:
-    """The results table, or one table per model when the console is narrower than :data:`NARROW`."""
-    if width < NARROW:
+def bench_tables(report: Any, min_speedup: "float | None", width: "int | None") -> list[Table]:
+    """The results table, or one table per model when the output is narrower than :data:`NARROW`
+    (``width`` None: no limit, as in a file or a pipe)."""
+    if width is not None and width < NARROW:
         return _bench_stacked(report, min_speedup)
     return [bench_table(report, min_speedup)]
 
