@@ -364,7 +364,7 @@ def verify(
 
     Runs both models on seeded random inputs (and on --data, with accuracy when it has labels) and reports max abs error, relative error, cosine similarity, top-1 agreement for classifier logits, the BatchNorm layers removed and both parameter counts, on --device in --dtype (and under --autocast), as deployed.
 
-    Exit 0: every fold site named in FUSED's record matches in float64 and every output is within atol + rtol x max|ref| + 4 x the original's own error of the original run in float64; 1: they differ; 2: error. --arch applies to a file holding only a state_dict; bnfuse outputs carry their own.
+    Exit 0: every fold site named in FUSED's record matches in float64 and every output is within atol + rtol x max|ref| + 4 x the original's own error of the original run in float64; 1: they differ; 2: error. --arch applies to a file holding only a state_dict (without it, ORIG takes the architecture FUSED records); bnfuse outputs carry their own, and an --arch that disagrees with FUSED's record is exit 2.
     """
 
     def run(placed: list[Path]) -> Any:

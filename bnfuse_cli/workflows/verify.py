@@ -229,8 +229,10 @@ def verify(orig: "str | os.PathLike[str]", fused: "str | os.PathLike[str]", opti
     may differ from it by ``atol + rtol * max|ref|`` plus a few times the original's own error
     (``rtol``/``atol`` default by dtype: :data:`bnfuse_cli.checks.TOLERANCES`).  Every fold site
     named in the fused file's record is checked on the activation that reaches it.  ``arch`` is
-    used for a file that holds only a state_dict (a bnfuse output brings its own); ``key`` picks
-    the original's weights in a checkpoint that holds several.  The report's ``ok`` is the
+    used for a file that holds only a state_dict (a bnfuse output brings its own; without ``arch``, the
+    original takes the architecture the fused file records, and the report says so in ``arch_from``; an
+    ``arch`` that disagrees with that record is a :class:`UsageError`); ``key`` picks the original's
+    weights in a checkpoint that holds several.  The report's ``ok`` is the
     verdict; a model that cannot be loaded or run raises a :class:`BnfuseError`.
     """
     import torch
