@@ -257,6 +257,18 @@ def test_verify_takes_the_architecture_from_the_fused_files_record(pair: tuple[P
         bench([str(fused)], arch="resnet18", device="cpu", iters=1, warmup=0)
 
 
+def test_an_exported_program_brings_the_architecture_too(pair: tuple[Path, Path]) -> None:
+    """A .pt2 is opened in its runtime, not rebuilt, so only verify itself can refuse an --arch that
+    disagrees with its record; without --arch the original takes the record's."""
+    orig, _ = pair
+    program = orig.with_name("fused.pt2")
+    convert(orig, program, arch=ARCH, input_shape="1,1,8,8")
+    r = verify(orig, program, samples=1)
+    assert r.ok and r.fused_kind == "program" and (r.arch, r.arch_from) == (ARCH, f"{program}'s record")
+    with pytest.raises(UsageError, match=f"--arch resnet18 disagrees with {program}'s record"):
+        verify(orig, program, arch="resnet18", samples=1)
+
+
 def test_resnet18_fold_passes_default_tolerance(tmp_path: Path) -> None:
     import torchvision
 
