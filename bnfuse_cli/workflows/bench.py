@@ -304,6 +304,22 @@ def _check_counts(*, iters: int, warmup: int, batch_size: "int | None", threads:
         raise UsageError(f"--time-budget {budget:g}: give seconds of timing per model, or 0 for no limit")
 
 
+def _threads_for_the_load(st: _Settings, default: int) -> list[str]:
+    """Start ``st``'s load meter and set torch's threads for the run: on the CPU ``--threads``, or
+    ``default`` (torch's) or fewer, to leave the other work room (on CUDA one thread launches the
+    kernels and competes; torch's threads are left as they are unless given).  The warnings the
+    choice needs (none when it is torch's)."""
+    import torch
+
+    st.meter = LoadMeter()
+    warnings: list[str] = []
+    if st.device.type == "cpu":
+        st.race_threads, why = choose_threads(st.threads, default, st.meter.cpus, st.meter.others())
+        warnings += [why] if why else []
+    torch.set_num_threads(st.race_threads if st.device.type == "cpu" else st.threads or default)
+    return warnings
+
+
 def bench(models: "Sequence[str] | None" = None, settings: "BenchSettings | None" = None,
           source_options: "SourceOptions | None" = None, *, progress: "ProgressFn | None" = None,
           **keywords: Any) -> BenchReport:
@@ -370,13 +386,7 @@ def bench(models: "Sequence[str] | None" = None, settings: "BenchSettings | None
 
     old_threads = torch.get_num_threads()
     flags_before = backend_flags()
-    st.meter = LoadMeter()
-    warnings: list[str] = []
-    if dev.type == "cpu":
-        st.race_threads, why = choose_threads(threads, old_threads, st.meter.cpus, st.meter.others())
-        warnings += [why] if why else []
-    # on CUDA the race_threads stay 1: the thread that launches the kernels
-    torch.set_num_threads(st.race_threads if dev.type == "cpu" else threads or old_threads)
+    warnings = _threads_for_the_load(st, old_threads)
     try:
         results = []
         for src in sources:
@@ -394,8 +404,5 @@ def bench(models: "Sequence[str] | None" = None, settings: "BenchSettings | None
         torch.set_num_threads(old_threads)
     settings = st.to_dict()
     date = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    for r in results:
-        said = r.contention.warning() if r.contention is not None else None
-        if said and f"{r.model}: {said}" not in warnings:
-            warnings.append(f"{r.model}: {said}")
+    warnings += [f"{r.model}: {r.contention.warning()}" for r in results if r.contended]
     return BenchReport(results=results, settings=settings, environment=env, date=date, warnings=warnings)
