@@ -1,7 +1,8 @@
 """Rich tables for the reports of ``convert``, ``inspect``, ``verify`` and ``bench``.
 
 Only the command line draws; the workflows return data.  Below 80 columns the bench table
-turns into one small table per model, so no column is squeezed to a few characters.
+turns into one small table per model, so no column is squeezed to a few characters; where the
+output has no width (a file, a pipe), the command line prints every table at its natural width.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def verify_table(r: Any, *, verbose: bool) -> Table:
     t = Table(title=f"bnfuse verify {r.orig} vs {r.fused}", title_justify="left", show_header=False)
     t.add_column(style="bold")
     t.add_column(overflow="fold")
-    t.add_row("original", f"{r.orig_kind}, {r.arch or '(pickled module)'}")
+    t.add_row("original", f"{r.orig_kind}, {r.arch or '(pickled module)'}"
+                          + (f" (architecture from {r.arch_from})" if r.arch_from else ""))
     t.add_row("fused", f"{r.fused_kind}, {r.fused_arch or '(pickled module)'}")
     st = r.structure
     removed = st.removed
@@ -155,8 +157,14 @@ def verify_table(r: Any, *, verbose: bool) -> Table:
     return t
 
 
+def _warnings_text(report: Any) -> str:
+    """The report's warnings, one line each, for the top of a caption (empty when there are none)."""
+    return "".join(f"[bold yellow]warning:[/bold yellow] {escape(w)}\n" for w in report.warnings)
+
+
 def bench_table(report: Any, min_speedup: "float | None") -> Table:
     from .workflows.bench import verdict
+    from .workflows.timing import threads_text
 
     env, st = report.environment, report.settings
     extras = [x for x, on in (("channels_last", st.get("channels_last")), ("torch.compile", st.get("compile"))) if on]
@@ -167,9 +175,9 @@ def bench_table(report: Any, min_speedup: "float | None") -> Table:
     graphs = any(r.graph_ops for r in report.results)
     t = Table(
         title=(f"bnfuse bench: {env.get('device_name')} ({st.get('device')}), torch {env.get('torch')}, "
-               f"{st.get('dtype')}, {env.get('threads')} threads" + "".join(f", {x}" for x in extras)),
+               f"{st.get('dtype')}, {threads_text(env.get('threads'))}" + "".join(f", {x}" for x in extras)),
         title_justify="left",
-        caption=("times: median (IQR) per call; speedup = original/fused per alternating pair, median (IQR); "
+        caption=(_warnings_text(report) + "times: median (IQR) per call; speedup = original/fused per alternating pair, median (IQR); "
                  "rel err: fused vs the original in float64; noise: the original's own rel err there. "
                  + ("ORT graph: BatchNormalization and conv-like nodes left after onnxruntime's own optimisation, "
                     "original -> fused. " if graphs else "")
@@ -186,7 +194,8 @@ def bench_table(report: Any, min_speedup: "float | None") -> Table:
     for r in report.results:
         o, f, s = r.original, r.fused, r.speedup
         v = verdict(r, min_speedup)
-        style = "red" if v.startswith(("WRONG", "BELOW")) else ("yellow" if v in ("within noise", "slower") else "green")
+        style = "red" if v.startswith(("WRONG", "BELOW")) else (
+            "yellow" if v.startswith(("within noise", "slower")) or r.contended else "green")
         cells = [
             r.model, r.runtime, "x".join(map(str, r.input.shape)), f"{r.bn_folded}/{r.bn_found}",
             f"{o.median:.3f} ({o.iqr:.3f})", f"{f.median:.3f} ({f.iqr:.3f})",
@@ -223,15 +232,19 @@ def _bench_stacked(report: Any, min_speedup: "float | None") -> list[Table]:
                 ("verdict", verdict(r, min_speedup))]
         if r.graph_ops:
             rows.insert(-1, ("ORT graph", r.graph_text()))
+        warning = r.contention.warning() if r.contention is not None else None
+        if warning:
+            rows.append(("warning", warning))
         for k, v in rows:
             t.add_row(k, v)
         tables.append(t)
     return tables
 
 
-def bench_tables(report: Any, min_speedup: "float | None", width: int) -> list[Table]:
-    """The results table, or one table per model when the console is narrower than :data:`NARROW`."""
-    if width < NARROW:
+def bench_tables(report: Any, min_speedup: "float | None", width: "int | None") -> list[Table]:
+    """The results table, or one table per model when the output is narrower than :data:`NARROW`
+    (``width`` None: no limit, as in a file or a pipe)."""
+    if width is not None and width < NARROW:
         return _bench_stacked(report, min_speedup)
     return [bench_table(report, min_speedup)]
 

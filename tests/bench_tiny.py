@@ -73,3 +73,33 @@ def _tf32_like(out: torch.Tensor) -> torch.Tensor:
 
 def noisy_tiny_cnn() -> nn.Module:
     return NoisyTinyCNN()
+
+
+def tiny_cnn_with_statistics() -> nn.Module:
+    """TinyCNN whose BatchNorm layers carry statistics and affine parameters drawn from torch's global
+    generator: a factory with no pretrained weights whose own initialisation is not an identity BN."""
+    model = TinyCNN()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2, model.bn3):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+    return model
+
+
+def python_random_tiny_cnn() -> nn.Module:
+    """TinyCNN whose first conv is drawn from Python's ``random`` module, not torch's generator."""
+    import random
+
+    model = tiny_cnn_with_statistics()
+    with torch.no_grad():
+        model.conv1.weight.copy_(torch.tensor([random.gauss(0, 0.3) for _ in range(model.conv1.weight.numel())])
+                                 .reshape(model.conv1.weight.shape))
+    return model
+
+
+def unseeded_tiny_cnn() -> nn.Module:
+    """TinyCNN initialised from a non-deterministic seed (``torch.seed()``): no seed rebuilds it."""
+    torch.seed()
+    return tiny_cnn_with_statistics()

@@ -228,6 +228,63 @@ def test_cli_json_and_markdown(tmp_path) -> None:  # noqa: ANN001
     assert "| --- |" in text and "`bn_after_add`" in text
 
 
+def test_thread_choice_leaves_room_for_the_load() -> None:
+    from bnfuse_cli.workflows.timing import Contention, choose_threads
+
+    assert choose_threads(None, 8, 8, 0.3) == (8, None)
+    threads, why = choose_threads(None, 8, 8, 5.6)
+    assert threads == 2 and "2 threads instead of torch's 8" in why and "5.6 tasks" in why
+    assert choose_threads(None, 2, 2, 12.0)[0] == 1  # never fewer than one
+    assert choose_threads(3, 8, 8, 12.0) == (3, None)  # --threads says otherwise
+    assert not Contention(8, 2, 5.6, 5.0).contended and Contention(8, 3, 5.6, 5.0).busy
+    assert Contention(2, 4, 0.0, 0.0).oversubscribed and not Contention(2, 1, None, None).contended
+
+
+def test_load_meter_does_not_count_its_own_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long bench raises the load average itself: its own CPU time is taken off, so it is not a busy machine."""
+    import time
+
+    import bnfuse_cli.workflows.timing as timing
+
+    monkeypatch.setattr(timing, "load_average", lambda: 2.0)
+    meter = timing.LoadMeter()
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    assert 1.5 < meter.others() < 2.0
+
+
+@pytest.mark.parametrize("load", [0.0, 2.0])
+def test_a_busy_machine_is_said_in_the_table_and_json_and_threads_leave_it_room(
+        load: float, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    """A stand-in load average of two CPU-bound processes per usable CPU (or none): bench warns in its
+    table, JSON and verdicts, times with threads that fit beside the load unless --threads says
+    otherwise, and a --min-speedup failure says the CPUs were contended."""
+    import bnfuse_cli.workflows.timing as timing
+
+    cpus = timing.usable_cpus()
+    monkeypatch.setattr(timing, "load_average", lambda: load * cpus)
+    jf = tmp_path / "b.json"
+    result = _cli(TINY, *FAST, "--json", str(jf), "--min-speedup", "1000")
+    assert result.exit_code == 1, result.output
+    data = json.loads(jf.read_text())
+    (m,) = data["models"]
+    if not load:
+        assert not data["contended"] and not m["contention"]["busy"] and "busy machine" not in result.output
+        assert data["environment"]["threads"] == min(torch.get_num_threads(), cpus)
+        return
+    assert data["environment"]["threads"] == 1
+    assert data["contended"] and m["contended"] and m["contention"]["busy"] and m["contention"]["threads"] == 1
+    assert any(w.startswith(f"{TINY}: busy machine: other work ran {2.0 * cpus:.1f} tasks") for w in data["warnings"])
+    assert "warning: " in result.output and "BELOW 1000x (busy machine)" in result.output
+    assert "measured on contended CPUs (busy machine" in result.output
+    chosen = _cli(TINY, *FAST, "--threads", "2", "--json", str(jf))
+    assert chosen.exit_code == 0, chosen.output
+    data = json.loads(jf.read_text())
+    assert data["environment"]["threads"] == 2 and data["models"][0]["contention"]["busy"]
+    assert "2 threads" in chosen.output and "2 threads instead" not in chosen.output
+
+
 def test_cli_min_speedup_exit_codes() -> None:
     slow = _cli(TINY, *FAST, "--min-speedup", "1000")
     assert slow.exit_code == 1, slow.output
@@ -287,8 +344,8 @@ def test_runtime_runs_and_judges_the_programs(runtime: str, tmp_path) -> None:  
             for g in r.graph_ops.values():
                 assert {"bn", "conv", "nodes", "conv_ops"} <= set(g) and g["conv"] >= 2
                 assert g["conv"] == sum(g["conv_ops"].values())
-            assert any("ORT_ENABLE_ALL" in n and "2 intra-op threads" in n for n in r.notes) or \
-                torch.get_num_threads() != 2
+            n = report.environment["threads"]  # bench's, which the sessions share
+            assert any("ORT_ENABLE_ALL" in x and f"{n} intra-op thread{'' if n == 1 else 's'}," in x for x in r.notes)
     else:
         assert all(r.graph_ops is None for r in report.results)
     jf, md = tmp_path / "b.json", tmp_path / "b.md"
@@ -300,7 +357,7 @@ def test_runtime_runs_and_judges_the_programs(runtime: str, tmp_path) -> None:  
     if runtime == "onnxruntime":
         assert data["models"][0]["graph_ops"]["fused"]["bn"] == 0
         assert "ORT graph" in md.read_text() and "BN 0 -> 0" in md.read_text()
-        assert any("1 intra-op threads" in n for n in data["models"][0]["notes"])
+        assert any("1 intra-op thread," in n for n in data["models"][0]["notes"])
 
 
 @pytest.mark.parametrize("runtime", ["export", "onnxruntime"])

@@ -111,6 +111,20 @@ def test_bench_stacks_its_table_on_a_narrow_terminal() -> None:
     assert any("speedup" in line and "original ms" in line for line in wide.stdout.splitlines()), wide.stdout
 
 
+def test_bench_into_a_file_splits_no_cell(tmp_path: Path) -> None:
+    """``bnfuse bench ... > file`` (a pipe, COLUMNS=80): the table at its natural width, every cell of a
+    model's row whole on one line, as the JSON gives them."""
+    proc = run_bnfuse("bench", "bench_tiny:tiny_cnn", *BENCH_FAST, "--json", str(tmp_path / "b.json"), cwd=TESTS,
+                      columns=80)
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "b.json").read_text())["models"][0]
+    o, f, s = m["original_ms"], m["fused_ms"], m["speedup"]
+    cells = ["bench_tiny:tiny_cnn", "1x3x16x16", f"{o['median']:.3f} ({o['iqr']:.3f})",
+             f"{f['median']:.3f} ({f['iqr']:.3f})", f"{s['median']:.3f}x ({s['q1']:.3f}-{s['q3']:.3f})"]
+    assert any(all(c in line for c in cells) for line in proc.stdout.splitlines()), proc.stdout
+    assert any("speedup" in line and "original ms" in line for line in proc.stdout.splitlines()), proc.stdout
+
+
 def test_what_libraries_print_goes_to_stderr(tmp_path: Path) -> None:
     """torch hub prints ``Downloading: ...`` while it fetches weights; stdout must stay clean."""
     script = """

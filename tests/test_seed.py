@@ -56,6 +56,36 @@ def test_verify_rebuilds_the_random_original_from_the_recorded_seed(converted: P
             "records for its conversion of resnet18") in r.stderr
 
 
+def test_a_factory_without_pretrained_weights_converts_and_verifies_with_no_weights_flag(tmp_path: Path) -> None:
+    """``--weights default`` of a package.module:factory is its own initialisation, drawn from --seed and
+    recorded, so ``verify`` rebuilds the same original with no flags; a weights name it cannot have is exit 2."""
+    factory = "bench_tiny:tiny_cnn_with_statistics"
+    out = tmp_path / "t.pth"
+    conv = run_bnfuse("convert", factory, "--input-shape", "1,3,16,16", "--seed", "3", "-o", str(out),
+                      cwd=ROOT / "tests", columns=200)
+    assert conv.returncode == 0, conv.stdout + conv.stderr
+    assert f"random initialisation (its own: {factory} has no pretrained weights bnfuse can load" in conv.stderr
+    meta = read_checkpoint(out).metadata
+    assert (meta["weights"], meta["seed"], meta["arch"]) == ("none", 3, factory)
+    ver = run_bnfuse("verify", factory, str(out), cwd=ROOT / "tests", columns=200)
+    assert ver.returncode == 0, ver.stdout + ver.stderr
+    assert "original built with random weights (its own initialisation) from seed 3" in ver.stderr
+    named = run_bnfuse("convert", factory, "--weights", "IMAGENET1K_V1", cwd=ROOT / "tests", columns=200)
+    assert named.returncode == 2 and "has no pretrained weights bnfuse can load" in named.stderr, named.stderr
+
+
+def test_a_factory_is_rebuilt_from_its_seed_whatever_generator_it_draws_from() -> None:
+    """Python's ``random`` is seeded as torch's is; a factory that seeds itself from entropy is said to be
+    impossible to rebuild."""
+    from bnfuse_cli.files.load import load_source
+
+    a, b, c = (build("bench_tiny:python_random_tiny_cnn", seed=s) for s in (4, 4, 5))
+    assert torch.equal(a.conv1.weight, b.conv1.weight) and not torch.equal(a.conv1.weight, c.conv1.weight)
+    assert not load_source("bench_tiny:python_random_tiny_cnn", seed=4).notes
+    src = load_source("bench_tiny:unseeded_tiny_cnn")
+    assert src.seed == 0 and any("builds different weights from the same seed" in n for n in src.notes)
+
+
 def test_a_wrong_conversion_fails_in_a_few_lines(converted: Path) -> None:
     ck = read_checkpoint(converted / "a.safetensors")
     sd = {k: v * 1.5 if k.endswith("conv1.weight") or k.endswith("conv2.weight") else v

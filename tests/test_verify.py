@@ -235,6 +235,40 @@ def test_subprocess_verify_exit_codes(pair: tuple[Path, Path], tmp_path: Path) -
     assert diff.returncode == 1 and "DIFFERENT" in diff.stdout and "Traceback" not in diff.stderr
 
 
+def test_verify_takes_the_architecture_from_the_fused_files_record(pair: tuple[Path, Path]) -> None:
+    """``bnfuse verify orig.pth fused.safetensors`` with no --arch: the bare state_dict is rebuilt in the
+    architecture the fused file records, and the command says so; an --arch or an original that
+    disagrees with the record is exit 2, named as such (not as a missing layer)."""
+    from bnfuse_cli.workflows.bench import bench
+
+    orig, fused = pair
+    ok = run_bnfuse("verify", str(orig), str(fused), "--samples", "1", cwd=ROOT, columns=200)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"note: architecture: {ARCH}, from {fused}'s record" in ok.stderr and "OK" in ok.stdout
+    wrong = run_bnfuse("verify", str(orig), str(fused), "--arch", "resnet18", cwd=ROOT, columns=200)
+    assert wrong.returncode == 2, wrong.stdout + wrong.stderr
+    assert f"--arch resnet18 disagrees with {fused}'s record: it was converted from {ARCH}" in wrong.stderr
+    assert "fold plan" not in wrong.stderr and "Traceback" not in wrong.stderr
+    r = verify(orig, fused, samples=1)
+    assert r.ok and (r.arch, r.arch_from) == (ARCH, f"{fused}'s record") and r.to_dict()["arch_from"] == r.arch_from
+    with pytest.raises(UsageError, match=f"records that it was converted from {ARCH}, but the original is resnet18"):
+        verify("resnet18", fused, weights="none", samples=1)
+    with pytest.raises(UsageError, match="--arch resnet18 disagrees"):
+        bench([str(fused)], arch="resnet18", device="cpu", iters=1, warmup=0)
+
+
+def test_an_exported_program_brings_the_architecture_too(pair: tuple[Path, Path]) -> None:
+    """A .pt2 is opened in its runtime, not rebuilt, so only verify itself can refuse an --arch that
+    disagrees with its record; without --arch the original takes the record's."""
+    orig, _ = pair
+    program = orig.with_name("fused.pt2")
+    convert(orig, program, arch=ARCH, input_shape="1,1,8,8")
+    r = verify(orig, program, samples=1)
+    assert r.ok and r.fused_kind == "program" and (r.arch, r.arch_from) == (ARCH, f"{program}'s record")
+    with pytest.raises(UsageError, match=f"--arch resnet18 disagrees with {program}'s record"):
+        verify(orig, program, arch="resnet18", samples=1)
+
+
 def test_resnet18_fold_passes_default_tolerance(tmp_path: Path) -> None:
     import torchvision
 

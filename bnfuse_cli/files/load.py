@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BnfuseError, CheckpointError, UsageError
 from .meta import FusedMeta
-from .models import build
+from .models import build, own_init_only
 from .outputs import OUTPUT_FORMATS
 from .read import NESTED_KEYS, Checkpoint, read_checkpoint, strip_prefixes
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["Source", "load_source", "load", "load_state_dict_strict"]
+__all__ = ["Source", "load_source", "load", "load_state_dict_strict", "check_arch"]
 
 
 @dataclass
@@ -35,6 +35,19 @@ class Source:
     notes: list[str] = field(default_factory=list)
     #: the seed its random initialisation was drawn from (a name built with weights "none"), else None
     seed: "int | None" = None
+    #: where ``arch`` came from when neither the file itself nor ``--arch`` gave it (another file's record)
+    arch_from: "str | None" = None
+
+
+def check_arch(arch: "str | None", meta: "FusedMeta | None", where: Any) -> None:
+    """Refuse an explicit ``arch`` that disagrees with the architecture a fused file records (a
+    :class:`UsageError` naming both): the file's folds and merges were planned for that architecture."""
+    if arch is None or meta is None or meta.arch is None or arch == meta.arch:
+        return
+    raise UsageError(
+        f"--arch {arch} disagrees with {where}'s record: it was converted from {meta.arch}. A bnfuse output "
+        f"brings its own architecture: leave --arch out, or compare files of the same architecture"
+    )
 
 
 def _dominant_dtype(sd: "dict[str, torch.Tensor]") -> "torch.dtype | None":
@@ -131,26 +144,35 @@ def _pick_weights(ck: Checkpoint, expected: "set[str]", arch: str, *, explicit: 
     return sd, ck.notes  # none matches: the strict load lists what differs
 
 
-def _from_checkpoint(ck: Checkpoint, arch: "str | None", key: "str | None" = None) -> Source:
+def _from_checkpoint(ck: Checkpoint, arch: "str | None", key: "str | None" = None,
+                     record: "Source | None" = None) -> Source:
+    """A checkpoint's model: a pickled module as it is; a state_dict loaded strictly into ``arch``, else the
+    architecture its own record names, else the one ``record`` (a fused file loaded first) names."""
     from ..engine.passes import rebuild
 
     meta = FusedMeta.parse(ck.metadata, str(ck.path))
+    check_arch(arch, meta, ck.path)
     if ck.kind == "module":
         return Source(ck.module, arch or (meta.arch if meta else None), "module", meta, ck.path, "file", ck.notes)
     use_arch = arch or (meta.arch if meta else None)
+    kwargs = meta.arch_kwargs if meta else {}
+    arch_from = None
+    if not use_arch and record is not None and record.meta is not None and record.meta.arch:
+        use_arch, kwargs, arch_from = record.meta.arch, record.meta.arch_kwargs, f"{record.path}'s record"
     if not use_arch:
         hint = " (a TorchScript archive)" if ck.kind == "torchscript" else ""
         raise UsageError(
             f"{ck.path} holds only a state_dict{hint}, so bnfuse needs the model code: pass --arch NAME "
             "(a torchvision name such as resnet50, timm:NAME, or package.module:factory)"
         )
-    model = build(use_arch, weights=None, **(meta.arch_kwargs if meta else {}))
+    model = build(use_arch, weights=None, **kwargs)
     if meta is not None:
         model = rebuild(model, meta.steps)  # each round's items, as recorded (a new root for a top-level merge)
     sd, picked = _pick_weights(ck, set(model.state_dict()), use_arch, explicit=key is not None)
-    notes = load_state_dict_strict(model, sd, what=str(ck.path), arch=use_arch)
+    named = use_arch if arch_from is None else f"{use_arch} (from {arch_from})"
+    notes = load_state_dict_strict(model, sd, what=str(ck.path), arch=named)
     kind = "torchscript" if ck.kind == "torchscript" else "state_dict"
-    return Source(model, use_arch, kind, meta, ck.path, "file", picked + notes)
+    return Source(model, use_arch, kind, meta, ck.path, "file", picked + notes, arch_from=arch_from)
 
 
 def _from_program(path: Path, fmt: Any, device: str) -> Source:
@@ -183,6 +205,7 @@ def load_source(
     seed: int = 0,
     device: str = "cpu",
     programs: bool = False,
+    record: "Source | None" = None,
 ) -> Source:
     """Resolve ``source``: an existing file is a checkpoint, otherwise a model name.
 
@@ -190,7 +213,11 @@ def load_source(
     initialisation drawn from ``seed``: the same name and seed give the same model) or a path to
     a state_dict file.  The model is returned in eval mode.  With ``programs``, an exported program
     (``.pt2``, ``.onnx``) is opened in its own runtime, on ``device`` where that runtime can use it
-    (``verify`` runs them; nothing folds a program).
+    (``verify`` runs them; nothing folds a program).  A name that has no pretrained weights bnfuse can
+    load (``timm:NAME``, ``package.module:factory``) takes ``weights="default"`` as its own
+    initialisation, drawn from ``seed`` as ``none`` is.  ``record``, a fused file loaded first, gives
+    a file that holds only a state_dict its architecture when ``arch`` is None; an explicit ``arch``
+    that disagrees with a file's own record is a :class:`UsageError`.
 
     ``key`` is the dotted key path of the weights inside the checkpoint file read (the source, or the
     ``weights`` file of a name), such as ``"model_state"`` or ``"ema.model"``. Without it the weights are
@@ -204,14 +231,15 @@ def load_source(
     if path.exists() and program is not None and programs:
         src = _from_program(path, program, device)
     elif path.exists():
-        src = _from_checkpoint(read_checkpoint(path, allow_pickle=allow_pickle, key=key), arch, key)
+        src = _from_checkpoint(read_checkpoint(path, allow_pickle=allow_pickle, key=key), arch, key, record)
     elif not looks_like_path:
         w = weights.strip()
         if key is not None and (w.lower() == "none" or not Path(w).exists()):
             raise UsageError(f"--key {key} chooses the weights inside a checkpoint file, but {text} is a model name "
                              "without a --weights FILE: leave --key out")
-        if w.lower() == "none":
-            src = Source(build(text, seed=seed), text, "name", weights="none", seed=seed)
+        if w.lower() == "none" or (w.lower() == "default" and own_init_only(text)):
+            model = build(text, seed=seed)
+            src = Source(model, text, "name", weights="none", seed=seed, notes=_reproducible(text, seed, model))
         elif Path(w).exists():
             model = build(text, seed=seed)
             ck = read_checkpoint(w, allow_pickle=allow_pickle, key=key)
@@ -222,13 +250,30 @@ def load_source(
             src = Source(model, text, "name", weights=w, notes=picked + notes)
         else:
             if ":" in text:
-                raise UsageError(f"--weights {w!r}: {text} can only take --weights none or a local state_dict file")
+                raise UsageError(f"--weights {w!r}: {text} has no pretrained weights bnfuse can load; it takes "
+                                 "--weights default or none (its own initialisation) or a local state_dict file")
             src = Source(build(text, weights=w, seed=seed), text, "name", weights=w)
     else:
         raise CheckpointError(f"{path}: no such file")
     if src.kind != "program":  # an exported program is already in the mode it was exported in
         src.model.eval()
     return src
+
+
+def _reproducible(arch: str, seed: int, model: "nn.Module") -> list[str]:
+    """A note when a factory's random initialisation is not the same from the same seed (it draws from
+    a random source bnfuse does not seed): then nothing can rebuild the original.  torchvision and timm
+    draw from torch's generator, which :func:`build` seeds."""
+    import torch
+
+    if not own_init_only(arch) or arch.startswith("timm:"):
+        return []
+    again = build(arch, seed=seed).state_dict()
+    if all(k in again and torch.equal(v, again[k]) for k, v in model.state_dict().items()):
+        return []
+    return [f"{arch} builds different weights from the same seed (it draws from a random source that bnfuse does "
+            "not seed): the original cannot be rebuilt to verify the output; save its state_dict and convert that "
+            "file instead"]
 
 
 def load(path: "str | os.PathLike[str]", *, allow_pickle: bool = False, arch: "str | None" = None,

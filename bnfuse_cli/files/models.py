@@ -3,16 +3,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import SourceError
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["build", "torchvision_names", "load_weights_enum"]
+__all__ = ["build", "torchvision_names", "load_weights_enum", "own_init_only"]
 
 
 def torchvision_names() -> list[str]:
@@ -76,17 +77,23 @@ def load_weights_enum(name: str, weights: str) -> Any:
         ) from exc
 
 
+def own_init_only(arch: str) -> bool:
+    """Whether ``arch`` has no pretrained weights bnfuse can load, only its own initialisation:
+    ``timm:NAME`` (bnfuse does not download timm's weights) and ``package.module:factory``."""
+    return ":" in arch
+
+
 def build(arch: str, *, weights: "str | None" = None, seed: int = 0, **kwargs: Any) -> "nn.Module":
     """Instantiate ``arch``: a torchvision name, ``timm:NAME``, or ``package.module:callable``.
 
     ``weights`` is a torchvision weights name (``default``, ``IMAGENET1K_V2``) or None for
     random initialisation; timm and factory models are always built without pretrained weights.
-    Whatever is initialised at random is drawn from ``seed`` (the global random state is left as
-    it was), so the same name and seed give the same model in every process.
+    Whatever is initialised at random is drawn from ``seed`` (torch's, Python's and numpy's global
+    random states, each left as it was), so the same name and seed give the same model in every process.
     """
     import torch
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _seeded_python_and_numpy(seed):
         torch.manual_seed(seed)
         if arch.startswith("timm:"):
             return _build_timm(arch, kwargs)
@@ -99,6 +106,26 @@ def build(arch: str, *, weights: "str | None" = None, seed: int = 0, **kwargs: A
                 return _build_torchvision(arch, None, dict(kwargs))
             resolved = load_weights_enum(arch, weights)
         return _build_torchvision(arch, resolved, dict(kwargs))
+
+
+@contextlib.contextmanager
+def _seeded_python_and_numpy(seed: int) -> Iterator[None]:
+    """Python's and numpy's global random states seeded with ``seed`` inside, restored after: a factory
+    that draws its initialisation from them is as reproducible as one that uses torch's."""
+    import random
+    import sys
+
+    np = sys.modules.get("numpy")  # torch imports it when it is installed
+    state, np_state = random.getstate(), np.random.get_state() if np is not None else None
+    random.seed(seed)
+    if np is not None:
+        np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+        if np is not None:
+            np.random.set_state(np_state)
 
 
 def _build_timm(arch: str, kwargs: dict[str, Any]) -> "nn.Module":

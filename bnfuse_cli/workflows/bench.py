@@ -40,7 +40,7 @@ from ..inputs import cast_floats, memory_format, to_memory_format
 from ..precision import parse_dtype, resolve_device
 from .bench_report import DEVICE_RUN, BenchReport, ModelBench, Stats, verdict
 from .runtimes import RUNTIMES, check_runtime, ort_op_counts, programs
-from .timing import backend_flags, environment, first_call, machine_info, race
+from .timing import Contention, LoadMeter, backend_flags, choose_threads, environment, first_call, machine_info, race
 from .options import BenchSettings, split_call
 from .source import SourceOptions, prepare
 from ..engine.passes import options as pass_options
@@ -113,6 +113,10 @@ class _Settings:
     progress: "ProgressFn | None"
     #: torch intra-op threads for the run (None: torch's choice)
     threads: "int | None" = None
+    #: how busy the machine is, read before and after each model's timing
+    meter: "LoadMeter | None" = None
+    #: the threads that time each model and compete for the CPUs (torch's intra-op threads; 1 on CUDA)
+    race_threads: int = 1
     #: what both models run in: one of :data:`RUNTIMES`
     runtime: str = "eager"
     #: the options of the passes that make the fused side, by name (the table's defaults for the rest)
@@ -277,13 +281,15 @@ def _bench_one(source: str, st: _Settings) -> ModelBench:
     run_orig, run_fused, graph_ops = programs(prep, result, args, st)
     check = _judge(prep, result, (run_orig, run_fused), ref, args, st)
     del ref
+    before = st.meter.others() if st.meter is not None else None
     times = race((lambda: run_orig(*args), lambda: run_fused(*args)), st, tick, prep.notes)
+    contention = None if st.meter is None else Contention(st.meter.cpus, st.race_threads, before, st.meter.others())
     tick("done", total)
     bench_result = ModelBench(
         model=source, arch=prep.src.arch, weights=prep.src.weights, input=prep.spec,
         bn_found=len(plan.norms), bn_folded=len(plan.folded_norms), bn_left=[(s.norm, s.reason) for s in plan.skipped],
         check=check, original_ms=times[0], fused_ms=times[1], calls_per_sample=times[2], warmup=st.warmup,
-        fold_seconds=fold_seconds, notes=prep.notes, runtime=st.runtime, graph_ops=graph_ops,
+        fold_seconds=fold_seconds, notes=prep.notes, runtime=st.runtime, graph_ops=graph_ops, contention=contention,
     )
     return bench_result
 
@@ -296,6 +302,22 @@ def _check_counts(*, iters: int, warmup: int, batch_size: "int | None", threads:
             raise UsageError(f"{name} {value}: must be at least {low}")
     if not (budget >= 0 and math.isfinite(budget)):
         raise UsageError(f"--time-budget {budget:g}: give seconds of timing per model, or 0 for no limit")
+
+
+def _threads_for_the_load(st: _Settings, default: int) -> list[str]:
+    """Start ``st``'s load meter and set torch's threads for the run: on the CPU ``--threads``, or
+    ``default`` (torch's) or fewer, to leave the other work room (on CUDA one thread launches the
+    kernels and competes; torch's threads are left as they are unless given).  The warnings the
+    choice needs (none when it is torch's)."""
+    import torch
+
+    st.meter = LoadMeter()
+    warnings: list[str] = []
+    if st.device.type == "cpu":
+        st.race_threads, why = choose_threads(st.threads, default, st.meter.cpus, st.meter.others())
+        warnings += [why] if why else []
+    torch.set_num_threads(st.race_threads if st.device.type == "cpu" else st.threads or default)
+    return warnings
 
 
 def bench(models: "Sequence[str] | None" = None, settings: "BenchSettings | None" = None,
@@ -316,7 +338,11 @@ def bench(models: "Sequence[str] | None" = None, settings: "BenchSettings | None
     both models once (or a few times, for models faster than ``min_sample_ms``) after
     ``warmup`` untimed pairs; a model stops early after ``time_budget`` seconds of timing
     (None: the device default; 0: no limit), with at least 5 pairs.  ``threads`` sets
-    torch's intra-op threads for the run only.
+    torch's intra-op threads for the run only; without it, on the CPU, bench takes torch's choice or
+    fewer, so that its threads and the work the load average shows beside it fit the CPUs this process
+    may use (said in the report's ``warnings``).  The load is read before and after each model's timing:
+    a model timed on a busy machine, or with more threads than usable CPUs, carries the flag
+    (``ModelBench.contention``) and its verdict says so.
 
     ``runtime`` (:data:`RUNTIMES`) is what both models run in: ``eager`` (default), ``export``
     (torch.export programs, ``ep.module()``) or ``onnxruntime`` (ONNX graphs, both sessions at
@@ -360,8 +386,7 @@ def bench(models: "Sequence[str] | None" = None, settings: "BenchSettings | None
 
     old_threads = torch.get_num_threads()
     flags_before = backend_flags()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    warnings = _threads_for_the_load(st, old_threads)
     try:
         results = []
         for src in sources:
@@ -376,8 +401,8 @@ def bench(models: "Sequence[str] | None" = None, settings: "BenchSettings | None
         if backend_flags() != flags_before:  # pragma: no cover - a model changed global flags
             results[-1].notes.append("backend flags (TF32/cudnn.benchmark) changed during the run")
     finally:
-        if threads is not None:
-            torch.set_num_threads(old_threads)
+        torch.set_num_threads(old_threads)
     settings = st.to_dict()
     date = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    return BenchReport(results=results, settings=settings, environment=env, date=date)
+    warnings += [f"{r.model}: {r.contention.warning()}" for r in results if r.contended]
+    return BenchReport(results=results, settings=settings, environment=env, date=date, warnings=warnings)

@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..version import __version__
 from ..checks import json_number
+from .timing import threads_text
 
 if TYPE_CHECKING:
     from ..checks import Comparison, Verdict
     from ..inputs import InputSpec
+    from .timing import Contention
 
 __all__ = ["Stats", "ModelBench", "BenchReport", "verdict", "DEVICE_RUN"]
 
@@ -89,6 +91,13 @@ class ModelBench:
     #: onnxruntime only: per graph ("original", "fused") its nodes after onnxruntime's own optimisation:
     #: ``bn``, ``conv`` (all conv-like ops), ``nodes``, ``conv_ops`` (by op type)
     graph_ops: "dict[str, dict[str, Any]] | None" = None
+    #: how contended the CPUs were while it was timed (None: not measured)
+    contention: "Contention | None" = None
+
+    @property
+    def contended(self) -> bool:
+        """Timed on a busy machine, or with more threads than usable CPUs: its times are not trustworthy."""
+        return self.contention is not None and self.contention.contended
 
     def graph_text(self) -> str:
         """``BN a -> b, conv c -> d`` (original -> fused, after onnxruntime's optimisation), or ``""``."""
@@ -160,6 +169,8 @@ class ModelBench:
             "warmup": self.warmup,
             "fold_seconds": self.fold_seconds,
             "graph_ops": self.graph_ops,
+            "contended": self.contended,
+            "contention": None if self.contention is None else self.contention.to_dict(),
             "notes": self.notes,
         }
 
@@ -172,6 +183,9 @@ class BenchReport:
     settings: dict[str, Any]
     environment: dict[str, Any]
     date: str = ""
+    #: what the reader must know before trusting the times: a busy machine, oversubscribed threads,
+    #: a thread count bench chose for the load
+    warnings: list[str] = field(default_factory=list)
 
     def slower_than(self, min_speedup: "float | None") -> list[ModelBench]:
         """Models whose median speedup is below ``min_speedup`` (none when it is None)."""
@@ -194,6 +208,8 @@ class BenchReport:
             "settings": self.settings,
             "min_speedup": min_speedup,
             "passed": self.passed(min_speedup),
+            "contended": any(r.contended for r in self.results),
+            "warnings": self.warnings,
             "models": [r.to_dict() for r in self.results],
         }
 
@@ -206,11 +222,13 @@ class BenchReport:
             "",
             f"{env.get('device_name', '?')} ({st.get('device')}), torch {env.get('torch')}, {st.get('dtype')}, "
             f"{'channels_last, ' if st.get('channels_last') else ''}"
-            f"{'torch.compile, ' if st.get('compile') else ''}{env.get('threads')} threads, "
+            f"{'torch.compile, ' if st.get('compile') else ''}{threads_text(env.get('threads'))}, "
             f"runtime {st.get('runtime', 'eager')}"
             + (f" (onnxruntime {env['onnxruntime']}, ORT_ENABLE_ALL)" if env.get("onnxruntime") else "")
             + f", {self.date}",
             "",
+            *[f"> **warning:** {w}" for w in self.warnings],
+            *([""] if self.warnings else []),
             "| model | runtime | input | BN folded | original ms (IQR) | fused ms (IQR) | speedup (IQR) | max abs err "
             "| rel err | noise | " + ("ORT graph BN / conv (orig -> fused) | " if graphs else "") + "verdict |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | " + ("--- | " if graphs else "")
@@ -238,12 +256,17 @@ class BenchReport:
 
 
 def verdict(r: ModelBench, min_speedup: "float | None" = None) -> str:
-    """One short phrase: wrong output, below the gate, within noise, faster or slower."""
+    """One short phrase: wrong output, below the gate, within noise, faster or slower; flagged when the
+    times were taken on a busy machine or with oversubscribed threads."""
     if not r.correct:
         return "WRONG OUTPUT"
     s = r.speedup
     if min_speedup is not None and not (s.median >= min_speedup):
-        return f"BELOW {min_speedup:g}x"
-    if r.within_noise:
-        return "within noise"
-    return "faster" if s.median > 1.0 else "slower"
+        phrase = f"BELOW {min_speedup:g}x"
+    elif r.within_noise:
+        phrase = "within noise"
+    else:
+        phrase = "faster" if s.median > 1.0 else "slower"
+    if r.contention is not None and r.contention.oversubscribed:
+        return f"{phrase} (threads oversubscribed)"
+    return f"{phrase} (busy machine)" if r.contended else phrase

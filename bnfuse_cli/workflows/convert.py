@@ -211,14 +211,21 @@ def _report(prep: Prepared, out_path: "Path | None", result: Any) -> ConvertRepo
     src = prep.origin
     notes = list(src.notes)
     if src.seed is not None:
-        notes.append(f"random initialisation (--weights none) from seed {src.seed}: no pretrained weights were "
-                     "loaded; the same name and --seed rebuild the same model")
+        notes.append(f"random initialisation ({_random_init(prep.options.weights, src.arch)}) from seed {src.seed}: "
+                     "no pretrained weights were loaded; the same name and --seed rebuild the same model")
     return ConvertReport(
         source=prep.name, output=str(out_path) if out_path else None, arch=prep.arch, weights=src.weights,
         input=prep.spec, dtype=prep.dtype_name, plan=result.plan,
         params_before=prep.params, params_after=params_after,
         buffers_before=prep.buffers, buffers_after=buffers_after, verdict=result.verdict, notes=notes,
     )
+
+
+def _random_init(weights: str, arch: "str | None") -> str:
+    """How a random initialisation came about: asked for, or the only one ``arch`` has."""
+    if weights.strip().lower() == "none":
+        return "--weights none"
+    return f"its own: {arch} has no pretrained weights bnfuse can load, so --weights default means this"
 
 
 def _rtol(rtol: "float | None", tolerance: "float | None") -> "float | None":

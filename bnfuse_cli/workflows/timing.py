@@ -1,5 +1,7 @@
 """The race's clock and its conditions: CUDA events or ``perf_counter``, alternating timed pairs
-with the garbage collector off, and the machine, threads and backend flags the times were taken under.
+with the garbage collector off, and the machine, threads and backend flags the times were taken under;
+how busy the CPUs were (the load average against the CPUs this process may use), and a thread count
+that does not compete with that load.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ import math
 import os
 import platform
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..version import __version__
@@ -17,7 +20,125 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["Timer", "race", "machine_info", "environment", "backend_flags", "compiled", "first_call"]
+__all__ = ["Timer", "race", "machine_info", "environment", "backend_flags", "compiled", "first_call", "load_average",
+           "usable_cpus", "LoadMeter", "Contention", "choose_threads", "threads_text"]
+
+#: runnable work beyond the usable CPUs that still counts as an idle machine: the load average moves
+#: by a few tenths on a machine doing nothing
+SLACK = 0.5
+#: the time constant of the kernel's 1-minute load average, in seconds
+_LOAD_TAU = 60.0
+
+
+def load_average() -> "float | None":
+    """The machine's 1-minute load average (runnable tasks, averaged), None where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # pragma: no cover - not Unix
+        return None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (all of the machine's where the OS does not say)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class LoadMeter:
+    """Reads how much work besides this process the machine runs: the load average (:func:`load_average`)
+    less this process's own share of it, estimated from its CPU time averaged the way the kernel
+    averages runnable tasks (a time constant of a minute), so a long bench does not count its own
+    threads as a busy machine.  Work done before the meter was made is not counted as its own."""
+
+    def __init__(self) -> None:
+        self.cpus = usable_cpus()
+        self._at, self._cpu, self._own = time.monotonic(), time.process_time(), 0.0
+
+    def others(self) -> "float | None":
+        """Runnable tasks of other processes, averaged over about the last minute (None: unknown)."""
+        now, cpu = time.monotonic(), time.process_time()
+        elapsed = now - self._at
+        if elapsed > 0:
+            decay = math.exp(-elapsed / _LOAD_TAU)
+            self._own = self._own * decay + (cpu - self._cpu) / elapsed * (1 - decay)
+        self._at, self._cpu = now, cpu
+        load = load_average()
+        return None if load is None else max(0.0, load - self._own)
+
+
+def choose_threads(requested: "int | None", default: int, cpus: int, others: "float | None") -> "tuple[int, str | None]":
+    """The intra-op threads to time with, and why when that is not ``default`` (torch's choice): what was
+    ``requested`` (``--threads``), else no more than the CPUs the other work leaves free, at least 1."""
+    if requested is not None:
+        return requested, None
+    room = math.floor(cpus + SLACK - (others or 0.0))
+    chosen = max(1, min(default, room))
+    if chosen == default:
+        return chosen, None
+    return chosen, (f"{threads_text(chosen)} instead of torch's {default}: other work runs {others:.1f} tasks on "
+                    f"average (1-minute load average) on the {cpus} usable CPUs, and more threads would compete "
+                    "with it; --threads N sets the number")
+
+
+def threads_text(n: Any) -> str:
+    """``1 thread``, ``4 threads``."""
+    return f"{n} thread{'' if n == 1 else 's'}"
+
+
+@dataclass(frozen=True)
+class Contention:
+    """How contended the CPUs were while a model was timed: the other work before and after its timing
+    (:meth:`LoadMeter.others`), against the ``cpus`` this process may use and the ``threads`` bench
+    timed with (1 on CUDA: the thread that launches the kernels)."""
+
+    cpus: int
+    threads: int
+    before: "float | None"
+    after: "float | None"
+
+    @property
+    def others(self) -> "float | None":
+        known = [x for x in (self.before, self.after) if x is not None]
+        return max(known) if known else None
+
+    @property
+    def busy(self) -> bool:
+        """Other work and bench's threads together need more CPUs than there are: they take turns."""
+        return self.others is not None and self.others + self.threads > self.cpus + SLACK
+
+    @property
+    def oversubscribed(self) -> bool:
+        """bench's own threads are more than the usable CPUs: they take turns with each other."""
+        return self.threads > self.cpus
+
+    @property
+    def contended(self) -> bool:
+        return self.busy or self.oversubscribed
+
+    def cause(self) -> "str | None":
+        """What contended the CPUs, in a phrase (None: nothing known)."""
+        if self.oversubscribed:
+            return f"threads oversubscribed: {threads_text(self.threads)} on {self.cpus} usable CPUs"
+        if self.busy:
+            return (f"busy machine: other work ran {self.others:.1f} tasks on average (1-minute load average) beside "
+                    f"bench's {threads_text(self.threads)} on {self.cpus} usable CPUs")
+        return None
+
+    def warning(self) -> "str | None":
+        """What makes these times untrustworthy and what to do, in a sentence (None: nothing known)."""
+        if self.oversubscribed:
+            return (f"{self.cause()} take turns with each other, so the times measure the scheduler as much as the "
+                    f"model; use --threads {self.cpus} or fewer")
+        if self.busy:
+            return f"{self.cause()}, so they took turns: the times and speedups are not trustworthy; rerun on an idle machine"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cpus": self.cpus, "threads": self.threads, "load_others_before": self.before,
+                "load_others_after": self.after, "busy": self.busy, "oversubscribed": self.oversubscribed,
+                "warning": self.warning()}
 
 
 def machine_info() -> dict[str, Any]:
@@ -33,10 +154,7 @@ def machine_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 0
+    cores = usable_cpus()
 
     def version(dist: str) -> "str | None":
         try:

@@ -25,7 +25,8 @@ from .options import JudgeOptions, split_call
 from .source import SourceOptions, count_tensors
 from ..errors import BnfuseError, UsageError
 from ..inputs import InputSpec, as_args, input_spec, make_input, model_dtype
-from ..files.load import Source, load_source
+from ..files.load import Source, check_arch, load_source
+from ..files.models import own_init_only
 from ..files.data import read_data
 from ..precision import autocast, check_autocast, parse_dtype, precision_flags, resolve_device
 from .verify_report import DataResult, Structure, VerifyReport
@@ -74,6 +75,14 @@ def _site_checks(src_o: Source, src_f: Source, x: Any, name: str) -> tuple[list[
     if src_f.meta is None:
         return [], ["the fused file names no fold sites (not a bnfuse output): checked on outputs only"]
     specs, missing = site_specs(src_o.model, {p.name: src_f.meta.all_of(p.name) for p in PASSES})
+    recorded = src_f.meta.arch
+    if missing and recorded is not None and src_o.arch is not None and recorded != src_o.arch:
+        given = "" if name == src_o.arch else f" ({name})"
+        raise UsageError(
+            f"{src_f.path} records that it was converted from {recorded}, but the original is {src_o.arch}{given}: "
+            f"{missing} of the sites it records name layers {src_o.arch} does not have. Compare the fused file "
+            f"with the original it was converted from ({recorded})"
+        )
     notes = []
     if missing:
         notes.append(f"{missing} site(s) in the fused file's metadata name layers the original does not have "
@@ -225,8 +234,10 @@ def verify(orig: "str | os.PathLike[str]", fused: "str | os.PathLike[str]", opti
     may differ from it by ``atol + rtol * max|ref|`` plus a few times the original's own error
     (``rtol``/``atol`` default by dtype: :data:`bnfuse_cli.checks.TOLERANCES`).  Every fold site
     named in the fused file's record is checked on the activation that reaches it.  ``arch`` is
-    used for a file that holds only a state_dict (a bnfuse output brings its own); ``key`` picks
-    the original's weights in a checkpoint that holds several.  The report's ``ok`` is the
+    used for a file that holds only a state_dict (a bnfuse output brings its own; without ``arch``, the
+    original takes the architecture the fused file records, and the report says so in ``arch_from``; an
+    ``arch`` that disagrees with that record is a :class:`UsageError`); ``key`` picks the original's
+    weights in a checkpoint that holds several.  The report's ``ok`` is the
     verdict; a model that cannot be loaded or run raises a :class:`BnfuseError`.
     """
     import torch
@@ -282,7 +293,7 @@ def verify(orig: "str | os.PathLike[str]", fused: "str | os.PathLike[str]", opti
     )
     return VerifyReport(
         orig=str(orig), fused=str(fused), orig_kind=src_o.kind, fused_kind=src_f.kind,
-        arch=src_o.arch, fused_arch=src_f.arch, input=spec, dtype=str(runtime).replace("torch.", ""),
+        arch=src_o.arch, arch_from=src_o.arch_from, fused_arch=src_f.arch, input=spec, dtype=str(runtime).replace("torch.", ""),
         device=str(dev), autocast=amp, samples=samples, seed=seed, verdict=verdict,
         structure=structure, data=data_result,
         notes=_notes(src_o, src_f, structure, outputs, labels, data_result) + init_note + notes,
@@ -291,24 +302,32 @@ def verify(orig: "str | os.PathLike[str]", fused: "str | os.PathLike[str]", opti
 
 
 def _load_pair(orig: Any, fused: Any, opts: SourceOptions, *, device: str) -> "tuple[Source, Source, list[str]]":
-    """The fused file (a program opened in its runtime on ``device``), then the original, a random one
-    built from the seed the fused file records; and the note that says which seed.  ``key`` applies
-    to the original only."""
+    """The fused file (a program opened in its runtime on ``device``), then the original: a file that
+    holds only a state_dict in the architecture the fused file records (when ``arch`` is not given), a
+    random one built from the seed the fused file records; and the notes that say so.  ``key`` applies
+    to the original only; an ``arch`` that disagrees with the fused file's record is refused."""
     src_f = load_source(fused, arch=opts.arch, weights=opts.weights, allow_pickle=opts.allow_pickle, device=device,
                         programs=True)
+    check_arch(opts.arch, src_f.meta, src_f.path)
     init_seed, why = _init_seed(orig, opts.weights, src_f, opts.seed)
     src_o = load_source(orig, arch=opts.arch, weights=opts.weights, allow_pickle=opts.allow_pickle, key=opts.key,
-                        seed=init_seed)
-    note = [] if src_o.seed is None else [
-        f"original built with random weights (--weights none) from seed {src_o.seed}" + (f": {why[0]}" if why else "")]
-    return src_o, src_f, note
+                        seed=init_seed, record=src_f)
+    notes = [] if src_o.arch_from is None else [f"architecture: {src_o.arch}, from {src_o.arch_from}"]
+    if src_o.seed is not None:
+        how = "--weights none" if opts.weights.strip().lower() == "none" else "its own initialisation"
+        notes.append(f"original built with random weights ({how}) from seed {src_o.seed}"
+                     + (f": {why[0]}" if why else ""))
+    return src_o, src_f, notes
 
 
 def _init_seed(orig: Any, weights: str, src_f: Source, seed: int) -> "tuple[int, list[str]]":
     """The seed to build a randomly initialised original from: the one the fused file records
-    when it came from the same name with random weights, else ``seed``; and a note saying so."""
+    when it came from the same name with random weights (``none``, or ``default`` for a name that
+    has only its own initialisation), else ``seed``; and a note saying so."""
     meta = src_f.meta
-    if weights.strip().lower() != "none" or meta is None or meta.seed is None or meta.arch != str(orig):
+    w = weights.strip().lower()
+    random = w == "none" or (w == "default" and own_init_only(str(orig)))
+    if not random or meta is None or meta.seed is None or meta.arch != str(orig):
         return seed, []
     return meta.seed, [f"the seed {src_f.path} records for its conversion of {orig}"]
 

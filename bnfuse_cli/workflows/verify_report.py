@@ -116,6 +116,8 @@ class VerifyReport:
     data: "DataResult | None" = None
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    #: where the original's architecture came from when neither its file nor --arch gave it (the fused file's record)
+    arch_from: "str | None" = None
 
     @property
     def ok(self) -> bool:
@@ -165,6 +167,7 @@ class VerifyReport:
             "orig_kind": self.orig_kind,
             "fused_kind": self.fused_kind,
             "arch": self.arch,
+            "arch_from": self.arch_from,
             "fused_arch": self.fused_arch,
             "input": self.input.to_dict(),
             "dtype": self.dtype,
