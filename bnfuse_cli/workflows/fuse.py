@@ -162,6 +162,7 @@ def _fuse(model: "nn.Module", args: tuple[Any, ...], dtype: Any, device: Any, op
     with exact_math():
         magnitude = Magnitude()
         model, plan, reference, sites, seconds, before = _rounds(model, args, dict(opts.passes), magnitude)
+        _give_back_freed_memory()
         t3 = time.perf_counter()
         with torch.no_grad(), SelectionProbe() as after:
             fused_out = model(*args)
@@ -186,6 +187,21 @@ def _fuse(model: "nn.Module", args: tuple[Any, ...], dtype: Any, device: Any, op
         model=model, plan=plan, verdict=verdict, reference=kept,
         seconds={"analyse": seconds["analyse"], "rewrite": seconds["rewrite"], "check": t4 - t3 + seconds["check"]},
     )
+
+
+def _give_back_freed_memory() -> None:
+    """Hand the heap pages the recording runs and the site checks freed back to the system before the
+    checking forward pass.  glibc keeps freed memory in its heap, and the recorder's small objects,
+    allocated between a forward pass's large activations, pin that free space: the next forward
+    would grow on top of it (``docs/measured/bench_memory.md``: the fold's peak beyond one forward
+    pass of regnet_y_32gf).  ``malloc_trim`` is glibc's; elsewhere this does nothing."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 #: at most this many rounds: a merge can leave a BatchNorm after the merged conv (RepViT's
