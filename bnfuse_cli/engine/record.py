@@ -108,7 +108,6 @@ def note_batch_norm(rec: "Recorder", args: Any, kwargs: Any, out: Any) -> None:
         bool(values["training"]), float(values["eps"]), tuple(unresolved)))
 
 
-
 def _move_step(op: str, args: Any, kwargs: Any, src: "TensorRecord | None") -> "tuple[str, tuple[int, ...]] | None":
     """A layout op or a mean over axes as (op, int arguments), for :attr:`Recorder.moved`: a
     flatten/transpose/permute with its int arguments; ``mean`` or ``mean_keepdim`` with the axes it
@@ -401,7 +400,8 @@ class Recorder:
                 pass
 
     def _on_layout_op(self, op: str, args: Any, kwargs: Any, out: Any) -> None:
-        """Watch a reshape or cat of producer outputs: a BN may still fold through it."""
+        """Watch a reshape or cat of producer outputs: a BN may still fold through it; and a layout op
+        or a mean over axes of a norm's or scale's output: it may fold forward through it."""
         import torch
 
         if not isinstance(out, torch.Tensor):
