@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import BnfuseError
 from ..affine import affine_from_stats
 from ..forward import child_name, held, rewrite_forward, trace_block
-from ..patterns import producer_rule, std_conv_rule
+from ..patterns import is_norm_like, producer_rule, std_conv_rule
 from ..plan import Plan
 from ..record import pretty_op, where
 from ..steps import Forward, RunLayer, SiteSpec
@@ -99,7 +99,7 @@ class FunctionalPass(AffineFold, name="functional", key="functional_folds", left
             index = made[block] = made.get(block, -1) + 1
             label = _label(block, index)
             plan.norms.append(label)
-            why = _refusal(call, rec, escapes)
+            why = _refusal(call, rec, escapes) or _borrowed(model, call)
             if why is None:
                 why = _located(model, block, rec.produced[id(call.input)].name)
             if why is not None:
@@ -146,6 +146,16 @@ def _calls(graph: Any, block: str, producer: str) -> "list[tuple[Any, Any]]":
                 isinstance(src, fx.Node) and src.op == "call_module" and child_name(block, src.target) == producer:
             out.append((src, node))
     return out
+
+
+def _borrowed(model: "nn.Module", call: "BatchNormCall") -> "str | None":
+    """Why a call on the statistics of a BatchNorm module stays: that module stays too (the fold pass
+    names this call as what reads it), and the report must not say it stays while it is gone."""
+    for q in call.stats:
+        owner = q.rpartition(".")[0] if q else None
+        if owner and is_norm_like(model.get_submodule(owner)):
+            return f"it reads the statistics of the BatchNorm {owner}, which stays in the model"
+    return None
 
 
 def _located(model: "nn.Module", block: str, producer: str) -> "str | None":
