@@ -119,7 +119,7 @@ def test_cli_shows_scales_folded_and_left(tmp_path: Path) -> None:
 #: feature axis of the Conv/Linear next to it folds, ResMLP's final norm through the mean into its head;
 #: ResMLP's token mixing and EfficientFormer's ``pool(x) - x`` stay
 ZOO = [("tv:convnext_tiny", 18, 0, None), ("convnext_tiny", 18, 0, None), ("deit3_small_patch16_224", 24, 0, None),
-       ("cait_xxs24_224", 52, 0, None), ("resmlp_12_224", 25, 24, "not its features"),
+       ("cait_xxs24_224", 52, 0, None), ("resmlp_12_224", 25, 24, "reads axis 2 as its features, not the channels"),
        ("efficientformer_l1", 16, 14, "does not read a Conv/Linear output")]
 
 
@@ -142,5 +142,8 @@ def test_layer_scales_of_real_families_fold_exactly(name: str, folded: int, left
     assert result.ok, result.verdict.reasons
     assert (len(result.plan.of("scale")), len(result.plan.left_by("scale"))) == (folded, left)
     assert reason is None or any(reason in s.reason for s in result.plan.left_by("scale"))
+    # every scale left names the other axis it scales or the other reader in the way
+    assert all("axis" in s.reason or "goes to" in s.reason or "read by" in s.reason
+               for s in result.plan.left_by("scale")), result.plan.left_by("scale")
     assert bench_scales._rel64(m64, result.model, x.double()) < 1e-12
     assert bench_scales._muls(result.model, x.double()) <= bench_scales._muls(m64, x.double()) - folded
