@@ -35,7 +35,7 @@ _OPS = {operator.mul: "mul", operator.add: "add", operator.sub: "sub", operator.
 #: affine); ``c / y`` is ``rdiv``, which is not affine in ``y``
 _REVERSED = {"mul": "mul", "add": "add", "sub": "rsub", "div": "rdiv", "rsub": "sub"}
 #: the steps a chain folds: y <- y op c, and y <- c - y (``rsub``)
-STEPS = ("mul", "add", "sub", "div", "rsub")
+_STEPS = ("mul", "add", "sub", "div", "rsub")
 
 
 def _op(node: Any) -> "str | None":
@@ -60,7 +60,7 @@ class ChainFold:
     steps: "tuple[tuple[str, str | float], ...]"
 
     def __post_init__(self) -> None:
-        if any(op not in STEPS for op, _ in self.steps):
+        if any(op not in _STEPS for op, _ in self.steps):
             raise ValueError(f"unknown affine step in {self.steps!r}")
 
 

@@ -57,12 +57,9 @@ class LayoutPass(AffineFold, name="layout", key="layout_folds", left_key="layout
                 keep.append(skip)
                 continue
             found = follow(rec, calls[0].output, 1, escapes)
-            reader = found.reader
-            why = found.why
+            reader, why = found.reader, found.why
             if reader is not None and found.steps:
-                calls_of = len(rec.calls.get(id(reader.module), []))
-                rule, rwhy = producer_rule(reader.module)
-                why = f"{reader.name} is called {calls_of} times" if calls_of != 1 else rwhy if rule is None else None
+                why = _linear_problem(reader, rec)
             if reader is None or not found.steps or why is not None:
                 keep.append(_forward_reason(skip, why) if why else skip)
                 continue
@@ -94,6 +91,15 @@ class LayoutPass(AffineFold, name="layout", key="layout_folds", left_key="layout
 
     def row(self, it: LayoutFold) -> "tuple[str, ...]":
         return it.norm, it.producer, " -> ".join(f"{op}{args}" for op, args in it.steps)
+
+
+def _linear_problem(reader: Any, rec: "Recorder") -> "str | None":
+    """Why the Linear a BatchNorm's output reaches cannot take its fold (None: it can)."""
+    n = len(rec.calls.get(id(reader.module), []))
+    if n != 1:
+        return f"{reader.name} is called {n} times"
+    rule, why = producer_rule(reader.module)
+    return why or f"{reader.name} is not a layer bnfuse folds into" if rule is None else None
 
 
 def _forward_reason(skip: Skip, why: str) -> Skip:

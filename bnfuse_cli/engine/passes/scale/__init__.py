@@ -113,7 +113,8 @@ class ScalePass(AffineFold, name="scale", key="scale_folds", left_key="scales_le
         return specs
 
     def row(self, it: ScaleFold) -> "tuple[str, ...]":
-        return it.scale, it.producer, it.direction
+        through = " -> ".join(f"{op}{args}" for op, args in it.through)
+        return it.scale, it.producer, f"{it.direction} through {through}" if through else it.direction
 
     def left_json(self, left: ScaleSkip) -> "dict[str, Any]":
         return {"scale": left.scale, "reason": left.reason}

@@ -157,10 +157,11 @@ def _forward(model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", mna
     through: "tuple[tuple[str, tuple[int, ...]], ...]" = ()
     if reads is not None and len(reads) == 1 and id(call.output) in rec.moved and id(call.output) not in escapes:
         reach = follow(rec, call.output, axis, escapes)
-        if reach.reader is None:
-            return None, reach.why or "its output goes to nothing bnfuse saw", ()
-        reads, through, rank, axis = [(reach.reader, "linear")], tuple(reach.steps), len(reach.reader.input.shape), \
-            len(reach.reader.input.shape) - 1
+        if reach.why is not None:
+            return None, reach.why, ()
+        if reach.reader is not None:  # its channels are the Linear's features, the last axis of its input
+            reads, through, rank = [(reach.reader, "linear")], tuple(reach.steps), len(reach.reader.input.shape)
+            axis = rank - 1
     if reads is None or len(reads) != 1 or reads[0][0] is None or not is_producer_like(reads[0][0].module):
         ops = ", ".join(f"{op} in {c.name if c else 'the model forward'}" for c, op in reads or [])
         return None, f"its output goes to {ops or 'nothing bnfuse saw'}, not to one Conv/Linear alone", ()
