@@ -8,7 +8,8 @@ parameter drawn from U(0.5, 1.5), since their init values of 1e-5 or 1 would hid
 * elementwise multiplications (``mul``, ``addcmul``) in one forward pass at batch 1, counted with a
   ``TorchFunctionMode``, before and after;
 * exactness: the transform applied to a float64 copy, ``||fused - original|| / ||original||`` on
-  one float64 input (of the model's features where its head is initialised to zero, as ResMLP's);
+  one float64 input (a Linear initialised to zero, ResMLP's head, gets random weights N(0, 0.02^2)
+  first: a zero head would hide a wrong fold into it, such as the final ``Affine``'s);
 * CPU latency at batch 1, float32, ``torch.set_num_threads(THREADS)``, ``torch.inference_mode()``:
   ITERS pairs, the order alternating from pair to pair, timed as ``bnfuse bench`` times them
   (``compare_reparam.paired``); the medians, and the median fused/original ratio with the
@@ -52,6 +53,10 @@ def _build(name: str) -> "tuple[Any, Any]":
         if pname.split(".")[-1] in _SCALE_NAMES:
             with torch.no_grad():
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    for m in model.modules():  # a zero head (ResMLP's) would hide a wrong fold into it
+        if isinstance(m, torch.nn.Linear) and not bool(m.weight.any()):
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.02)
     randomize_bn(model, seed=0, example=(torch.randn(2, 3, size, size, generator=g),))
     return model, torch.randn(1, 3, size, size, generator=g)
 

@@ -119,13 +119,23 @@ class RoundTrip:
         return self.report["check"]["ok"] and self.verified.returncode == 0
 
     def rel(self, x: torch.Tensor) -> float:
-        """Relative error of the loaded fused model against the original on ``x``, both in float64."""
-        import copy
-
+        """Relative error of the loaded fused model against the original on ``x``, both in float64 (tensors
+        a module keeps as plain attributes too)."""
         with torch.no_grad():
-            ref = copy.deepcopy(self.original).double()(x.double())
-            got = copy.deepcopy(self.fused).double()(x.double())
+            ref = _float64(self.original)(x.double())
+            got = _float64(self.fused)(x.double())
         return float((got - ref).norm() / ref.norm())
+
+
+def _float64(model: nn.Module) -> nn.Module:
+    import copy
+
+    model = copy.deepcopy(model).double()
+    for m in model.modules():
+        for k, v in list(vars(m).items()):
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                setattr(m, k, v.double())
+    return model
 
 
 def round_trip(model: nn.Module, arch: str, shape: str, tmp_path: Path, *, suffix: str = ".safetensors",

@@ -1,9 +1,9 @@
 """Tiny blocks with a per-channel scale next to a Conv/Linear, each written the way a family writes
 it: a ``LayerScale`` module (timm's ViTs), a parameter multiplied in the forward (CaiT's
 ``gamma_1``, ResMLP's ``ls2``), ConvNeXt's ``layer_scale`` after a Linear and a permute, an ``Affine``
-before a Linear (ResMLP's ``norm2``), a scale after a conv's BatchNorm (EfficientFormer); and the ones
-that must stay: a scale across tokens, after an arithmetic result, on a layer read twice, and a shift
-before a zero-padded conv.  ``models_scale:NAME`` builds each."""
+before a Linear (ResMLP's ``norm2``), ResMLP's final ``Affine`` before its pooled head, a scale after
+a conv's BatchNorm (EfficientFormer); and the ones that must stay: a scale across tokens, after an
+arithmetic result, on a layer read twice, and a shift before a zero-padded conv.  ``models_scale:NAME`` builds each."""
 
 from __future__ import annotations
 
@@ -153,6 +153,22 @@ class ConvModel(nn.Module):
         return self.block(torch.relu(self.stem(x)))
 
 
+class PooledHead(nn.Module):
+    """ResMLP's end: its final ``Affine`` norm, the mean over the tokens, a dropout and the head: the
+    Affine folds forward into the head through the mean (it follows a ReLU: not backward)."""
+
+    def __init__(self, dim: int = 12, classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, dim)
+        self.norm = Affine(dim)
+        self.head_drop = nn.Dropout(0.1)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(torch.relu(self.embed(x)))
+        return self.head(self.head_drop(x.mean(dim=1)))
+
+
 def Vit(**kw) -> nn.Module:  # noqa: N802
     return TokenModel(Tokens(**kw))
 
@@ -175,3 +191,7 @@ def Twice(**kw) -> nn.Module:  # noqa: N802
 
 def Shift(**kw) -> nn.Module:  # noqa: N802
     return ConvModel(ShiftBeforePaddedConv(**kw))
+
+
+def Pooled(**kw) -> nn.Module:  # noqa: N802
+    return PooledHead(**kw)

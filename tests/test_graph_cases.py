@@ -484,6 +484,9 @@ def test_inplace_leaky_relu_between_conv_and_bn():
 def test_bn_used_functionally_is_skipped_with_the_reader():
     res = run(me.FunctionalBN(), _x(2, 3, 6, 6), folds=0, skipped=1)
     assert reason(res, "bn") == "bn.weight is also read by batch_norm in the model forward"
+    # the call on bn's own statistics stays with it (folded, it would take bn out of the model)
+    assert [x.reason for x in res.plan.left_by("functional")] == [
+        "it reads the statistics of the BatchNorm bn, which stays in the model"]
 
 
 def test_bn_without_bias_folds():

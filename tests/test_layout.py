@@ -55,3 +55,38 @@ def test_a_layout_fold_is_saved_rebuilt_and_verified(tmp_path: Path, tests_on_pa
     assert rt.ok and rt.report.to_dict()["layout_folds"][0]["steps"] == [["flatten", [2]], ["transpose", [-2, -1]]]
     assert isinstance(rt.fused.norm, nn.Identity) and rt.rel(X) < 1e-6
     assert any(s.kind == "layout" and s.skipped is None for s in rt.verified.verdict.sites)
+
+
+@pytest.mark.parametrize("mode, steps", [
+    ("pool", (("mean_keepdim", (2, 3)), ("flatten", (1, -1)))),
+    ("mean", (("mean", (2, 3)),)),
+], ids=["adaptive-avg-pool-flatten", "mean"])
+def test_a_batchnorm_folds_into_a_linear_through_global_average_pooling(mode: str, steps: tuple) -> None:
+    result, rel = _fused(lambda: ml.Pooled(mode))
+    assert rel < 1e-12 and result.ok, (rel, result.verdict.reasons)
+    (item,) = result.plan.of("layout")
+    assert (item.norm, item.producer, item.steps) == ("norm", "head", steps)
+    assert result.plan.skipped == [] and count_calls(result.model, X)[1] == 0
+    (site,) = [s for s in result.verdict.sites if s.kind == "layout"]
+    assert site.skipped is None and site.rel_error < 1e-12
+
+
+@pytest.mark.parametrize("mode, reason", [
+    ("relu", "nor can it fold into the layer after it: after mean_keepdim(2, 3), flatten(1, -1), its output goes to relu "
+             "in the model forward, not to a Linear"),
+    ("shared", "after mean_keepdim(2, 3), flatten(1, -1), its output is read 2 times (linear in head, sum in the model "
+               "forward), not by one Linear alone"),
+    ("conv", "after mean_keepdim(2, 3), its output goes to conv2d in head, not to a Linear"),
+], ids=["relu-after-the-pooling", "pooled-also-read", "padded-conv-head"])
+def test_a_batchnorm_before_pooling_that_must_stay_names_what_stops_it(mode: str, reason: str) -> None:
+    result, rel = _fused(lambda: ml.Pooled(mode))
+    assert rel < 1e-12 and result.ok and result.plan.of("layout") == [] and result.plan.folds == []
+    (skip,) = result.plan.skipped
+    assert skip.norm == "norm" and reason in skip.reason, skip.reason
+
+
+def test_a_fold_through_pooling_is_saved_rebuilt_and_verified(tmp_path: Path, tests_on_path: None) -> None:
+    rt = round_trip(randomize_bn(ml.Pooled(), seed=5).eval(), "models_layout:Pool", "1,3,4,4", tmp_path)
+    assert rt.ok and rt.report.to_dict()["layout_folds"][0]["steps"] == [["mean_keepdim", [2, 3]], ["flatten", [1, -1]]]
+    assert isinstance(rt.fused.norm, nn.Identity) and rt.rel(X) < 1e-6
+    assert any(s.kind == "layout" and s.skipped is None for s in rt.verified.verdict.sites)

@@ -59,6 +59,23 @@ def test_a_scale_after_a_batchnorm_folds_in_the_next_round_and_the_one_after_ari
     assert left.scale == "block.ls1" and "does not read a Conv/Linear output" in left.reason
 
 
+def test_an_affine_before_global_average_pooling_folds_into_the_head(tmp_path: Path, tests_on_path: None) -> None:
+    """ResMLP's end: its final Affine, a mean over the tokens, a dropout and the head Linear: the Affine folds
+    forward into the head through the mean, judged at its site on a crop that keeps every channel (12 of
+    them, last) and a window of the tokens; saved, rebuilt and verified."""
+    x = torch.randn(2, 10, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    model, result, rel = _fused(ms.Pooled, x)
+    assert rel < 1e-12 and result.ok, (rel, result.verdict.reasons)
+    (item,) = result.plan.of("scale")
+    assert (item.scale, item.producer, item.direction, item.through) == ("norm", "head", "forward", (("mean", (1,)),))
+    assert result.plan.left_by("scale") == [] and count_ops(result.model, x, {"addcmul"}) == 0
+    (site,) = [s for s in result.verdict.sites if s.kind == "scale"]
+    assert site.skipped is None and site.rel_error < 1e-12
+    rt = round_trip(ms.Pooled().eval(), "models_scale:Pooled", "1,10,5", tmp_path)
+    assert rt.ok and rt.report.to_dict()["scale_folds"][0]["through"] == [["mean", [1]]] and rt.rel(x) < 1e-6
+    assert [s.kind for s in rt.verified.verdict.sites if s.skipped is None] == ["scale"]
+
+
 @pytest.mark.parametrize("build, x, scale, reason", [
     (ms.Mixing, XT, "block.ls1", "scales axis 1 of block.linear_tokens's output, not its features (axis 2)"),
     (ms.Twice, XT, "block.ls", "the output of block.proj is also read by"),
@@ -99,10 +116,10 @@ def test_cli_shows_scales_folded_and_left(tmp_path: Path) -> None:
 
 
 #: (model, scales folded, scales left, what the ones left say): every layer scale and Affine on the
-#: feature axis of the Conv/Linear next to it folds; ResMLP's token mixing and EfficientFormer's
-#: ``pool(x) - x`` stay
+#: feature axis of the Conv/Linear next to it folds, ResMLP's final norm through the mean into its head;
+#: ResMLP's token mixing and EfficientFormer's ``pool(x) - x`` stay
 ZOO = [("tv:convnext_tiny", 18, 0, None), ("convnext_tiny", 18, 0, None), ("deit3_small_patch16_224", 24, 0, None),
-       ("cait_xxs24_224", 52, 0, None), ("resmlp_12_224", 24, 25, "not its features"),
+       ("cait_xxs24_224", 52, 0, None), ("resmlp_12_224", 25, 24, "reads axis 2 as its features, not the channels"),
        ("efficientformer_l1", 16, 14, "does not read a Conv/Linear output")]
 
 
@@ -125,5 +142,8 @@ def test_layer_scales_of_real_families_fold_exactly(name: str, folded: int, left
     assert result.ok, result.verdict.reasons
     assert (len(result.plan.of("scale")), len(result.plan.left_by("scale"))) == (folded, left)
     assert reason is None or any(reason in s.reason for s in result.plan.left_by("scale"))
+    # every scale left names the other axis it scales or the other reader in the way
+    assert all("axis" in s.reason or "goes to" in s.reason or "read by" in s.reason
+               for s in result.plan.left_by("scale")), result.plan.left_by("scale")
     assert bench_scales._rel64(m64, result.model, x.double()) < 1e-12
     assert bench_scales._muls(result.model, x.double()) <= bench_scales._muls(m64, x.double()) - folded

@@ -53,16 +53,16 @@ NORM_WINDOW = 8
 BLOCK_BYTES = 2 * 2**20
 
 
-def _crop(x: "torch.Tensor", spatial: int, batched: bool) -> "torch.Tensor":
+def _crop(x: "torch.Tensor", spatial: int, batched: bool, keep: "set[int] | None" = None) -> "torch.Tensor":
     """A small CPU copy of ``x`` in its own dtype (float64 only when computed with): the first
     sample (rows, for 2-D inputs) and a centred window of at most ``spatial`` along each axis
-    after the channel axis."""
+    after the channel axis (``keep``: along every axis after the first but these)."""
     if batched:
         x = x[:1] if x.dim() > 2 else x[:4]
-    lead = 2 if batched else 1
+    lead = 2 if batched and keep is None else 1
     for axis in range(lead, x.dim()):
         size = x.shape[axis]
-        if size > spatial:
+        if size > spatial and axis not in (keep or ()):
             x = x.narrow(axis, (size - spatial) // 2, spatial)
     return x.detach().to(device="cpu", copy=True)
 
@@ -167,23 +167,6 @@ def _bn(norm: "nn.Module", channels: "tuple[int, int] | None", y: "torch.Tensor"
     return z.movedim(1, axis)
 
 
-def _stats(model: "nn.Module", step: Any, y: "torch.Tensor") -> "torch.Tensor":
-    """A functional batch norm of tensors the model holds, in float64, on ``step.axis``."""
-    import torch
-    import torch.nn.functional as F
-
-    from ..engine.forward import held
-
-    def get(qual: str) -> "torch.Tensor | None":
-        t = held(model, qual)
-        return None if t is None else t.detach().to(device="cpu", dtype=torch.float64)
-
-    axis = step.axis if y.dim() > 1 else 0
-    z = F.batch_norm(y.movedim(axis, 1), get(step.mean), get(step.var), get(step.weight), get(step.bias), False,
-                     0.0, step.eps)
-    return z.movedim(1, axis)
-
-
 def _elementwise(model: "nn.Module", step: Any, y: "torch.Tensor") -> "torch.Tensor":
     """``y op value`` in float64, a per-channel value on the step's axis."""
     import torch
@@ -199,6 +182,66 @@ def _elementwise(model: "nn.Module", step: Any, y: "torch.Tensor") -> "torch.Ten
     return {"mul": torch.mul, "add": torch.add, "sub": torch.sub, "div": torch.div}[step.op](y, c)
 
 
+def _replay(model: "nn.Module", step: Any, y: "torch.Tensor") -> "torch.Tensor":
+    """What ``step.block``'s own forward computes from node ``step.start``, given ``y`` as its value, to
+    node ``step.end``, in float64: the operations of the model's own code (traced by torch.fx), each
+    tensor they read from the block as a float64 copy, each child they call as a float64 copy of it.
+    A part that reads anything else of the forward (its input) cannot be replayed on a crop."""
+    import copy
+
+    import torch
+    from torch import fx
+
+    from ..engine.forward import trace_block
+
+    block = model.get_submodule(step.block) if step.block else model
+    graph = trace_block(block)
+    constants = getattr(graph, "_bnfuse_constants", {})
+    nodes = {n.name: n for n in graph.nodes}
+    start, end = nodes.get(step.start), nodes.get(step.end)
+    if start is None or end is None:
+        raise ValueError(f"the forward of {step.block or 'the model'} has no node {step.start} or {step.end}")
+    need: set[Any] = set()
+    todo = [end]
+    while todo:
+        n = todo.pop()
+        if n is start or n in need:
+            continue
+        if n.op in ("placeholder", "output"):
+            raise ValueError(f"{step.end} in the forward of {step.block or 'the model'} reads more than {step.start}")
+        need.add(n)
+        todo += n.all_input_nodes
+
+    def f64(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor):
+            return v
+        v = v.detach().to(device="cpu", copy=True)
+        return v.to(torch.float64) if v.is_floating_point() else v
+
+    values: dict[Any, Any] = {start: y}
+    with torch.no_grad():
+        for n in graph.nodes:
+            if n not in need:
+                continue
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: values[a])
+            if n.op == "get_attr":  # a tensor of the block, or one the tracer met as a constant (a global)
+                owner, _, attr = str(n.target).rpartition(".")
+                found = constants[n.target] if n.target in constants else getattr(block.get_submodule(owner), attr)
+                values[n] = f64(found)
+            elif n.op == "call_function":
+                values[n] = n.target(*args, **kwargs)
+            elif n.op == "call_method":
+                values[n] = getattr(args[0], str(n.target))(*args[1:], **kwargs)
+            else:  # a child: a float64 copy of it
+                child = copy.deepcopy(block.get_submodule(str(n.target))).to(device="cpu", dtype=torch.float64)
+                values[n] = child.eval()(*args, **kwargs)
+                del child
+    out = values[end]
+    while out.dim() > y.dim() and out.shape[0] == 1:  # a constant's leading axes of size 1 (broadcast)
+        out = out[0]
+    return out
+
+
 def _run_chain(model: "nn.Module", chain: "tuple[Any, ...]", x: "torch.Tensor") -> "torch.Tensor":
     """A site's chain of steps (:mod:`bnfuse_cli.engine.steps`) on ``x``, in float64: a layer
     block by block, a module as a float64 copy of its own, a BatchNorm's affine map, a sum."""
@@ -206,15 +249,13 @@ def _run_chain(model: "nn.Module", chain: "tuple[Any, ...]", x: "torch.Tensor") 
 
     import torch
 
-    from ..engine.steps import Cat, Elementwise, Layout, Norm, RunLayer, RunModule, Stats, Sum
+    from ..engine.steps import Cat, Elementwise, Forward, Layout, Mean, Norm, RunLayer, RunModule, Sum
 
     for step in chain:
         if isinstance(step, RunLayer):
             x = _run_layer(model.get_submodule(step.name), x)
         elif isinstance(step, Norm):
             x = _bn(model.get_submodule(step.name), step.channels, x, step.axis if x.dim() > 1 else 0)
-        elif isinstance(step, Stats):
-            x = _stats(model, step, x)
         elif isinstance(step, Elementwise):
             x = _elementwise(model, step, x)
         elif isinstance(step, RunModule):
@@ -232,6 +273,10 @@ def _run_chain(model: "nn.Module", chain: "tuple[Any, ...]", x: "torch.Tensor") 
             x = torch.cat([_run_chain(model, sub, x) for sub in step.chains], step.axis)
         elif isinstance(step, Layout):
             x = getattr(x, step.op)(*step.args)
+        elif isinstance(step, Mean):
+            x = x.mean(step.axes, keepdim=step.keepdim)
+        elif isinstance(step, Forward):
+            x = _replay(model, step, x)
         else:
             raise ValueError(f"unknown site step {step!r}")
     return x
@@ -298,8 +343,10 @@ class SiteProbe:
         self.crops = {k: v for k, v in self.crops.items() if k in self.wanted}
 
     def capture(self, name: str, module: "nn.Module", x: Any) -> None:
-        """Keep a crop of ``x``, the first input seen by ``module`` (a producer or a norm)."""
+        """Keep a crop of ``x``, the first input seen by ``module`` (a producer, a norm or a scale)."""
         import torch
+
+        from ..engine.patterns import is_norm_like
 
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or name in self.crops:
             return
@@ -310,8 +357,13 @@ class SiteProbe:
             self.crops[name] = _crop(x, _spatial(module), batched=x.dim() == weight.dim())
         elif isinstance(weight, torch.Tensor) and weight.dim() == 2:  # a linear: a few rows of features
             self.crops[name] = _crop(x.reshape(-1, x.shape[-1]), 0, batched=True)
-        else:
+        elif is_norm_like(module) or x.dim() < 3:
             self.crops[name] = _crop(x, NORM_WINDOW, batched=x.dim() >= 2)
+        else:  # a per-channel scale, its channels perhaps last (tokens): every axis of a parameter's length
+            sizes = {t.numel() for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+                     if t.numel() > 1}
+            keep = {a for a in range(1, x.dim()) if x.shape[a] in sizes} or {1, x.dim() - 1}
+            self.crops[name] = _crop(x, NORM_WINDOW, batched=True, keep=keep)
 
     @contextlib.contextmanager
     def hooks(self, model: "nn.Module") -> Iterator[None]:

@@ -22,8 +22,9 @@ def child_name(block_name: str, target: Any) -> str:
 
 
 def held(model: "nn.Module", qual: str) -> Any:
-    """The parameter or buffer the model holds under the qualified name ``qual`` (None for "": a
-    step's tensor that was not given; AttributeError for a name it does not hold)."""
+    """The tensor the model holds under the qualified name ``qual``: a parameter, a buffer or a
+    module's plain tensor attribute (None for "": a step's tensor that was not given; AttributeError
+    for a name it does not hold)."""
     if not qual:
         return None
     mod, _, attr = qual.rpartition(".")
@@ -51,7 +52,12 @@ def trace_block(block: "nn.Module", deep: bool = False) -> "fx.Graph":
     saved = [(m, dict(m.__dict__)) for m in mods]
     tables = [{k: dict(v) for k, v in d.items() if k in ("_modules", "_parameters", "_buffers")} for _, d in saved]
     try:
-        return (_LayersAsLeaves() if deep else _ChildrenAsLeaves()).trace(block)
+        graph = (_LayersAsLeaves() if deep else _ChildrenAsLeaves()).trace(block)
+        # tensors the forward reads that no module holds (a global, a closure, a tensor made at trace
+        # time) are stored on the block by the tracer as ``_tensor_constantN``: kept with the graph
+        graph._bnfuse_constants = {k: v for k, v in vars(block).items()  # type: ignore[attr-defined]
+                                   if k.startswith("_tensor_constant") and k not in saved[0][1]}
+        return graph
     finally:
         for (m, d), t in zip(saved, tables):
             m.__dict__.clear()
@@ -111,7 +117,14 @@ def rewrite_forward(model: "nn.Module", block_name: str, edit: "Callable[[nn.Mod
     # scale): a child call counts as pure, as fx's own rule has it for modules not marked impure
     graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_module" and n.is_impure())
     skip_identities(block, graph)
-    gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
+    constants = getattr(graph, "_bnfuse_constants", {})
+    for k, v in constants.items():  # not saved: the model's code makes them again when it is rebuilt
+        block.register_buffer(k, v, persistent=False)
+    try:
+        gm = fx.GraphModule(block, graph, class_name=type(block).__name__)
+    finally:
+        for k in constants:
+            delattr(block, k)
     gm.delete_all_unused_submodules()
     gm.recompile()
     _plain_call(gm)

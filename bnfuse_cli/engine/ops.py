@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["pretty_op", "op_name", "METADATA", "PASSTHROUGH", "VALUE_FREE", "SELF_ONLY", "RESHAPES", "ADDS", "CATS", "MOVES", "ACTIVATIONS"]
+__all__ = ["pretty_op", "op_name", "METADATA", "PASSTHROUGH", "VALUE_FREE", "SELF_ONLY", "RESHAPES", "ADDS", "CATS", "MOVES", "POOLS",
+           "ACTIVATIONS"]
 
 #: reads that look only at a tensor's metadata, never its values
 METADATA = frozenset(
@@ -38,6 +39,9 @@ CATS = frozenset("cat concat concatenate".split())
 #: layout ops a BatchNorm's output is followed through, to a Linear it may fold into (FastViT's
 #: ``x.flatten(2).transpose(-2, -1)`` before ``qkv``)
 MOVES = frozenset("flatten transpose permute".split())
+#: means over axes (global average pooling) a per-channel map's output is followed through, to a Linear
+#: it may fold into (ResMLP's ``head(norm(x).mean(1))``, ``fc(flatten(avgpool(bn(x))))``)
+POOLS = frozenset("mean adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d".split())
 
 
 #: activations that act on each element alone, as module classes, functions and tensor methods (the

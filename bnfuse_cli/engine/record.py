@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BnfuseError
-from .ops import (ADDS, CATS, METADATA, MOVES, PASSTHROUGH, RESHAPES, SELF_ONLY, VALUE_FREE, op_name,
+from .ops import (ADDS, CATS, METADATA, MOVES, PASSTHROUGH, POOLS, RESHAPES, SELF_ONLY, VALUE_FREE, op_name,
                   pretty_op)
 from .patterns import is_norm_like, is_producer_like
 
@@ -73,10 +73,13 @@ class BatchNormCall:
     input: "TensorRecord | None"
     output: "TensorRecord | None"
     #: qualified names of running_mean, running_var, weight and bias: None where not given,
-    #: "" for a tensor no module holds (computed in the forward)
+    #: "" for a tensor no module holds (computed in the forward, a global, a closure)
     stats: "tuple[str | None, ...]"
     training: bool
     eps: float
+    #: for each tensor given that no module holds, what it is, in words ("running_mean is computed
+    #: by mean in the model forward")
+    unresolved: "tuple[str, ...]" = ()
 
 
 #: F.batch_norm's positional parameters after the input, with their defaults
@@ -95,18 +98,45 @@ def note_batch_norm(rec: "Recorder", args: Any, kwargs: Any, out: Any) -> None:
     given.update({k: v for k, v in kwargs.items() if k != "input"})
     values = {n: given.get(n, d) for n, d in _BN_PARAMS}
 
-    def qual(t: Any) -> "str | None":
-        if not isinstance(t, torch.Tensor):
-            return None
-        held = rec.holders.get(id(t))
-        return held[0][1] if held else ""
-
+    names = ("running_mean", "running_var", "weight", "bias")
+    unresolved = [f"{n} {rec.describe_unheld(values[n])}" for n in names
+                  if isinstance(values[n], torch.Tensor) and rec.held_name(values[n]) is None]
     x = args[0] if args else kwargs.get("input")
     rec.batch_norms.append(BatchNormCall(
         caller, rec.lookup(x) or rec.track(x), rec.track(out),
-        tuple(qual(values[n]) for n in ("running_mean", "running_var", "weight", "bias")),
-        bool(values["training"]), float(values["eps"])))
+        tuple(None if not isinstance(values[n], torch.Tensor) else rec.held_name(values[n]) or "" for n in names),
+        bool(values["training"]), float(values["eps"]), tuple(unresolved)))
 
+
+def _move_step(op: str, args: Any, kwargs: Any, src: "TensorRecord | None") -> "tuple[str, tuple[int, ...]] | None":
+    """A layout op or a mean over axes as (op, int arguments), for :attr:`Recorder.moved`: a
+    flatten/transpose/permute with its int arguments; ``mean`` or ``mean_keepdim`` with the axes it
+    averages (``x.mean(dims)``, ``x.mean(dims, keepdim=True)``, ``adaptive_avg_pool{1,2,3}d(x, 1)``);
+    None for anything else (computed axes, a dtype, a pool to more than one position)."""
+    rest = args[1:]
+    if op in MOVES:
+        ints = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else tuple(rest)
+        return (op, ints) if not kwargs and all(isinstance(a, int) for a in ints) else None
+    if src is None:
+        return None
+    rank = len(src.shape)
+    if op == "mean":
+        given = dict(zip(("dim", "keepdim"), rest))
+        if set(kwargs) - {"dim", "keepdim"} or set(kwargs) & set(given):
+            return None
+        given.update(kwargs)
+        dims = given.get("dim")
+        dims = (dims,) if isinstance(dims, int) else tuple(dims) if isinstance(dims, (list, tuple)) else None
+        keep = given.get("keepdim", False)
+        if not dims or not all(isinstance(d, int) and -rank <= d < rank for d in dims) or not isinstance(keep, bool):
+            return None
+        return ("mean_keepdim" if keep else "mean"), tuple(sorted({d % rank for d in dims}))
+    n = int(op[-2]) if op.startswith("adaptive_avg_pool") and op[-2].isdigit() else 0
+    size = rest[0] if rest else kwargs.get("output_size")
+    sizes = (size,) * n if isinstance(size, int) else tuple(size) if isinstance(size, (list, tuple)) else ()
+    if n and rank > n and len(sizes) == n and all(s == 1 for s in sizes) and len(rest) + len(kwargs) == 1:
+        return "mean_keepdim", tuple(range(rank - n, rank))
+    return None
 
 
 def tensors_in(obj: Any) -> list["torch.Tensor"]:
@@ -155,6 +185,12 @@ class Recorder:
         self.reads: dict[int, list[tuple["Call | None", str]]] = {}
         #: id(param or buffer) -> [(id(module), qualified name)] over every module holding it
         self.holders: dict[int, list[tuple[int, str]]] = {}
+        #: id(tensor) -> qualified name, for tensors a module keeps as a plain attribute (neither
+        #: parameter nor buffer: ``self.running_mean = torch.zeros(c)``); the model's code makes them
+        #: again when it is rebuilt, so a pass may read them by that name
+        self.attributes: dict[int, str] = {}
+        #: ids of the per-channel scale modules' outputs (their layout ops and pools are watched)
+        self.scale_out: set[int] = set()
         #: storage address -> qualified names of the parameters and buffers using it
         self.storages: dict[int, list[str]] = {}
         #: id(param) -> ids of the producers and norms holding it (their calls may read it)
@@ -167,8 +203,10 @@ class Recorder:
         self.reshaped: dict[int, tuple[TensorRecord, str]] = {}
         #: id(record) -> (part records, dim) for a cat whose every part is a producer output (watched)
         self.cats: dict[int, tuple[tuple[TensorRecord, ...], Any]] = {}
-        #: id(source record) -> (result record, op, int arguments) for a flatten/transpose/permute of a
-        #: norm's output, or of such a result (watched); ``moved_out``: the ids of those results
+        #: id(source record) -> (result record, op, int arguments) for a flatten/transpose/permute, or a mean
+        #: over some axes (``mean``, or ``mean_keepdim`` keeping them with size 1: ``x.mean((2, 3))``,
+        #: ``adaptive_avg_pool2d(x, 1)``; the int arguments are then the axes), of a norm's or a scale
+        #: module's output, or of such a result (watched); ``moved_out``: the ids of those results
         self.moved: dict[int, tuple[TensorRecord, str, tuple[int, ...]]] = {}
         self.moved_out: set[int] = set()
         #: id(module) -> its calls, for modules that are neither producers nor norms (containers)
@@ -184,7 +222,10 @@ class Recorder:
 
     def _index(self, model: "nn.Module") -> None:
         """One pass over the module tree (shared modules included): names, the producers and
-        norms, who holds each parameter and buffer, and which storages they share."""
+        norms, who holds each parameter, buffer and tensor attribute, and which storages the
+        parameters and buffers share."""
+        import torch
+
         seen_tensors: set[int] = set()
         for name, m in model.named_modules(remove_duplicate=False):
             first_visit = id(m) not in self.names
@@ -194,6 +235,9 @@ class Recorder:
                     self.interesting.add(id(m))
                 elif m._parameters and not m._modules:  # a layer scale, perhaps: who reads its output
                     self.scales.add(id(m))
+                for attr, t in vars(m).items():
+                    if isinstance(t, torch.Tensor):
+                        self.attributes.setdefault(id(t), f"{name}.{attr}" if name else attr)
             for attr, t in (*m._parameters.items(), *m._buffers.items()):
                 if t is None:
                     continue
@@ -235,7 +279,7 @@ class Recorder:
                 if op not in VALUE_FREE:
                     recorder._on_read(op, args[:1] if op in SELF_ONLY else args, kwargs)
                 recorder._on_result(op, out)
-                if op in RESHAPES or op in CATS or op in MOVES:
+                if op in RESHAPES or op in CATS or op in MOVES or op in POOLS:
                     recorder._on_layout_op(op, args, kwargs, out)
                 if op == "batch_norm":
                     note_batch_norm(recorder, args, kwargs, out)
@@ -333,6 +377,7 @@ class Recorder:
             self.reads.setdefault(id(call.output), [])
         elif id(module) in self.scales and call.output is not None and call.output is not call.input:
             self.reads.setdefault(id(call.output), [])
+            self.scale_out.add(id(call.output))
 
     def _on_read(self, op: str, args: Any, kwargs: Any) -> None:
         reader = self.stack[-1] if self.stack else None
@@ -355,19 +400,20 @@ class Recorder:
                 pass
 
     def _on_layout_op(self, op: str, args: Any, kwargs: Any, out: Any) -> None:
-        """Watch a reshape or cat of producer outputs: a BN may still fold through it."""
+        """Watch a reshape or cat of producer outputs: a BN may still fold through it; and a layout op
+        or a mean over axes of a norm's or scale's output: it may fold forward through it."""
         import torch
 
         if not isinstance(out, torch.Tensor):
             return
-        if op in MOVES:
+        if op in MOVES or op in POOLS:
             src = self.lookup(args[0]) if args else None
-            rest = args[1:]
-            ints = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else tuple(rest)
-            if src is not None and args[0] is not out and not kwargs and all(isinstance(a, int) for a in ints) and (
-                    id(src) in self.moved_out or id(src) in self.produced and is_norm_like(self.produced[id(src)].module)):
+            step = _move_step(op, args, kwargs, src)
+            if src is not None and args[0] is not out and step is not None and (
+                    id(src) in self.moved_out or id(src) in self.scale_out
+                    or id(src) in self.produced and is_norm_like(self.produced[id(src)].module)):
                 info = self.track(out)
-                self.moved[id(src)] = (info, op, ints)
+                self.moved[id(src)] = (info, *step)
                 self.moved_out.add(id(info))
                 self.reads.setdefault(id(info), [])
         if op in CATS:
@@ -392,6 +438,21 @@ class Recorder:
         info = self.track(out)
         self.cats[id(info)] = (tuple(infos), dim)  # type: ignore[arg-type]
         self.reads.setdefault(id(info), [])
+
+    def held_name(self, t: Any) -> "str | None":
+        """The qualified name under which the model holds tensor ``t``: a parameter, a buffer or a
+        module's tensor attribute; None for a tensor it does not hold."""
+        held = self.holders.get(id(t))
+        return held[0][1] if held else self.attributes.get(id(t))
+
+    def describe_unheld(self, t: Any) -> str:
+        """What a tensor the model does not hold is, for a reason: made in the forward (by which op,
+        where), or a tensor from outside the model (a global or a closure)."""
+        rec = self.origin.get(id(t))
+        if rec is not None and rec[0]() is t:
+            _, op, where = rec
+            return f"is computed in the forward (by {pretty_op(op)} in {where or 'the model forward'})"
+        return "is a tensor no module of the model holds (a global or a closure)"
 
     def describe_origin(self, t: Any) -> str:
         """Where tensor ``t`` (alive) came from, for the reason a BatchNorm reading it stays.

@@ -2,7 +2,10 @@
 :mod:`bnfuse_cli.checks.sites` computes in float64 on a crop of the activation reaching the site.
 
 A step names what the model holds (a layer, a module, a BatchNorm, a tensor) rather than carrying
-values, so the judge reads them from the model before and after the rewrite.
+values, so the judge reads them from the model before and after the rewrite.  Where it can, a pass
+describes a site's original side by where it lies in the model's own code (:class:`Forward`) rather
+than by its own reading of that code, so that a pass that misreads the model cannot describe the
+same mistake to the judge.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RunLayer", "RunModule", "Norm", "Stats", "Elementwise", "Sum", "Cat", "Layout", "SiteSpec", "modules_read"]
+__all__ = ["RunLayer", "RunModule", "Norm", "Elementwise", "Sum", "Cat", "Layout", "Mean", "Forward",
+           "SiteSpec", "modules_read"]
 
 
 @dataclass(frozen=True)
@@ -38,19 +42,6 @@ class Norm:
 
 
 @dataclass(frozen=True)
-class Stats:
-    """The eval-mode batch norm of the tensors the model holds under these qualified names ("" for
-    one not given: a weight of 1, a bias of 0), with ``eps``, on ``axis``."""
-
-    mean: str
-    var: str
-    weight: str
-    bias: str
-    eps: float = 1e-5
-    axis: int = 1
-
-
-@dataclass(frozen=True)
 class Elementwise:
     """``y op value`` per channel on ``axis`` (``mul``, ``add``, ``sub``, ``div``): ``value`` a number,
     or the qualified name of a tensor the model holds (one value, or one per channel)."""
@@ -73,6 +64,27 @@ class Layout:
 
     op: str
     args: "tuple[int, ...]"
+
+
+@dataclass(frozen=True)
+class Mean:
+    """The mean over ``axes`` (global average pooling on the way to a Linear), keeping them with size 1
+    when ``keepdim``."""
+
+    axes: "tuple[int, ...]"
+    keepdim: bool = False
+
+
+@dataclass(frozen=True)
+class Forward:
+    """What ``block``'s own forward computes from node ``start`` to node ``end`` of its torch.fx graph
+    (each child one call: :func:`bnfuse_cli.engine.forward.trace_block`), given ``start``'s value: the
+    judge replays the model's own operations there (an affine chain, a functional batch norm) rather
+    than a pass's reading of them."""
+
+    block: str
+    start: str
+    end: str
 
 
 @dataclass(frozen=True)
@@ -121,10 +133,10 @@ def modules_read(spec: SiteSpec) -> "set[str]":
         elif isinstance(step, Elementwise):
             if isinstance(step.value, str):
                 out.add(step.value.rpartition(".")[0])
-        elif isinstance(step, Layout):
+        elif isinstance(step, Forward):
+            out.add(step.block)
+        elif isinstance(step, (Layout, Mean)):
             continue
-        elif isinstance(step, Stats):
-            out |= {q.rpartition(".")[0] for q in (step.mean, step.var, step.weight, step.bias) if q}
         else:
             out.add(step.name)
     return out

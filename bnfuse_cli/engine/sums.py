@@ -4,9 +4,9 @@ constants, each leaf with the factors that scale it.
 ``x + s * (conv(x) - bn(x))`` (FastViT's RepMixer, ``s`` a layer scale) is the tree with leaves
 ``x`` (no factor), ``conv(x)`` (times ``s``) and ``bn(x)`` (times -1, then ``s``);
 ``(head(x) + head_dist(x)) / 2`` (RepViT's classifier) scales both leaves by 1/2.  A factor is a
-number, a tensor the block holds (a parameter or buffer, perhaps reshaped), or a child module that
-multiplies its input by a per-channel constant (timm's ``LayerScale2d``: :func:`channel_scale`
-probes it).  An inner node of a tree is read by the tree alone; anything else is a leaf.  Whether
+number, a tensor the block holds (a parameter, a buffer or a tensor attribute, perhaps reshaped),
+or a child module that multiplies its input by a per-channel constant (timm's ``LayerScale2d``:
+:func:`channel_scale` probes it).  An inner node of a tree is read by the tree alone; anything else is a leaf.  Whether
 the leaves are branches that merge, and whether a factor broadcasts per channel, is for the caller
 (:mod:`bnfuse_cli.engine.merge`) to decide.
 """
@@ -66,13 +66,17 @@ def _constant(arg: Any) -> "tuple[Any, bool]":
 
 def held_value(block: "nn.Module", target: str, reshapes: "tuple[tuple[str, tuple[int, ...]], ...]" = ()
                ) -> "torch.Tensor | None":
-    """The parameter or buffer ``block`` holds under ``target``, after the reshapes its forward applies
-    to it; None when it holds none there (a plain attribute is not saved with the model), or a reshape
-    fails."""
+    """The tensor ``block`` holds under ``target`` (a parameter, a buffer, or a module's plain tensor
+    attribute: the model's code makes it again when the model is rebuilt), after the reshapes its
+    forward applies to it; None when it holds none there (a tensor torch.fx met as a constant of the
+    forward: a global, a closure), or a reshape fails."""
+    import torch
+
     mod, _, attr = target.rpartition(".")
     try:
         owner = block.get_submodule(mod)
-        t = owner._parameters.get(attr, owner._buffers.get(attr))
+        t = owner._parameters.get(attr, owner._buffers.get(attr, vars(owner).get(attr)))
+        t = t if isinstance(t, torch.Tensor) else None
         for method, args in reshapes if t is not None else ():
             t = getattr(t, method)(*args)
     except (AttributeError, RuntimeError):

@@ -139,7 +139,12 @@ def _float64_copy(model: "nn.Module", device: Any) -> "nn.Module | None":
     import torch
 
     try:
-        return copy.deepcopy(model).to(device=device, dtype=torch.float64)
+        ref = copy.deepcopy(model).to(device=device, dtype=torch.float64)
+        for m in ref.modules():  # tensors a module keeps as plain attributes, which ``.to`` leaves as they are
+            for k, v in list(vars(m).items()):
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    setattr(m, k, v.to(device=device, dtype=torch.float64))
+        return ref
     except Exception:  # a module that cannot be copied or cast: judged against the original itself
         return None
 

@@ -14,7 +14,7 @@ from ...errors import BnfuseError
 from ..forward import child_name, held, rewrite_forward, trace_block
 from ..patterns import norm_rule, producer_rule
 from ..plan import Plan, Skip
-from ..steps import Elementwise, Norm, RunLayer, SiteSpec
+from ..steps import Forward, RunLayer, SiteSpec
 from ..sums import held_value, per_channel_axis
 from .base import AffineFold, by_block, norm_affine
 
@@ -26,10 +26,27 @@ if TYPE_CHECKING:
 
 __all__ = ["CHAIN", "ChainFold"]
 
-#: the affine steps, by the fx target that computes them: y <- y op c (``rsub``: c - y)
+#: the affine steps, by the fx target that computes them (``torch.add`` and ``operator.add`` alike)
 _OPS = {operator.mul: "mul", operator.add: "add", operator.sub: "sub", operator.truediv: "div",
         "mul": "mul", "add": "add", "sub": "sub", "div": "div", "__mul__": "mul", "__add__": "add",
-        "__sub__": "sub", "__truediv__": "div"}
+        "__sub__": "sub", "__truediv__": "div", "multiply": "mul", "subtract": "sub", "divide": "div",
+        "true_divide": "div", "rsub": "rsub"}
+#: what ``c op y`` is as a step on ``y`` (the constant on the left): ``c - y`` is ``rsub`` (``-y + c``,
+#: affine); ``c / y`` is ``rdiv``, which is not affine in ``y``
+_REVERSED = {"mul": "mul", "add": "add", "sub": "rsub", "div": "rdiv", "rsub": "sub"}
+#: the steps a chain folds: y <- y op c, and y <- c - y (``rsub``)
+_STEPS = ("mul", "add", "sub", "div", "rsub")
+
+
+def _op(node: Any) -> "str | None":
+    """The affine step a call node computes on its first operand (``mul``, ``add``, ``sub``, ``div``,
+    ``rsub``), or None: an operator, a tensor method or a torch function (``torch.add``)."""
+    if getattr(node, "op", None) not in ("call_function", "call_method"):
+        return None
+    target = node.target
+    if node.op == "call_function" and getattr(target, "__module__", None) == "torch":
+        target = target.__name__
+    return _OPS.get(target)
 
 
 @dataclass(frozen=True)
@@ -43,26 +60,31 @@ class ChainFold:
     steps: "tuple[tuple[str, str | float], ...]"
 
     def __post_init__(self) -> None:
-        if any(op not in ("mul", "add", "sub", "div") for op, _ in self.steps):
+        if any(op not in _STEPS for op, _ in self.steps):
             raise ValueError(f"unknown affine step in {self.steps!r}")
 
 
 def _constant(arg: Any, block: "nn.Module", block_name: str, channels: int, rank: int
               ) -> "tuple[Any, str | None]":
-    """A step's constant as recorded (a number, or the dotted name of a tensor the block holds), or why
-    not.  A tensor must be one value, or one per channel on the channel axis of the rank-``rank``
-    activation it meets."""
+    """A step's constant as recorded (a number, or the dotted name of a tensor the block holds: a
+    parameter, a buffer or a tensor attribute), or why not.  A tensor must be one value, or one per
+    channel on the channel axis of the rank-``rank`` activation it meets."""
     if isinstance(arg, (int, float)) and not isinstance(arg, bool):
         return float(arg), None
     if getattr(arg, "op", None) == "get_attr":
         target = str(arg.target)
         t = held_value(block, target)
         if t is None:
-            return None, f"{child_name(block_name, target)} is not a parameter or buffer"
+            return None, ("a tensor the model does not hold (a global or a closure): bnfuse reads a chain's "
+                          "constants from the model, by name")
         if t.numel() != 1 and (per_channel_axis(t, rank) != 1 or t.numel() != channels):
             return None, f"{child_name(block_name, target)} {tuple(t.shape)} does not broadcast on the channel axis"
         return child_name(block_name, target), None
-    return None, "it is not a constant (a number, or a parameter or buffer of the block)"
+    return None, "it is not a constant (a number, or a parameter, buffer or tensor attribute of the block)"
+
+
+def _computed(arg: Any) -> bool:
+    return getattr(arg, "op", None) in ("call_function", "call_method", "call_module")
 
 
 def _walk(bn_node: "fx.Node", block: "nn.Module", block_name: str, channels: int, rank: int
@@ -71,20 +93,24 @@ def _walk(bn_node: "fx.Node", block: "nn.Module", block_name: str, channels: int
     steps: list[tuple[str, Any]] = []
     nodes: list[Any] = []
     node = bn_node.args[0] if bn_node.args else None
-    while getattr(node, "op", None) in ("call_function", "call_method") and node.target in _OPS and not node.kwargs:
+    while (op := _op(node)) is not None:
+        if node.kwargs:
+            return None, [], [], f"{op} with {', '.join(node.kwargs)}= is not one of the steps bnfuse folds"
         if len(node.users) != 1:
-            return None, [], [], f"the result of {_OPS[node.target]} is also read elsewhere"
+            return None, [], [], f"the result of {op} is also read elsewhere"
         a, b = (list(node.args) + [None, None])[:2]
-        op = _OPS[node.target]
-        if getattr(a, "op", None) in ("call_function", "call_method", "call_module"):
+        if _computed(a):  # y op c
             src, const = a, b
-        elif op in ("mul", "add") and getattr(b, "op", None) in ("call_function", "call_method", "call_module"):
-            src, const = b, a
+        elif _computed(b):  # c op y
+            src, const, op = b, a, _REVERSED[op]
         else:
             return None, [], [], f"{op} does not read the layer's output"
+        shown = getattr(const, "target", const)
+        if op == "rdiv":
+            return None, [], [], f"div of {shown} by the layer's output ({shown} / y) is not an affine map of it"
         value, why = _constant(const, block, block_name, channels, rank)
         if why is not None:
-            return None, [], [], f"{op} by {getattr(const, 'target', const)}: {why}"
+            return None, [], [], f"{'sub' if op == 'rsub' else op} by {shown}: {why}"
         steps.insert(0, (op, value))
         nodes.append(node)
         node = src
@@ -122,6 +148,8 @@ def chain_affine(model: "nn.Module", steps: "tuple[tuple[str, Any], ...]", chann
             b = b + c
         elif op == "sub":
             b = b - c
+        elif op == "rsub":
+            a, b = -a, c - b
         else:
             raise BnfuseError(f"unknown affine step {op!r}")
     return a, b
@@ -191,14 +219,31 @@ class ChainPass(AffineFold, name="chain", key="chain_folds", left_key="chain_lef
         return _cut(model, items)
 
     def sites(self, model: "nn.Module", items: "list[ChainFold]") -> "list[SiteSpec]":
+        """The layer, then what the block's own forward computes from its output to the BatchNorm's (the
+        judge replays the model's code there, not the steps this pass read)."""
         return [SiteSpec(self.name, it.producer, it.producer, (it.norm,),
-                         (RunLayer(it.producer), *(Elementwise(op, v) for op, v in it.steps), Norm(it.norm)),
-                         (RunLayer(it.producer),)) for it in items]
+                         (RunLayer(it.producer), Forward(it.block, *_ends(model, it))), (RunLayer(it.producer),))
+                for it in items]
 
     def row(self, it: ChainFold) -> "tuple[str, ...]":
-        text = {"mul": "*", "add": "+", "sub": "-", "div": "/"}
+        text = {"mul": "*", "add": "+", "sub": "-", "div": "/", "rsub": "rsub"}
         return it.norm, it.producer, " ".join(f"{text[op]} {v:g}" if not isinstance(v, str) else f"{text[op]} {v}"
                                               for op, v in it.steps)
+
+
+def _ends(model: "nn.Module", it: ChainFold) -> "tuple[str, str]":
+    """The fx nodes of the layer's call and of the BatchNorm's in the block's forward ("" where not found)."""
+    block = model.get_submodule(it.block) if it.block else model
+    try:
+        graph = trace_block(block)
+    except Exception:  # noqa: BLE001 - not traced: the judge cannot replay the site, and says so
+        return "", ""
+
+    def node(name: str) -> str:
+        calls = [n.name for n in graph.nodes if n.op == "call_module" and child_name(it.block, n.target) == name]
+        return calls[0] if len(calls) == 1 else ""
+
+    return node(it.producer), node(it.norm)
 
 
 def _cut(model: "nn.Module", items: "list[ChainFold]") -> "nn.Module":
@@ -210,9 +255,9 @@ def _cut(model: "nn.Module", items: "list[ChainFold]") -> "nn.Module":
                 child = it.norm[len(name) + 1:] if name else it.norm
                 bn_node = next((n for n in graph.nodes if n.op == "call_module" and str(n.target) == child), None)
                 node = bn_node.args[0] if bn_node is not None and bn_node.args else None
-                while getattr(node, "op", None) in ("call_function", "call_method") and node.target in _OPS:
+                while _op(node) is not None:
                     a, b = (list(node.args) + [None, None])[:2]
-                    node = a if getattr(a, "op", None) in ("call_function", "call_method", "call_module") else b
+                    node = a if _computed(a) else b
                 if getattr(node, "op", None) != "call_module" or child_name(name, node.target) != it.producer:
                     raise BnfuseError(f"cannot find the chain before {it.norm} in the forward of {name or 'the model'}")
                 bn_node.replace_all_uses_with(node)

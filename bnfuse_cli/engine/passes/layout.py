@@ -1,8 +1,10 @@
-"""The layout pass: a BatchNorm whose output reaches a Linear only through ``flatten``, ``transpose``
-and ``permute`` (FastViT's attention: ``bn(x).flatten(2).transpose(-2, -1)`` before ``qkv``) folds
-forward into that Linear when its channel axis ends up as the Linear's feature axis, exactly; the
-layout ops stay, the BatchNorm goes.  Found on the recorded data flow, for the BatchNorms the fold
-pass left."""
+"""The layout pass: a BatchNorm whose output reaches a Linear only through ``flatten``, ``transpose``,
+``permute`` and global average pooling (FastViT's attention: ``bn(x).flatten(2).transpose(-2, -1)``
+before ``qkv``; ``fc(flatten(avgpool(bn(x))))``) folds forward into that Linear when its channel axis
+ends up as the Linear's feature axis, exactly (:mod:`bnfuse_cli.engine.reach`); the layout ops and
+the pooling stay, the BatchNorm goes.  Found on the recorded data flow, for the BatchNorms the fold
+pass left; where another reader or a non-linear op stands on the way after a pooling or layout op,
+the BatchNorm's reason names it."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..patterns import norm_rule, producer_rule
-from ..plan import Plan
-from ..steps import Layout, Norm, RunLayer, SiteSpec
+from ..plan import Plan, Skip
+from ..reach import OPS, follow, site_steps
+from ..steps import RunLayer, RunModule, SiteSpec
 from .base import AffineFold, inside, norm_affine, touched
 
 if TYPE_CHECKING:
@@ -25,7 +28,8 @@ __all__ = ["LAYOUT", "LayoutPass", "LayoutFold"]
 
 @dataclass(frozen=True)
 class LayoutFold:
-    """``norm`` folded forward into the Linear ``producer`` through ``steps`` ((op, int args), in order)."""
+    """``norm`` folded forward into the Linear ``producer`` through ``steps`` ((op, int args), in order:
+    layout ops, and means over axes, :data:`bnfuse_cli.engine.reach.OPS`)."""
 
     norm: str
     producer: str
@@ -33,48 +37,8 @@ class LayoutFold:
     direction = "forward"
 
     def __post_init__(self) -> None:
-        if any(op not in ("flatten", "transpose", "permute") for op, _ in self.steps):
+        if any(op not in OPS for op, _ in self.steps):
             raise ValueError(f"unknown layout step in {self.steps!r}")
-
-
-def _move(axis: int, rank: int, op: str, args: "tuple[int, ...]") -> "tuple[int | None, int]":
-    """Where ``axis`` of a rank-``rank`` tensor goes under one layout op, and the new rank (None: the
-    op merges the axis with others)."""
-    if op == "transpose" and len(args) == 2:
-        a, b = (d % rank for d in args)
-        return (b if axis == a else a if axis == b else axis), rank
-    if op == "permute" and sorted(d % rank for d in args) == list(range(rank)):
-        return [d % rank for d in args].index(axis), rank
-    if op == "flatten" and len(args) <= 2:
-        start, end = (args + (0, -1)[len(args):])[:2] if args else (0, -1)
-        start, end = start % rank, end % rank
-        if start <= axis <= end and start != end:
-            return None, rank - (end - start)
-        return (axis - (end - start) if axis > end else axis), rank - (end - start)
-    return None, rank
-
-
-def _follow(rec: "Recorder", y: Any) -> "tuple[Any, list[tuple[str, tuple[int, ...]]]]":
-    """From a BatchNorm's output through layout ops, each result read once, to the one Linear call that
-    reads the last of them with the BatchNorm's channels as its features: (that call, the ops), or
-    (None, []).  What stops it is the fold pass's reason, which stays."""
-    steps: list[tuple[str, tuple[int, ...]]] = []
-    axis, rank, x = 1, len(y.shape), y
-    while True:
-        reads = rec.reads.get(id(x), [])
-        if len(reads) != 1:
-            return None, []
-        reader, op = reads[0]
-        if op == "linear" and reader is not None and reader.input is x:
-            return (reader, steps) if axis == rank - 1 else (None, [])
-        nxt = rec.moved.get(id(x))
-        if nxt is None or nxt[1] != op:
-            return None, []
-        x, op, args = nxt
-        axis, rank = _move(axis, rank, op, args)
-        if axis is None:
-            return None, []
-        steps.append((op, args))
 
 
 class LayoutPass(AffineFold, name="layout", key="layout_folds", left_key="layout_left", item=LayoutFold):
@@ -89,19 +53,21 @@ class LayoutPass(AffineFold, name="layout", key="layout_folds", left_key="layout
             calls = rec.calls.get(id(norm), [])
             rule, _ = norm_rule(norm)
             if rule is None or rule.replacement != "identity" or len(calls) != 1 or calls[0].output is None \
-                    or not rec.moved or id(calls[0].output) in escapes:
+                    or calls[0].training or not rec.moved or id(calls[0].output) in escapes:
                 keep.append(skip)
                 continue
-            reader, steps = _follow(rec, calls[0].output)
-            if reader is None or not steps or len(rec.calls.get(id(reader.module), [])) != 1 \
-                    or producer_rule(reader.module)[0] is None:
-                keep.append(skip)
+            found = follow(rec, calls[0].output, 1, escapes)
+            reader, why = found.reader, found.why
+            if reader is not None and found.steps:
+                why = _linear_problem(reader, rec)
+            if reader is None or not found.steps or why is not None:
+                keep.append(_forward_reason(skip, why) if why else skip)
                 continue
             if inside(reader.name, busy):
                 plan.more = True
                 keep.append(skip)
                 continue
-            plan.of(self.name).append(LayoutFold(skip.norm, reader.name, tuple(steps)))
+            plan.of(self.name).append(LayoutFold(skip.norm, reader.name, tuple(found.steps)))
         plan.skipped = keep
 
     def affine(self, model: "nn.Module", it: LayoutFold) -> "tuple[torch.Tensor, torch.Tensor]":
@@ -114,15 +80,33 @@ class LayoutPass(AffineFold, name="layout", key="layout_folds", left_key="layout
             model.set_submodule(it.norm, nn.Identity())
 
     def sites(self, model: "nn.Module", items: "list[LayoutFold]") -> "list[SiteSpec]":
+        """The BatchNorm's own forward, the ops on the way and the Linear, against those ops and the
+        fused Linear."""
         out = []
         for it in items:
-            moves = tuple(Layout(op, args) for op, args in it.steps)
-            out.append(SiteSpec(self.name, it.producer, it.norm, (it.norm,), (Norm(it.norm), *moves, RunLayer(it.producer)),
-                                (*moves, RunLayer(it.producer))))
+            moves = site_steps(it.steps)
+            out.append(SiteSpec(self.name, it.producer, it.norm, (it.norm,),
+                                (RunModule(it.norm), *moves, RunLayer(it.producer)), (*moves, RunLayer(it.producer))))
         return out
 
     def row(self, it: LayoutFold) -> "tuple[str, ...]":
         return it.norm, it.producer, " -> ".join(f"{op}{args}" for op, args in it.steps)
+
+
+def _linear_problem(reader: Any, rec: "Recorder") -> "str | None":
+    """Why the Linear a BatchNorm's output reaches cannot take its fold (None: it can)."""
+    n = len(rec.calls.get(id(reader.module), []))
+    if n != 1:
+        return f"{reader.name} is called {n} times"
+    rule, why = producer_rule(reader.module)
+    return why or f"{reader.name} is not a layer bnfuse folds into" if rule is None else None
+
+
+def _forward_reason(skip: Skip, why: str) -> Skip:
+    """The fold pass's refusal with what stops the fold into the layer after it replaced by ``why``."""
+    back, sep, _ = skip.reason.partition("; nor can it fold into the layer after it: ")
+    return Skip(skip.norm, f"{back}; nor can it fold into the layer after it: {why}" if sep else
+                f"{skip.reason}; nor can it fold into a Linear after it: {why}")
 
 
 LAYOUT = LayoutPass()

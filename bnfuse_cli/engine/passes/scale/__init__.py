@@ -1,15 +1,17 @@
 """The scale pass: a per-channel scale next to a Conv/Linear (a layer scale, ResMLP's ``Affine``,
-torchvision ConvNeXt's ``layer_scale``) folds into it, exactly, and leaves the forward; every scale
-left says why (:mod:`.find` finds them)."""
+torchvision ConvNeXt's ``layer_scale``) folds into it, exactly, and leaves the forward, as does a scale
+module whose output reaches a Linear only through layout ops and global average pooling (ResMLP's
+final ``norm`` before its pooled head); every scale left says why (:mod:`.find` finds them)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from ....errors import BnfuseError
-from ...forward import held, rewrite_forward
+from ...forward import child_name, held, rewrite_forward, trace_block
 from ...plan import Plan
-from ...steps import Elementwise, RunLayer, RunModule, SiteSpec
+from ...reach import site_steps
+from ...steps import Elementwise, Forward, RunLayer, RunModule, SiteSpec
 from ...sums import channel_affine, constant_operand
 from ..base import AffineFold, by_block, inside, touched
 from .find import ScaleFold, ScaleSkip, find_scales
@@ -93,21 +95,26 @@ class ScalePass(AffineFold, name="scale", key="scale_folds", left_key="scales_le
         return model
 
     def sites(self, model: "nn.Module", items: "list[ScaleFold]") -> "list[SiteSpec]":
+        """A scale module runs its own forward; a multiplication in a block's forward is replayed from the
+        block's own code when it scales its child layer's output directly (else the judge multiplies by
+        the tensor this pass names)."""
         specs = []
         for it in items:
             layer = model.get_submodule(it.producer) if it.producer in dict(model.named_modules()) else None
             axis = -1 if layer is not None and hasattr(layer, "in_features") else 1
-            scale = RunModule(it.scale) if it.module_form else Elementwise("mul", it.scale, axis)
+            scale = RunModule(it.scale) if it.module_form else _replayed(model, it) or Elementwise("mul", it.scale, axis)
             if it.direction == "backward":
                 specs.append(SiteSpec(self.name, it.producer, it.producer, (it.scale,),
                                       (RunLayer(it.producer), scale), (RunLayer(it.producer),)))
             else:
+                moves = site_steps(it.through)
                 specs.append(SiteSpec(self.name, it.producer, it.scale, (it.scale,),
-                                      (scale, RunLayer(it.producer)), (RunLayer(it.producer),)))
+                                      (scale, *moves, RunLayer(it.producer)), (*moves, RunLayer(it.producer))))
         return specs
 
     def row(self, it: ScaleFold) -> "tuple[str, ...]":
-        return it.scale, it.producer, it.direction
+        through = " -> ".join(f"{op}{args}" for op, args in it.through)
+        return it.scale, it.producer, f"{it.direction} through {through}" if through else it.direction
 
     def left_json(self, left: ScaleSkip) -> "dict[str, Any]":
         return {"scale": left.scale, "reason": left.reason}
@@ -116,6 +123,21 @@ class ScalePass(AffineFold, name="scale", key="scale_folds", left_key="scales_le
         items, left = plan.of(self.name), plan.left_by(self.name)
         return (("per-channel scales", f"{len(items)} folded (one elementwise op less each), {len(left)} left")
                 if items or left else None)
+
+
+def _replayed(model: "nn.Module", it: ScaleFold) -> "Forward | None":
+    """The block's own forward from its call of the layer to the multiplication, when the multiplication
+    reads that call's output itself; else None."""
+    try:
+        graph = trace_block(model.get_submodule(it.block))
+    except Exception:  # noqa: BLE001 - not traced: the tensor this pass names is multiplied instead
+        return None
+    node = next((n for n in graph.nodes if n.name == it.node), None)
+    operand = constant_operand(node) if node is not None else None
+    src = operand[0] if operand is not None else None
+    if getattr(src, "op", None) != "call_module" or child_name(it.block, src.target) != it.producer:
+        return None
+    return Forward(it.block, src.name, it.node)
 
 
 SCALE = ScalePass()

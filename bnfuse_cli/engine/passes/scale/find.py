@@ -4,7 +4,8 @@ it, by the recorded data flow, or why not.
 Two forms.  A *module* whose forward is ``a * y + b`` per channel (probed:
 :func:`bnfuse_cli.engine.sums.channel_affine`) folds backward when its input is a layer's output that
 nothing else reads, and forward when its output is read only by a Linear (or a conv that does not
-zero-pad, or whose shift is zero).  A *multiplication* in a block's forward by a tensor the block
+zero-pad, or whose shift is zero), directly or through layout ops and means over other axes (ResMLP's
+final ``Affine`` before ``head(x.mean(1))``: :func:`bnfuse_cli.engine.reach.follow`).  A *multiplication* in a block's forward by a tensor the block
 holds (``self.layer_scale * self.block(x)``, ``x.mul(self.gamma.reshape(1, -1, 1, 1))``) folds
 backward when the other operand is a layer's output, through eval-mode identities and permutes
 (torchvision's ConvNeXt permutes a Linear's output back to channels first before scaling it); the
@@ -13,12 +14,14 @@ scale must lie on the layer's feature axis once the permutes are undone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ...forward import child_name, passthrough, single_call, trace_block
 from ...patterns import is_norm_like, is_producer_like, producer_rule
+from ...reach import OPS, follow
 from ...sums import channel_affine, constant_operand, held_value, per_channel_axis
+from ..base import OMIT_EMPTY
 
 if TYPE_CHECKING:
     from torch import fx, nn
@@ -42,11 +45,15 @@ class ScaleFold:
     direction: str
     axis: int
     rank: int
+    #: a forward fold into a Linear through layout ops and means over other axes (global average
+    #: pooling; :data:`bnfuse_cli.engine.reach.OPS`): those ops, in order
+    through: "tuple[tuple[str, tuple[int, ...]], ...]" = field(default=(), metadata=OMIT_EMPTY)
 
     module_form = property(lambda self: not self.node)
 
     def __post_init__(self) -> None:
-        if self.direction not in ("backward", "forward") or not self.module_form and self.direction != "backward":
+        if self.direction not in ("backward", "forward") or not self.module_form and self.direction != "backward" \
+                or any(op not in OPS for op, _ in self.through) or self.through and self.direction != "forward":
             raise ValueError(f"unknown scale fold {self!r}")
 
 
@@ -113,9 +120,9 @@ def _module_scales(model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]
         if why is None:
             plan.of(name).append(ScaleFold("", "", mname, rec.produced[id(call.input)].name, "backward", axis, rank))
             continue
-        fwd, fwhy = _forward(model, rec, mname, call, axis, rank, found)
+        fwd, fwhy, through = _forward(model, rec, escapes, mname, call, axis, rank, found)
         if fwd is not None:
-            plan.of(name).append(ScaleFold("", "", mname, fwd, "forward", axis, rank))
+            plan.of(name).append(ScaleFold("", "", mname, fwd, "forward", axis, rank, through))
         else:
             before = rec.produced.get(id(call.input))
             after = before.name if before is not None and is_norm_like(before.module) else ""
@@ -142,23 +149,35 @@ def _backward(model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", mn
     return None
 
 
-def _forward(model: "nn.Module", rec: "Recorder", mname: str, call: Any, axis: int, rank: int,
-             found: Any) -> "tuple[str | None, str]":
+def _forward(model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", mname: str, call: Any, axis: int,
+             rank: int, found: Any) -> "tuple[str | None, str, tuple[tuple[str, tuple[int, ...]], ...]]":
+    """The layer the scale folds forward into, why not, and the layout ops and means over other axes on
+    the way to it (a Linear reached through them: :func:`bnfuse_cli.engine.reach.follow`)."""
     reads = rec.reads.get(id(call.output))
+    through: "tuple[tuple[str, tuple[int, ...]], ...]" = ()
+    if reads is not None and len(reads) == 1 and id(call.output) in rec.moved and id(call.output) not in escapes:
+        reach = follow(rec, call.output, axis, escapes)
+        if reach.why is not None:
+            return None, reach.why, ()
+        if reach.reader is not None:  # its channels are the Linear's features, the last axis of its input
+            reads, through, rank = [(reach.reader, "linear")], tuple(reach.steps), len(reach.reader.input.shape)
+            axis = rank - 1
     if reads is None or len(reads) != 1 or reads[0][0] is None or not is_producer_like(reads[0][0].module):
         ops = ", ".join(f"{op} in {c.name if c else 'the model forward'}" for c, op in reads or [])
-        return None, f"its output goes to {ops or 'nothing bnfuse saw'}, not to one Conv/Linear alone"
+        return None, f"its output goes to {ops or 'nothing bnfuse saw'}, not to one Conv/Linear alone", ()
     layer_call = reads[0][0]
     layer = layer_call.module
-    if layer_call.input is not call.output or len(rec.calls.get(id(layer), [])) != 1:
-        return None, f"{layer_call.name} does not read the output of {mname} as its input, once"
+    if not through and layer_call.input is not call.output or len(rec.calls.get(id(layer), [])) != 1:
+        return None, f"{layer_call.name} does not read the output of {mname} as its input, once", ()
     if feature_axis(layer, rank) != axis:
-        return None, f"{mname} scales axis {axis}, not the input features of {layer_call.name}"
-    rule, _ = producer_rule(layer)
+        return None, f"{mname} scales axis {axis}, not the input features of {layer_call.name}", ()
+    rule, why = producer_rule(layer)
+    if rule is None:
+        return None, why or f"{layer_call.name} is not a layer bnfuse folds into", ()
     pads = any(getattr(layer, "padding", (0,)) if not isinstance(getattr(layer, "padding", 0), str) else (1,))
     if rule.kind != "linear" and (rule.transposed or pads and bool(found[1].any())):
-        return None, f"{layer_call.name} zero-pads its input, and {mname} adds a shift the padding would not get"
-    return layer_call.name, ""
+        return None, f"{layer_call.name} zero-pads its input, and {mname} adds a shift the padding would not get", ()
+    return layer_call.name, "", through
 
 
 def _walk(node: Any, block: "nn.Module", rec: "Recorder") -> "tuple[Any, list[tuple[str, tuple[int, ...]]], str | None]":
