@@ -35,3 +35,11 @@ class Cancel(nn.Module):
 def cancel() -> nn.Module:
     """The model (in float64)."""
     return Cancel()
+
+
+class MergedCancel(Cancel):
+    """The same branches summed without the ReLUs: the difference merges into one conv whose float64
+    kernel is computed from terms 1e7 times larger than their sum."""
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        return self.head(self.bn_a(self.a(x)) - self.bn_b(self.b(x)))

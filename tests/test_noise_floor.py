@@ -67,3 +67,22 @@ def test_verify_of_a_float64_model_uses_the_same_floor(tmp_path: Path) -> None:
     write_checkpoint(tmp_path / "bad.pth", state_dict=sd, metadata=ck.metadata)
     bad = run_bnfuse("verify", str(tmp_path / "orig.pth"), str(tmp_path / "bad.pth"), *args, cwd=ROOT / "tests")
     assert bad.returncode == 1, bad.stdout + bad.stderr
+
+
+def test_a_merge_whose_branches_cancel_is_judged_at_the_scale_of_its_branches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The site of a merged difference of two branches of 1e8: the float64 sum and the merged kernel both
+    round at the branches' scale, so the site allows units of rounding of the branches, not of the sum;
+    a merged kernel 1e-6 off (far below a relative 1e-3 of the sum, far above that rounding) still fails."""
+    from models_floor import MergedCancel
+
+    result = bnfuse_cli.fuse(MergedCancel().eval(), X)
+    (site,) = [s for s in result.verdict.sites if s.kind == "merge"]
+    assert result.ok and site.tolerance > 1e-9 and site.rel_error <= site.tolerance, result.verdict.reasons
+
+    def corrupt(m: torch.nn.Module) -> None:
+        with torch.no_grad():
+            m.get_submodule(site.layer).weight.mul_(1 + 1e-6)
+
+    corrupt_after_rewrite(monkeypatch, corrupt)
+    bad = bnfuse_cli.fuse(MergedCancel().eval(), X)
+    assert [s.layer for s in bad.verdict.failed_sites] == [site.layer] and not bad.ok

@@ -45,10 +45,16 @@ class _Site:
     spec: Any
     reference: "torch.Tensor | None" = None
     crop: "torch.Tensor | None" = None
+    #: the largest norm of a term the original's chain summed (its branches): where terms cancel, the
+    #: site's rounding grows with them, not with their sum
+    reach: float = 0.0
 
 
 #: window kept of a BatchNorm's input per spatial axis (a fold into the layer after it: no zero padding)
 NORM_WINDOW = 8
+#: units of float64 rounding, at the scale of the terms a site sums, that the sum and the merged kernel
+#: computed from the same terms may each carry (measured: about 5 where branches of 1e8 cancel to 1)
+SUM_ROUNDING = 32
 #: float64 weights held at once by a site check: a Conv or Linear runs in blocks of output channels
 BLOCK_BYTES = 2 * 2**20
 
@@ -242,9 +248,11 @@ def _replay(model: "nn.Module", step: Any, y: "torch.Tensor") -> "torch.Tensor":
     return out
 
 
-def _run_chain(model: "nn.Module", chain: "tuple[Any, ...]", x: "torch.Tensor") -> "torch.Tensor":
+def _run_chain(model: "nn.Module", chain: "tuple[Any, ...]", x: "torch.Tensor",
+               terms: "list[float] | None" = None) -> "torch.Tensor":
     """A site's chain of steps (:mod:`bnfuse_cli.engine.steps`) on ``x``, in float64: a layer
-    block by block, a module as a float64 copy of its own, a BatchNorm's affine map, a sum."""
+    block by block, a module as a float64 copy of its own, a BatchNorm's affine map, a sum (the norm of
+    each of its terms appended to ``terms``)."""
     import copy
 
     import torch
@@ -266,7 +274,9 @@ def _run_chain(model: "nn.Module", chain: "tuple[Any, ...]", x: "torch.Tensor") 
         elif isinstance(step, Sum):
             total = None
             for sub in step.chains:
-                y = _run_chain(model, sub, x)
+                y = _run_chain(model, sub, x, terms)
+                if terms is not None:
+                    terms.append(float(y.norm()))
                 total = y if total is None else total + y
             x = total
         elif isinstance(step, Cat):
@@ -390,7 +400,11 @@ class SiteProbe:
                 h.remove()
 
     def _compute(self, model: "nn.Module", site: _Site, fused: bool) -> "torch.Tensor":
-        return _run_chain(model, site.spec.fused if fused else site.spec.original, site.crop.double())
+        terms: list[float] = []
+        out = _run_chain(model, site.spec.fused if fused else site.spec.original, site.crop.double(), terms)
+        if not fused:
+            site.reach = max(terms, default=0.0)
+        return out
 
     def reference(self, original: "nn.Module") -> None:
         """Compute each site's float64 reference from the original, unfused model."""
@@ -446,6 +460,9 @@ class SiteProbe:
                         res.rel_error = float((out - ref).norm()) / scale
                     weight = getattr(fused.get_submodule(spec.layer), "weight", None)
                     res.tolerance = Tolerance.for_dtype(weight.dtype).site_rtol if site_rtol is None else site_rtol
+                    # terms that cancel (a merge of branches in float64 whose sum is far smaller than
+                    # they are): the float64 arithmetic rounds at the terms' scale, not at their sum's
+                    res.tolerance += SUM_ROUNDING * 2.0 ** -52 * site.reach / max(float(ref.norm()), 1e-300)
             results.append(res)
         return results
 
