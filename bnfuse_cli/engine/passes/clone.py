@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import BnfuseError
 from ..forward import child_name, rewrite_forward
+from ..guards import hooks, norm_problem, producer_problem
 from ..patterns import norm_rule, producer_rule
 from ..plan import Plan, Skip
 from ..steps import Norm, RunLayer, SiteSpec
@@ -35,13 +36,14 @@ class CloneFold:
     copy: str
 
 
-def _candidate(model: "nn.Module", name: str, rec: "Recorder") -> "tuple[CloneFold | None, int]":
+def _candidate(model: "nn.Module", name: str, rec: "Recorder") -> "tuple[CloneFold | None, int | str]":
     """The clone fold for BatchNorm ``name`` (None if its layer is not a sibling it alone should copy),
-    and the parameters the copy adds."""
+    and the parameters the copy adds; or (None, why) for a candidate that must not be copied."""
     norm = model.get_submodule(name)
     rule, _ = norm_rule(norm)
     calls = rec.calls.get(id(norm), [])
-    if rule is None or rule.replacement != "identity" or len(calls) != 1 or calls[0].training:
+    if rule is None or rule.replacement != "identity" or len(calls) != 1 or calls[0].training \
+            or norm_problem(norm, rec):
         return None, 0
     pcall = rec.produced.get(id(calls[0].input)) if calls[0].input is not None else None
     if pcall is None or len(rec.calls.get(id(pcall.module), [])) != 1:
@@ -55,6 +57,9 @@ def _candidate(model: "nn.Module", name: str, rec: "Recorder") -> "tuple[CloneFo
         return None, 0
     if prod.kind == "linear" and len(calls[0].input.shape) != 2:
         return None, 0
+    why = producer_problem(pcall.module, rec) or hooks(model.get_submodule(block) if block else model, block, rec)
+    if why:  # a copy would share its hooks or tied weights; the block's forward is rewritten
+        return None, why
     added = sum(p.numel() for p in pcall.module.parameters()) + (
         0 if getattr(pcall.module, "bias", None) is not None else int(pcall.module.weight.shape[0]))
     return CloneFold(block, name, pcall.name, child_name(block, f"{pchild}_for_{child}")), added
@@ -76,7 +81,9 @@ class ClonePass(Pass, name="clone", key="clone_folds", left_key="clone_left", it
         names = {n for n, _ in model.named_modules()}
         for s in plan.skipped:
             item, added = _candidate(model, s.norm, rec)
-            if item is None or item.copy in names:
+            if isinstance(added, str):
+                left.append(Skip(s.norm, f"{s.reason}; nor can it fold into a copy of the layer before it: {added}"))
+            elif item is None or item.copy in names:
                 left.append(s)
             elif on:
                 plan.of(self.name).append(item)

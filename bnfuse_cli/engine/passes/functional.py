@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import BnfuseError
 from ..affine import affine_from_stats
 from ..forward import held, rewrite_forward, trace_block
+from ..guards import hooks, producer_problem
 from ..patterns import producer_rule, std_conv_rule
 from ..plan import Plan
 from ..record import pretty_op, where
@@ -72,6 +73,11 @@ def _refusal(call: "BatchNormCall", rec: "Recorder", escapes: "dict[int, str]") 
         return f"the output of {prod.name} is also {escapes[id(call.input)]}"
     if len(rec.calls.get(id(prod.module), [])) != 1:
         return f"{prod.name} is called more than once"
+    problem = producer_problem(prod.module, rec)
+    if problem:
+        return problem
+    if call.caller is not None:  # its forward is rewritten
+        return hooks(call.caller.module, call.caller.name, rec)
     return None
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..guards import norm_problem, producer_problem
 from ..patterns import norm_rule, producer_rule
-from ..plan import Plan
+from ..plan import Plan, Skip
+from ..record import where
 from ..steps import Layout, Norm, RunLayer, SiteSpec
 from .base import AffineFold, inside, norm_affine, touched
 
@@ -54,26 +56,37 @@ def _move(axis: int, rank: int, op: str, args: "tuple[int, ...]") -> "tuple[int 
     return None, rank
 
 
-def _follow(rec: "Recorder", y: Any) -> "tuple[Any, list[tuple[str, tuple[int, ...]]]]":
-    """From a BatchNorm's output through layout ops, each result read once, to the one Linear call that
-    reads the last of them with the BatchNorm's channels as its features: (that call, the ops), or
-    (None, []).  What stops it is the fold pass's reason, which stays."""
+def _follow(rec: "Recorder", y: Any, escapes: "dict[int, str]"
+            ) -> "tuple[Any, list[tuple[str, tuple[int, ...]]], str | None]":
+    """From a BatchNorm's output through layout ops, each result read once and by nothing else, to
+    the one Linear call that reads the last of them with the BatchNorm's channels as its features:
+    (that call, the ops, None); or (None, [], why) where the path is there but something else takes
+    its values too, or (None, [], None) where there is no such path (the fold pass's reason stays)."""
     steps: list[tuple[str, tuple[int, ...]]] = []
     axis, rank, x = 1, len(y.shape), y
     while True:
+        path = rec.moved[id(x)][1] if id(x) in rec.moved else "linear" if steps else None
+        if path is None:
+            return None, [], None
+        what = f"the result of {steps[-1][0]}" if steps else "its output"
         reads = rec.reads.get(id(x), [])
+        if len(reads) > 1 and any(op == path for _, op in reads):
+            r, op = next(((r, op) for r, op in reads if op != path), reads[1])
+            return None, [], f"{what} is also read by {op} in {where(r)}"
         if len(reads) != 1:
-            return None, []
+            return None, [], None
+        if id(x) in escapes:
+            return None, [], f"{what} is also {escapes[id(x)]}"
         reader, op = reads[0]
         if op == "linear" and reader is not None and reader.input is x:
-            return (reader, steps) if axis == rank - 1 else (None, [])
+            return (reader, steps, None) if axis == rank - 1 else (None, [], None)
         nxt = rec.moved.get(id(x))
         if nxt is None or nxt[1] != op:
-            return None, []
+            return None, [], None
         x, op, args = nxt
         axis, rank = _move(axis, rank, op, args)
         if axis is None:
-            return None, []
+            return None, [], None
         steps.append((op, args))
 
 
@@ -89,12 +102,18 @@ class LayoutPass(AffineFold, name="layout", key="layout_folds", left_key="layout
             calls = rec.calls.get(id(norm), [])
             rule, _ = norm_rule(norm)
             if rule is None or rule.replacement != "identity" or len(calls) != 1 or calls[0].output is None \
-                    or not rec.moved or id(calls[0].output) in escapes:
-                keep.append(skip)
+                    or calls[0].training or norm_problem(norm, rec) or not rec.moved:
+                keep.append(skip)  # the fold pass's reason names what stops it
                 continue
-            reader, steps = _follow(rec, calls[0].output)
-            if reader is None or not steps or len(rec.calls.get(id(reader.module), [])) != 1 \
-                    or producer_rule(reader.module)[0] is None:
+            reader, steps, why = _follow(rec, calls[0].output, escapes)
+            if reader is not None and steps:
+                n = len(rec.calls.get(id(reader.module), []))
+                why = (f"{reader.name} is called {n} times" if n != 1 else
+                       producer_rule(reader.module)[1] or producer_problem(reader.module, rec))
+            if why is not None:
+                keep.append(Skip(skip.norm, f"{skip.reason} (nor through the layout ops after it: {why})"))
+                continue
+            if reader is None or not steps:
                 keep.append(skip)
                 continue
             if inside(reader.name, busy):

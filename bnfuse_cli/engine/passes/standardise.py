@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..guards import hooks
 from ..patterns import std_conv_rule
 from ..plan import Plan
 from ..steps import RunLayer, RunModule, SiteSpec
@@ -75,6 +76,8 @@ class StandardisePass(Pass, name="standardise", key="standardised", left_key="st
             elif not rec.calls.get(id(m)):
                 plan.left_by(self.name).append(StandardiseLeft(name, (
                     f"{name} is never called on the example input (unused, or in a branch not taken)")))
+            elif hooks(m, name, rec):  # a plain conv takes its place
+                plan.left_by(self.name).append(StandardiseLeft(name, hooks(m, name, rec)))
             else:
                 plan.of(self.name).append(Standardised(name))
 

@@ -1,7 +1,7 @@
 """The fold pass: each BatchNorm folded into the Conv/Linear before it (backward) or after it
 (forward), exactly, with the reason for every one left.
 
-Its finder (:mod:`.find`, with the guards of :mod:`.guards`) walks the recorded data flow; its
+Its finder (:mod:`.find`, with the guards of :mod:`bnfuse_cli.engine.guards`) walks the recorded data flow; its
 rewrite (:mod:`.rewrite`) folds every layer's statistics in float64, checked before anything is
 written."""
 
