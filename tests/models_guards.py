@@ -108,6 +108,18 @@ class CatSwapped(nn.Module):
         return self.bn(torch.cat([self.c1(x), self.c2(x)], 1)) + self.bn(torch.cat([self.c2(x), self.c1(x)], 1))
 
 
+class ReshapeAcross(nn.Module):
+    """A conv's (N, 2, 2, 1) output reshaped to (2N, 2) before a BatchNorm1d(2): its axis 1 is the
+    height, not the conv's channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 2, (5, 6)), nn.BatchNorm1d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x).reshape(-1, 2))
+
+
 # ----------------------------------------------------------------------------- fold: forward (a BatchNorm on the input)
 
 
@@ -233,6 +245,8 @@ class Chain(nn.Module):
         if k == "read":
             z = y * 2.0
             return self.bn(z) + z.mean()
+        if k == "layer_read":
+            return self.bn(y * 2.0) + y.mean()
         if k == "rsub":
             return self.bn(1.5 - y)
         if k == "rsub_held":
@@ -257,6 +271,10 @@ class ChainLinear(nn.Module):
 
 def ChainRead() -> nn.Module:  # noqa: N802
     return Chain("read")
+
+
+def ChainLayerRead() -> nn.Module:  # noqa: N802
+    return Chain("layer_read")
 
 
 def ChainRsub() -> nn.Module:  # noqa: N802
@@ -598,6 +616,26 @@ class ScaleAfter(nn.Module):
         return (self.ls(y), y) if self.kind == "returned" else self.ls(y)
 
 
+class TokenScale(nn.Module):
+    """One value per token (axis 1 of (N, L, C)), after a Linear over the channels."""
+
+    def __init__(self, tokens: int = 3) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, tokens).view(1, tokens, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class ScaleTokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.ls = nn.Linear(5, 3), TokenScale()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls(self.proj(x))
+
+
 def ScaleLayerTwice() -> nn.Module:  # noqa: N802
     return ScaleAfter("twice")
 
@@ -733,6 +771,9 @@ class Siblings(nn.Module):
         self.act_a, self.act_b = acts or (nn.ReLU(), nn.ReLU())
         if kind == "layer_hook":
             self.b.register_forward_hook(plus_one)
+        self.other = nn.Conv2d(4, 3, 1)
+        if kind == "tied":
+            self.other.weight = self.b.weight
         if kind in ("wrapped", "act_hook"):
             (self.b if kind == "wrapped" else self.act_b).register_forward_hook(count)
             (self.b if kind == "wrapped" else self.act_a).register_forward_hook(count)
@@ -741,6 +782,10 @@ class Siblings(nn.Module):
         x = self.stem(x)
         ya = self.a(x)
         out = torch.cat([self.act_a(ya), self.act_b(self.b(x))], 1)
+        if self.kind == "twice":
+            return out + self.b(x).mean()
+        if self.kind == "tied":
+            return out + self.other(torch.relu(x)).mean()
         return out + ya.mean() if self.kind == "act_read" else out
 
 
@@ -786,6 +831,14 @@ def SiblingsActRead() -> nn.Module:  # noqa: N802
 
 def SiblingsActHook() -> nn.Module:  # noqa: N802
     return Siblings(kind="act_hook")
+
+
+def SiblingsTwice() -> nn.Module:  # noqa: N802
+    return Siblings(kind="twice")
+
+
+def SiblingsTied() -> nn.Module:  # noqa: N802
+    return Siblings(kind="tied")
 
 
 # ----------------------------------------------------------------------------- clone (a copy of a layer read elsewhere)
@@ -900,3 +953,34 @@ def WrapperPreHook() -> nn.Module:  # noqa: N802
 
 def WrapperBackwardHook() -> nn.Module:  # noqa: N802
     return Wrapper("backward")
+
+
+# ----------------------------------------------------------------------------- the verdict (tests/test_judge.py)
+
+
+class Judged(nn.Module):
+    """conv -> bn -> relu -> head: a fold site (conv) and a layer no pass changes (head); ``kind``
+    "saturated" clamps the output (a wrong fold does not move it), "ranked" returns the top-3
+    positions of the head's scores (post-processing: a head scaled by 2 ranks them the same)."""
+
+    def __init__(self, kind: str = "") -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        if self.kind == "saturated":
+            return torch.clamp(y, min=100.0)
+        scores = self.head(torch.relu(y)).flatten(1)
+        if self.kind == "ranked":
+            return scores.topk(3, dim=1).indices.to(x.dtype)
+        return scores
+
+
+def Saturated() -> nn.Module:  # noqa: N802
+    return Judged("saturated")
+
+
+def Ranked() -> nn.Module:  # noqa: N802
+    return Judged("ranked")

@@ -8,7 +8,8 @@ The affine-chain pass (engine/passes/chain.py) is refused by, in its order:
   - a constant on the left of ``-`` or ``/`` (``bn(c - conv(x))``, ``bn(c / conv(x))``: ``c / y`` is not affine)
   - a step by something that is not a number or a tensor the block holds (tests/test_chain.py)
   - a held tensor that is not one value, or one per channel (``conv(x) * mask``, one value per position)
-  - a chain that does not start at a Conv child read by it alone (tests/test_chain.py: a ReLU in the chain)
+  - a chain that does not start at a Conv child (tests/test_chain.py: a ReLU in the chain), or one whose output
+    is also read elsewhere
   - a layer that is not a Conv (a Linear on (N, C, L): the chain is folded on axis 1)
   - a conv called more than once
   - a conv output returned by the model or kept in an attribute
@@ -21,11 +22,11 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import build
 
 from bnfuse_cli import FuseOptions, fuse
 from bnfuse_cli.checks import compare
 from bnfuse_cli.engine.passes import by_name
-from conftest import build
 
 X = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 #: (N, C, L) with C == L, for a BatchNorm1d beside a Linear
@@ -57,6 +58,7 @@ CASES = [
     # fold, backward
     Case("fold-norm-pre-hooks", "NormPreHooked", "fold", "bn", "it has forward pre-hooks"),
     Case("fold-norm-hooks", "NormHooked", "fold", "bn", "it has forward hooks"),
+    Case("fold-reshape-axis", "ReshapeAcross", "fold", "bn", "which does not keep its channel axis as the BatchNorm's"),
     Case("fold-cat-read-elsewhere", "CatReadElsewhere", "fold", "bn", "the cat of c1, c2 is also read by mean"),
     Case("fold-cat-returned", "CatReturned", "fold", "bn", "the cat of c1, c2 is also returned by the model"),
     Case("fold-channels-per-call", "CatSwapped", "fold", "bn",
@@ -79,6 +81,7 @@ CASES = [
          timm=True),
     # chain
     Case("chain-read-elsewhere", "ChainRead", "chain", "bn", "the result of mul is also read elsewhere", left="fold"),
+    Case("chain-layer-read-elsewhere", "ChainLayerRead", "chain", "bn", "the chain starts at conv", left="fold"),
     Case("chain-not-per-channel", "ChainMask", "chain", "bn", "does not broadcast on the channel axis", left="fold"),
     Case("chain-not-conv", "ChainLinear", "chain", "bn", "fc is not a Conv", XL, left="fold"),
     Case("chain-called-twice", "ChainTwice", "chain", "bn", "conv is called 2 times", left="fold"),
@@ -118,6 +121,7 @@ CASES = [
     Case("scale-layer-called-twice", "ScaleLayerTwice", "scale", "ls", "proj is called 2 times", XR),
     Case("scale-layer-problem", "ScaleLayerHook", "scale", "ls", "proj has forward hooks", XR),
     Case("scale-layer-returned", "ScaleLayerReturned", "scale", "ls", "the output of proj is also returned", XR),
+    Case("scale-axis", "ScaleTokens", "scale", "ls", "ls scales axis 1, not the features of proj", XT),
     Case("scale-hooks", "ScaleHooked", "scale", "ls", "ls has forward hooks, which would be dropped", XR),
     Case("scale-fwd-returned", "ScaleForwardReturned", "scale", "ls", "its output is also returned by the model", XR),
     Case("scale-fwd-called-elsewhere", "ScaleForwardTwice", "scale", "ls",
@@ -212,9 +216,16 @@ def test_sibling_activations_alike_by_type_but_not_in_their_parameters_run_per_s
     """LeakyReLU slopes 0.1 and 0.5, ELU alpha, GELU approximate, Hardtanh bounds, F.leaky_relu's slope; an
     output also read elsewhere; activations with hooks: the siblings become one wider layer, each slice
     through its own activation, exactly (a wrong one is off by 0.2 to 0.7)."""
-    model, result = _fused(arch, X, ("horizontal",))
+    _, result = _fused(arch, X, ("horizontal",))
     (wide,) = result.plan.of("horizontal")
     assert wide.layers == ("a", "b") and wide.acts == ()
+
+
+@pytest.mark.parametrize("arch", ["SiblingsTwice", "SiblingsTied"])
+def test_a_layer_called_twice_or_with_tied_weights_is_no_sibling(arch: str) -> None:
+    """Not a candidate at all: nothing planned, nothing to say."""
+    _, result = _fused(arch, X, ("horizontal",))
+    assert result.plan.of("horizontal") == [] and result.plan.left_by("horizontal") == []
 
 
 def test_alike_activations_run_once_and_the_site_checks_each_sibling_with_its_own() -> None:
@@ -230,7 +241,7 @@ def test_activations_taken_as_alike_by_type_alone_fail_the_horizontal_site(arch:
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The judge does not share the pass's reading: with the parameters left out of the comparison (a bug),
     the wider layer's site, which runs each sibling through its own activation, fails."""
-    import bnfuse_cli.engine.passes.horizontal as horizontal
+    from bnfuse_cli.engine.passes import horizontal
 
     real = horizontal._activation
     monkeypatch.setattr(horizontal, "_activation", lambda block, node: (k := real(block, node)) and k[:2])

@@ -2,7 +2,17 @@
 reads too (``bn(conv(x))`` beside ``conv(x)`` used elsewhere) cannot fold into that layer; it folds
 into a copy of it made for the BatchNorm's path, as torch.jit.freeze does per call site.  That
 trades the copy's parameters for one operation less, so it is the user's choice: off by default,
-and then the BatchNorm's reason says what it would fold and how many parameters it would add."""
+and then the BatchNorm's reason says what it would fold and how many parameters it would add.
+
+Guards (each tripped by a test in tests/test_guards.py; each broken by a mutant in scripts/mutants.py):
+  - a BatchNorm the fold pass refused for itself (hooks, parameters read elsewhere, training mode)
+  - a layer output changed in place before the BatchNorm reads it
+  - a layer in another block than its BatchNorm
+  - a BatchNorm1d on a Linear's output of more than 2 dimensions
+  - a layer the fold pass would refuse (:func:`bnfuse_cli.engine.guards.producer_problem`: a copy would
+    share its hooks and tied weights)
+  - a block with hooks (its forward is rewritten)
+"""
 
 from __future__ import annotations
 

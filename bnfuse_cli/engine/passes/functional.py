@@ -3,7 +3,20 @@
 Conv/Linear that nothing else reads, folds into that layer backward, and the call leaves the
 module's forward (the module becomes a ``torch.fx.GraphModule`` of its forward without it, as
 torch.jit.freeze would remove it).  Every other functional call is listed with its reason, so every
-batch-norm call of a forward pass is accounted for."""
+batch-norm call of a forward pass is accounted for.
+
+Guards (each tripped by a test in tests/test_guards.py and tests/test_functional_bn.py; each broken by a
+mutant in scripts/mutants.py):
+  - a call with batch statistics (``training=True``)
+  - running statistics, weight or bias computed in the forward rather than held by a module
+  - an input that is not a Conv/Linear output
+  - a Linear's output of more than 2 dimensions (the call normalises axis 1, not its features)
+  - the layer's output also read elsewhere, or returned or kept
+  - the layer called more than once
+  - a layer the fold pass would refuse (:func:`bnfuse_cli.engine.guards.producer_problem`)
+  - a calling block with hooks (its forward is rewritten: a GraphModule in its place would not run them)
+  - a call in the model's own forward, or in a forward torch.fx cannot trace
+"""
 
 from __future__ import annotations
 

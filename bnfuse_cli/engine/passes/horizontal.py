@@ -10,6 +10,17 @@ not shared); the module that holds them all is traced down to torch's own layers
 siblings' weights stacked, so that name's weight grows) and the other siblings gone.  Off by default:
 in eager PyTorch a slice of a wider output is not always cheaper than the separate layers it replaces
 (measured in ``scripts/bench_horizontal.py``; the README has the table).
+
+Guards (each tripped by a test in tests/test_horizontal.py and tests/test_guards.py; each broken by a
+mutant in scripts/mutants.py):
+  - siblings differ in kernel, stride, padding, dilation, padding mode, dtype or device
+  - a layer called more than once, or with tied weights, is no sibling
+  - a sibling the fold pass would refuse (:func:`bnfuse_cli.engine.guards.producer_problem`: hooks, ...)
+  - the block, or a module traced through it, with hooks (a GraphModule takes its place)
+  - a forward torch.fx cannot trace
+  - activations run once on the wider output only when they are alike in type and in every parameter
+    (LeakyReLU's slope, ELU's alpha, GELU's approximation, a function's arguments), have no hooks,
+    and each sibling's output goes to its activation alone; the site runs each sibling with its own
 """
 
 from __future__ import annotations

@@ -2,7 +2,18 @@
 and ``permute`` (FastViT's attention: ``bn(x).flatten(2).transpose(-2, -1)`` before ``qkv``) folds
 forward into that Linear when its channel axis ends up as the Linear's feature axis, exactly; the
 layout ops stay, the BatchNorm goes.  Found on the recorded data flow, for the BatchNorms the fold
-pass left."""
+pass left.
+
+Guards (each tripped by a test in tests/test_guards.py; each broken by a mutant in scripts/mutants.py):
+  - a BatchNorm the fold pass refused for itself (hooks, parameters read elsewhere, training mode)
+  - its output, or the result of a layout step, also read elsewhere
+  - its output, or the result of a layout step, returned or kept
+  - a flatten that merges the channels with other axes
+  - a Linear whose features are not the BatchNorm's channels (a Linear over the positions)
+  - a Linear called more than once
+  - a Linear the fold pass would refuse (:func:`bnfuse_cli.engine.guards.producer_problem`: tied weights,
+    hooks, ...)
+"""
 
 from __future__ import annotations
 

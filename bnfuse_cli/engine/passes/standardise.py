@@ -2,7 +2,13 @@
 (timm's ``StdConv2d`` and NFNets' ``ScaledStdConv2d``: ``F.batch_norm`` of the weight with batch
 statistics, scaled by ``gain * gamma / sqrt(fan-in)``) gets the result computed once, in float64,
 as a plain conv.  The weight is constant at inference, so this is exact; it removes one
-batch-norm call per conv per forward."""
+batch-norm call per conv per forward.
+
+Guards (each tripped by a test in tests/test_guards.py; each broken by a mutant in scripts/mutants.py):
+  - a conv that pads at run time (TensorFlow SAME padding: a plain conv would drop it)
+  - a conv never called on the example input
+  - a conv with hooks (the plain conv that takes its place would not run them)
+"""
 
 from __future__ import annotations
 

@@ -11,6 +11,12 @@ choice; ``load`` rebuilds the same names from the fused file's record.  It runs 
 own, after every other pass has finished (they leave the ``nn.Identity`` that makes a wrapper
 one call), and each item is judged like any other: the wrapper on the model before against the
 child in its place after (in ``verify``: the original wrapper, BatchNorm and all, against it).
+
+Guards (each tripped by a test in tests/test_unwrap.py and tests/test_guards.py; each broken by a mutant
+in scripts/mutants.py):
+  - a wrapper with hooks: forward, forward pre-, backward (its child would not run them)
+  - a wrapper held under more than one name
+  - a wrapper whose child the model also calls without it
 """
 
 from __future__ import annotations
