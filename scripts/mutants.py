@@ -1,4 +1,6 @@
-"""Hand-made bugs (mutants) that the default suite once let through, and the tests that now kill them.
+"""Hand-made bugs (mutants) that the default suite once let through, and the tests that now kill them;
+and a bug in every guard of every pass (each pass lists its guards in its module docstring), in the
+verdict and in the post-processing probe.
 
 Each mutant is a one-line textual replacement in the package, found by an exact pattern that must occur
 exactly once (anything else stops the script: the code moved and the mutant must be updated).  The
@@ -9,6 +11,8 @@ tests are first run on the unmutated copy, where they must pass.
 
     .venv/bin/python scripts/mutants.py            # all
     .venv/bin/python scripts/mutants.py --only site-prefix zero-pads-all
+
+All of them take about 20 minutes on two shared CPU cores (each mutant runs only its named tests).
 
 Exit status: 0 when every mutant that could run was killed, 1 when one survived, 2 when the script could
 not do its job (pattern not found once, tests not passing unmutated, the copy not imported).  A mutant that
@@ -415,6 +419,9 @@ MUTANTS += [
     _guard("horiz-block-hooks", "a module traced through, with hooks, is rewritten, its hooks dropped", HORIZONTAL,
            "            why = None if rel in called else hooks(m, child_name(block_name, rel) if rel else block_name, rec)",
            "            why = None"),
+    _guard("horiz-site-activations", "the horizontal site leaves the siblings' activations out", HORIZONTAL,
+           '            acts = it.acts or ("",) * len(it.layers)', '            acts = ("",) * len(it.layers)',
+           "tests/test_guards.py::test_activations_taken_as_alike_by_type_alone_fail_the_horizontal_site"),
     # clone
     _guard("clone-norm-problem", "a BatchNorm with hooks folds into a copy", CLONE,
            "            or norm_problem(norm, rec):", "            or False:"),
