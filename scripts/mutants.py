@@ -12,7 +12,7 @@ tests are first run on the unmutated copy, where they must pass.
     .venv/bin/python scripts/mutants.py            # all
     .venv/bin/python scripts/mutants.py --only site-prefix zero-pads-all
 
-All of them take about 20 minutes on two shared CPU cores (each mutant runs only its named tests).
+All of them take about 15 minutes on two shared CPU cores (each mutant runs only its named tests).
 
 Exit status: 0 when every mutant that could run was killed, 1 when one survived, 2 when the script could
 not do its job (pattern not found once, tests not passing unmutated, the copy not imported).  A mutant that
