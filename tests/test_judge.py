@@ -29,7 +29,7 @@ from bnfuse_cli.errors import FoldError
 from bnfuse_cli.workflows.verify import verify
 
 from bench_tiny import NoisyTinyCNN, TinyCNN
-from conftest import ROOT, corrupt_after_rewrite, run_bnfuse
+from conftest import ROOT, build, corrupt_after_rewrite, run_bnfuse
 
 TINY = "bench_tiny:tiny_cnn"
 NOISY = "bench_tiny:noisy_tiny_cnn"
@@ -160,24 +160,60 @@ def test_verify_cli_device_dtype_autocast_and_json(files: dict[str, Path]) -> No
     assert bad.exit_code == 1 and "fold site conv2 (bn2)" in bad.output
 
 
-def test_verify_counts_the_data_in_its_verdict(tmp_path: Path) -> None:
-    """Random inputs pass; only the --data inputs reach the wrong weight (see GatedByMean)."""
-    from models_edge import GatedByMean
+def _tampered(tmp_path: Path, arch: str, scale: "dict[str, float]") -> tuple[Path, Path]:
+    """``arch`` (random BatchNorms) saved and converted exactly; then a copy of the fused file with the
+    tensors named in ``scale`` scaled: a wrong file for the verdict to refuse."""
+    from bnfuse_cli import ConvertOptions, SourceOptions
 
-    model = GatedByMean().eval()
-    randomize_bn(model, seed=2)
-    torch.save(model.state_dict(), tmp_path / "orig.pth")
-    convert(tmp_path / "orig.pth", tmp_path / "fused.pth", arch="models_edge:GatedByMean", input_shape="1,3,8,8")
+    torch.save(build(arch, seed=2).state_dict(), tmp_path / "orig.pth")
+    convert(tmp_path / "orig.pth", tmp_path / "fused.pth", ConvertOptions(), SourceOptions(arch=arch, input_shape="1,3,8,8"))
     ck = read_checkpoint(tmp_path / "fused.pth")
-    sd = dict(ck.state_dict)
-    sd["conv.weight"] = sd["conv.weight"] * 1.5
+    sd = {k: v * scale.get(k, 1.0) for k, v in ck.state_dict.items()}
     write_checkpoint(tmp_path / "bad.pth", state_dict=sd, metadata=ck.metadata)
-    torch.save({"inputs": torch.randn(6, 3, 8, 8) + 5.0}, tmp_path / "data.pt")
-    plain = verify(tmp_path / "orig.pth", tmp_path / "bad.pth", arch="models_edge:GatedByMean")
-    assert plain.ok  # the gate hides the wrong weight from random inputs, and from its site
-    r = verify(tmp_path / "orig.pth", tmp_path / "bad.pth", arch="models_edge:GatedByMean",
-               data=tmp_path / "data.pt")
-    assert r.verdict.outputs["random inputs"].ok and not r.data.check.ok and not r.ok
+    return tmp_path / "orig.pth", tmp_path / "bad.pth"
+
+
+def _judged(orig: Path, bad: Path, arch: str, data: "Path | None" = None):  # noqa: ANN202
+    from bnfuse_cli import JudgeOptions, SourceOptions
+
+    return verify(orig, bad, JudgeOptions(data=data), SourceOptions(arch=arch)).verdict
+
+
+def test_verify_counts_the_data_in_its_verdict(tmp_path: Path) -> None:
+    """Random inputs pass; only the --data inputs reach the wrong weight (see GatedByMean), and the sites,
+    checked on the first data input (below the gate), pass too: the verdict fails on the data alone."""
+    orig, bad = _tampered(tmp_path, "models_edge:GatedByMean", {"conv.weight": 1.5})
+    inputs = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    inputs[1:] += 5.0  # the first input keeps the gate shut; the batch's mean opens it
+    torch.save({"inputs": inputs}, tmp_path / "data.pt")
+    assert _judged(orig, bad, "models_edge:GatedByMean").ok  # the gate hides the wrong weight from random inputs
+    v = _judged(orig, bad, "models_edge:GatedByMean", tmp_path / "data.pt")
+    assert not v.ok and not v.failed_sites and v.outputs["random inputs"].ok and not v.outputs["data"].ok
+    assert [r.split(":")[0] for r in v.reasons] == ["data"]
+
+
+def test_a_wrong_layer_no_site_covers_fails_the_verdict_on_its_outputs(tmp_path: Path) -> None:
+    orig, bad = _tampered(tmp_path, "models_guards:Judged", {"head.weight": 1.5})
+    v = _judged(orig, bad, "models_guards:Judged")
+    assert not v.ok and not v.failed_sites and v.sites and not v.outputs["random inputs"].ok
+    assert [r.split(":")[0] for r in v.reasons] == ["random inputs"]
+
+
+def test_a_wrong_fold_the_outputs_hide_fails_the_verdict_on_its_site(tmp_path: Path) -> None:
+    orig, bad = _tampered(tmp_path, "models_guards:Saturated", {"conv.weight": 1.5})
+    v = _judged(orig, bad, "models_guards:Saturated")
+    assert all(c.ok for c in v.outputs.values())  # every output clamped to 100 in both
+    assert not v.ok and [s.layer for s in v.failed_sites] == ["conv"] and len(v.reasons) == 1
+
+
+def test_wrong_scores_ranked_alike_fail_the_verdict_before_post_processing(tmp_path: Path) -> None:
+    """The head scaled by 2 ranks every position as before: the returned top-3 agree, the fold site is
+    right, and only the scores that feed the selection tell."""
+    orig, bad = _tampered(tmp_path, "models_guards:Ranked", {"head.weight": 2.0, "head.bias": 2.0})
+    v = _judged(orig, bad, "models_guards:Ranked")
+    assert v.outputs["random inputs"].ok and not v.failed_sites
+    assert not v.ok and not v.outputs["before post-processing"].ok
+    assert [r.split(":")[0] for r in v.reasons] == ["before post-processing"]
 
 
 # ----------------------------------------------------------------------------- the judge itself

@@ -104,3 +104,17 @@ def test_convert_and_verify_a_detector_whose_post_processing_flips(flipping: "tu
                      cwd=TESTS, columns=200)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "fold site backbone.3 (backbone.4)" in " ".join(bad.stdout.split()), bad.stdout
+
+
+def test_a_second_stage_on_selected_values_is_judged_on_its_inputs_not_its_weights() -> None:
+    """The second stage's Linear reads chosen features: the probe keeps what enters a selection, not the
+    weights of a layer that reads chosen values (a fold changes those), so a correct fold passes."""
+    model = randomize_bn(md.TwoStage(), seed=2).eval()
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    with SelectionProbe() as probe, torch.no_grad():
+        model(x)
+    assert [tuple(t.shape) for t in probe.kept] == [(2, 36), (2, 36, 8)]  # the scores, the features chosen from
+    result = fuse(model, x)
+    assert {(f.producer, f.norm) for f in result.plan.folds} == {("backbone.0", "backbone.1"), ("fc", "bn")}
+    assert result.ok, result.verdict.reasons
+    assert result.verdict.outputs["before post-processing"].ok

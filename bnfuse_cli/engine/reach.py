@@ -77,13 +77,13 @@ def follow(rec: "Recorder", y: Any, axis: int, escapes: "dict[int, str]") -> Rea
         if steps and id(x) in escapes:
             return Reach(why=f"after {_path(steps)}, its output is also {escapes[id(x)]}")
         if len(reads) != 1:
-            if not steps:
-                return Reach()
+            if not steps and (not reads or id(x) not in rec.moved):
+                return Reach()  # no path through layout ops: the fold pass's reason stands
             if not reads:
                 return Reach(why=f"after {_path(steps)}, its output is read by nothing bnfuse saw")
             others = ", ".join(dict.fromkeys(f"{op} in {where(r)}" for r, op in reads))
-            return Reach(why=f"after {_path(steps)}, its output is read {len(reads)} times ({others}), "
-                             "not by one Linear alone")
+            return Reach(why=f"{'after ' + _path(steps) + ', ' if steps else ''}its output is read {len(reads)} times "
+                             f"({others}), not by one Linear alone")
         reader, op = reads[0]
         if op == "linear" and reader is not None and reader.input is x:
             if axis == len(x.shape) - 1:

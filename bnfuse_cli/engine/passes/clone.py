@@ -2,7 +2,17 @@
 reads too (``bn(conv(x))`` beside ``conv(x)`` used elsewhere) cannot fold into that layer; it folds
 into a copy of it made for the BatchNorm's path, as torch.jit.freeze does per call site.  That
 trades the copy's parameters for one operation less, so it is the user's choice: off by default,
-and then the BatchNorm's reason says what it would fold and how many parameters it would add."""
+and then the BatchNorm's reason says what it would fold and how many parameters it would add.
+
+Guards (each tripped by a test in tests/test_guards.py; each broken by a mutant in scripts/mutants.py):
+  - a BatchNorm the fold pass refused for itself (hooks, parameters read elsewhere, training mode)
+  - a layer output changed in place before the BatchNorm reads it
+  - a layer in another block than its BatchNorm
+  - a BatchNorm1d on a Linear's output of more than 2 dimensions
+  - a layer the fold pass would refuse (:func:`bnfuse_cli.engine.guards.producer_problem`: a copy would
+    share its hooks and tied weights)
+  - a block with hooks (its forward is rewritten)
+"""
 
 from __future__ import annotations
 
@@ -12,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import BnfuseError
 from ..forward import child_name, rewrite_forward
+from ..guards import hooks, norm_problem, producer_problem
 from ..patterns import norm_rule, producer_rule
 from ..plan import Plan, Skip
 from ..steps import Norm, RunLayer, SiteSpec
@@ -35,13 +46,14 @@ class CloneFold:
     copy: str
 
 
-def _candidate(model: "nn.Module", name: str, rec: "Recorder") -> "tuple[CloneFold | None, int]":
+def _candidate(model: "nn.Module", name: str, rec: "Recorder") -> "tuple[CloneFold | None, int | str]":
     """The clone fold for BatchNorm ``name`` (None if its layer is not a sibling it alone should copy),
-    and the parameters the copy adds."""
+    and the parameters the copy adds; or (None, why) for a candidate that must not be copied."""
     norm = model.get_submodule(name)
     rule, _ = norm_rule(norm)
     calls = rec.calls.get(id(norm), [])
-    if rule is None or rule.replacement != "identity" or len(calls) != 1 or calls[0].training:
+    if rule is None or rule.replacement != "identity" or len(calls) != 1 or calls[0].training \
+            or norm_problem(norm, rec):
         return None, 0
     pcall = rec.produced.get(id(calls[0].input)) if calls[0].input is not None else None
     if pcall is None or len(rec.calls.get(id(pcall.module), [])) != 1:
@@ -55,6 +67,9 @@ def _candidate(model: "nn.Module", name: str, rec: "Recorder") -> "tuple[CloneFo
         return None, 0
     if prod.kind == "linear" and len(calls[0].input.shape) != 2:
         return None, 0
+    why = producer_problem(pcall.module, rec) or hooks(model.get_submodule(block) if block else model, block, rec)
+    if why:  # a copy would share its hooks or tied weights; the block's forward is rewritten
+        return None, why
     added = sum(p.numel() for p in pcall.module.parameters()) + (
         0 if getattr(pcall.module, "bias", None) is not None else int(pcall.module.weight.shape[0]))
     return CloneFold(block, name, pcall.name, child_name(block, f"{pchild}_for_{child}")), added
@@ -76,7 +91,9 @@ class ClonePass(Pass, name="clone", key="clone_folds", left_key="clone_left", it
         names = {n for n, _ in model.named_modules()}
         for s in plan.skipped:
             item, added = _candidate(model, s.norm, rec)
-            if item is None or item.copy in names:
+            if isinstance(added, str):
+                left.append(Skip(s.norm, f"{s.reason}; nor can it fold into a copy of the layer before it: {added}"))
+            elif item is None or item.copy in names:
                 left.append(s)
             elif on:
                 plan.of(self.name).append(item)

@@ -4,7 +4,21 @@ holds (parameters, buffers, or plain tensor attributes of a module: ``self.runni
 torch.zeros(c)``), on the output of a Conv/Linear that nothing else reads, folds into that layer
 backward, and the call leaves the module's forward (the module becomes a ``torch.fx.GraphModule`` of
 its forward without it, as torch.jit.freeze would remove it).  Every other functional call is listed
-with its reason, so every batch-norm call of a forward pass is accounted for."""
+with its reason, so every batch-norm call of a forward pass is accounted for.
+
+Guards (each tripped by a test in tests/test_guards.py and tests/test_functional_bn.py; each broken by a
+mutant in scripts/mutants.py):
+  - a call with batch statistics (``training=True``)
+  - running statistics, weight or bias the model does not hold (a global, a closure, a value computed
+    in the forward): the reason names which
+  - an input that is not a Conv/Linear output
+  - a Linear's output of more than 2 dimensions (the call normalises axis 1, not its features)
+  - the layer's output also read elsewhere, or returned or kept
+  - the layer called more than once
+  - a layer the fold pass would refuse (:func:`bnfuse_cli.engine.guards.producer_problem`)
+  - a calling block with hooks (its forward is rewritten: a GraphModule in its place would not run them)
+  - a call in a forward torch.fx cannot trace, or on a BatchNorm module's own statistics
+"""
 
 from __future__ import annotations
 
@@ -14,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import BnfuseError
 from ..affine import affine_from_stats
 from ..forward import child_name, held, rewrite_forward, trace_block
+from ..guards import hooks, producer_problem
 from ..patterns import is_norm_like, producer_rule, std_conv_rule
 from ..plan import Plan
 from ..record import pretty_op, where
@@ -80,6 +95,11 @@ def _refusal(call: "BatchNormCall", rec: "Recorder", escapes: "dict[int, str]") 
         return f"the output of {prod.name} is also {escapes[id(call.input)]}"
     if len(rec.calls.get(id(prod.module), [])) != 1:
         return f"{prod.name} is called more than once"
+    problem = producer_problem(prod.module, rec)
+    if problem:
+        return problem
+    if call.caller is not None:  # its forward is rewritten
+        return hooks(call.caller.module, call.caller.name, rec)
     return None
 
 

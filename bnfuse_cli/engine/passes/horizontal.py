@@ -10,20 +10,32 @@ not shared); the module that holds them all is traced down to torch's own layers
 siblings' weights stacked, so that name's weight grows) and the other siblings gone.  Off by default:
 in eager PyTorch a slice of a wider output is not always cheaper than the separate layers it replaces
 (measured in ``scripts/bench_horizontal.py``: docs/measured/bench_horizontal.md).
+
+Guards (each tripped by a test in tests/test_horizontal.py and tests/test_guards.py; each broken by a
+mutant in scripts/mutants.py):
+  - siblings differ in kernel, stride, padding, dilation, padding mode, dtype or device
+  - a layer called more than once, or with tied weights, is no sibling
+  - a sibling the fold pass would refuse (:func:`bnfuse_cli.engine.guards.producer_problem`: hooks, ...)
+  - the block, or a module traced through it, with hooks (a GraphModule takes its place)
+  - a forward torch.fx cannot trace
+  - activations run once on the wider output only when they are alike in type and in every parameter
+    (LeakyReLU's slope, ELU's alpha, GELU's approximation, a function's arguments), have no hooks,
+    and each sibling's output goes to its activation alone; the site runs each sibling with its own
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ...errors import BnfuseError
-from ..forward import rewrite_forward, skip_identities, trace_block
+from ..forward import child_name, rewrite_forward, skip_identities, trace_block
+from ..guards import hooks, producer_problem
 from ..patterns import producer_rule
 from ..plan import Plan
-from ..steps import Cat, RunLayer, SiteSpec
-from .base import Option, Pass, inside, touched
+from ..steps import Cat, RunLayer, RunModule, SiteSpec
+from .base import OMIT_EMPTY, Option, Pass, inside, touched
 
 if TYPE_CHECKING:
     from torch import nn
@@ -40,10 +52,13 @@ class Wide:
 
     block: str
     layers: "tuple[str, ...]"
+    #: the activation module each sibling's output goes through, when they are alike and the rewrite
+    #: applies the first one to the wider output (the site checks each sibling with its own)
+    acts: "tuple[str, ...]" = field(default=(), metadata=OMIT_EMPTY)
 
     def __post_init__(self) -> None:
-        if len(self.layers) < 2:
-            raise ValueError(f"a horizontal fusion of {len(self.layers)} layer(s)")
+        if len(self.layers) < 2 or self.acts and len(self.acts) != len(self.layers):
+            raise ValueError(f"a horizontal fusion of {len(self.layers)} layer(s) with activations {self.acts!r}")
 
 
 @dataclass(frozen=True)
@@ -106,25 +121,41 @@ class HorizontalPass(Pass, name="horizontal", key="horizontal", left_key="horizo
             if any(inside(n, busy) for n in names):
                 plan.more = True  # another pass rewrites one of them this round: the next round sees it
                 continue
-            item, why = self._place(model, names)
+            problems = {n: why for n in names if (why := producer_problem(model.get_submodule(n), rec))}
+            for n, why in problems.items():  # its calls are replaced by a slice of the wider layer
+                plan.left_by(self.name).append(WideLeft((n,), why))
+            names = [n for n in names if n not in problems]
+            if len(names) < 2:
+                continue
+            item, why = self._place(model, names, rec)
             if item is not None:
                 plan.of(self.name).append(item)
             else:
                 plan.left_by(self.name).append(WideLeft(tuple(names), why))
 
     @staticmethod
-    def _place(model: "nn.Module", names: "list[str]") -> "tuple[Wide | None, str]":
+    def _place(model: "nn.Module", names: "list[str]", rec: "Recorder") -> "tuple[Wide | None, str]":
         block_name = _common(names)
         block = model.get_submodule(block_name) if block_name else model
         try:
             graph = trace_block(block, deep=True)
         except Exception as exc:  # noqa: BLE001 - a forward fx cannot follow: the siblings stay
             return None, f"the forward of {block_name or 'the model'} cannot be traced ({type(exc).__name__})"
+        # the block becomes one GraphModule of its forward traced down to torch's layers: the modules
+        # traced through are not called any more
+        called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+        for rel, m in block.named_modules():
+            why = None if rel in called else hooks(m, child_name(block_name, rel) if rel else block_name, rec)
+            if why:
+                return None, why
         rel = {n[len(block_name) + 1:] if block_name else n: n for n in names}
         calls = [n for n in graph.nodes if n.op == "call_module" and str(n.target) in rel]
         if len(calls) != len(names) or len({c.args[0] for c in calls if c.args}) != 1 or any(c.kwargs for c in calls):
             return None, f"the forward of {block_name or 'the model'} does not call them on one tensor, once each"
-        return Wide(block_name, tuple(rel[str(c.target)] for c in calls)), ""
+        skip_identities(block, graph)  # as the rewrite sees it (a folded BatchNorm before an activation)
+        acts = _alike_activations(block, calls)
+        named = tuple(child_name(block_name, a.target) for a in acts) if all(a.op == "call_module" for a in acts) else ()
+        return Wide(block_name, tuple(rel[str(c.target)] for c in calls), named), ""
 
     def apply(self, model: "nn.Module", items: "list[Wide]") -> "nn.Module":
         return _rewrite(model, items, values=True)
@@ -138,8 +169,10 @@ class HorizontalPass(Pass, name="horizontal", key="horizontal", left_key="horizo
         out = []
         for it in items:
             axis = -1 if hasattr(model.get_submodule(it.layers[0]), "in_features") else 1
-            out.append(SiteSpec(self.name, it.layers[0], it.layers[0], it.layers,
-                                (Cat(tuple((RunLayer(n),) for n in it.layers), axis),), (RunLayer(it.layers[0]),)))
+            acts = it.acts or ("",) * len(it.layers)  # each sibling's own activation, and the one applied once
+            chains = tuple((RunLayer(n),) + ((RunModule(a),) if a else ()) for n, a in zip(it.layers, acts))
+            out.append(SiteSpec(self.name, it.layers[0], it.layers[0], it.layers, (Cat(chains, axis),),
+                                (RunLayer(it.layers[0]),) + ((RunModule(acts[0]),) if acts[0] else ())))
         return out
 
     def row(self, it: Wide) -> "tuple[str, ...]":

@@ -4,13 +4,25 @@ before ``qkv``; ``fc(flatten(avgpool(bn(x))))``) folds forward into that Linear 
 ends up as the Linear's feature axis, exactly (:mod:`bnfuse_cli.engine.reach`); the layout ops and
 the pooling stay, the BatchNorm goes.  Found on the recorded data flow, for the BatchNorms the fold
 pass left; where another reader or a non-linear op stands on the way after a pooling or layout op,
-the BatchNorm's reason names it."""
+the BatchNorm's reason names it.
+
+Guards (each tripped by a test in tests/test_guards.py and tests/test_layout.py; each broken by a mutant
+in scripts/mutants.py):
+  - a BatchNorm the fold pass refused for itself (hooks, parameters read elsewhere, training mode)
+  - its output, or the result of a layout or pooling step, also read elsewhere, returned or kept
+  - a flatten that merges the channels with other axes; a mean over the channels
+  - a Linear whose features are not the BatchNorm's channels (a Linear over the positions)
+  - a Linear called more than once
+  - a Linear the fold pass would refuse (:func:`bnfuse_cli.engine.guards.producer_problem`: tied weights,
+    hooks, ...)
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..guards import norm_problem, producer_problem
 from ..patterns import norm_rule, producer_rule
 from ..plan import Plan, Skip
 from ..reach import OPS, follow, site_steps
@@ -53,7 +65,7 @@ class LayoutPass(AffineFold, name="layout", key="layout_folds", left_key="layout
             calls = rec.calls.get(id(norm), [])
             rule, _ = norm_rule(norm)
             if rule is None or rule.replacement != "identity" or len(calls) != 1 or calls[0].output is None \
-                    or calls[0].training or not rec.moved or id(calls[0].output) in escapes:
+                    or calls[0].training or norm_problem(norm, rec) or not rec.moved or id(calls[0].output) in escapes:
                 keep.append(skip)
                 continue
             found = follow(rec, calls[0].output, 1, escapes)
@@ -99,7 +111,9 @@ def _linear_problem(reader: Any, rec: "Recorder") -> "str | None":
     if n != 1:
         return f"{reader.name} is called {n} times"
     rule, why = producer_rule(reader.module)
-    return why or f"{reader.name} is not a layer bnfuse folds into" if rule is None else None
+    if rule is None:
+        return why or f"{reader.name} is not a layer bnfuse folds into"
+    return producer_problem(reader.module, rec)
 
 
 def _forward_reason(skip: Skip, why: str) -> Skip:

@@ -2,13 +2,20 @@
 (timm's ``StdConv2d`` and NFNets' ``ScaledStdConv2d``: ``F.batch_norm`` of the weight with batch
 statistics, scaled by ``gain * gamma / sqrt(fan-in)``) gets the result computed once, in float64,
 as a plain conv.  The weight is constant at inference, so this is exact; it removes one
-batch-norm call per conv per forward."""
+batch-norm call per conv per forward.
+
+Guards (each tripped by a test in tests/test_guards.py; each broken by a mutant in scripts/mutants.py):
+  - a conv that pads at run time (TensorFlow SAME padding: a plain conv would drop it)
+  - a conv never called on the example input
+  - a conv with hooks (the plain conv that takes its place would not run them)
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..guards import hooks
 from ..patterns import std_conv_rule
 from ..plan import Plan
 from ..steps import RunLayer, RunModule, SiteSpec
@@ -75,6 +82,8 @@ class StandardisePass(Pass, name="standardise", key="standardised", left_key="st
             elif not rec.calls.get(id(m)):
                 plan.left_by(self.name).append(StandardiseLeft(name, (
                     f"{name} is never called on the example input (unused, or in a branch not taken)")))
+            elif hooks(m, name, rec):  # a plain conv takes its place
+                plan.left_by(self.name).append(StandardiseLeft(name, hooks(m, name, rec)))
             else:
                 plan.of(self.name).append(Standardised(name))
 

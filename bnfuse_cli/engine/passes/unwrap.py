@@ -12,6 +12,12 @@ its names unless the user asks; ``load`` rebuilds the same names from the fused 
 own, after every other pass has finished (they leave the ``nn.Identity`` that makes a wrapper
 one call), and each item is judged like any other: the wrapper on the model before against the
 child in its place after (in ``verify``: the original wrapper, BatchNorm and all, against it).
+
+Guards (each tripped by a test in tests/test_unwrap.py and tests/test_guards.py; each broken by a mutant
+in scripts/mutants.py):
+  - a wrapper with hooks: forward, forward pre-, backward (its child would not run them)
+  - a wrapper held under more than one name
+  - a wrapper whose child the model also calls without it
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from ...errors import BnfuseError
 from ..forward import child_name
+from ..guards import hooks
 from ..plan import Plan
 from ..steps import RunModule, SiteSpec
 from .base import Option, Pass
@@ -60,7 +67,7 @@ def only_child(module: "nn.Module") -> "str | None":
     members are ``nn.Identity``, or a rewritten block whose graph is one call of a child."""
     from torch import fx, nn
 
-    if module._parameters or module._buffers or module._forward_hooks or module._forward_pre_hooks:
+    if module._parameters or module._buffers:
         return None
     if type(module).forward is nn.Sequential.forward and type(module).__call__ is nn.Module.__call__:
         real = [k for k, c in module._modules.items() if type(c) is not nn.Identity]
@@ -78,8 +85,10 @@ def _calls(module: "nn.Module", rec: "Recorder") -> int:
 
 
 def _first_layer(model: "nn.Module", name: str) -> str:
-    """The innermost module that reads a wrapper's input first (down through wrappers of one call)."""
-    inner = only_child(model.get_submodule(name))
+    """The innermost module that reads a wrapper's input first (down through wrappers of one call
+    without hooks: a pre-hook may change the input)."""
+    module = model.get_submodule(name)
+    inner = only_child(module) if hooks(module, name) is None else None
     return _first_layer(model, child_name(name, inner)) if inner is not None else name
 
 
@@ -106,9 +115,10 @@ class UnwrapPass(Pass, name="unwrap", key="unwraps", left_key="unwrap_left", ite
             if rel is None:
                 continue
             child = module.get_submodule(rel)
-            why = ("it is held under more than one name" if counts[id(module)] > 1 else
-                   f"the model calls {child_name(name, rel)} without it" if _calls(child, rec) != _calls(module, rec)
-                   else "")
+            why = hooks(module, name) or (
+                "it is held under more than one name" if counts[id(module)] > 1 else
+                f"the model calls {child_name(name, rel)} without it" if _calls(child, rec) != _calls(module, rec)
+                else "")
             if why:
                 plan.left_by(self.name).append(UnwrapLeft(name, why))
             else:

@@ -1,9 +1,33 @@
 """The fold pass: each BatchNorm folded into the Conv/Linear before it (backward) or after it
 (forward), exactly, with the reason for every one left.
 
-Its finder (:mod:`.find`, with the guards of :mod:`.guards`) walks the recorded data flow; its
+Its finder (:mod:`.find`, with the guards of :mod:`bnfuse_cli.engine.guards`) walks the recorded data flow; its
 rewrite (:mod:`.rewrite`) folds every layer's statistics in float64, checked before anything is
-written."""
+written.
+
+Guards (each tripped by a test in tests/test_graph_cases.py and tests/test_guards.py; each broken by a
+mutant in scripts/mutants.py):
+  - a BatchNorm never called on the example input
+  - a BatchNorm the model switches to training mode (batch statistics)
+  - a BatchNorm whose parameters or statistics are read outside its own call
+  - a BatchNorm with forward pre-hooks, or with forward hooks
+  - backward: a reshape of the layer's output that does not keep its channel axis as axis 1
+  - backward: a cat of layer outputs along another axis than the channels
+  - backward: the reshape or cat also read elsewhere, or returned or kept
+  - backward: the layer's output also read elsewhere (a residual), or returned or kept
+  - backward: a layer giving other channels of one BatchNorm on different calls
+  - backward: a layer called more often than its outputs feed this BatchNorm
+  - backward: a BatchNorm1d on axis 1 of a Linear's output of more than 2 dimensions
+  - forward: a norm with an activation after it (timm's BatchNormAct2d)
+  - forward: a BatchNorm whose calls feed different layers
+  - forward: a BatchNorm output also read elsewhere, or returned or kept
+  - forward: a layer after it that also reads other inputs
+  - forward: a ConvTranspose after it, a conv after it that pads with zeros, a Linear after it on more
+    than 2 dimensions (its features are the last axis)
+  - either way, the layer (:func:`bnfuse_cli.engine.guards.producer_problem`): re-parametrised
+    (parametrize, weight_norm), a subclass with its own forward, forward pre-hooks or hooks, weights
+    tied to another layer's or sharing its memory, weights read outside its own call
+"""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ...patterns import is_norm_like, norm_rule, producer_row, producer_rule
 from ...plan import Plan, Skip
 from ...record import Call, Recorder, pretty_op, where
-from .guards import channel_count, norm_problem, producer_problem, zero_pads
+from ...guards import channel_count, norm_problem, producer_problem, zero_pads
 
 if TYPE_CHECKING:
     from torch import nn

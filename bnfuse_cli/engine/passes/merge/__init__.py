@@ -4,7 +4,22 @@ becomes one conv or Linear, with the reason for every sum left.
 
 Its finder (:mod:`.find`) reads each block's forward as linear trees and each leaf as a branch
 (:mod:`.branches`, which also holds its item types); the kernels are summed in float64 by
-:mod:`.kernels` (tensors only) and placed by :mod:`.rewrite`."""
+:mod:`.kernels` (tensors only) and placed by :mod:`.rewrite`.
+
+Guards (each tripped by a test in tests/test_merge.py, tests/test_weighted_sums.py and
+tests/test_guards.py; each broken by a mutant in scripts/mutants.py):
+  - the branches' input changed in place in the block; branches that do not all read one tensor
+  - a branch output also read elsewhere, or read first by something else than the sum
+  - a branch called more than once; a branch module doing more than its conv and BatchNorm
+  - convs of other stride, dilation, groups or channels; padding other than explicit zeros; kernel
+    centres that do not align
+  - Linear branches on more than 2 dimensions (a BatchNorm branch normalises axis 1)
+  - a factor that is not one value, or one per channel on axis 1
+  - a branch conv with tied weights, or one the fold pass would refuse
+    (:func:`bnfuse_cli.engine.guards.producer_problem`: hooks, weights read elsewhere)
+  - a BatchNorm branch with hooks or read elsewhere, or in training mode
+  - a branch module with hooks (the merged conv replaces it)
+"""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from dataclasses import dataclass, field
 
 from ...forward import child_name, passthrough, single_call, trace_block
+from ...guards import hooks, norm_problem, producer_problem
 from ...patterns import is_norm_like, is_producer_like, norm_rule, producer_rule
 from ...sums import linear_trees
 from ..base import OMIT_EMPTY
@@ -140,10 +141,15 @@ def _classify(name: str, module: "nn.Module", rec: "Recorder", folds: "dict[str,
         holders = [q for _, q in rec.holders.get(id(module.weight), []) if q != f"{rec.names.get(id(module))}.weight"]
         if holders:  # a merged conv is a new one: the tie would be cut and the weight held twice
             return None, None, f"{name}'s weight is also {holders[0]}"
-        return Branch("conv", name), module, None
+        why = producer_problem(module, rec)  # its hooks, its weight read elsewhere: the merged conv replaces it
+        return (None, None, why) if why else (Branch("conv", name), module, None)
     if is_norm_like(module):
-        why = _identity_norm(module) or ("it runs in training mode (batch statistics)" if call.training else None)
+        why = _identity_norm(module) or norm_problem(module, rec) or (
+            "it runs in training mode (batch statistics)" if call.training else None)
         return (None, None, f"{name}: {why}") if why else (Branch("norm", name, name), None, None)
+    why = hooks(module, name, rec)
+    if why:  # a branch module is replaced with the others by the merged conv
+        return None, None, why
     inner = [(n, m) for n, m in module.named_modules() if n and (is_producer_like(m) or is_norm_like(m))]
     convs = [(n, m) for n, m in inner if is_producer_like(m) and rec.calls.get(id(m))]
     norms = [(n, m) for n, m in inner if is_norm_like(m) and rec.calls.get(id(m))]

@@ -1,7 +1,21 @@
 """The scale pass: a per-channel scale next to a Conv/Linear (a layer scale, ResMLP's ``Affine``,
 torchvision ConvNeXt's ``layer_scale``) folds into it, exactly, and leaves the forward, as does a scale
 module whose output reaches a Linear only through layout ops and global average pooling (ResMLP's
-final ``norm`` before its pooled head); every scale left says why (:mod:`.find` finds them)."""
+final ``norm`` before its pooled head); every scale left says why (:mod:`.find` finds them).
+
+Guards (each tripped by a test in tests/test_scale.py and tests/test_guards.py; each broken by a mutant
+in scripts/mutants.py):
+  - a layer called more than once, or whose output is also read elsewhere, returned or kept
+  - a layer the fold pass would refuse (:func:`bnfuse_cli.engine.guards.producer_problem`: hooks, tied
+    weights, ...), before or after the scale
+  - a scale on another axis than the layer's features (its tokens, say)
+  - a scale module with hooks (it becomes an ``nn.Identity``)
+  - forward: a scale whose output is also read or returned, or a Linear after it called elsewhere
+  - forward: a shift before a zero-padded conv
+  - a multiplication in a block with hooks (its forward is rewritten)
+  - a multiplication through a permuted result also read elsewhere
+  - a multiplication by a tensor that is not one value, or one per channel
+"""
 
 from __future__ import annotations
 

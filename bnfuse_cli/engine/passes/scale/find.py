@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ...forward import child_name, passthrough, single_call, trace_block
+from ...guards import hooks, producer_problem
 from ...patterns import is_norm_like, is_producer_like, producer_rule
 from ...reach import OPS, follow
 from ...sums import channel_affine, constant_operand, held_value, per_channel_axis
@@ -98,6 +99,9 @@ def _layer_ok(model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", pn
     rule, why = producer_rule(layer)
     if rule is None:
         return why
+    why = producer_problem(layer, rec)
+    if why:
+        return why
     out = calls[0].output
     if out is not None and id(out) in escapes:
         return f"the output of {pname} is also {escapes[id(out)]}"
@@ -116,6 +120,10 @@ def _module_scales(model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]
         if axis is None:
             continue
         rank = len(call.input.shape)
+        why = hooks(module, mname, rec)
+        if why:  # it would become an nn.Identity
+            plan.left_by(name).append(ScaleSkip(mname, why))
+            continue
         why = _backward(model, rec, escapes, mname, call, axis, rank)
         if why is None:
             plan.of(name).append(ScaleFold("", "", mname, rec.produced[id(call.input)].name, "backward", axis, rank))
@@ -165,6 +173,8 @@ def _forward(model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", mna
     if reads is None or len(reads) != 1 or reads[0][0] is None or not is_producer_like(reads[0][0].module):
         ops = ", ".join(f"{op} in {c.name if c else 'the model forward'}" for c, op in reads or [])
         return None, f"its output goes to {ops or 'nothing bnfuse saw'}, not to one Conv/Linear alone", ()
+    if id(call.output) in escapes:
+        return None, f"its output is also {escapes[id(call.output)]}", ()
     layer_call = reads[0][0]
     layer = layer_call.module
     if not through and layer_call.input is not call.output or len(rec.calls.get(id(layer), [])) != 1:
@@ -174,6 +184,9 @@ def _forward(model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", mna
     rule, why = producer_rule(layer)
     if rule is None:
         return None, why or f"{layer_call.name} is not a layer bnfuse folds into", ()
+    why = producer_problem(layer, rec)
+    if why:
+        return None, why, ()
     pads = any(getattr(layer, "padding", (0,)) if not isinstance(getattr(layer, "padding", 0), str) else (1,))
     if rule.kind != "linear" and (rule.transposed or pads and bool(found[1].any())):
         return None, f"{layer_call.name} zero-pads its input, and {mname} adds a shift the padding would not get", ()
@@ -251,12 +264,15 @@ def _op_scales(model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", p
             graph = trace_block(block)
         except Exception:  # noqa: BLE001 - a forward fx cannot follow: its scales stay (not reported)
             continue
+        hooked = hooks(block, bname, rec)  # its forward would be rewritten
         for node in graph.nodes:
             found = constant_operand(node)
             if found is None:
                 continue
             operand, (target, reshapes) = found
             item, skip = _op_scale(model, rec, escapes, bname, block, node, operand, target, reshapes)
+            if item is not None and hooked:
+                item, skip = None, ScaleSkip(item.scale, hooked)
             if item is not None:
                 plan.of(name).append(item)
             elif skip is not None:

@@ -1,19 +1,22 @@
-"""Why a layer or a BatchNorm must not fold even where the data flow allows it: shared or
-re-parametrised weights, user hooks, parameters read outside their module, zero padding.
+"""Why a layer or a BatchNorm must not be changed even where the data flow allows it: shared or
+re-parametrised weights, user hooks, parameters read outside their module, zero padding.  Every pass
+that changes a layer's weights asks :func:`producer_problem`, every pass that removes a BatchNorm
+:func:`norm_problem`, and every pass that replaces a module or rewrites its forward :func:`hooks`:
+the reasons are the same whichever pass meets the layer.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ...patterns import producer_rule
+from .patterns import producer_rule
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ...record import Recorder
+    from .record import Recorder
 
-__all__ = ["zero_pads", "producer_problem", "norm_problem", "channel_count"]
+__all__ = ["zero_pads", "producer_problem", "norm_problem", "hooks", "channel_count"]
 
 
 def zero_pads(conv: Any) -> bool:
@@ -62,8 +65,22 @@ def _foreign_read(module: "nn.Module", rec: Recorder) -> "str | None":
     return None
 
 
-def _user_hooks(hooks: Any, rec: Recorder) -> list[Any]:
-    return [h for h in hooks.values() if getattr(h, "__self__", None) is not rec]
+def _user_hooks(hooks: Any, rec: "Recorder | None") -> list[Any]:
+    return [h for h in hooks.values() if rec is None or getattr(h, "__self__", None) is not rec]
+
+
+#: the hooks a module runs with its forward or backward, as its attributes and as a sentence says them
+_HOOKS = (("_forward_pre_hooks", "forward pre-hooks"), ("_forward_hooks", "forward hooks"),
+          ("_backward_pre_hooks", "backward pre-hooks"), ("_backward_hooks", "backward hooks"))
+
+
+def hooks(module: "nn.Module", name: str, rec: "Recorder | None" = None) -> "str | None":
+    """Why ``module`` (called ``name``) must not be replaced nor its forward rewritten: the hooks it
+    carries, which what takes its place would not run (None: it has none)."""
+    found = [what for attr, what in _HOOKS if _user_hooks(getattr(module, attr, None) or {}, rec)]
+    if not found:
+        return None
+    return f"{name or 'the model'} has {' and '.join(found)}, which would be dropped with it"
 
 
 def producer_problem(module: "nn.Module", rec: Recorder) -> "str | None":
