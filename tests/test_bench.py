@@ -323,10 +323,11 @@ def test_runtime_judges_the_exported_program_not_the_module(runtime: str, monkey
     import copy
 
     import bnfuse_cli.files.export as export
+    import bnfuse_cli.files.onnxfile as onnxfile
 
     _needs(runtime)
-    name = "export_program" if runtime == "export" else "onnx_bytes"
-    real = getattr(export, name)
+    module, name = (export, "export_program") if runtime == "export" else (onnxfile, "export_onnx")
+    real = getattr(module, name)
 
     def wrong_program(model, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):  # the fused one
@@ -335,7 +336,7 @@ def test_runtime_judges_the_exported_program_not_the_module(runtime: str, monkey
                 model.conv2.weight.mul_(1.01)
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(export, name, wrong_program)
+    monkeypatch.setattr(module, name, wrong_program)
     (r,) = bench([TINY], device="cpu", iters=2, warmup=0, input_shape="1,3,16,16", runtime=runtime).results
     assert not r.check.failed_sites and not r.correct
     assert any("benchmark run" in why for why in r.check.reasons)
