@@ -72,6 +72,13 @@ def _site_checks(src_o: Source, src_f: Source, x: Any, name: str) -> tuple[list[
         return [], ["the fused file names no fold sites (not a bnfuse output): checked on outputs only"]
     specs, missing = site_specs(src_o.model, {p.name: src_f.meta.all_of(p.name) for p in PASSES})
     notes = []
+    recorded = src_f.meta.arch
+    if missing and recorded and src_o.arch and recorded != src_o.arch:
+        what = src_o.arch if name == src_o.arch else f"{name} ({src_o.arch})"
+        raise UsageError(
+            f"{src_f.path} records a conversion of {recorded}, but the original is {what}: {missing} "
+            f"of the fold sites it names are layers {src_o.arch} does not have. verify compares a fused file with "
+            f"the model it was converted from: give {recorded} (with the weights it was converted from) as ORIG")
     if missing:
         notes.append(f"{missing} site(s) in the fused file's metadata name layers the original does not have "
                      "(made by an earlier conversion?): not checked by site")
