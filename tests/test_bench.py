@@ -459,9 +459,10 @@ def test_onnxruntime_under_a_file_size_limit_is_exit_2_and_leaves_nothing(tmp_pa
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
 
+    # no bytecode caches: under the limit Python would write them cut short (a partial write, then a rename)
+    env = dict(os.environ, TMPDIR=str(tmp), COLUMNS="300", PYTHONDONTWRITEBYTECODE="1")
     proc = subprocess.run([*BNFUSE_CMD, "bench", TINY, *FAST, "--runtime", "onnxruntime"], capture_output=True,
-                          text=True, cwd=ROOT / "tests", env=dict(os.environ, TMPDIR=str(tmp), COLUMNS="300"),
-                          preexec_fn=limit, timeout=600)
+                          text=True, cwd=ROOT / "tests", env=env, preexec_fn=limit, timeout=600)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     msg = proc.stderr.strip()
     assert msg == (f"error: onnxruntime could not save its optimised graph of the original model of {TINY}: File too "

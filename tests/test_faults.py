@@ -228,7 +228,9 @@ def test_file_size_limit_gives_exit_2_naming_the_file(tmp_path: Path, model: nn.
     out.write_bytes(b"old output")
     res = subprocess.run([sys.executable, "-m", "bnfuse_cli", "convert", str(src), "--arch", ARCH, "-o", str(out),
                           "--force"], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                         env=dict(os.environ, COLUMNS="200"), preexec_fn=_ulimited(64 * 1024))
+                         # no bytecode caches: under the limit Python would write them cut short (a partial write)
+                         env=dict(os.environ, COLUMNS="200", PYTHONDONTWRITEBYTECODE="1"),
+                         preexec_fn=_ulimited(64 * 1024))
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and str(out) in res.stderr and "File too large" in res.stderr, res.stderr
     assert "ulimit -f" in res.stderr
