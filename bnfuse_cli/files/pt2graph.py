@@ -67,23 +67,26 @@ def unsafe_graph_parts(graph: Any, allowed_target: Any = None) -> Iterator[str]:
 
     ``allowed_target(name)`` says whether a ``torch.ops`` name resolves to an operator (default: any
     name of that form)."""
-    for node in _dicts_with(graph, "target"):
-        target = node.get("target")
-        if not isinstance(target, str) or not _is_operator(target, allowed_target):
-            yield (f"has a graph node that calls {str(target)[:120]!r}, which is not a torch operator: the program "
+    targets = {node.get("target") if isinstance(node.get("target"), str) else repr(node.get("target"))
+               for node in _dicts_with(graph, "target")}
+    for target in sorted(targets):
+        if not _is_operator(target, allowed_target):
+            yield (f"has a graph node that calls {target[:120]!r}, which is not a torch operator: the program "
                    "would call it when it runs")
     calls = _SYMPY_CALLS | _torch_sympy_functions()
-    for holder in _dicts_with(graph, "expr_str"):
-        expr = holder.get("expr_str")
-        why = _sympy_problem(expr, calls) if isinstance(expr, str) else "is not text"
+    exprs = {h.get("expr_str") if isinstance(h.get("expr_str"), str) else repr(h.get("expr_str"))
+             for h in _dicts_with(graph, "expr_str")}  # each text once: a graph repeats them many times
+    for expr in sorted(exprs, key=len):
+        why = _sympy_problem(expr, calls)
         if why:
-            yield (f"has the shape expression {str(expr)[:120]!r}, which {why}: torch.export.load evaluates these "
+            yield (f"has the shape expression {expr[:120]!r}, which {why}: torch.export.load evaluates these "
                    "expressions with Python's eval (sympy.sympify)")
     guards = graph.get("guards_code", []) if isinstance(graph, dict) else []
-    for guard in guards if isinstance(guards, list) else [guards]:
-        why = _guard_problem(guard) if isinstance(guard, str) else "is not text"
+    for guard in sorted({g if isinstance(g, str) else repr(g) for g in (guards if isinstance(guards, list)
+                                                                       else [guards])}, key=len):
+        why = _guard_problem(guard)
         if why:
-            yield (f"has the input guard {str(guard)[:120]!r}, which {why}: ep.module() compiles the guards into "
+            yield (f"has the input guard {guard[:120]!r}, which {why}: ep.module() compiles the guards into "
                    "Python code that runs on every call")
 
 
