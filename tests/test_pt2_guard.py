@@ -107,22 +107,22 @@ def _add_guard(code: str):  # noqa: ANN202
 def _replace_expr(code: str):  # noqa: ANN202
     def edit(graph: dict) -> None:
         text = json.dumps(graph)
-        first = next(h for h in tamper_dicts(graph, "expr_str"))
+        first = next(h for h in _dicts_with_key(graph, "expr_str"))
         first["expr_str"] = code
         assert json.dumps(graph) != text
 
     return edit
 
 
-def tamper_dicts(obj: object, key: str):  # noqa: ANN201
+def _dicts_with_key(obj: object, key: str):  # noqa: ANN202
     if isinstance(obj, dict):
         if key in obj:
             yield obj
         for v in obj.values():
-            yield from tamper_dicts(v, key)
+            yield from _dicts_with_key(v, key)
     elif isinstance(obj, list):
         for v in obj:
-            yield from tamper_dicts(v, key)
+            yield from _dicts_with_key(v, key)
 
 
 def _add_node(target: str):  # noqa: ANN202
@@ -141,8 +141,9 @@ def _add_node(target: str):  # noqa: ANN202
 ])
 def test_graph_parts_torch_would_run_as_python_are_refused(fused: Path, tmp_path: Path, part: str, edit: str,
                                                            words: str) -> None:
-    """No pickle at all: torch.export.load evaluates shape expressions with sympify (eval), resolves node targets
-    by name from torch, and ep.module() compiles the guards with exec. Each of these ran the payload."""
+    """No pickle at all: torch.export.load evaluates shape expressions with sympify (eval), and ep.module() compiles
+    the guards with exec (both ran their payload before this check); node targets are resolved by name from torch
+    (torch's verifier stops this one after the lookup; bnfuse refuses it before torch reads the file)."""
     marker = tmp_path / "PWNED"
     code = f"__import__('pathlib').Path({str(marker)!r}).touch() is None"
     make = {"_add_guard": _add_guard(code), "_replace_expr": _replace_expr(code),

@@ -5,14 +5,16 @@ loads or runs it, with no pickle involved:
 
 - every shape expression (``expr_str``) is parsed by ``sympy.sympify``, which evaluates it with ``eval``
   while the archive is loaded;
-- every node's ``target`` is looked up by name from ``torch``, ``math`` and ``operator``, so a name such as
-  ``torch.os.system`` becomes a call the program makes when it runs;
+- every node's ``target`` is looked up by name from ``torch``, ``math`` and ``operator`` (``torch.os.system``
+  is a name it resolves), and the program calls it when it runs; torch's verifier refuses most targets that
+  are not operators when it builds the program, after the lookup;
 - the input guards (``guards_code``) are pasted into a function that ``ep.module()`` compiles with ``exec``
   and calls on every input.
 
 bnfuse reads the JSON first and lets through only what torch itself writes there: targets that are torch
-operators (``torch.ops.NS.OP.OVERLOAD``, ``torch.ops.higher_order.OP``) or the symbolic arithmetic torch
-records (``_operator.add``, ``math.trunc``, ``torch.sym_max``...), shape expressions in sympy's printed
+operators (``torch.ops.NS.OP.OVERLOAD``, ``torch.ops.higher_order.OP``) or the few functions torch's own
+verifier allows (symbolic arithmetic such as ``_operator.add``, ``math.ceil``, ``torch.sym_max``, and the
+grad-mode and autocast switches), shape expressions in sympy's printed
 form (``Add(Symbol('s0', integer=True), Integer(1))``), and guards that compare arithmetic on the inputs'
 sizes.  Anything else is named, and the file refused, unless the caller allows code from the file.
 """
@@ -25,13 +27,17 @@ from typing import Any, Iterator
 
 __all__ = ["unsafe_graph_parts"]
 
-#: the symbolic-arithmetic targets torch records by module and name (``_SYM_OPS`` of its serializer, and getitem)
+#: the targets besides operators that torch's verifier allows (``allowed_builtin_ops`` and its allowed torch
+#: functions, less the functorch helpers), as torch's serializer names them (module and name)
 SYM_TARGETS = frozenset(
-    [f"_operator.{n}" for n in ("eq", "ne", "le", "ge", "lt", "gt", "neg", "pos", "mul", "add", "sub", "floordiv",
-                                "mod", "pow", "truediv", "and_", "or_", "lshift", "rshift", "getitem")]
-    + ["math.trunc"]
+    [f"_operator.{n}" for n in ("eq", "ne", "le", "ge", "lt", "gt", "neg", "pos", "abs", "not_", "mul", "add", "sub",
+                                "floordiv", "mod", "pow", "truediv", "and_", "or_", "lshift", "rshift", "getitem")]
+    + ["math.trunc", "math.ceil", "math.floor"]
     + [f"torch.{n}" for n in ("sym_not", "sym_int", "sym_float", "sym_ite", "sym_max", "sym_min", "sym_sqrt",
-                              "sym_sum")])
+                              "sym_sum")]
+    + ["torch.autograd.grad_mode.set_grad_enabled", "torch._C._set_grad_enabled",
+       "torch.amp.autocast_mode._enter_autocast", "torch.amp.autocast_mode._exit_autocast",
+       "torch.fx.experimental.symbolic_shapes.cast_symbool_to_symint_guardless"])
 _OP_NAME = re.compile(r"torch\.ops\.[A-Za-z_]\w*\.[A-Za-z_]\w*(\.[A-Za-z_]\w*)?")
 
 #: sympy's printed form: the constructors it calls (torch's own sympy functions are added when checked)
