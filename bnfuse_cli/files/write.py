@@ -67,7 +67,7 @@ def write_checkpoint(
     state_dict: "dict[str, torch.Tensor]",
     metadata: dict[str, Any],
     module: "nn.Module | None" = None,
-    program: "bytes | None" = None,
+    program: "bytes | Any | None" = None,
     force: bool = False,
     placed: "list[Path] | None" = None,
     prove: "Callable[[Path], None] | None" = None,
