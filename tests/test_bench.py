@@ -305,7 +305,7 @@ def test_runtime_runs_and_judges_the_programs(runtime: str, tmp_path) -> None:  
     if runtime == "onnxruntime":
         assert data["models"][0]["graph_ops"]["fused"]["bn"] == 0
         assert "ORT graph" in md.read_text() and "BN 0 -> 0" in md.read_text()
-        assert any("1 intra-op threads" in n for n in data["models"][0]["notes"])
+        assert any("1 intra-op thread," in n for n in data["models"][0]["notes"])
 
 
 @pytest.mark.parametrize("runtime", ["export", "onnxruntime"])

@@ -330,9 +330,9 @@ def test_verify_says_when_the_file_records_another_architecture(exported: "tuple
     r = run_bnfuse("verify", "bench_tiny:tiny_cnn", str(d / "fused.pt2"), "--weights", "none", cwd=TESTS, columns=400)
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.strip() == (
-        f"error: {d / 'fused.pt2'} records a conversion of {ARCH}, but the original is bench_tiny:tiny_cnn: 3 of the "
-        f"fold sites it names are layers bench_tiny:tiny_cnn does not have. verify compares a fused file with the "
-        f"model it was converted from: give {ARCH} (with the weights it was converted from) as ORIG")
+        f"error: {d / 'fused.pt2'} records that it was converted from {ARCH}, but the original is bench_tiny:tiny_cnn: "
+        f"3 of the sites it records name layers bench_tiny:tiny_cnn does not have. Compare the fused file with the "
+        f"original it was converted from ({ARCH})")
 
 
 def test_a_program_given_as_the_original_is_refused_truly(exported: "tuple[Path, torch.nn.Module]") -> None:

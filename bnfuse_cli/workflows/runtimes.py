@@ -89,7 +89,7 @@ def programs(prep: Any, result: "FuseResult", args: tuple[Any, ...], st: Any
         runners.append(runner)
         counts[which] = ort_op_counts(optimized)
     prep.notes.append(f"both models exported to ONNX and run by onnxruntime with ORT_{ORT_LEVEL.upper()}, "
-                      f"{threads} intra-op threads, {runners[0].provider}, idle threads not spinning (a spinning "
+                      f"{threads} intra-op thread{'' if threads == 1 else 's'}, {runners[0].provider}, idle threads not spinning (a spinning "
                       "session's threads would slow the other one down while it runs)")
     return runners[0], runners[1], counts
 

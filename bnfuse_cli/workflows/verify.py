@@ -71,14 +71,15 @@ def _site_checks(src_o: Source, src_f: Source, x: Any, name: str) -> tuple[list[
     if src_f.meta is None:
         return [], ["the fused file names no fold sites (not a bnfuse output): checked on outputs only"]
     specs, missing = site_specs(src_o.model, {p.name: src_f.meta.all_of(p.name) for p in PASSES})
-    notes = []
     recorded = src_f.meta.arch
-    if missing and recorded and src_o.arch and recorded != src_o.arch:
-        what = src_o.arch if name == src_o.arch else f"{name} ({src_o.arch})"
+    if missing and recorded is not None and src_o.arch is not None and recorded != src_o.arch:
+        given = "" if name == src_o.arch else f" ({name})"
         raise UsageError(
-            f"{src_f.path} records a conversion of {recorded}, but the original is {what}: {missing} "
-            f"of the fold sites it names are layers {src_o.arch} does not have. verify compares a fused file with "
-            f"the model it was converted from: give {recorded} (with the weights it was converted from) as ORIG")
+            f"{src_f.path} records that it was converted from {recorded}, but the original is {src_o.arch}{given}: "
+            f"{missing} of the sites it records name layers {src_o.arch} does not have. Compare the fused file "
+            f"with the original it was converted from ({recorded})"
+        )
+    notes = []
     if missing:
         notes.append(f"{missing} site(s) in the fused file's metadata name layers the original does not have "
                      "(made by an earlier conversion?): not checked by site")
