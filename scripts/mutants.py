@@ -105,6 +105,50 @@ MUTANTS = [
         ("tests/test_gpu.py::test_verify_cuda_really_runs_on_the_gpu",),
         needs_cuda=True,
     ),
+    Mutant(
+        "pt2-sample-inputs-unpickled", "a .pt2's sample inputs that torch.load(weights_only=True) refuses pass the "
+        "archive check (torch.export.load then unpickles them in full)",
+        "bnfuse_cli/files/pt2archive.py",
+        "    buf = io.BytesIO(data)\n",
+        "    return None\n",
+        ("tests/test_pt2_guard.py::test_sample_inputs_that_run_code_are_refused_by_verify_and_load",),
+    ),
+    Mutant(
+        "pt2-second-open", "torch.export.load opens the .pt2 again by path instead of reading the file checked",
+        "bnfuse_cli/files/export.py",
+        "ep = torch.export.load(fh, extra_files=extra)",
+        "ep = torch.export.load(str(path), extra_files=extra)",
+        ("tests/test_pt2_guard.py::test_the_archive_torch_loads_is_the_one_that_was_checked",),
+    ),
+    Mutant(
+        "pt2-zip-bomb", "a .pt2 member may claim any size from a few bytes on disk",
+        "bnfuse_cli/files/pt2archive.py",
+        "        if info.file_size > MAX_EXPANSION * info.compress_size + _SLACK:\n",
+        "        if False:\n",
+        ("tests/test_pt2_guard.py::test_a_zip_bomb_is_refused_in_seconds_before_anything_is_inflated",),
+    ),
+    Mutant(
+        "pt2-guard-code", "a .pt2's input guards pass unchecked (ep.module() compiles them with exec)",
+        "bnfuse_cli/files/pt2graph.py",
+        "        why = _guard_problem(guard)\n",
+        "        why = None\n",
+        ("tests/test_pt2_guard.py::test_graph_parts_torch_would_run_as_python_are_refused",),
+    ),
+    Mutant(
+        "proof-tolerance", "the read-back proof of a .pt2/.onnx compares weights within a tolerance, not bit for bit",
+        "bnfuse_cli/files/export.py",
+        "    return torch.equal(raw(a), raw(b))\n",
+        "    return torch.allclose(a.detach().cpu().double(), b.detach().cpu().double())\n",
+        ("tests/test_export.py::test_the_read_back_proof_is_bit_for_bit",),
+    ),
+    Mutant(
+        "onnx-pair-half-placed", "an interrupt between placing an ONNX model's data file and the model leaves the "
+        "data file",
+        "bnfuse_cli/files/place.py",
+        "        for path in added:\n            _remove(path)\n",
+        "        pass\n",
+        ("tests/test_onnx_external.py::test_an_interrupt_between_the_two_placements_leaves_neither",),
+    ),
 ]
 
 

@@ -7,6 +7,10 @@ the tiny ones in ``bench_tiny.py`` with a few iterations, so the whole file runs
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +23,7 @@ from bnfuse_cli.checks import OutputCheck, Tolerance, Verdict
 from bnfuse_cli.inputs import InputSpec
 
 from bench_tiny import TinyCNN
-from conftest import ROOT, randomize_bn as randomize_bn_test, run_bnfuse
+from conftest import BNFUSE_CMD, ROOT, randomize_bn as randomize_bn_test, run_bnfuse
 
 TINY = "bench_tiny:tiny_cnn"
 RESIDUAL = "bench_tiny:tiny_residual"
@@ -379,10 +383,11 @@ def test_runtime_judges_the_exported_program_not_the_module(runtime: str, monkey
     import copy
 
     import bnfuse_cli.files.export as export
+    import bnfuse_cli.files.onnxfile as onnxfile
 
     _needs(runtime)
-    name = "export_program" if runtime == "export" else "onnx_bytes"
-    real = getattr(export, name)
+    module, name = (export, "export_program") if runtime == "export" else (onnxfile, "export_onnx")
+    real = getattr(module, name)
 
     def wrong_program(model, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):  # the fused one
@@ -391,7 +396,7 @@ def test_runtime_judges_the_exported_program_not_the_module(runtime: str, monkey
                 model.conv2.weight.mul_(1.01)
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(export, name, wrong_program)
+    monkeypatch.setattr(module, name, wrong_program)
     (r,) = bench([TINY], device="cpu", iters=2, warmup=0, input_shape="1,3,16,16", runtime=runtime).results
     assert not r.check.failed_sites and not r.correct
     assert any("benchmark run" in why for why in r.check.reasons)
@@ -423,6 +428,103 @@ def test_runtime_onnxruntime_without_the_extra_exit_2(monkeypatch: pytest.Monkey
     assert result.exit_code == 2, result.output
     assert "pip install 'bnfuse[onnx]'" in result.output and "--runtime onnxruntime" in result.output
     assert "Traceback" not in result.output
+
+
+def _not_torchs(folder: Path) -> list[str]:
+    """What ``folder`` holds besides torch's own compile cache (``torchinductor_USER``, made by the exporter)."""
+    return [p.name for p in folder.iterdir() if not p.name.startswith("torchinductor_")]
+
+
+def test_onnxruntime_sessions_take_the_models_as_bytes_and_write_nothing(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """No temporary file at all: both sessions get the serialized model from memory, and the graph onnxruntime
+    saves after optimising goes to memory too (Linux memfd)."""
+    import tempfile
+
+    import bnfuse_cli.files.onnxfile as onnxfile
+
+    _needs("onnxruntime")
+    sources = []
+    real = onnxfile.open_onnx
+
+    def spy(source, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        sources.append((type(source).__name__, str(kwargs.get("optimized_path"))))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(onnxfile, "open_onnx", spy)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    (r,) = bench([TINY], device="cpu", iters=2, warmup=0, input_shape="1,3,16,16", runtime="onnxruntime").results
+    assert r.correct and r.graph_ops["fused"]["bn"] == 0
+    assert [kind for kind, _ in sources] == ["bytes", "bytes"]
+    if sys.platform.startswith("linux"):
+        assert all(path.startswith("/proc/self/fd/") for _, path in sources)
+    assert _not_torchs(tmp_path) == []
+
+
+def test_onnxruntime_above_2_gib_uses_a_private_folder_removed_at_the_end(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    import tempfile
+
+    import bnfuse_cli.files.onnxfile as onnxfile
+
+    _needs("onnxruntime")
+    monkeypatch.setattr(onnxfile, "EXTERNAL_AT", 0)  # every model is "above 2 GiB"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    seen = []
+    real = onnxfile.open_onnx
+
+    def spy(source, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(Path(source))
+        assert sorted(p.name for p in Path(source).parent.iterdir())[0].startswith("model.onnx")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(onnxfile, "open_onnx", spy)
+    (r,) = bench([TINY], device="cpu", iters=2, warmup=0, input_shape="1,3,16,16", runtime="onnxruntime").results
+    assert r.correct and len(seen) == 2
+    assert all(p.parent.parent == tmp_path and p.parent.name.startswith("bnfuse-bench.") for p in seen)
+    assert _not_torchs(tmp_path) == []
+
+
+def test_scratch_folders_of_killed_runs_are_swept(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    import tempfile
+
+    from bnfuse_cli.files import temporaries
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = temporaries._host()
+    stale = tmp_path / f"bnfuse-bench.{host}.{dead.pid}.abc123"
+    running = tmp_path / f"bnfuse-bench.{host}.{os.getpid()}.def456"  # a run still going (this one)
+    other_host = tmp_path / f"bnfuse-bench.elsewhere.{dead.pid}.ghi789"
+    for folder in (stale, running, other_host):
+        folder.mkdir()
+        (folder / "original.onnx").write_bytes(b"partial")
+    with temporaries.scratch_folder("bench") as mine:
+        assert mine.parent == tmp_path and oct(mine.stat().st_mode & 0o777) == "0o700"
+        assert not stale.exists() and running.exists() and other_host.exists()
+    assert not mine.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE and a private TMPDIR")
+def test_onnxruntime_under_a_file_size_limit_is_exit_2_and_leaves_nothing(tmp_path) -> None:  # noqa: ANN001
+    import resource
+
+    _needs("onnxruntime")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+
+    # no bytecode caches: under the limit Python would write them cut short (a partial write, then a rename)
+    env = dict(os.environ, TMPDIR=str(tmp), COLUMNS="300", PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run([*BNFUSE_CMD, "bench", TINY, *FAST, "--runtime", "onnxruntime"], capture_output=True,
+                          text=True, cwd=ROOT / "tests", env=env, preexec_fn=limit, timeout=600)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    msg = proc.stderr.strip()
+    assert msg == (f"error: onnxruntime could not save its optimised graph of the original model of {TINY}: File too "
+                   "large (the file size limit, ulimit -f, is below the graph's size: raise it); nothing was left "
+                   "behind"), msg
+    assert [p.name for p in tmp.rglob("*") if "bnfuse" in p.name or p.suffix in (".onnx", ".data")] == []
 
 
 def test_ort_op_counts_counts_every_conv_like_op(tmp_path) -> None:  # noqa: ANN001

@@ -71,7 +71,8 @@ def _bad_stats(sd_file: Path, layer: str, value: float) -> Path:
     ("noise.pth", bytes((i * 131 + 7) % 256 for i in range(4096)), "not a PyTorch checkpoint"),
     ("config.pth", b'{"model": "resnet50", "lr": 0.1}', "is a text file"),
     ("weights.h5", b"\x89HDF\r\n\x1a\n" + bytes(64), "unknown checkpoint suffix '.h5'"),
-    ("weights.onnx", b"\x08\x07\x12\x07pytorch" + bytes(64), "unknown checkpoint suffix '.onnx'"),
+    # an exported program is read only as a fused model (verify's FUSED), never as a checkpoint to convert
+    ("weights.onnx", b"\x08\x07\x12\x07pytorch" + bytes(64), "is an ONNX model: bnfuse reads one only as the fused model"),
 ])
 def test_unreadable_inputs(tmp_path: Path, name: str, content: bytes, message: str) -> None:
     (tmp_path / name).write_bytes(content)

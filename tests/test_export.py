@@ -5,6 +5,7 @@ model cannot be exported."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -235,6 +236,17 @@ def test_a_missing_onnx_extra_is_exit_2_naming_the_install(exported: "tuple[Path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_verify_without_the_onnx_extra_names_the_install_and_no_writing_advice(
+        exported_onnx: "tuple[Path, torch.nn.Module]") -> None:
+    d, _ = exported_onnx
+    r = subprocess.run([sys.executable, "-c", _WITHOUT_ORT, "verify", str(d / "orig.pth"), str(d / "fused.onnx"),
+                        "--arch", ARCH], capture_output=True, text=True, cwd=TESTS, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert " ".join(r.stderr.split()) == (
+        f"error: reading {d / 'fused.onnx'} needs the onnx extra (onnx, onnxscript, onnxruntime), and onnxruntime "
+        "is not installed: pip install 'bnfuse[onnx]'")
+
+
 class _Versioned(nn.Module):
     """Like torchvision's MNASNet: refuses a state_dict that does not say which version saved it."""
 
@@ -288,3 +300,58 @@ def test_the_read_back_proof_compares_the_program_weights_by_name(tmp_path: Path
                                           r"values or shapes \['0\.weight'\]\)"):
         write_checkpoint(tmp_path / f"bad{suffix}", state_dict=sd, metadata={"arch": "x"}, program=data)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"ok{suffix}"]
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+@pytest.mark.parametrize("change", ["one ulp", "negative zero"])
+def test_the_read_back_proof_is_bit_for_bit(tmp_path: Path, suffix: str, change: str) -> None:
+    """One weight value one ulp away, or 0.0 against -0.0: equal within any tolerance, still not what was
+    meant. The proof compares bits, so it refuses both."""
+    from bnfuse_cli.errors import OutputError
+    from bnfuse_cli.files.outputs import output_format
+    from bnfuse_cli.files.write import write_checkpoint
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = 0.0 if change == "negative zero" else 0.5
+    data, _ = output_format(f"m{suffix}").export(model, (torch.randn(1, 3, 8, 8),), {"arch": "x"})
+    meant = {k: v.clone() for k, v in model.state_dict().items()}
+    w = meant["0.weight"]
+    w[0, 0, 0, 0] = -0.0 if change == "negative zero" else torch.nextafter(w[0, 0, 0, 0], torch.tensor(1.0))
+    assert torch.allclose(w, model[0].weight, rtol=0, atol=1e-7) and not torch.equal(
+        w.view(torch.int32), model[0].weight.view(torch.int32))
+    with pytest.raises(OutputError, match=r"different values or shapes \['0\.weight'\]"):
+        write_checkpoint(tmp_path / f"m{suffix}", state_dict=meant, metadata={"arch": "x"}, program=data)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_says_when_the_file_records_another_architecture(exported: "tuple[Path, torch.nn.Module]") -> None:
+    d, _ = exported
+    r = run_bnfuse("verify", "bench_tiny:tiny_cnn", str(d / "fused.pt2"), "--weights", "none", cwd=TESTS, columns=400)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip() == (
+        f"error: {d / 'fused.pt2'} records that it was converted from {ARCH}, but the original is bench_tiny:tiny_cnn: "
+        f"3 of the sites it records name layers bench_tiny:tiny_cnn does not have. Compare the fused file with the "
+        f"original it was converted from ({ARCH})")
+
+
+def test_a_program_given_as_the_original_is_refused_truly(exported: "tuple[Path, torch.nn.Module]") -> None:
+    d, _ = exported
+    r = run_bnfuse("verify", str(d / "fused.pt2"), str(d / "fused.pt2"), cwd=TESTS, columns=400)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip() == (
+        f"error: {d / 'fused.pt2'} is a torch.export program: bnfuse reads one only as the fused model (the FUSED "
+        "argument of verify, or bnfuse_cli.load), never as a checkpoint to convert, inspect, bench or verify "
+        "against; give the original's checkpoint or model name")
+
+
+def test_a_dangling_symlink_as_output_is_refused_before_any_work(tmp_path: Path) -> None:
+    link = tmp_path / "m.pt2"
+    link.symlink_to(tmp_path / "gone.pt2")
+    # a model torch.export cannot capture: refused after the export, the message would say so
+    r = run_bnfuse("convert", "models_export:DataDependent", "--weights", "none", "-o", str(link), cwd=TESTS,
+                   columns=400)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip() == (f"error: {link} already exists as a symbolic link to {tmp_path / 'gone.pt2'}, which "
+                                "does not exist: pass --force to replace the link, or choose another -o")
+    assert os.readlink(link) == str(tmp_path / "gone.pt2")

@@ -27,6 +27,7 @@ from conftest import ROOT, randomize_bn
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bnfuse_cli.files import temporaries as tmpmod  # noqa: E402
 from bnfuse_cli.files import write as ckmod  # noqa: E402
 from bnfuse_cli.files.read import read_checkpoint, read_object  # noqa: E402
 from bnfuse_cli.files.write import (  # noqa: E402
@@ -227,7 +228,9 @@ def test_file_size_limit_gives_exit_2_naming_the_file(tmp_path: Path, model: nn.
     out.write_bytes(b"old output")
     res = subprocess.run([sys.executable, "-m", "bnfuse_cli", "convert", str(src), "--arch", ARCH, "-o", str(out),
                           "--force"], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                         env=dict(os.environ, COLUMNS="200"), preexec_fn=_ulimited(64 * 1024))
+                         # no bytecode caches: under the limit Python would write them cut short (a partial write)
+                         env=dict(os.environ, COLUMNS="200", PYTHONDONTWRITEBYTECODE="1"),
+                         preexec_fn=_ulimited(64 * 1024))
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and str(out) in res.stderr and "File too large" in res.stderr, res.stderr
     assert "ulimit -f" in res.stderr
@@ -348,7 +351,7 @@ def test_named_temporary_of_a_killed_writer_is_removed_by_the_next_write(tmp_pat
         proc.wait()
     (stale,) = [p.name for p in tmp_path.iterdir()]  # without O_TMPFILE a named file outlives kill -9
     assert stale.startswith(".out.pth.bnfuse-tmp.") and stale.split(".")[-2] == str(proc.pid)
-    alive = tmp_path / f".out.pth.bnfuse-tmp.{ckmod._host()}.{os.getpid()}.0123abcd"  # a running writer's
+    alive = tmp_path / f".out.pth.bnfuse-tmp.{tmpmod._host()}.{os.getpid()}.0123abcd"  # a running writer's
     alive.write_bytes(b"in progress")
     other = tmp_path / ".out.pth.tmp-unrelated"
     other.write_bytes(b"not ours")
@@ -607,11 +610,12 @@ def test_json_report_is_atomic_and_the_interrupt_message_true(tmp_path: Path, mo
     """--json goes through the files layer like a checkpoint: whole or not at all, and recorded."""
     from typer.testing import CliRunner
 
+    import bnfuse_cli.files.place as fp
     import bnfuse_cli.files.write as fw
     from bnfuse_cli.cli import app
 
     report = tmp_path / "plan.json"
-    real_write, real_sync = fw._FdWriter.write, fw._sync_directory
+    real_write, real_sync = fw._FdWriter.write, fp._sync_directory
 
     def interrupted_write(self, data):  # noqa: ANN001, ANN202
         real_write(self, bytes(data)[:10])
@@ -624,7 +628,7 @@ def test_json_report_is_atomic_and_the_interrupt_message_true(tmp_path: Path, mo
     if stage == "writing":
         monkeypatch.setattr(fw._FdWriter, "write", interrupted_write)
     else:
-        monkeypatch.setattr(fw, "_sync_directory", interrupted_sync)
+        monkeypatch.setattr(fp, "_sync_directory", interrupted_sync)
     res = CliRunner().invoke(app, ["inspect", "resnet18", "--weights", "none", "--input-shape", "1,3,32,32",
                                    "--json", str(report)])
     assert res.exit_code == 130, res.output

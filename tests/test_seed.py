@@ -120,3 +120,36 @@ def test_summary_counts_names_the_first_and_the_worst() -> None:
     assert len(v.reasons) == 5
     one = Verdict(tol, {"random inputs": out}, sites[:2])
     assert one.summary() == one.reasons and len(one.reasons) == 1 and not math.isnan(sites[0].rel_error)
+
+
+_RANGE = "-9223372036854775808 to 9223372036854775807"
+
+
+@pytest.mark.parametrize("command", [["convert", "resnet18", "--weights", "none"],
+                                     ["verify", "resnet18", "resnet18", "--weights", "none"],
+                                     ["bench", "resnet18", "--device", "cpu"]])
+def test_a_seed_outside_torchs_range_is_exit_2_naming_the_range(command: list[str], tmp_path: Path) -> None:
+    r = run_bnfuse(*command, "--seed", "99999999999999999999999", cwd=tmp_path, columns=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip() == (f"error: --seed: 99999999999999999999999 is outside the seeds bnfuse takes, {_RANGE} "
+                                "(64-bit integers, the range torch's random generators accept with room for the seeds "
+                                "drawn after it)"), r.stderr
+
+
+def test_the_largest_seed_works_for_every_seed_drawn_after_it() -> None:
+    from bnfuse_cli.inputs import InputSpec, make_input
+
+    make_input(InputSpec((1, 3)), dtype=torch.float32, seed=2 ** 63 - 1 + 1000)  # verify's seed + i
+    build("resnet18", seed=-(2 ** 63))
+
+
+def test_a_seed_outside_the_range_in_a_files_record_is_exit_2(converted: Path) -> None:
+    ck = read_checkpoint(converted / "a.safetensors")
+    write_checkpoint(converted / "huge_seed.safetensors", state_dict=ck.state_dict,
+                     metadata={**ck.metadata, "seed": 10 ** 30}, force=True)
+    r = run_bnfuse("verify", "resnet18", "huge_seed.safetensors", "--weights", "none", cwd=converted, columns=400)
+    assert r.returncode == 2, r.stdout + r.stderr
+    msg = r.stderr.strip()
+    assert msg.startswith("error: huge_seed.safetensors: its bnfuse metadata is malformed (ValueError: its seed "
+                          f"1000000000000000000000000000000 is outside the seeds bnfuse takes, {_RANGE}") and \
+        "Traceback" not in msg, msg

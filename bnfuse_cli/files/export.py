@@ -1,11 +1,14 @@
-"""Fused models as programs that run without bnfuse or the model's code: ``torch.export`` (``.pt2``)
-and ONNX (``.onnx``, the ``onnx`` extra, run by onnxruntime).
+"""Fused models as programs that run without bnfuse or the model's code: ``torch.export`` (``.pt2``), and
+what the ONNX writer (:mod:`.onnxfile`) shares with it: the example made batch 2, the dynamic dimensions,
+the exporter's quiet, and the bit-for-bit comparison of what was written with what was meant.
 
 The model is exported with ``torch.export.export`` on the check input (made batch 2: an example of
 batch 1 would fix the batch size), the batch and spatial dimensions marked ``Dim.AUTO`` so that
 each stays dynamic where the model allows it; which ones did is read back from the exported
 graph and said.  bnfuse's record travels inside the archive (``extra_files``), and the file loads
 with ``torch.export.load(path).module()`` in a process that has neither bnfuse nor the model's code.
+bnfuse itself reads a ``.pt2`` only through :mod:`.pt2archive`, which checks the archive before torch
+sees it and hands torch the same open file.
 """
 
 from __future__ import annotations
@@ -25,8 +28,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["ExportError", "ExtraMissing", "export_program", "load_program", "program_bytes", "dynamic_dims",
-           "check_program", "pt2_bytes", "require_onnx", "onnx_bytes", "check_onnx", "open_onnx", "open_pt2", "program_weights",
-           "session_options", "ORT_LEVELS"]
+           "check_program", "pt2_bytes", "open_pt2", "program_weights", "same_bits"]
 
 #: the archive entry bnfuse's record is stored under
 META_FILE = f"{META_KEY}.json"
@@ -139,13 +141,17 @@ def program_bytes(ep: "torch.export.ExportedProgram", metadata: dict[str, Any]) 
     return buf.getvalue()
 
 
-def load_program(path: Path) -> "tuple[torch.export.ExportedProgram, dict[str, Any]]":
-    """A ``.pt2`` file: (the program, bnfuse's record, {} when absent)."""
+def load_program(path: Path, *, allow_pickle: bool = False) -> "tuple[torch.export.ExportedProgram, dict[str, Any]]":
+    """A ``.pt2`` file: (the program, bnfuse's record, {} when absent).  The archive is opened once and
+    checked before torch reads it (:func:`~.pt2archive.checked_pt2`): nothing in it runs unless
+    ``allow_pickle``, and no member is inflated beyond what it should hold."""
     import torch
 
+    from .pt2archive import checked_pt2
+
     extra = {META_FILE: ""}
-    with quiet():
-        ep = torch.export.load(str(path), extra_files=extra)
+    with checked_pt2(path, allow_pickle=allow_pickle) as fh, quiet():
+        ep = torch.export.load(fh, extra_files=extra)
     raw = extra[META_FILE]
     try:
         meta = json.loads(raw) if raw else {}
@@ -168,218 +174,27 @@ def check_program(tmp: Path, expected: "dict[str, torch.Tensor]", metadata: dict
 
 
 def _differing(expected: "dict[str, torch.Tensor]", got: "dict[str, torch.Tensor]") -> list[str]:
-    """The names in both whose tensors differ in dtype, shape or any value."""
+    """The names in both whose tensors differ in dtype, shape or any bit (-0.0 is not 0.0, a NaN is itself)."""
+    return [k for k, e in expected.items() if k in got and not same_bits(got[k], e)]
+
+
+def same_bits(a: "torch.Tensor", b: "torch.Tensor") -> bool:
+    """Whether ``a`` and ``b`` have the same dtype, shape and bytes (row-major), wherever they live."""
     import torch
 
-    return [k for k, e in expected.items() if k in got and not (
-        got[k].dtype == e.dtype and got[k].shape == e.shape and torch.equal(got[k].detach().cpu(), e.detach().cpu()))]
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+
+    def raw(t: "torch.Tensor") -> "torch.Tensor":
+        t = t.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
+        return t.view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
+
+    return torch.equal(raw(a), raw(b))
 
 
-# --------------------------------------------------------------------------- ONNX (the ``onnx`` extra)
-
-#: the ONNX opset bnfuse exports (PyTorch's exporter's own default; onnxruntime 1.17+ runs it)
-OPSET = 20
-#: the modules of the ``onnx`` extra
-ONNX_EXTRA = ("onnx", "onnxscript", "onnxruntime")
-
-
-def require_onnx(purpose: str = ".onnx", instead: str = "write .pt2, .pth or .safetensors") -> None:
-    """An :class:`ExtraMissing` naming the install command when the ``onnx`` extra is not installed
-    (``purpose``: what needs it; ``instead``: what to do without it)."""
-    import importlib
-
-    missing = []
-    for name in ONNX_EXTRA:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise ExtraMissing(
-            f"{purpose} needs the onnx extra ({', '.join(ONNX_EXTRA)}), and {', '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'bnfuse[onnx]', or {instead}"
-        )
-
-
-def onnx_bytes(model: "nn.Module", args: tuple[Any, ...], metadata: dict[str, Any], *, verbose: bool = False
-               ) -> "tuple[bytes, list[str]]":
-    """``model`` exported to ONNX (opset :data:`OPSET`) by PyTorch's ``torch.export``-based exporter, with
-    bnfuse's record in ``metadata_props``: (the file's bytes, notes on its dynamic dimensions)."""
-    import onnx
-    import torch
-
-    example, batched = _batch_of_two(args)
-    shapes = _auto_dims(example) if batched else None
-    try:
-        with quiet(verbose), torch.no_grad():
-            program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=shapes, opset_version=OPSET,
-                                        verbose=verbose, external_data=False)
-    except Exception as exc:  # the exporter wraps most failures in OnnxExporterError; the cause says why
-        cause = exc.__cause__ or exc
-        reason = " ".join(_plain(str(cause)).split("\n\n")[0].split())
-        raise ExportError(
-            f"the fused model cannot be exported to ONNX ({type(cause).__name__}: {reason[:600]}); nothing was "
-            "written. A model with data-dependent control flow cannot become an ONNX graph: write .pth or "
-            ".safetensors instead"
-        ) from exc
-    proto = program.model_proto
-    onnx.helper.set_model_props(proto, {META_KEY: json.dumps(metadata)})
-    if proto.ByteSize() >= 2**31:
-        raise ExportError(f"the fused model's ONNX graph is {proto.ByteSize() / 2**30:.1f} GiB, above protobuf's "
-                          "2 GiB limit for one file: write .pt2 instead")
-    notes = []
-    for i, inp in enumerate(proto.graph.input):
-        dims = inp.type.tensor_type.shape.dim
-        dyn = [d for d, dim in enumerate(dims) if dim.dim_param]
-        notes.append(f"input {i} {'x'.join(dim.dim_param and '?' or str(dim.dim_value) for dim in dims)}: "
-                     + (f"dynamic {', '.join('batch' if d == 0 else str(d) for d in dyn)}" if dyn
-                        else "every dimension static") + f"; opset {OPSET}")
-    return proto.SerializeToString(), notes
-
-
-def _plain(text: str) -> str:
-    """``text`` without terminal colour codes (the ONNX exporter's messages carry them)."""
-    import re
-
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
-
-
-def _onnx_meta(proto: Any) -> dict[str, Any]:
-    raw = next((p.value for p in proto.metadata_props if p.key == META_KEY), "")
-    meta = json.loads(raw) if raw else {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def onnx_weights(proto: Any) -> "dict[str, torch.Tensor]":
-    """The graph's weights by the fused model's names: its initializers (named after the state_dict keys;
-    the exporter adds constants of its own and drops tensors the graph does not use), and the bias of
-    each Conv, ConvTranspose or Gemm node reading ``NAME.weight``: zeros where the node has none (the
-    exporter removes an all-zero bias, which ONNX defines as zero), its bias initializer otherwise."""
-    import torch
-    from onnx import helper, numpy_helper
-
-    found = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 2:
-            continue
-        weight = node.input[1]
-        if not weight.endswith(".weight") or weight not in found or weight[:-7] + ".bias" in found:
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if len(node.input) > 2 and node.input[2]:
-            if node.input[2] in found:
-                found[weight[:-7] + ".bias"] = found[node.input[2]]
-            continue
-        w = found[weight]
-        if node.op_type == "Gemm" and attrs.get("transB", 0) != 1:
-            continue  # a weight laid out (in, out): not the layer's own
-        out = w.shape[1] * int(attrs.get("group", 1)) if node.op_type == "ConvTranspose" else w.shape[0]
-        found[weight[:-7] + ".bias"] = torch.zeros(out, dtype=w.dtype)
-    return found
-
-
-def check_onnx(tmp: Path, expected: "dict[str, torch.Tensor]", metadata: dict[str, Any]
-               ) -> "tuple[list[str], list[str], list[str], bool]":
-    """The read-back proof of an ``.onnx`` file: ``onnx.checker`` (full check), every initializer named
-    after a weight equal to it, and the record in ``metadata_props`` equal to the one written.  Weights
-    the graph does not hold (unused, or all-zero ones the exporter folds away) cannot be compared here:
-    the runtime judgement covers what the graph computes."""
-    import onnx
-
-    from .readback import meta_equal
-
-    onnx.checker.check_model(str(tmp), full_check=True)
-    proto = onnx.load(str(tmp))
-    return [], [], _differing(expected, onnx_weights(proto)), meta_equal(_onnx_meta(proto), metadata)
-
-
-def _onnx_module_class() -> Any:
-    """The module class that runs an ``.onnx`` file (made on first use: it needs torch)."""
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-    import torch
-    from torch import nn
-
-    feed_types = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-                  "tensor(int64)": np.int64}
-
-    class OnnxProgram(nn.Module):
-        """An ``.onnx`` file run by onnxruntime (the CUDA provider for a CUDA device when it has one, else
-        the CPU provider), called like a module: tensors in, tensors out on the input's device and dtype.
-        Its initializers are kept as (unused) parameters under their names, so that it can be counted and
-        its fold sites mapped like any fused model; onnxruntime runs the file's own copy."""
-
-        def __init__(self, path: Path, device: str = "cpu", options: Any = None) -> None:
-            super().__init__()
-            proto = onnx.load(str(path))
-            self.metadata = _onnx_meta(proto)
-            for name, t in onnx_weights(proto).items():
-                self.register_parameter(name.replace(".", "/"), nn.Parameter(t, requires_grad=False))
-            del proto
-            providers = ["CPUExecutionProvider"]
-            if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-                providers.insert(0, "CUDAExecutionProvider")
-            self.session = ort.InferenceSession(str(path), options if options is not None else session_options(),
-                                                providers=providers)
-            self.provider = self.session.get_providers()[0]
-            self.eval()
-
-        def forward(self, *args: "torch.Tensor") -> Any:
-            feeds = {}
-            for meta, x in zip(self.session.get_inputs(), args):
-                want = feed_types.get(meta.type)
-                arr = x.detach().to("cpu", torch.float32 if x.dtype == torch.bfloat16 else x.dtype).numpy()
-                feeds[meta.name] = arr.astype(want) if want is not None else arr
-            outs = [torch.from_numpy(o) for o in self.session.run(None, feeds)]
-            if args:
-                outs = [o.to(args[0].device, args[0].dtype if o.is_floating_point() else o.dtype) for o in outs]
-            return outs[0] if len(outs) == 1 else tuple(outs)
-
-    return OnnxProgram
-
-
-def open_onnx(path: Path, device: str = "cpu", *, level: "str | None" = None, threads: "int | None" = None,
-              optimized_path: "Path | None" = None, spinning: "bool | None" = None
-              ) -> "tuple[nn.Module, dict[str, Any]]":
-    """An ``.onnx`` file as a module run by onnxruntime, and bnfuse's record in it; the session's
-    options as :func:`session_options` makes them from the keyword arguments."""
-    require_onnx()
-    module = _onnx_module_class()(path, device, session_options(level=level, threads=threads,
-                                                                optimized_path=optimized_path, spinning=spinning))
-    return module, module.metadata
-
-
-#: onnxruntime's graph optimisation levels by name (``GraphOptimizationLevel.ORT_<NAME>``)
-ORT_LEVELS = ("disable_all", "enable_basic", "enable_extended", "enable_layout", "enable_all")
-
-
-def session_options(*, level: "str | None" = None, threads: "int | None" = None,
-                    optimized_path: "Path | None" = None, spinning: "bool | None" = None) -> Any:
-    """The one place bnfuse builds onnxruntime session options: warnings off, and optionally the graph
-    optimisation ``level`` (a name of :data:`ORT_LEVELS`; None: onnxruntime's default), the intra-op
-    ``threads`` (None: onnxruntime's choice) and ``optimized_path``, where onnxruntime saves the graph
-    it optimised (to count what its own fusions left); ``spinning`` False stops idle intra-op threads
-    from spinning between runs (``session.intra_op.allow_spinning``; None: onnxruntime's default, on),
-    so that two sessions run alternately do not slow each other down."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if level is not None:
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_{level.upper()}")
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    if optimized_path is not None:
-        options.optimized_model_filepath = str(optimized_path)
-    if spinning is not None:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return options
-
-
-def open_pt2(path: Path, device: str = "cpu") -> "tuple[nn.Module, dict[str, Any]]":
-    """A ``.pt2`` file as its program's module, and bnfuse's record in it."""
-    ep, meta = load_program(path)
+def open_pt2(path: Path, device: str = "cpu", *, allow_pickle: bool = False) -> "tuple[nn.Module, dict[str, Any]]":
+    """A ``.pt2`` file as its program's module, and bnfuse's record in it (checked as :func:`load_program` says)."""
+    ep, meta = load_program(path, allow_pickle=allow_pickle)
     return ep.module(), meta
 
 

@@ -15,18 +15,20 @@ from pathlib import Path
 from ..errors import CheckpointError
 from .formats import CHUNK, ST_SIZES, first_line
 
-__all__ = ["SUFFIXES", "check_file", "check_integrity"]
+__all__ = ["SUFFIXES", "check_file", "check_integrity", "check_zip_records"]
 
 #: suffixes read as checkpoints (".tar" for the common "model_best.pth.tar")
 SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".safetensors")
 #: what other suffixes usually are, to say so when refusing them
 _FOREIGN = {
-    ".h5": "a Keras/HDF5 file", ".keras": "a Keras model", ".onnx": "an ONNX model",
+    ".h5": "a Keras/HDF5 file", ".keras": "a Keras model",
     ".pb": "a TensorFlow graph", ".tflite": "a TensorFlow Lite model", ".npz": "a NumPy archive",
     ".npy": "a NumPy array", ".json": "a JSON file", ".txt": "a text file", ".yaml": "a YAML file",
-    ".yml": "a YAML file", ".pkl": "a raw pickle", ".pickle": "a raw pickle", ".pt2": "a torch.export archive",
-    ".gguf": "a GGUF file", ".zip": "a zip archive",
+    ".yml": "a YAML file", ".pkl": "a raw pickle", ".pickle": "a raw pickle", ".gguf": "a GGUF file",
+    ".zip": "a zip archive",
 }
+#: exported programs, which bnfuse reads only as a fused model (verify's FUSED, ``bnfuse_cli.load``)
+_PROGRAMS = {".pt2": "a torch.export program", ".onnx": "an ONNX model"}
 
 
 def check_file(path: Path, *, what: str = "checkpoint", suffixes: "tuple[str, ...]" = SUFFIXES) -> None:
@@ -35,6 +37,12 @@ def check_file(path: Path, *, what: str = "checkpoint", suffixes: "tuple[str, ..
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a {what} file")
+    if path.suffix.lower() not in suffixes and path.suffix.lower() in _PROGRAMS:
+        raise CheckpointError(
+            f"{path} is {_PROGRAMS[path.suffix.lower()]}: bnfuse reads one only as the fused model (the FUSED "
+            f"argument of verify, or bnfuse_cli.load), never as a {what} to convert, inspect, bench or verify "
+            "against; give the original's checkpoint or model name"
+        )
     if path.suffix.lower() not in suffixes:
         kind = _FOREIGN.get(path.suffix.lower())
         raise CheckpointError(
@@ -94,21 +102,27 @@ def _check_zip_records(path: Path, what: str) -> None:
             f"damaged: {first_line(str(exc))}); copy or download it again"
         ) from exc
     with zf:
-        for info in zf.infolist():
-            try:
-                with zf.open(info) as member:
-                    while member.read(CHUNK):
-                        pass
-            except OSError as exc:
-                raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
-            except Exception as exc:  # noqa: BLE001 - BadZipFile (CRC, header), EOFError, zlib.error, ...
-                text = str(exc)
-                why = ("fails its CRC-32 check: its bytes are not the ones that were written" if "CRC" in text
-                       else f"is damaged ({first_line(text)})")
-                raise CheckpointError(
-                    f"{path} is corrupt: its record {info.filename} {why}, so the file was damaged after it was "
-                    f"saved (storage or transfer). Nothing was loaded from it; copy or download it again"
-                ) from exc
+        check_zip_records(zf, path, what)
+
+
+def check_zip_records(zf: zipfile.ZipFile, path: Path, what: str = "checkpoint") -> None:
+    """Stream every record of the open archive ``zf`` (of the file ``path``) through ``zipfile`` a chunk at a
+    time, which checks its CRC-32; a damaged record is a :class:`CheckpointError` naming it."""
+    for info in zf.infolist():
+        try:
+            with zf.open(info) as member:
+                while member.read(CHUNK):
+                    pass
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - BadZipFile (CRC, header), EOFError, zlib.error, ...
+            text = str(exc)
+            why = ("fails its CRC-32 check: its bytes are not the ones that were written" if "CRC" in text
+                   else f"is damaged ({first_line(text)})")
+            raise CheckpointError(
+                f"{path} is corrupt: its record {info.filename} {why}, so the file was damaged after it was "
+                f"saved (storage or transfer). Nothing was loaded from it; copy or download it again"
+            ) from exc
 
 
 def _check_safetensors(path: Path) -> None:

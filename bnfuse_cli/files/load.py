@@ -175,16 +175,15 @@ def _from_checkpoint(ck: Checkpoint, arch: "str | None", key: "str | None" = Non
     return Source(model, use_arch, kind, meta, ck.path, "file", picked + notes, arch_from=arch_from)
 
 
-def _from_program(path: Path, fmt: Any, device: str) -> Source:
-    """An exported program (``.pt2``, ``.onnx``): opened in its own runtime, run as exported (no model code)."""
-    from .integrity import check_file, check_integrity
+def _from_program(path: Path, fmt: Any, device: str, allow_pickle: bool = False) -> Source:
+    """An exported program (``.pt2``, ``.onnx``): opened in its own runtime, run as exported (no model code).
+    Its opener checks the file first (a ``.pt2`` archive's members and CRC-32s in the same open file torch
+    reads, an ``.onnx`` file through ``onnx.checker``); nothing in it runs unless ``allow_pickle``."""
+    from .integrity import check_file
 
     check_file(path, what=f"{fmt.runtime} program", suffixes=fmt.suffixes)
-    check_integrity(path, f"{fmt.runtime} program")
-    if fmt.require is not None:
-        fmt.require()
     try:
-        module, raw = fmt.open(path, device)
+        module, raw = fmt.open(path, device, allow_pickle=allow_pickle)
     except BnfuseError:
         raise
     except Exception as exc:  # not a program of this format, or one from an incompatible version
@@ -229,7 +228,7 @@ def load_source(
     looks_like_path = ":" not in text and ("/" in text or os.sep in text or bool(path.suffix))
     program = next((f for f in OUTPUT_FORMATS if f.program and path.suffix.lower() in f.suffixes), None)
     if path.exists() and program is not None and programs:
-        src = _from_program(path, program, device)
+        src = _from_program(path, program, device, allow_pickle)
     elif path.exists():
         src = _from_checkpoint(read_checkpoint(path, allow_pickle=allow_pickle, key=key), arch, key, record)
     elif not looks_like_path:
@@ -282,5 +281,8 @@ def load(path: "str | os.PathLike[str]", *, allow_pickle: bool = False, arch: "s
 
     A state_dict output (.pth or .safetensors) is loaded strictly into its architecture given the
     fused structure recorded in its metadata; a pickled-module output needs ``allow_pickle=True``.
+    An exported program comes back as a module that runs it: a ``.pt2`` as its program's module (the
+    archive checked first: nothing in it runs, and no member is inflated beyond what it should hold,
+    unless ``allow_pickle``), an ``.onnx`` file run by onnxruntime (the ``onnx`` extra).
     """
-    return load_source(path, arch=arch, allow_pickle=allow_pickle, key=key).model
+    return load_source(path, arch=arch, allow_pickle=allow_pickle, key=key, programs=True).model

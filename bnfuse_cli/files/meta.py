@@ -16,10 +16,23 @@ from typing import Any
 from ..engine.passes import PASSES
 from ..errors import CheckpointError
 
-__all__ = ["Step", "FusedMeta", "steps_of"]
+__all__ = ["Step", "FusedMeta", "steps_of", "SEEDS", "seed_problem"]
 
 #: the value of ``format`` in every file bnfuse writes
 FORMAT = "bnfuse"
+#: the seeds bnfuse takes: 64-bit signed integers.  torch's generators take -2**63 to 2**64 - 1, and bnfuse
+#: also draws from the seeds after it (seed + 1, seed + 2, ... for more inputs), which stay in torch's range
+SEEDS = (-(2 ** 63), 2 ** 63 - 1)
+
+
+def seed_problem(seed: object) -> "str | None":
+    """Why ``seed`` cannot seed bnfuse's random draws (None when it can), naming the range."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        return f"{seed!r} is not an integer"
+    if not SEEDS[0] <= seed <= SEEDS[1]:
+        return (f"{seed} is outside the seeds bnfuse takes, {SEEDS[0]} to {SEEDS[1]} (64-bit integers, the range "
+                "torch's random generators accept with room for the seeds drawn after it)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -113,8 +126,8 @@ class FusedMeta:
                 steps = [{"folds": raw.get("folds", []), "merges": []}]
             parsed = [Step.from_dict(s) for s in steps]
             seed = raw.get("seed") if raw.get("weights") == "none" else None
-            if seed is not None and not isinstance(seed, int):
-                raise TypeError(f"seed {seed!r} is not an integer")
+            if seed is not None and seed_problem(seed):
+                raise ValueError(f"its seed {seed_problem(seed)}")
             arch = raw.get("arch")
             return cls(
                 arch=None if arch is None else str(arch), steps=parsed, arch_kwargs=dict(raw.get("arch_kwargs") or {}),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import OutputError
-from . import export, readback
+from . import export, onnxfile, readback
 from .formats import META_KEY, byte_view, st_dtype
 
 if TYPE_CHECKING:
@@ -28,12 +28,19 @@ __all__ = ["Payload", "OutputFormat", "OUTPUT_FORMATS", "output_format", "suffix
 @dataclass
 class Payload:
     """What goes into a file: the fused state_dict and bnfuse's record, and, by format, the module
-    itself (a pickled-module .pth) or the exported program's bytes (.pt2)."""
+    itself (a pickled-module .pth) or the exported program: its bytes (.pt2, .onnx), or, for a model
+    written as several files (.onnx with external data), an object whose ``save(folder, name)`` writes
+    ``folder/name`` and returns the names of the files it wrote beside it."""
 
     state_dict: "dict[str, torch.Tensor]"
     metadata: dict[str, Any]
     module: "nn.Module | None" = None
-    program: "bytes | None" = None
+    program: "bytes | Any | None" = None
+
+    @property
+    def files(self) -> bool:
+        """Whether the program writes itself as files (a model and the data beside it), not bytes."""
+        return self.program is not None and not isinstance(self.program, (bytes, bytearray, memoryview))
 
     @property
     def form(self) -> str:
@@ -44,10 +51,11 @@ class Payload:
 Writer = Callable[[Any, Payload, Path], None]
 #: (written temporary file, payload) -> (missing keys, unexpected keys, differing keys, metadata equal)
 Proof = Callable[[Path, Payload], "tuple[list[str], list[str], list[str], bool]"]
-#: (fused module, example args, metadata, verbose=...) -> (the file's bytes, notes on its dynamic dimensions)
-Exporter = Callable[[Any, "tuple[Any, ...]", "dict[str, Any]", bool], "tuple[bytes, list[str]]"]
-#: (path, device) -> (the program as a module that runs it in its own runtime, bnfuse's record)
-Opener = Callable[[Path, str], "tuple[Any, dict[str, Any]]"]
+#: (fused module, example args, metadata, verbose=...) -> (the file's bytes, or an object that saves itself as
+#: files (:class:`Payload`), and notes on its dynamic dimensions)
+Exporter = Callable[[Any, "tuple[Any, ...]", "dict[str, Any]", bool], "tuple[Any, list[str]]"]
+#: (path, device, allow_pickle=...) -> (the program as a module that runs it in its own runtime, bnfuse's record)
+Opener = Callable[..., "tuple[Any, dict[str, Any]]"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,9 @@ class OutputFormat:
     runtime: str = "bnfuse_cli.load"
     #: checks that what the format needs is installed (an ``ExtraMissing`` naming the install command)
     require: "Callable[[], None] | None" = None
+    #: the files bnfuse wrote beside an existing output of this format (an .onnx file's external data),
+    #: which replacing that output replaces too
+    companions: "Callable[[Path], list[Path]] | None" = None
 
     @property
     def program(self) -> bool:
@@ -117,8 +128,10 @@ OUTPUT_FORMATS: tuple[OutputFormat, ...] = (
                  lambda tmp, p: readback.check_safetensors(tmp, p.state_dict, p.metadata)),
     OutputFormat("pt2", (".pt2",), _write_program, lambda tmp, p: export.check_program(tmp, p.state_dict, p.metadata),
                  export=export.pt2_bytes, open=export.open_pt2, runtime="torch.export"),
-    OutputFormat("onnx", (".onnx",), _write_program, lambda tmp, p: export.check_onnx(tmp, p.state_dict, p.metadata),
-                 export=export.onnx_bytes, open=export.open_onnx, runtime="onnxruntime", require=export.require_onnx),
+    OutputFormat("onnx", (".onnx",), _write_program,
+                 lambda tmp, p: onnxfile.check_onnx(tmp, p.state_dict, p.metadata), export=onnxfile.export_onnx,
+                 open=onnxfile.open_onnx, runtime="onnxruntime", require=onnxfile.require_onnx,
+                 companions=onnxfile.data_files),
 )
 
 

@@ -2,8 +2,11 @@
 checked (:mod:`.readback`), then linked or renamed into place; every OS failure an :class:`OutputError`.
 
 Where ``O_TMPFILE`` is missing, a named ``.NAME.bnfuse-tmp.HOST.PID.RANDOM`` file is used, and a later
-write removes those left by dead processes.  The module keeps no state: a caller that must say which
-outputs were placed (the CLI, when interrupted) passes its own ``placed`` list to each write.
+write removes those left by dead processes (:mod:`.temporaries`).  An output of several files (an ``.onnx``
+model and its external data) is written whole into a folder of that name beside it, checked there, and
+placed data first and model last, so that the model, placed in one step, only ever reads complete data.
+The module keeps no state: a caller that must say which outputs were placed (the CLI, when interrupted)
+passes its own ``placed`` list to each write.
 """
 
 from __future__ import annotations
@@ -12,31 +15,20 @@ import contextlib
 import errno
 import io
 import os
-import re
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import OutputError
 from .outputs import OutputFormat, Payload, output_format
 from .readback import verify_written
+from .place import _WRITE_HINTS, _cause, _is_placed, _place_files, _put_in_place
+from .temporaries import _make_staging_folder, _open_temporary, _remove, _remove_stale_temporaries, write_failure
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 __all__ = ["write_checkpoint", "write_text", "check_output_path"]
-
-#: what to do about a failed write, by errno
-_WRITE_HINTS = {
-    errno.ENOSPC: "the file system is full: free space there or choose another -o",
-    errno.EDQUOT: "the disk quota is used up: free space or choose another -o",
-    errno.EFBIG: "the file is larger than the file size limit allows (ulimit -f, or the file system's own limit): "
-                 "raise the limit or choose another -o",
-    errno.EROFS: "the file system is read-only: choose another -o",
-    errno.EIO: "the device reported an I/O error: check the disk or network file system and retry",
-}
-
 
 def check_output_path(output: Path, *, inputs: "list[Path]" = (), force: bool = False) -> None:  # type: ignore[assignment]
     """Refuse to overwrite an input, an existing file without ``force``, or write where we cannot
@@ -47,6 +39,9 @@ def check_output_path(output: Path, *, inputs: "list[Path]" = (), force: bool = 
             raise OutputError(f"{output} is the input file: bnfuse never overwrites its input; choose another -o")
     if output.is_dir():
         raise OutputError(f"{output} is a directory: give a file name such as {output / 'fused.pth'}")
+    if os.path.lexists(output) and not output.exists() and not force:
+        raise OutputError(f"{output} already exists as a symbolic link to {os.readlink(output)}, which does not "
+                          "exist: pass --force to replace the link, or choose another -o")
     if output.exists() and not force:
         raise OutputError(f"{output} already exists: pass --force to replace it (the old file stays until the new "
                           "one is complete)")
@@ -72,7 +67,7 @@ def write_checkpoint(
     state_dict: "dict[str, torch.Tensor]",
     metadata: dict[str, Any],
     module: "nn.Module | None" = None,
-    program: "bytes | None" = None,
+    program: "bytes | Any | None" = None,
     force: bool = False,
     placed: "list[Path] | None" = None,
     prove: "Callable[[Path], None] | None" = None,
@@ -96,11 +91,21 @@ def write_checkpoint(
     true at every instant: an output not in it was not created or changed.  An OS-level failure (ENOSPC,
     EFBIG, EIO, EROFS, EDQUOT) is an :class:`OutputError` naming the file and the cause; nothing is left
     behind and an old file is intact.
+
+    A ``program`` that writes itself as several files (an ``.onnx`` model above 2 GiB and its external data,
+    see :class:`~.outputs.Payload`) is written into a staging folder beside ``output`` and checked there the
+    same way; its data files are placed first and the model last, so a failure or an interrupt at any point
+    leaves neither new file (a kill -9 in the instant between the two placements leaves the new data file
+    alone, under a name no model reads).  ``force`` replaces the old model and then removes the data files
+    it read.
     """
     output = Path(output)
     fmt = output_format(output)
     payload = Payload(state_dict, metadata, module, program)
     _may_write(output, fmt, payload, force)
+    if payload.files:
+        return _write_files(output, fmt, payload, force=force, placed=placed, prove=prove, _after_write=_after_write)
+    replaced = _companions(fmt, output, force)
     with _temporary(output, placed) as (fd, tmp, named, kept, leftovers):
         _write_data(fd, output, fmt, payload, kept)
         if _after_write is not None:
@@ -109,6 +114,8 @@ def write_checkpoint(
         if prove is not None:
             prove(tmp)
         _put_in_place(output, tmp, named, force=force, kept=kept, placed=placed, leftovers=leftovers)
+        for old in replaced:
+            _remove(old)
         return os.fstat(fd).st_size
 
 
@@ -161,6 +168,73 @@ def _temporary(output: Path, placed: "list[Path] | None"
         os.close(fd)
 
 
+def _companions(fmt: OutputFormat, output: Path, force: bool) -> "list[Path]":
+    """The files bnfuse wrote beside an output that ``force`` replaces (an ``.onnx`` file's external data),
+    read before it is replaced: the new output replaces them too."""
+    if not force or fmt.companions is None or not output.is_file():
+        return []
+    return fmt.companions(output)
+
+
+def _write_files(output: Path, fmt: OutputFormat, payload: Payload, *, force: bool, placed: "list[Path] | None",
+                 prove: "Callable[[Path], None] | None", _after_write: "Callable[[Path], None] | None") -> int:
+    """An output of several files (the model and its data): written by ``payload.program`` into a staging folder
+    beside ``output``, fsynced, read back and judged there, then placed data first and model last; the old
+    output's own data files go once the new model is in place.  Returns the bytes written."""
+    directory = output.parent if str(output.parent) else Path(".")
+    _remove_stale_temporaries(directory, output.name)
+    kept = f"the previous {output.name} is untouched" if os.path.lexists(output) else f"no {output.name} was created"
+    replaced = _companions(fmt, output, force)
+    try:
+        folder = _make_staging_folder(directory, output.name)
+    except OSError as exc:
+        raise OutputError(f"cannot write {output}: {_cause(exc)} in the directory {directory}; choose another path"
+                          ) from exc
+    try:
+        names = _save_files(folder, output, payload, kept)
+        staged = folder / output.name
+        if _after_write is not None:
+            _after_write(staged)
+        verify_written(staged, fmt, payload, output)
+        if prove is not None:
+            prove(staged)
+        size = sum(os.stat(folder / name).st_size for name in [output.name, *names])
+        _place_files(output, folder, names, force=force, kept=kept, placed=placed)
+    finally:
+        _remove(folder)
+    for old in replaced:
+        if old.name not in names:
+            _remove(old)
+    return size
+
+
+def _save_files(folder: Path, output: Path, payload: Payload, kept: str) -> "list[str]":
+    """Let the program write itself into ``folder`` (as ``output.name`` and the files it names), fsync them and
+    give them the model file's mode (0666 less the umask); a failed write is an OutputError with its cause."""
+    import stat
+
+    try:
+        names = list(payload.program.save(folder, output.name))
+        mode = stat.S_IMODE(os.stat(folder / output.name).st_mode)
+        for name in [output.name, *names]:
+            os.chmod(folder / name, mode)
+            fd = os.open(folder / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return names
+    except Exception as exc:  # the exporter's writer may wrap the OSError of a failed write
+        cause = exc if isinstance(exc, OSError) else next(
+            (e for e in (exc.__cause__, exc.__context__) if isinstance(e, OSError)), None) or write_failure(folder)
+        if cause is None:
+            raise  # not a failed write: a bug
+        hint = _WRITE_HINTS.get(cause.errno or 0, "choose another -o or retry")
+        written = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        raise OutputError(f"cannot write {output}: {_cause(cause)} after {written:,} bytes; {hint}. The partial "
+                          f"files were removed and {kept}") from exc
+
+
 def _may_write(output: Path, fmt: OutputFormat, payload: Payload, force: bool) -> None:
     """An OutputError for what cannot be written at all, or not without ``force``."""
     if payload.module is not None and not fmt.holds_module:
@@ -186,64 +260,6 @@ def _write_data(fd: int, output: Path, fmt: OutputFormat, payload: Payload, kept
             f"cannot write {output}: {_cause(cause)} after {os.fstat(fd).st_size:,} bytes; {hint}. The "
             f"partial file was removed and {kept}"
         ) from exc
-
-
-def _put_in_place(output: Path, tmp: Path, named: "Path | None", *, force: bool, kept: str,
-                  placed: "list[Path] | None", leftovers: "list[Path]") -> None:
-    """Link (``force`` False: never over a file) or rename the checked file into place, add it to
-    ``placed``, fsync the directory. A name made for the rename is added to ``leftovers`` before it exists."""
-    directory = output.parent
-    try:
-        dirfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as exc:
-        raise OutputError(f"cannot write {output}: {_cause(exc)} opening the directory {directory}") from exc
-    try:
-        try:
-            if named is None and not force:  # no name ever: a crash now leaves nothing
-                os.link(str(tmp), output.name, dst_dir_fd=dirfd, follow_symlinks=True)
-            elif named is None:
-                leftovers.append(directory / _temp_name(output.name))
-                os.link(str(tmp), leftovers[-1].name, dst_dir_fd=dirfd, follow_symlinks=True)
-                os.replace(leftovers[-1].name, output.name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-            elif not force:
-                os.link(named.name, output.name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-            else:
-                os.replace(named.name, output.name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-        except FileExistsError as exc:
-            raise OutputError(
-                f"{output} was created by another process while bnfuse was writing it: it was left as it is "
-                "and this result was not written; pass --force to replace it, or choose another -o"
-            ) from exc
-        except OSError as exc:
-            hint = _WRITE_HINTS.get(exc.errno or 0, "choose another -o or retry")
-            raise OutputError(f"cannot write {output}: {_cause(exc)} placing the file; {hint}; {kept}") from exc
-        if placed is not None:
-            placed.append(output)
-        _sync_directory(dirfd, output)
-        if named is not None and not force:
-            os.unlink(named)  # linked into place: the temporary name goes
-    finally:
-        os.close(dirfd)
-
-
-def _sync_directory(dirfd: int, output: Path) -> None:
-    try:
-        os.fsync(dirfd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # directories that cannot sync
-            raise OutputError(
-                f"{output} was written and checked, but its directory could not be synced ({_cause(exc)}): "
-                "a crash now could lose it; check the disk"
-            ) from exc
-
-
-def _is_placed(output: Path, fd: int) -> bool:
-    """Whether ``output`` now is the file open as ``fd`` (a link or rename happened)."""
-    try:
-        a, b = os.lstat(output), os.fstat(fd)
-    except OSError:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 # --------------------------------------------------------------------------- the bytes
@@ -273,11 +289,6 @@ class _FdWriter(io.RawIOBase):
         return done
 
 
-def _cause(exc: OSError) -> str:
-    name = errno.errorcode.get(exc.errno or 0)
-    return f"{exc.strerror or exc}" + (f" ({name})" if name else "")
-
-
 def _guess_cause(fd: int) -> OSError:
     """Why torch's own write failed when no OSError reached us: a full file system or the size limit."""
     try:
@@ -292,61 +303,3 @@ def _guess_cause(fd: int) -> OSError:
     except (ImportError, OSError, ValueError):
         pass
     return OSError(errno.EIO, "the write failed")
-
-
-# --------------------------------------------------------------------------- temporary files
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname()) or "host"
-
-
-def _temp_name(output_name: str) -> str:
-    """``.NAME.bnfuse-tmp.HOST.PID.RANDOM``: whose it is, so a later write can tell a stale one."""
-    return f".{output_name}.bnfuse-tmp.{_host()}.{os.getpid()}.{os.urandom(4).hex()}"
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists, under another user
-        return True
-    return True
-
-
-def _remove_stale_temporaries(directory: Path, output_name: str) -> None:
-    """Remove named temporary files of earlier writes of ``output_name`` whose process has died (kill -9,
-    power loss) on this host. Only bnfuse's own pattern, only dead processes, only this host: a
-    temporary file of a write still running, here or on another machine sharing the directory, stays."""
-    prefix = f".{output_name}.bnfuse-tmp."
-    pattern = re.compile(re.escape(prefix) + r"(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}")
-    try:
-        names = [e.name for e in os.scandir(directory) if e.name.startswith(prefix)]
-    except OSError:
-        return
-    for name in names:
-        found = pattern.fullmatch(name)
-        if found and found["host"] == _host() and not _alive(int(found["pid"])):
-            try:
-                os.unlink(directory / name)
-            except OSError:
-                pass
-
-
-def _open_temporary(directory: Path, output_name: str) -> "tuple[int, Path | None]":
-    """A new empty file in ``directory``, mode 0666 less the umask: (fd, None) for an anonymous file
-    (Linux ``O_TMPFILE``: it has no name, so no crash can leave it behind), else (fd, its name)."""
-    cloexec = getattr(os, "O_CLOEXEC", 0)
-    tmpfile = getattr(os, "O_TMPFILE", 0)
-    if tmpfile and os.path.isdir("/proc/self/fd"):  # linking it into place needs /proc/self/fd
-        try:
-            return os.open(directory, tmpfile | os.O_RDWR | cloexec, 0o666), None
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):  # not supported here: fall back
-                raise
-    named = directory / _temp_name(output_name)
-    return os.open(named, os.O_RDWR | os.O_CREAT | os.O_EXCL | cloexec, 0o666), named

@@ -26,14 +26,15 @@ RUNTIMES: tuple[str, ...] = ("eager", "export", "onnxruntime")
 ORT_LEVEL = "enable_all"
 
 def ort_op_counts(path: Any) -> dict[str, Any]:
-    """The BatchNorm and convolution nodes of an ONNX graph (one onnxruntime saved after optimising):
+    """The BatchNorm and convolution nodes of an ONNX graph (a file, or a loaded model: one onnxruntime saved
+    after optimising):
     ``bn`` (BatchNormalization), ``conv`` (every conv-like op: Conv, ConvTranspose, and onnxruntime's
     own FusedConv and NCHWc Conv), ``nodes`` (all), and ``conv_ops`` by op type and domain."""
     from collections import Counter
 
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = path if hasattr(path, "graph") else onnx.load(str(path), load_external_data=False)
     ops = Counter((n.domain or "ai.onnx", n.op_type) for n in proto.graph.node)
     conv = {f"{op}" + ("" if dom == "ai.onnx" else f" ({dom})"): c for (dom, op), c in sorted(ops.items())
             if "conv" in op.lower()}
@@ -55,12 +56,10 @@ def programs(prep: Any, result: "FuseResult", args: tuple[Any, ...], st: Any
     """Stage 4: what is raced in ``st.runtime``: (original runner, fused runner, per-graph op counts
     after onnxruntime's optimisation, None for other runtimes).  Programs are exported through the
     files layer (:mod:`bnfuse_cli.files.export`), the same code as ``convert -o .pt2/.onnx``."""
-    import tempfile
-    from pathlib import Path
-
     import torch
 
-    from ..files.export import ExportError, export_program, onnx_bytes, open_onnx
+    from ..files.export import ExportError, export_program
+    from ..files.onnxfile import export_onnx, open_exported
 
     models = (("original", prep.original), ("fused", result.model))
     if st.runtime == "eager":
@@ -80,18 +79,15 @@ def programs(prep: Any, result: "FuseResult", args: tuple[Any, ...], st: Any
         return runners[0], runners[1], None
     threads = st.threads or torch.get_num_threads()
     runners, counts = [], {}
-    with tempfile.TemporaryDirectory(prefix="bnfuse-bench-") as tmp:
-        for which, model in models:
-            try:
-                data, _ = onnx_bytes(model, args, {})
-            except ExportError as exc:
-                raise _export_failed(which, prep.source, st, exc) from exc
-            path, optimized = Path(tmp) / f"{which}.onnx", Path(tmp) / f"{which}.ort.onnx"
-            path.write_bytes(data)
-            program, _ = open_onnx(path, "cpu", level=ORT_LEVEL, threads=threads, optimized_path=optimized,
-                                   spinning=False)
-            counts[which] = ort_op_counts(optimized)
-            runners.append(program)
+    for which, model in models:  # each session takes its model as bytes: no file (one above 2 GiB: a private folder)
+        try:
+            data, _ = export_onnx(model, args, {})
+        except ExportError as exc:
+            raise _export_failed(which, prep.source, st, exc) from exc
+        runner, optimized = open_exported(data, f"the {which} model of {prep.source}", level=ORT_LEVEL,
+                                          threads=threads, spinning=False)
+        runners.append(runner)
+        counts[which] = ort_op_counts(optimized)
     prep.notes.append(f"both models exported to ONNX and run by onnxruntime with ORT_{ORT_LEVEL.upper()}, "
                       f"{threads} intra-op thread{'' if threads == 1 else 's'}, {runners[0].provider}, idle threads not spinning (a spinning "
                       "session's threads would slow the other one down while it runs)")
@@ -115,7 +111,7 @@ def check_runtime(runtime: str, *, device: str, dtype: "torch.dtype", autocast: 
                          "exported in; use --dtype")
     if runtime == "export":
         return resolve_device(device)
-    from ..files.export import require_onnx
+    from ..files.onnxfile import require_onnx
 
     require_onnx("--runtime onnxruntime", "use --runtime eager or export")
     if dtype != torch.float32:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
 from ..files.load import Source, load_source
+from ..files.meta import seed_problem
 from ..inputs import InputSpec, as_args, check_shape_option, input_spec, make_input, model_dtype
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ class SourceOptions:
 
     def __post_init__(self) -> None:
         check_shape_option(self.input_shape)
+        if seed_problem(self.seed):
+            raise UsageError(f"--seed: {seed_problem(self.seed)}")
 
     @classmethod
     def of(cls, options: "SourceOptions | None", given: "dict[str, Any]") -> "SourceOptions":
