@@ -110,10 +110,34 @@ def test_a_model_that_cannot_be_exported_is_exit_2_and_leaves_nothing(tmp_path: 
                    "-o", str(out), cwd=TESTS, columns=200)
     assert r.returncode == 2, r.stdout + r.stderr
     msg = r.stderr.strip()
-    assert msg.startswith("error: the fused model cannot be exported with torch.export (") and "Traceback" not in msg
+    line = _line_of("models_export.py", "if y.sum() > 0")
+    assert msg.startswith(f"error: the fused model cannot be exported with torch.export: models_export.py:{line}: "
+                          "if y.sum() > 0: depends on the values of a tensor"), msg  # the user's own line
+    assert "Traceback" not in msg and "GuardOnDataDependentSymNode" in msg
     assert msg.endswith("nothing was written. A model with data-dependent control flow cannot become a .pt2 "
-                        "program: write .pth or .safetensors instead"), msg
+                        "program: write .pth or .safetensors instead (-v shows the exporter's graph)"), msg
     assert len(msg.splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def _line_of(name: str, code: str) -> int:
+    return next(i for i, text in enumerate((TESTS / name).read_text().splitlines(), 1) if code in text)
+
+
+def test_an_onnx_export_failure_names_the_line_and_shows_the_graph_once_with_v(tmp_path: Path) -> None:
+    """The ONNX exporter tries torch.export twice (non-strict, strict) and torch prints each failed graph
+    twice: with -v each appears once, and the error names the model's line."""
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "dd.onnx"
+    args = ["convert", "models_export:DataDependent", "--weights", "none", "--input-shape", "1,3,8,8", "-o", str(out)]
+    quiet = run_bnfuse(*args, cwd=TESTS, columns=200)
+    assert quiet.returncode == 2 and "def forward" not in quiet.stderr, quiet.stderr
+    loud = run_bnfuse(*args, "-v", cwd=TESTS, columns=200)
+    assert loud.returncode == 2, loud.stderr
+    line = _line_of("models_export.py", "if y.sum() > 0")
+    assert f"exported with the ONNX exporter: models_export.py:{line}: if y.sum() > 0: depends on" in loud.stderr
+    graphs = ["\n".join(g.splitlines()[:5]) for g in loud.stderr.split("def forward(")[1:]]
+    assert len(graphs) == len(set(graphs)) >= 1, loud.stderr  # each graph torch printed, once
+    assert list(tmp_path.iterdir()) == []
 
 
 class _FixedBatch(torch.nn.Module):

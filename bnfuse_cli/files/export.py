@@ -44,18 +44,84 @@ class ExtraMissing(UsageError):
 
 @contextlib.contextmanager
 def quiet(verbose: bool = False) -> Iterator[None]:
-    """The exporter's log lines (and the partial graphs it prints to stderr on failure) only with ``verbose``."""
-    if verbose:
-        yield
+    """The exporter's log lines (and the partial graphs it prints to stderr on failure) only with
+    ``verbose``, and then each once: torch prints a failed graph twice, so everything is gathered and a
+    repeat of what was just printed is dropped (:func:`once`)."""
+    if not verbose:
+        logger = logging.getLogger("torch")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                yield
+        finally:
+            logger.setLevel(level)
         return
-    logger = logging.getLogger("torch")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    import sys
+
+    buffer = io.StringIO()
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(buffer):  # torch's log handlers write to whatever sys.stderr is
             yield
     finally:
-        logger.setLevel(level)
+        sys.stderr.write(once(buffer.getvalue()))
+
+
+def once(text: str) -> str:
+    """``text`` with every run of three or more lines that repeats the run just before it dropped (blank
+    lines aside): what torch printed twice, printed once."""
+    lines = text.split("\n")
+    content = [i for i, line in enumerate(lines) if line.strip()]
+    drop: set[int] = set()
+    j = 0
+    while j < len(content):
+        run = next((k for k in range(min(j, len(content) - j), 2, -1)
+                    if all(lines[content[j + t]] == lines[content[j - k + t]] for t in range(k))), 0)
+        if run:
+            drop.update(range(content[j], content[j + run - 1] + 1))
+        j += run or 1
+    return "\n".join(line for i, line in enumerate(lines) if i not in drop)
+
+
+def user_line(exc: BaseException) -> "str | None":
+    """Where the model's own code was when the exporter gave up: the innermost frame of ``exc`` (or of
+    what caused it) outside torch, bnfuse and the standard library, as ``file:line: code``."""
+    import os
+    import sysconfig
+    import traceback
+
+    import torch
+
+    skip = tuple(os.path.dirname(p) + os.sep for p in (torch.__file__, __file__.rsplit(os.sep, 2)[0] + os.sep))
+    stdlib = sysconfig.get_paths()["stdlib"] + os.sep
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(("<", stdlib))
+                  and not f.filename.startswith(skip) and "/torch/" not in f.filename]
+        if frames:
+            f = frames[-1]
+            where = os.path.relpath(f.filename) if not os.path.relpath(f.filename).startswith("..") else f.filename
+            return f"{where}:{f.lineno}" + (f": {f.line.strip()}" if f.line else "")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def export_failure(exc: BaseException, what: str, instead: str) -> "ExportError":
+    """The refusal for an export that failed: the model's line that stopped it, and the exporter's reason."""
+    import re
+
+    cause = exc.__cause__ or exc
+    reason = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).split("\n\n")[0].split())
+    line = user_line(exc)
+    data = "DataDependent" in type(cause).__name__ or "data-dependent" in reason
+    at = (f"{line} depends on the values of a tensor, which {what} cannot follow" if data and line else
+          f"it fails at {line}" if line else "")
+    return ExportError(
+        f"the fused model cannot be exported with {what}{': ' + at if at else ''} ({type(cause).__name__}: "
+        f"{reason[:400]}); nothing was written. A model with data-dependent control flow cannot become "
+        f"{instead}: write .pth or .safetensors instead (-v shows the exporter's graph)"
+    )
 
 
 def _batch_of_two(args: tuple[Any, ...]) -> "tuple[tuple[Any, ...], bool]":
@@ -92,12 +158,7 @@ def export_program(model: "nn.Module", args: tuple[Any, ...], *, verbose: bool =
         with quiet(verbose), torch.no_grad():
             ep = torch.export.export(model, example, dynamic_shapes=shapes, strict=False)
     except Exception as exc:  # the exporter raises many types (UserError, GuardOnDataDependentSymNode, ...)
-        reason = " ".join(str(exc).split("\n\n")[0].split())
-        raise ExportError(
-            f"the fused model cannot be exported with torch.export ({type(exc).__name__}: {reason[:600]}); "
-            "nothing was written. A model with data-dependent control flow cannot become a .pt2 program: "
-            "write .pth or .safetensors instead"
-        ) from exc
+        raise export_failure(exc, "torch.export", "a .pt2 program") from exc
     return ep, dynamic_dims(ep, example)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
-from .export import ExportError, ExtraMissing, _auto_dims, _batch_of_two, _differing, quiet
+from .export import ExtraMissing, _auto_dims, _batch_of_two, _differing, export_failure, quiet
 from .formats import CHUNK, META_KEY, first_line
 
 if TYPE_CHECKING:
@@ -134,13 +134,7 @@ def _export(model: "nn.Module", args: tuple[Any, ...], verbose: bool) -> Any:
             return torch.onnx.export(model, example, dynamo=True, dynamic_shapes=shapes, opset_version=OPSET,
                                      verbose=verbose, external_data=False)
     except Exception as exc:  # the exporter wraps most failures in OnnxExporterError; the cause says why
-        cause = exc.__cause__ or exc
-        reason = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).split("\n\n")[0].split())
-        raise ExportError(
-            f"the fused model cannot be exported to ONNX ({type(cause).__name__}: {reason[:600]}); nothing was "
-            "written. A model with data-dependent control flow cannot become an ONNX graph: write .pth or "
-            ".safetensors instead"
-        ) from exc
+        raise export_failure(exc, "the ONNX exporter", "an ONNX graph") from exc
 
 
 def _dims_notes(model: Any) -> list[str]:
