@@ -63,3 +63,19 @@ class StridedNet(nn.Module):
 
 def Strided() -> nn.Module:  # noqa: N802
     return StridedNet()
+
+
+class Headed(nn.Module):
+    """conv+BN, pooling, and a head on ``x.reshape(x.shape[0], -1)``: the ONNX graph holds integer shape
+    constants beside the weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pool(torch.relu(self.bn(self.conv(x))))
+        return self.fc(y.reshape(y.shape[0], -1))

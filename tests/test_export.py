@@ -192,7 +192,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)))
 @pytest.fixture(scope="module")
 def exported_onnx(exported: "tuple[Path, torch.nn.Module]") -> "tuple[Path, torch.nn.Module]":
     d, model = exported
-    _convert(d, ".onnx", "onnxruntime", "input 0 ?x3x?x?: dynamic batch, 2, 3; opset 20")
+    _convert(d, ".onnx", "onnxruntime", "input 0 batchx3xheightxwidth: dynamic batch, height, width; opset 20")
     return d, model
 
 
@@ -379,3 +379,28 @@ def test_a_dangling_symlink_as_output_is_refused_before_any_work(tmp_path: Path)
     assert r.stderr.strip() == (f"error: {link} already exists as a symbolic link to {tmp_path / 'gone.pt2'}, which "
                                 "does not exist: pass --force to replace the link, or choose another -o")
     assert os.readlink(link) == str(tmp_path / "gone.pt2")
+
+
+def test_one_parameter_count_and_named_dimensions_in_every_format(tmp_path: Path) -> None:
+    """convert, and verify of the .onnx and of the .pt2, count the same parameters (the graph's integer shape
+    constants are not weights); the ONNX input's dynamic dimensions are called batch, height and width."""
+    pytest.importorskip("onnxscript")
+    base = ["--arch", "models_export:Headed", "--input-shape", "1,3,8,8"]
+    torch.save(randomize_bn(__import__("models_export").Headed(), seed=2).state_dict(), tmp_path / "orig.pth")
+    counts = {}
+    for suffix in (".onnx", ".pt2"):
+        out = tmp_path / f"f{suffix}"
+        c = run_bnfuse("convert", str(tmp_path / "orig.pth"), *base, "-o", str(out), "--json", str(tmp_path / "c.json"),
+                       cwd=TESTS, columns=200)
+        assert c.returncode == 0, c.stderr
+        counts[f"convert {suffix}"] = json.loads((tmp_path / "c.json").read_text())["params_after"]
+        v = run_bnfuse("verify", str(tmp_path / "orig.pth"), str(out), *base, "--json", str(tmp_path / "v.json"),
+                       cwd=TESTS, columns=200)
+        assert v.returncode == 0, v.stdout + v.stderr
+        counts[f"verify {suffix}"] = json.loads((tmp_path / "v.json").read_text())["structure"]["params_fused"]
+    assert len(set(counts.values())) == 1, counts
+    proto = onnx.load(str(tmp_path / "f.onnx"))
+    assert any(i.data_type == onnx.TensorProto.INT64 for i in proto.graph.initializer)  # the case in point
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "height", "width"], dims
+    assert [d.dim_param or d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim] == ["batch", 5]

@@ -112,6 +112,7 @@ def export_onnx(model: "nn.Module", args: tuple[Any, ...], metadata: dict[str, A
     external = parameter_bytes(model) >= EXTERNAL_AT
     program = _export(model, args, verbose)
     program.model.metadata_props[META_KEY] = json.dumps(metadata)
+    _name_dims(program.model)
     notes = _dims_notes(program.model)
     if not external:
         proto = program.model_proto
@@ -137,15 +138,50 @@ def _export(model: "nn.Module", args: tuple[Any, ...], verbose: bool) -> Any:
         raise export_failure(exc, "the ONNX exporter", "an ONNX graph") from exc
 
 
+#: what the dynamic axes of an input are called in the graph, by its rank (after batch and channels)
+_AXES = {3: ("length",), 4: ("height", "width"), 5: ("depth", "height", "width")}
+
+
+def _name_dims(model: Any) -> None:
+    """The exporter's symbols for the dynamic input dimensions (``s77``) renamed after the axes they stand
+    for (``batch``, ``height``, ``width``; ``dim3`` where the rank says nothing), throughout the graph, so
+    that Netron and onnxruntime's messages speak of them by name."""
+    import re
+
+    import onnx_ir as ir
+
+    names: dict[str, str] = {}
+    many = len(model.graph.inputs) > 1
+    for i, value in enumerate(model.graph.inputs):
+        rank = len(value.shape or ())
+        for d, dim in enumerate(value.shape or ()):
+            if isinstance(dim, ir.SymbolicDim) and dim.value and dim.value not in names:
+                axes = _AXES.get(rank, ())
+                name = "batch" if d == 0 else axes[d - 2] if 2 <= d < 2 + len(axes) else f"dim{d}"
+                names[dim.value] = f"{name}_{i}" if many and f"{name}" in names.values() else name
+
+    def rename(value: Any) -> None:
+        if value.shape is None:
+            return
+        value.shape = ir.Shape([ir.SymbolicDim(re.sub(r"\b\w+\b", lambda m: names.get(m.group(0), m.group(0)),
+                                                      dim.value)) if isinstance(dim, ir.SymbolicDim) and dim.value
+                                else dim for dim in value.shape])
+
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        rename(value)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for value in node.outputs:
+            rename(value)
+
+
 def _dims_notes(model: Any) -> list[str]:
-    """``input 0 ?x3x?x?: dynamic batch, 2, 3; opset 20`` for each input of the exported graph."""
+    """``input 0 batchx3xheightxwidth: dynamic batch, height, width; opset 20`` for each input of the graph."""
     notes = []
     for i, value in enumerate(model.graph.inputs):
         dims = list(value.shape or [])
-        dyn = [d for d, dim in enumerate(dims) if not isinstance(dim, int)]
-        notes.append(f"input {i} {'x'.join('?' if d in dyn else str(dim) for d, dim in enumerate(dims))}: "
-                     + (f"dynamic {', '.join('batch' if d == 0 else str(d) for d in dyn)}" if dyn
-                        else "every dimension static") + f"; opset {OPSET}")
+        dyn = [str(dim.value) for dim in dims if not isinstance(dim, int)]
+        notes.append(f"input {i} {'x'.join(str(dim if isinstance(dim, int) else dim.value) for dim in dims)}: "
+                     + (f"dynamic {', '.join(dyn)}" if dyn else "every dimension static") + f"; opset {OPSET}")
     return notes
 
 

@@ -66,8 +66,9 @@ class SourceOptions:
 
 
 def count_tensors(model: "nn.Module") -> tuple[int, int]:
-    """(parameter elements, floating-point buffer elements), shared tensors counted once."""
-    params = sum(p.numel() for p in model.parameters())
+    """(floating-point parameter elements, floating-point buffer elements), shared tensors counted once:
+    the weights, the same in every format (an ONNX graph's integer shape constants are not weights)."""
+    params = sum(p.numel() for p in model.parameters() if p.is_floating_point())
     buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point())
     return params, buffers
 
