@@ -101,3 +101,36 @@ def test_an_exported_program_unwraps_by_default_and_a_state_dict_keeps_its_names
     bench = bnfuse_cli.bench([ARCH], BenchSettings(device="cpu", iters=2, warmup=0),
                              SourceOptions(weights="none", input_shape="2,3,8,8"))
     assert bench.settings["unwrap"] is True and bench.results[0].correct
+
+
+def _single_layer_wrappers(keys: "list[str]") -> "list[str]":
+    """Modules that, by a state_dict's names, hold nothing of their own and exactly one child, which holds
+    tensors of its own (a layer): wrappers of one layer."""
+    own: dict[str, set[str]] = {}
+    children: dict[str, set[str]] = {}
+    for key in keys:
+        parts = key.split(".")
+        own.setdefault(".".join(parts[:-1]), set()).add(parts[-1])
+        for i in range(len(parts) - 1):
+            parent, child = ".".join(parts[:i]), ".".join(parts[:i + 1])
+            children.setdefault(parent, set()).add(child)
+    return sorted(p for p, kids in children.items() if p and p not in own and len(kids) == 1 and next(iter(kids)) in own)
+
+
+@pytest.mark.zoo
+def test_repvit_exported_as_pt2_calls_no_wrapper_of_one_layer_as_timms_own_does_not(tmp_path: Path) -> None:
+    """``bnfuse convert timm:repvit_m0_9 --weights none -o r.pt2`` unwraps by default: the program holds no
+    wrapper of a single layer, like timm's re-parameterised RepViT, and the report says so."""
+    timm = pytest.importorskip("timm")
+    from conftest import ROOT, run_bnfuse
+
+    out = tmp_path / "r.pt2"
+    proc = run_bnfuse("convert", "timm:repvit_m0_9", "--weights", "none", "-o", str(out), cwd=ROOT, columns=200,
+                      timeout=1200)
+    assert proc.returncode == 0, proc.stderr
+    assert "--unwrap is on by default for .pt2" in " ".join(proc.stderr.split()), proc.stderr
+    ours = _single_layer_wrappers(list(torch.export.load(str(out)).state_dict))
+    ref = timm.create_model("repvit_m0_9", pretrained=False).eval()
+    timm.utils.model.reparameterize_model(ref)
+    theirs = _single_layer_wrappers(list(ref.state_dict()))
+    assert len(ours) <= len(theirs), (ours[:10], theirs[:10])
