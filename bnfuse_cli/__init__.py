@@ -46,7 +46,7 @@ _LAZY = {
     "prepare": "workflows.source",
     "Prepared": "workflows.source",
     "load": "files.load",
-    "read_checkpoint": "files.read",
+    "read_checkpoint": "files.table",
     "verify": "workflows.verify",
     "VerifyReport": "workflows.verify",
     "bench": "workflows.bench",
@@ -70,7 +70,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .workflows.bench import BenchReport, bench
     from .workflows.convert import ConvertReport, InspectReport, convert, inspect
     from .files.load import load
-    from .files.read import read_checkpoint
+    from .files.table import read_checkpoint
     from .workflows.fuse import FuseResult, fuse, plan
     from .workflows.options import BenchSettings, ConvertOptions, FuseOptions, JudgeOptions
     from .workflows.source import Prepared, SourceOptions, prepare

@@ -24,7 +24,7 @@ from typer.core import TyperCommand
 
 from .engine.passes import options as pass_options
 from .errors import BnfuseError, DeviceError, OutputError, UnsafeCheckpointError, UsageError
-from .files.outputs import suffixes_text
+from .files.table import suffixes_text
 from .version import __version__
 
 app = typer.Typer(

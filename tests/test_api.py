@@ -394,7 +394,7 @@ def test_the_keywords_of_0_1_still_work_with_a_deprecation_warning(tmp_path: Pat
 def test_the_help_names_every_output_format_and_fits_80_columns() -> None:
     """The suffixes come from the format table (.onnx included); flags show as flags, arguments as a person
     writes them, and no line passes the terminal's width."""
-    from bnfuse_cli.files.outputs import OUTPUT_FORMATS
+    from bnfuse_cli.files.table import FORMATS
 
     for command in ("convert", "inspect", "verify", "bench"):
         proc = run_bnfuse(command, "--help", columns=80)
@@ -403,7 +403,7 @@ def test_the_help_names_every_output_format_and_fits_80_columns() -> None:
         assert "<bool>" not in proc.stdout and "{" not in proc.stdout.splitlines()[0], proc.stdout
         if command == "convert":
             text = " ".join(proc.stdout.split())
-            assert all(s in text for f in OUTPUT_FORMATS for s in f.suffixes), text
+            assert all(s in text for f in FORMATS for s in f.written), text
             assert "Usage: python -m bnfuse_cli convert [OPTIONS] SOURCE..." in proc.stdout
             assert "timm:NAME" in text and "package.module:factory" in text and "--tolerance" not in text
         if command == "verify":

@@ -20,7 +20,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bnfuse_cli.files import readback, write  # noqa: E402
-from bnfuse_cli.files.read import NESTED_KEYS, read_checkpoint  # noqa: E402
+from bnfuse_cli.files.read import NESTED_KEYS
+from bnfuse_cli.files.table import read_checkpoint  # noqa: E402
 from bnfuse_cli.files.write import check_output_path, write_checkpoint  # noqa: E402
 from bnfuse_cli.workflows.convert import convert  # noqa: E402
 from bnfuse_cli.errors import CheckpointError, OutputError, UnsafeCheckpointError, UsageError  # noqa: E402

@@ -312,7 +312,7 @@ def test_an_unwritable_program_path_is_exit_2_before_any_work(tmp_path: Path, su
 @pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
 def test_the_read_back_proof_compares_the_program_weights_by_name(tmp_path: Path, suffix: str) -> None:
     from bnfuse_cli.errors import OutputError
-    from bnfuse_cli.files.outputs import output_format
+    from bnfuse_cli.files.table import output_format
     from bnfuse_cli.files.write import write_checkpoint
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
@@ -332,7 +332,7 @@ def test_the_read_back_proof_is_bit_for_bit(tmp_path: Path, suffix: str, change:
     """One weight value one ulp away, or 0.0 against -0.0: equal within any tolerance, still not what was
     meant. The proof compares bits, so it refuses both."""
     from bnfuse_cli.errors import OutputError
-    from bnfuse_cli.files.outputs import output_format
+    from bnfuse_cli.files.table import output_format
     from bnfuse_cli.files.write import write_checkpoint
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 
 from bnfuse_cli.files import temporaries as tmpmod  # noqa: E402
 from bnfuse_cli.files import write as ckmod  # noqa: E402
-from bnfuse_cli.files.read import read_checkpoint, read_object  # noqa: E402
+from bnfuse_cli.files.table import read_checkpoint, read_object  # noqa: E402
 from bnfuse_cli.files.write import (  # noqa: E402
     check_output_path,
     write_checkpoint,

@@ -18,13 +18,13 @@ if str(ROOT) not in sys.path:
 
 from bnfuse_cli.errors import CheckpointError, OutputError  # noqa: E402
 from bnfuse_cli.files import readback  # noqa: E402
-from bnfuse_cli.files.read import read_checkpoint  # noqa: E402
+from bnfuse_cli.files.table import read_checkpoint  # noqa: E402
 from bnfuse_cli.files.write import write_checkpoint  # noqa: E402
 
 FILES = ROOT / "bnfuse_cli" / "files"
 #: what the files layer may import: below it, the engine's plan types, and the libraries that read and run files
 ALLOWED_INSIDE = ("bnfuse_cli.errors", "bnfuse_cli.engine", "bnfuse_cli.files")
-ALLOWED_OUTSIDE = {"torch", "torchvision", "safetensors", "timm", "onnx", "onnxruntime", "numpy"}
+ALLOWED_OUTSIDE = {"torch", "torchvision", "safetensors", "timm", "onnx", "onnx_ir", "onnxruntime", "numpy"}
 
 
 def _imports(path: Path) -> list[str]:

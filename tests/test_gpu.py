@@ -95,7 +95,7 @@ def test_bench_cuda_float32_tf32_off() -> None:
 def resnet_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import torchvision
 
-    from bnfuse_cli.files.read import read_checkpoint
+    from bnfuse_cli.files.table import read_checkpoint
     from bnfuse_cli.files.write import write_checkpoint
     from bnfuse_cli.workflows.convert import convert
 

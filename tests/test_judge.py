@@ -20,7 +20,7 @@ import bnfuse_cli.engine.passes.fold as fusion
 from bnfuse_cli import fuse
 from bnfuse_cli.workflows.bench import bench
 from bnfuse_cli.inputs import randomize_bn
-from bnfuse_cli.files.read import read_checkpoint
+from bnfuse_cli.files.table import read_checkpoint
 from bnfuse_cli.files.write import write_checkpoint
 from bnfuse_cli.checks import OutputCheck, SiteProbe, Tolerance, Verdict
 from bnfuse_cli.cli import app

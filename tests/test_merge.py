@@ -89,7 +89,7 @@ def test_merge_can_be_switched_off() -> None:
 
 def test_merged_file_saves_reloads_and_verifies(tmp_path: Path) -> None:
     from bnfuse_cli import SourceOptions, verify
-    from bnfuse_cli.files.read import read_checkpoint
+    from bnfuse_cli.files.table import read_checkpoint
     from bnfuse_cli.files.write import write_checkpoint
 
     arch = "models_merge:RepVGG"

@@ -19,7 +19,7 @@ from bnfuse_cli.engine.passes.fold import Fold  # noqa: E402
 from bnfuse_cli.engine.passes.merge import Branch, Merge  # noqa: E402
 from bnfuse_cli.errors import CheckpointError  # noqa: E402
 from bnfuse_cli.files.meta import FusedMeta, Step  # noqa: E402
-from bnfuse_cli.files.read import read_checkpoint  # noqa: E402
+from bnfuse_cli.files.table import read_checkpoint  # noqa: E402
 from bnfuse_cli.files.write import write_checkpoint  # noqa: E402
 
 ARCH = "models_merge:RepVGG"

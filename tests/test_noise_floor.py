@@ -58,7 +58,7 @@ def test_verify_of_a_float64_model_uses_the_same_floor(tmp_path: Path) -> None:
     import json
 
     assert json.loads((tmp_path / "v.json").read_text())["check"]["outputs"]["random inputs"]["floor"] > 1e-9
-    from bnfuse_cli.files.read import read_checkpoint
+    from bnfuse_cli.files.table import read_checkpoint
     from bnfuse_cli.files.write import write_checkpoint
 
     ck = read_checkpoint(out)

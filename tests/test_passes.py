@@ -138,7 +138,7 @@ def test_a_wrong_pass_is_caught_at_its_site(scale_pass: ScalePass) -> None:
 
 
 def test_a_registered_pass_is_recorded_rebuilt_and_verified(scale_pass: ScalePass, tmp_path: Path) -> None:
-    from bnfuse_cli.files.read import read_checkpoint
+    from bnfuse_cli.files.table import read_checkpoint
 
     torch.save(_toy().state_dict(), tmp_path / "orig.pth")
     out = tmp_path / "fused.safetensors"
@@ -186,7 +186,7 @@ def test_an_opt_in_pass_is_one_row_that_becomes_a_flag_an_option_a_record_and_a_
 
     from bnfuse_cli import FuseOptions
     from bnfuse_cli.cli import app
-    from bnfuse_cli.files.read import read_checkpoint
+    from bnfuse_cli.files.table import read_checkpoint
 
     runner = CliRunner()
     for command in ("convert", "bench", "inspect"):

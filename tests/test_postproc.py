@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 
 from bnfuse_cli import fuse  # noqa: E402
 from bnfuse_cli.checks import SelectionProbe  # noqa: E402
-from bnfuse_cli.files.read import read_checkpoint  # noqa: E402
+from bnfuse_cli.files.table import read_checkpoint  # noqa: E402
 from bnfuse_cli.files.write import write_checkpoint  # noqa: E402
 from bnfuse_cli.inputs import InputSpec, make_input  # noqa: E402
 

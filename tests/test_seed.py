@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
 
 from bnfuse_cli.checks import OutputCheck, SiteCheck, Tolerance, Verdict  # noqa: E402
 from bnfuse_cli.files.models import build  # noqa: E402
-from bnfuse_cli.files.read import read_checkpoint  # noqa: E402
+from bnfuse_cli.files.table import read_checkpoint  # noqa: E402
 from bnfuse_cli.files.write import write_checkpoint  # noqa: E402
 
 

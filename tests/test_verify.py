@@ -16,7 +16,7 @@ from conftest import ROOT, randomize_bn, run_bnfuse
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bnfuse_cli.files.read import read_checkpoint  # noqa: E402
+from bnfuse_cli.files.table import read_checkpoint  # noqa: E402
 from bnfuse_cli.files.write import write_checkpoint  # noqa: E402
 from bnfuse_cli.cli import app  # noqa: E402
 from bnfuse_cli.workflows.convert import convert  # noqa: E402

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
-from .read import read_object
+from .table import read_object
 
 if TYPE_CHECKING:
     import torch

@@ -15,10 +15,8 @@ from pathlib import Path
 from ..errors import CheckpointError
 from .formats import CHUNK, ST_SIZES, first_line
 
-__all__ = ["SUFFIXES", "check_file", "check_integrity", "check_zip_records"]
+__all__ = ["check_file", "check_torch_file", "check_safetensors", "check_zip_records"]
 
-#: suffixes read as checkpoints (".tar" for the common "model_best.pth.tar")
-SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".safetensors")
 #: what other suffixes usually are, to say so when refusing them
 _FOREIGN = {
     ".h5": "a Keras/HDF5 file", ".keras": "a Keras model",
@@ -27,29 +25,28 @@ _FOREIGN = {
     ".yml": "a YAML file", ".pkl": "a raw pickle", ".pickle": "a raw pickle", ".gguf": "a GGUF file",
     ".zip": "a zip archive",
 }
-#: exported programs, which bnfuse reads only as a fused model (verify's FUSED, ``bnfuse_cli.load``)
-_PROGRAMS = {".pt2": "a torch.export program", ".onnx": "an ONNX model"}
-
-
-def check_file(path: Path, *, what: str = "checkpoint", suffixes: "tuple[str, ...]" = SUFFIXES) -> None:
-    """A file that exists, has a suffix bnfuse reads, is not empty and is not text (CheckpointError if not)."""
+def check_file(path: Path, *, what: str, suffixes: "tuple[str, ...]", reads: str,
+               elsewhere: "dict[str, str] | None" = None) -> None:
+    """A file that exists, has one of ``suffixes``, is not empty and is not text (CheckpointError if not).
+    ``reads`` says which formats those are, ``elsewhere`` what the suffixes bnfuse reads only as a fused
+    model are (the table of formats, :mod:`.table`, gives both)."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a {what} file")
-    if path.suffix.lower() not in suffixes and path.suffix.lower() in _PROGRAMS:
+    suffix = path.suffix.lower()
+    if suffix not in suffixes and suffix in (elsewhere or {}):
         raise CheckpointError(
-            f"{path} is {_PROGRAMS[path.suffix.lower()]}: bnfuse reads one only as the fused model (the FUSED "
+            f"{path} is {elsewhere[suffix]}: bnfuse reads one only as the fused model (the FUSED "
             f"argument of verify, or bnfuse_cli.load), never as a {what} to convert, inspect, bench or verify "
             "against; give the original's checkpoint or model name"
         )
-    if path.suffix.lower() not in suffixes:
-        kind = _FOREIGN.get(path.suffix.lower())
+    if suffix not in suffixes:
+        kind = _FOREIGN.get(suffix)
         raise CheckpointError(
             f"{path}: unknown {what} suffix {path.suffix or '(none)'!r}"
             + (f" (usually {kind}, which bnfuse does not read)" if kind else "")
-            + f". bnfuse reads PyTorch files ({', '.join(s for s in suffixes if s != '.safetensors')}) and "
-            ".safetensors; if this really is one of those, rename it with the right suffix"
+            + f". bnfuse reads {reads} here; if this really is one of those, rename it with the right suffix"
         )
     try:
         size = path.stat().st_size
@@ -79,17 +76,11 @@ def _looks_like_text(head: bytes) -> bool:
     return False
 
 
-def check_integrity(path: Path, what: str = "checkpoint") -> None:
-    """Refuse a damaged file before anything is parsed from it.
-
-    A torch zip archive: every record is streamed through ``zipfile`` a chunk at a time, which checks
-    its CRC-32 (``torch.load`` does not: a flipped byte would load silently). A ``.safetensors`` file:
-    ``safe_open`` checks that its header describes exactly the bytes the file holds (the format has no
-    checksum of the data itself). Legacy (non-zip) torch files carry no checksum to check.
-    """
-    if path.suffix.lower() == ".safetensors":
-        _check_safetensors(path)
-    elif zipfile.is_zipfile(path):
+def check_torch_file(path: Path, what: str = "checkpoint") -> None:
+    """Refuse a damaged PyTorch file before anything is parsed from it: every record of a zip archive is
+    streamed through ``zipfile`` a chunk at a time, which checks its CRC-32 (``torch.load`` does not: a
+    flipped byte would load silently).  Legacy (non-zip) torch files carry no checksum to check."""
+    if zipfile.is_zipfile(path):
         _check_zip_records(path, what)
 
 
@@ -125,8 +116,9 @@ def check_zip_records(zf: zipfile.ZipFile, path: Path, what: str = "checkpoint")
             ) from exc
 
 
-def _check_safetensors(path: Path) -> None:
-    """``safe_open`` validates the header against the file (no tensor data is read); a refusal is explained."""
+def check_safetensors(path: Path, what: str = "checkpoint") -> None:  # noqa: ARG001 - the table's signature
+    """Refuse a damaged .safetensors file: ``safe_open`` validates the header against the file (no tensor
+    data is read; the format has no checksum of the data itself); a refusal is explained."""
     from safetensors import safe_open
 
     try:

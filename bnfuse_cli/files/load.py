@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BnfuseError, CheckpointError, UsageError
 from .meta import FusedMeta
 from .models import build, own_init_only
-from .outputs import OUTPUT_FORMATS
-from .read import NESTED_KEYS, Checkpoint, read_checkpoint, strip_prefixes
+from .read import NESTED_KEYS, Checkpoint, strip_prefixes
+from .table import FORMATS, check_file, read_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -179,9 +179,7 @@ def _from_program(path: Path, fmt: Any, device: str, allow_pickle: bool = False)
     """An exported program (``.pt2``, ``.onnx``): opened in its own runtime, run as exported (no model code).
     Its opener checks the file first (a ``.pt2`` archive's members and CRC-32s in the same open file torch
     reads, an ``.onnx`` file through ``onnx.checker``); nothing in it runs unless ``allow_pickle``."""
-    from .integrity import check_file
-
-    check_file(path, what=f"{fmt.runtime} program", suffixes=fmt.suffixes)
+    check_file(path, f"{fmt.runtime} program", (fmt,))
     try:
         module, raw = fmt.open(path, device, allow_pickle=allow_pickle)
     except BnfuseError:
@@ -226,7 +224,7 @@ def load_source(
     text = str(source)
     path = Path(text)
     looks_like_path = ":" not in text and ("/" in text or os.sep in text or bool(path.suffix))
-    program = next((f for f in OUTPUT_FORMATS if f.program and path.suffix.lower() in f.suffixes), None)
+    program = next((f for f in FORMATS if f.program and path.suffix.lower() in f.suffixes), None)
     if path.exists() and program is not None and programs:
         src = _from_program(path, program, device, allow_pickle)
     elif path.exists():

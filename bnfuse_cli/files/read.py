@@ -4,7 +4,6 @@ TorchScript, .safetensors) without executing code, and say where in the file the
 
 from __future__ import annotations
 
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 from .formats import META_KEY, first_line
-from .integrity import SUFFIXES, check_file, check_integrity
 from .unpickle import torch_load
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["Checkpoint", "read_checkpoint", "read_object", "strip_prefixes", "NESTED_KEYS", "SUFFIXES"]
+__all__ = ["Checkpoint", "read_torch", "read_safetensors", "torch_object", "safetensors_object", "strip_prefixes",
+           "NESTED_KEYS"]
 
 #: where training checkpoints keep the weights, in the order they are tried
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "state_dict_ema", "model_ema", "ema")
@@ -45,25 +44,11 @@ class Checkpoint:
     key: "str | None" = None
 
 
-def read_checkpoint(path: "str | os.PathLike[str]", *, allow_pickle: bool = False,
-                    key: "str | None" = None) -> Checkpoint:
-    """Read ``path`` (.pth/.pt/.bin/.ckpt, TorchScript, or .safetensors) without executing code.
-
-    The file is checked first (zip CRC-32 of every record, a consistent .safetensors header): a damaged
-    file is a :class:`CheckpointError` naming the record. Nested training checkpoints, ``module.``
-    prefixes and ``torch.compile`` wrappers are unwrapped; bnfuse's own metadata (from a previous
-    ``convert``) is returned in ``metadata``. ``key`` is the dotted key path of the weights inside a
-    training checkpoint (``"model_state"``, ``"ema.model"``); without it, the weights are found under the
-    well-known keys (:data:`NESTED_KEYS`) or else in the largest dict of tensors, and every dict of tensors
-    is listed in ``candidates`` for a caller that can match them against an architecture.
-    """
-    path = Path(path)
-    check_file(path)
-    check_integrity(path)
-    if path.suffix.lower() == ".safetensors":
-        if key is not None:
-            raise CheckpointError(f"{path} is a .safetensors file: it has no nested keys, leave --key out")
-        return _read_safetensors(path)
+def read_torch(path: Path, allow_pickle: bool = False, key: "str | None" = None) -> Checkpoint:
+    """A checked PyTorch file (.pth/.pt/.bin/.ckpt/.tar, TorchScript) read without executing code (a full
+    unpickle only with ``allow_pickle``): a state_dict, a training checkpoint (its weights found under
+    ``key``, the dotted key path of them, or else under the well-known keys, :data:`NESTED_KEYS`, or in the
+    largest dict of tensors, every dict of tensors listed in ``candidates``), a whole module."""
     if _is_torchscript(path):
         if key is not None:
             raise CheckpointError(f"{path} is a TorchScript archive: it has no nested keys, leave --key out")
@@ -71,18 +56,14 @@ def read_checkpoint(path: "str | os.PathLike[str]", *, allow_pickle: bool = Fals
     return _classify(path, torch_load(path, allow_pickle), key)
 
 
-def read_object(path: "str | os.PathLike[str]", *, allow_pickle: bool = False, what: str = "data") -> Any:
-    """The raw object stored in a .pt/.pth (tensors, dicts, lists, tuples) or .safetensors file.
-
-    For files that are not models, such as ``bnfuse verify --data``: the same safety rules as
-    :func:`read_checkpoint` (no pickle code runs unless ``allow_pickle``), no unwrapping.
-    """
-    path = Path(path)
-    check_file(path, what=what)
-    check_integrity(path, what)
-    if path.suffix.lower() == ".safetensors":
-        return _load_safetensors(path)
+def torch_object(path: Path, allow_pickle: bool = False) -> Any:
+    """The raw object a checked PyTorch file stores (no unwrapping)."""
     return torch_load(path, allow_pickle)
+
+
+def safetensors_object(path: Path, allow_pickle: bool = False) -> "dict[str, torch.Tensor]":  # noqa: ARG001
+    """The tensors a checked .safetensors file stores."""
+    return _load_safetensors(path)
 
 
 def _load_safetensors(path: Path) -> "dict[str, torch.Tensor]":
@@ -95,7 +76,10 @@ def _load_safetensors(path: Path) -> "dict[str, torch.Tensor]":
         raise CheckpointError(f"{path} is not a valid .safetensors file (truncated or corrupt): {exc}") from exc
 
 
-def _read_safetensors(path: Path) -> Checkpoint:
+def read_safetensors(path: Path, allow_pickle: bool = False, key: "str | None" = None) -> Checkpoint:  # noqa: ARG001
+    """A checked .safetensors file: its tensors and bnfuse's record (no code can run from it)."""
+    if key is not None:
+        raise CheckpointError(f"{path} is a .safetensors file: it has no nested keys, leave --key out")
     import json
 
     from safetensors import SafetensorError, safe_open

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import OutputError
-from .outputs import OutputFormat, Payload, output_format
+from .table import Format, Payload, output_format
 from .readback import verify_written
 from .place import _WRITE_HINTS, _cause, _is_placed, _place_files, _put_in_place
 from .temporaries import _make_staging_folder, _open_temporary, _remove, _remove_stale_temporaries, write_failure
@@ -168,7 +168,7 @@ def _temporary(output: Path, placed: "list[Path] | None"
         os.close(fd)
 
 
-def _companions(fmt: OutputFormat, output: Path, force: bool) -> "list[Path]":
+def _companions(fmt: Format, output: Path, force: bool) -> "list[Path]":
     """The files bnfuse wrote beside an output that ``force`` replaces (an ``.onnx`` file's external data),
     read before it is replaced: the new output replaces them too."""
     if not force or fmt.companions is None or not output.is_file():
@@ -176,7 +176,7 @@ def _companions(fmt: OutputFormat, output: Path, force: bool) -> "list[Path]":
     return fmt.companions(output)
 
 
-def _write_files(output: Path, fmt: OutputFormat, payload: Payload, *, force: bool, placed: "list[Path] | None",
+def _write_files(output: Path, fmt: Format, payload: Payload, *, force: bool, placed: "list[Path] | None",
                  prove: "Callable[[Path], None] | None", _after_write: "Callable[[Path], None] | None") -> int:
     """An output of several files (the model and its data): written by ``payload.program`` into a staging folder
     beside ``output``, fsynced, read back and judged there, then placed data first and model last; the old
@@ -235,7 +235,7 @@ def _save_files(folder: Path, output: Path, payload: Payload, kept: str) -> "lis
                           f"files were removed and {kept}") from exc
 
 
-def _may_write(output: Path, fmt: OutputFormat, payload: Payload, force: bool) -> None:
+def _may_write(output: Path, fmt: Format, payload: Payload, force: bool) -> None:
     """An OutputError for what cannot be written at all, or not without ``force``."""
     if payload.module is not None and not fmt.holds_module:
         raise OutputError(f"{output}: a whole pickled module cannot be stored as {output.suffix}; use .pth")
@@ -245,7 +245,7 @@ def _may_write(output: Path, fmt: OutputFormat, payload: Payload, force: bool) -
         raise OutputError(f"{output} already exists: pass --force to replace it")
 
 
-def _write_data(fd: int, output: Path, fmt: OutputFormat, payload: Payload, kept: str) -> None:
+def _write_data(fd: int, output: Path, fmt: Format, payload: Payload, kept: str) -> None:
     """Write the file's contents to ``fd`` and fsync them; a failed write is an OutputError with its cause."""
     writer = _FdWriter(fd)
     try:

@@ -20,7 +20,7 @@ from ..engine.analyse import analyse
 from ..engine.plan import Plan
 from ..inputs import InputSpec
 from ..files.meta import FusedMeta, steps_of
-from ..files.outputs import OUTPUT_FORMATS, output_format, suffixes_text
+from ..files.table import FORMATS, output_format, suffixes_text
 
 if TYPE_CHECKING:
     from torch import nn
@@ -128,7 +128,7 @@ def outputs_for(sources: "list[str]", output: "str | os.PathLike[str] | None", o
         raise UsageError("several sources need --out-dir DIR (one output per source) instead of -o")
     if output is not None and out_dir is not None:
         raise UsageError("give either -o/--output or --out-dir, not both")
-    if not any(suffix.lower() in f.suffixes for f in OUTPUT_FORMATS):
+    if not any(suffix.lower() in f.written for f in FORMATS):
         raise UsageError(f"--suffix {suffix!r}: use {suffixes_text()}")
     if out_dir is None:
         return [Path(output) if output is not None else None]
@@ -158,7 +158,7 @@ def convert(source: "str | os.PathLike[str] | Prepared", output: "str | os.PathL
     (:class:`FoldError`).  ``output=None`` folds and checks without writing.  ``placed``, when
     given, gets the output appended the moment it is in place (see
     :func:`bnfuse_cli.files.write.write_checkpoint`).  An output whose format is a program (``.pt2``,
-    ``.onnx``: :data:`bnfuse_cli.files.outputs.OUTPUT_FORMATS`) is exported from the fused model and
+    ``.onnx``: :data:`bnfuse_cli.files.table.FORMATS`) is exported from the fused model and
     runs without bnfuse or the model's code; it is opened in its own runtime and judged against the
     original before it is placed.  ``options`` (:class:`ConvertOptions`): ``save_as``, ``force``,
     ``verbose`` (the exporter's messages) and the fuse options, the passes' among them.
