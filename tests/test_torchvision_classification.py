@@ -11,6 +11,7 @@ a relative error below 1e-5 in float32 (every architecture, in the default suite
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any
 
@@ -50,9 +51,36 @@ FLOAT64 = {
 ALL = models.list_models(module=models)
 
 
+def family(name: str) -> str:
+    """The family an architecture's name belongs to: its name without the size (resnet18 -> resnet,
+    regnet_y_400mf -> regnet_y, efficientnet_b3 -> efficientnet_b, vgg16_bn -> vgg_bn)."""
+    bn = name.endswith("_bn")
+    base = re.sub(r"(\d+_\d+x\d+d|_x?\d+(_\d+)?([mg]f)?|_(small|large|base|tiny|[bsmlth])(_\d+)?|\d+(x\d+d)?(_\d+)?)$", "",
+                  name[:-3] if bn else name)
+    return base + ("_bn" if bn else "")
+
+
+def _size(name: str) -> float:
+    """How large an architecture is: its parameters, counted on the meta device (nothing allocated), or,
+    for a builder that computes on real tensors (RegNet), the GFLOPs its name gives (400mf: 0.4)."""
+    try:
+        with torch.device("meta"):
+            model = models.get_model(name, **KWARGS.get(name, {}))
+        return float(sum(p.numel() for p in model.parameters()))
+    except Exception:  # noqa: BLE001
+        m = re.search(r"(\d+)(?:_(\d+))?(mf|gf)$", name)
+        return float(f"{m.group(1)}.{m.group(2) or 0}") * (1e-3 if m.group(3) == "mf" else 1) if m else float("inf")
+
+
+#: the smallest of each family, the bottleneck ResNet besides the basic one, and the float64 subset
+DEFAULT = sorted({min(names, key=_size) for names in
+                  {f: [n for n in ALL if family(n) == f] for f in {family(n) for n in ALL}}.values()}
+                 | {"resnet50"} | FLOAT64)
+
+
 def _params() -> list[Any]:
     out = []
-    for n in ALL:
+    for n in DEFAULT:
         out.append(pytest.param(n, torch.float32, id=f"{n}-float32"))
         if n in FLOAT64:
             out.append(pytest.param(n, torch.float64, id=f"{n}-float64"))
@@ -201,3 +229,9 @@ def test_check_fused_catches_an_unfolded_norm(monkeypatch: pytest.MonkeyPatch) -
     expected, every, ref = conv_fed_norms(model, (x,))
     with pytest.raises(AssertionError, match="conv-fed BatchNorms not folded"):
         _check_fused("resnet18", torch.float32, model, x, expected, every, ref, REL32)
+
+
+def test_every_family_is_checked_in_the_default_suite() -> None:
+    assert {family(n) for n in DEFAULT} == {family(n) for n in ALL}
+    assert family("resnet152") == "resnet" and family("regnet_y_1_6gf") == "regnet_y" and family("vgg19_bn") == "vgg_bn"
+    assert family("resnext101_64x4d") == family("resnext50_32x4d") == "resnext"
