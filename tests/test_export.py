@@ -129,9 +129,7 @@ def test_an_onnx_export_failure_names_the_line_and_shows_the_graph_once_with_v(t
     pytest.importorskip("onnxscript")
     out = tmp_path / "dd.onnx"
     args = ["convert", "models_export:DataDependent", "--weights", "none", "--input-shape", "1,3,8,8", "-o", str(out)]
-    quiet = run_bnfuse(*args, cwd=TESTS, columns=200)
-    assert quiet.returncode == 2 and "def forward" not in quiet.stderr, quiet.stderr
-    loud = run_bnfuse(*args, "-v", cwd=TESTS, columns=200)
+    loud = run_bnfuse(*args, "-v", cwd=TESTS, columns=200)  # without -v no graph: the .pt2 test above
     assert loud.returncode == 2, loud.stderr
     line = _line_of("models_export.py", "if y.sum() > 0")
     assert f"exported with the ONNX exporter: models_export.py:{line}: if y.sum() > 0: depends on" in loud.stderr
@@ -381,23 +379,21 @@ def test_a_dangling_symlink_as_output_is_refused_before_any_work(tmp_path: Path)
     assert os.readlink(link) == str(tmp_path / "gone.pt2")
 
 
-def test_one_parameter_count_and_named_dimensions_in_every_format(tmp_path: Path) -> None:
+def test_one_parameter_count_and_named_dimensions_in_every_format(tmp_path: Path, tests_on_path: None) -> None:
     """convert, and verify of the .onnx and of the .pt2, count the same parameters (the graph's integer shape
     constants are not weights); the ONNX input's dynamic dimensions are called batch, height and width."""
     pytest.importorskip("onnxscript")
-    base = ["--arch", "models_export:Headed", "--input-shape", "1,3,8,8"]
+    from bnfuse_cli import SourceOptions, convert, verify
+
+    src = SourceOptions(arch="models_export:Headed", input_shape="1,3,8,8")
     torch.save(randomize_bn(__import__("models_export").Headed(), seed=2).state_dict(), tmp_path / "orig.pth")
     counts = {}
     for suffix in (".onnx", ".pt2"):
         out = tmp_path / f"f{suffix}"
-        c = run_bnfuse("convert", str(tmp_path / "orig.pth"), *base, "-o", str(out), "--json", str(tmp_path / "c.json"),
-                       cwd=TESTS, columns=200)
-        assert c.returncode == 0, c.stderr
-        counts[f"convert {suffix}"] = json.loads((tmp_path / "c.json").read_text())["params_after"]
-        v = run_bnfuse("verify", str(tmp_path / "orig.pth"), str(out), *base, "--json", str(tmp_path / "v.json"),
-                       cwd=TESTS, columns=200)
-        assert v.returncode == 0, v.stdout + v.stderr
-        counts[f"verify {suffix}"] = json.loads((tmp_path / "v.json").read_text())["structure"]["params_fused"]
+        counts[f"convert {suffix}"] = convert(tmp_path / "orig.pth", out, source_options=src).params_after
+        checked = verify(tmp_path / "orig.pth", out, source_options=src)
+        assert checked.ok, checked.verdict.reasons
+        counts[f"verify {suffix}"] = checked.to_dict()["structure"]["params_fused"]
     assert len(set(counts.values())) == 1, counts
     proto = onnx.load(str(tmp_path / "f.onnx"))
     assert any(i.data_type == onnx.TensorProto.INT64 for i in proto.graph.initializer)  # the case in point

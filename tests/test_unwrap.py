@@ -3,7 +3,6 @@ a merged block) is replaced by that layer in a round of its own; off by default,
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -76,28 +75,21 @@ def test_convert_unwrap_is_saved_rebuilt_and_verified(tmp_path: Path) -> None:
 def test_an_exported_program_unwraps_by_default_and_a_state_dict_keeps_its_names(tmp_path: Path) -> None:
     """No name of a .pt2 program reaches the user: it unwraps unless --no-unwrap, and says so; a .safetensors
     keeps its keys unless --unwrap; bench's fused side unwraps."""
-    from conftest import ROOT, run_bnfuse
+    from bnfuse_cli import BenchSettings, ConvertOptions, FuseOptions, SourceOptions, convert
 
     torch.save(_model().state_dict(), tmp_path / "orig.pth")
-    base = ["convert", str(tmp_path / "orig.pth"), "--arch", ARCH, "--input-shape", "2,3,8,8"]
-    runs = {}
-    for name, extra in (("pt2", ["-o", str(tmp_path / "f.pt2")]), ("kept", ["-o", str(tmp_path / "k.pt2"), "--no-unwrap"]),
-                        ("st", ["-o", str(tmp_path / "f.safetensors")])):
-        proc = run_bnfuse(*base, *extra, "--json", str(tmp_path / f"{name}.json"), cwd=ROOT / "tests", columns=200)
-        assert proc.returncode == 0, proc.stderr
-        runs[name] = (json.loads((tmp_path / f"{name}.json").read_text()), proc.stderr)
-    report, stderr = runs["pt2"]
-    assert len(report["unwraps"]) == 5 and "--unwrap is on by default for .pt2" in " ".join(stderr.split())
-    assert "--no-unwrap keeps its structure" in " ".join(stderr.split())
-    assert runs["kept"][0]["unwraps"] == [] and runs["st"][0]["unwraps"] == []
-    assert "on by default" not in runs["st"][1]
+    src = SourceOptions(arch=ARCH, input_shape="2,3,8,8")
+    pt2 = convert(tmp_path / "orig.pth", tmp_path / "f.pt2", source_options=src)
+    kept = convert(tmp_path / "orig.pth", tmp_path / "k.pt2", ConvertOptions(FuseOptions(passes={"unwrap": False})), src)
+    st = convert(tmp_path / "orig.pth", tmp_path / "f.safetensors", source_options=src)
+    assert len(pt2.to_dict()["unwraps"]) == 5 and kept.to_dict()["unwraps"] == [] == st.to_dict()["unwraps"]
+    note = next(n for n in pt2.notes if "on by default" in n)
+    assert note.startswith("--unwrap is on by default for .pt2") and "--no-unwrap keeps its structure" in note
+    assert not any("on by default" in n for n in st.notes + kept.notes)
     program = torch.export.load(str(tmp_path / "f.pt2"))
     assert "stem.weight" in program.state_dict and "stem.c.weight" not in program.state_dict
     assert "stem.c.weight" in bnfuse_cli.load(tmp_path / "f.safetensors").state_dict()
-    ok = run_bnfuse("verify", str(tmp_path / "orig.pth"), str(tmp_path / "f.pt2"), "--arch", ARCH, cwd=ROOT / "tests")
-    assert ok.returncode == 0, ok.stdout + ok.stderr
-    from bnfuse_cli import BenchSettings, SourceOptions
-
+    assert bnfuse_cli.verify(tmp_path / "orig.pth", tmp_path / "f.pt2", source_options=src).ok
     bench = bnfuse_cli.bench([ARCH], BenchSettings(device="cpu", iters=2, warmup=0),
                              SourceOptions(weights="none", input_shape="2,3,8,8"))
     assert bench.settings["unwrap"] is True and bench.results[0].correct
