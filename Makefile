@@ -24,9 +24,9 @@ demo: $(STAMP)
 	$(BIN)/bnfuse convert examples/digits_cnn.pth --arch examples.digits:DigitsCNN -o out/digits_fused.safetensors --force
 	$(BIN)/bnfuse verify examples/digits_cnn.pth out/digits_fused.safetensors --arch examples.digits:DigitsCNN --data examples/digits_val.pt
 
-## the quick test suite (CI runs this), on two worker processes (the machines here have two cores)
+## the quick test suite (CI runs this): two worker processes for the two cores, one torch thread each
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 ## hand-made bugs the suite must catch, each applied to a copy of the package (scripts/mutants.py)
 mutants: $(STAMP)

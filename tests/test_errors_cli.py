@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import sys
 from pathlib import Path
 
@@ -34,11 +36,20 @@ def sd_file(tmp_path: Path) -> Path:
 
 
 def _fails(args: list[str], *patterns: str) -> str:
-    """Run the real entry point (``python -m bnfuse_cli``); expect exit 2, one error paragraph on
-    stderr matching every pattern, no traceback, and nothing on stdout."""
-    res = run_bnfuse(*args, cwd=ROOT)
+    """Run the CLI in this process, from the repository's folder (the same app and exit-code table as
+    ``python -m bnfuse_cli``, whose real process :func:`test_real_entry_point_bad_inputs` and the other
+    files' ``run_bnfuse`` tests run); expect exit 2, one error paragraph on stderr matching every
+    pattern, no traceback (no exception but the exit), and nothing on stdout."""
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    try:
+        res = runner.invoke(app, args, env={"COLUMNS": "80"})
+    finally:
+        sys.path.remove(str(ROOT))
+        os.chdir(cwd)
     text = res.stderr
-    assert res.returncode == 2, (res.returncode, res.stdout, text)
+    assert isinstance(res.exception, SystemExit) and res.exit_code == 2, (res.exit_code, res.exception, res.stdout, text)
     assert "Traceback" not in text, text
     assert text.count("error:") == 1, text
     assert res.stdout == "", res.stdout
