@@ -40,5 +40,5 @@ def test_clone_shared_folds_into_a_copy_exactly(tmp_path: Path) -> None:
     assert count_calls(result.model, x) == (3, 0)  # conv, its copy, head; no BatchNorm
     (site,) = [s for s in result.verdict.sites if s.kind == "clone"]
     assert site.layer == "conv_for_bn" and site.rel_error < 1e-6
-    rt = round_trip(_model(), ARCH, "1,3,8,8", tmp_path, cli=["--clone-shared"])
-    assert rt.ok and "copies of shared layers" in rt.stdout and rt.rel(x) < 1e-6
+    rt = round_trip(_model(), ARCH, "1,3,8,8", tmp_path, passes={"clone_shared": True})
+    assert rt.ok and [c.copy for c in rt.report.plan.of("clone")] == ["conv_for_bn"] and rt.rel(x) < 1e-6

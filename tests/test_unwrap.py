@@ -63,9 +63,11 @@ def test_each_wrapper_of_one_call_becomes_its_layer_exactly() -> None:
 
 
 def test_convert_unwrap_is_saved_rebuilt_and_verified(tmp_path: Path) -> None:
-    rt = round_trip(_model(), ARCH, "2,3,8,8", tmp_path, cli=["--unwrap"])
-    assert rt.ok and "5 wrappers of one call -> the layer they call" in rt.stdout
-    assert {u["wrapper"] for u in rt.report["unwraps"]} == {"stem", "nested.0", "nested", "mixer", "numbered"}
+    from bnfuse_cli.render import plan_summary
+
+    rt = round_trip(_model(), ARCH, "2,3,8,8", tmp_path, passes={"unwrap": True})
+    assert rt.ok and ("unwrapped", "5 wrappers of one call -> the layer they call") in plan_summary(rt.report.plan)
+    assert {u.wrapper for u in rt.report.plan.of("unwrap")} == {"stem", "nested.0", "nested", "mixer", "numbered"}
     keys = set(rt.fused.state_dict())
     assert {"stem.weight", "nested.weight", "mixer.weight", "numbered.weight"} <= keys
     assert not any(k.startswith(("stem.c.", "numbered.0.")) for k in keys)
