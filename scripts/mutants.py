@@ -44,6 +44,8 @@ class Mutant:
     replacement: str
     tests: tuple[str, ...]
     needs_cuda: bool = False
+    #: a wrong-model bug of a data-flow guard: it must also fail its own site check (:data:`SITE`)
+    site: bool = False
 
 
 MUTANTS = [
@@ -170,6 +172,18 @@ MUST_STAY = "tests/test_scale.py::test_a_scale_that_must_stay_is_exact_and_says_
 ALIKE = "tests/test_guards.py::test_sibling_activations_alike_by_type_but_not_in_their_parameters_run_per_slice"
 FUNCTIONAL_NAMED = "tests/test_functional_bn.py::test_functional_batch_norms_fold_or_are_named"
 UNWRAPPED = "tests/test_unwrap.py::test_each_wrapper_of_one_call_becomes_its_layer_exactly"
+FLOW = "bnfuse_cli/checks/flow.py"
+WRONG_SITE = "tests/test_site_flow.py::test_a_site_the_original_does_not_run_as_claimed_fails_by_name"
+FLOW_PASSES = "tests/test_site_flow.py::test_accumulating_in_place_sharing_an_activation_and_reading_a_shape_pass"
+FLOW_SHARED = "tests/test_site_flow.py::test_the_same_sites_on_models_that_run_as_claimed_pass"
+SITE = "tests/test_site_flow.py::test_the_sites_alone_refuse_what_a_data_flow_guard_refuses[{}]"
+#: the data-flow guards (tests/test_site_flow.py's GUARDED): each must fail its site check when broken
+SITE_GUARDS = frozenset({
+    "fold-other-reader", "fold-called-elsewhere", "fold-fwd-other-reader", "fold-fwd-returned",
+    "fold-fwd-called-elsewhere", "chain-layer-read-elsewhere", "chain-called-twice", "layout-read-elsewhere",
+    "layout-called-elsewhere", "fn-returned", "fn-called-twice", "merge-read-elsewhere",
+    "scale-layer-called-twice", "scale-layer-returned", "scale-fwd-returned", "scale-fwd-called-elsewhere",
+    "scale-op-layer-read", "horiz-activation-read-elsewhere"})
 NOT_SIBLINGS = "tests/test_guards.py::test_a_layer_called_twice_or_with_tied_weights_is_no_sibling"
 
 
@@ -326,8 +340,6 @@ MUTANTS += [
     # functional
     _guard("fn-training", "a functional batch norm with batch statistics folds", FUNCTIONAL,
            "    if call.training:", "    if False:", FUNCTIONAL_NAMED),
-    _guard("fn-stats-not-held", "a functional batch norm of computed statistics folds", FUNCTIONAL,
-           "    if not mean or not var:", "    if False:"),
     _guard("fn-affine-not-held", "a functional batch norm with a computed weight folds without it", FUNCTIONAL,
            "    if call.unresolved:", "    if False:"),
     _guard("fn-not-layer-output", "a functional batch norm not on a layer output is planned", FUNCTIONAL,
@@ -511,7 +523,36 @@ MUTANTS += [
     _guard("postproc-layer-weights", "the probe keeps the weights of a layer that reads selected values",
            "bnfuse_cli/checks/postproc.py", "        if name in _LAYER_OPS and args:", "        if False:",
            "tests/test_postproc.py::test_a_second_stage_on_selected_values_is_judged_on_its_inputs_not_its_weights"),
+    # the judge's own reading of the data flow at a site (bnfuse_cli/checks/flow.py)
+    _guard("flow-calls", "a site whose layer also ran without the rest of it passes", FLOW,
+           "            if fewer and kept not in self.stateless:", "            if False:",
+           WRONG_SITE + "[fold-called-elsewhere]", WRONG_SITE + "[fn-called-twice]"),
+    _guard("flow-reads", "a site whose removed value something else read passes", FLOW,
+           "            if self.reads.get(name, 0) > 0:", "            if False:",
+           WRONG_SITE + "[fold-other-reader]", WRONG_SITE + "[layout-read-elsewhere]"),
+    _guard("flow-returned", "a value the model returns is not counted as read", FLOW,
+           "        handles = [model.register_forward_hook(run.returned)]", "        handles = []",
+           WRONG_SITE + "[fold-fwd-returned]"),
+    _guard("flow-in-place", "an update in place leaves the tensor counted as the value it replaced", FLOW,
+           "                self.produced.pop(r, None)", "                pass",
+           FLOW_PASSES),
+    _guard("flow-shape-only", "reading a tensor's shape counts as reading its values", FLOW,
+           "inputs[:1] if name in _SHAPE_OF_OTHERS else inputs", "inputs", FLOW_PASSES),
+    _guard("flow-copies", "a copy made for its path counts the original's other readers", FLOW,
+           "        for name, _ in () if key in self.copies else need.once:",
+           "        for name, _ in need.once:",
+           "tests/test_site_flow.py::test_a_copy_for_its_path_keeps_the_originals_values"),
+    _guard("flow-next-module", "reads by the site's next module count as other readers", FLOW,
+           "                    c[2 if any(n in self.running for n in self.nexts[c[0]] if n) else 1] += 1",
+           "                    c[1] += 1", FLOW_SHARED),
+    _guard("flow-parallel", "a sum whose branches ran unequally often passes", FLOW,
+           "        if len({self.calls[n] for n in need.parallel}) > 1:", "        if False:",
+           WRONG_SITE + "[merge-branch-twice]"),
 ]
+
+# a data-flow guard broken in its pass must fail its own site check, not only the end-to-end comparison
+MUTANTS = [Mutant(m.name, m.what, m.path, m.pattern, m.replacement, (*m.tests, SITE.format(m.name)), m.needs_cuda,
+                  site=True) if m.name in SITE_GUARDS else m for m in MUTANTS]
 
 
 class Stop(Exception):
@@ -636,8 +677,13 @@ def main(argv: "list[str] | None" = None) -> int:
                 if rc == 0:
                     survived.append(m.name)
                     print(f"SURVIVED  {m.name}: {m.what}\n          {_summary(out)} ({took:.0f} s)")
+                elif rc == 1 and m.site and not re.search(rf"^FAILED {re.escape(SITE.format(m.name))}", out, re.M):
+                    survived.append(m.name)
+                    print(f"SURVIVED  {m.name}: {m.what}\n          its own site check passed; failed only: "
+                          f"{'; '.join(_failed(out))} ({took:.0f} s)")
                 elif rc == 1 and _failed(out):
-                    print(f"killed    {m.name}: {m.what}\n          by {'; '.join(_failed(out))} ({took:.0f} s)")
+                    print(f"killed    {m.name}: {m.what}\n          by {'; '.join(_failed(out))} ({took:.0f} s)"
+                          + ("\n          at its own site check" if m.site else ""))
                 else:
                     raise Stop(f"mutant {m.name}: pytest exited {rc} without a failing test:\n{out[-4000:]}")
     except Stop as exc:

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from .flow import FlowWatch, flow_needs
 from .outputs import Tolerance, json_number
 
 if TYPE_CHECKING:
@@ -29,14 +30,31 @@ class SiteCheck:
     skipped: "str | None" = None
     #: the pass (``fold``: ``norms`` are the BatchNorms folded; ``merge``: the branches summed; ...)
     kind: str = "fold"
+    #: what the site assumed that the original's own run did not do (:mod:`.flow`); None when nothing
+    flow: "str | None" = None
 
     @property
     def ok(self) -> bool:
-        return self.skipped is not None or self.rel_error <= self.tolerance
+        return self.flow is None and (self.skipped is not None or self.rel_error <= self.tolerance)
+
+    @property
+    def badness(self) -> float:
+        """How far past its limit the site is (a data-flow failure: without limit)."""
+        if self.flow is not None:
+            return math.inf
+        return 0.0 if self.skipped is not None or math.isnan(self.rel_error) else \
+            self.rel_error / max(self.tolerance, 1e-300)
+
+    def why(self) -> str:
+        """Why the site fails, in words."""
+        if self.flow is not None:
+            return self.flow
+        return (f"the fused layer is {self.rel_error:.3g} (relative) away from what it replaces on the "
+                f"activation that reaches it, above {self.tolerance:g}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "kind": self.kind, "norms": self.norms, "ok": self.ok, "skipped": self.skipped,
-                "rel_error": json_number(self.rel_error), "tolerance": self.tolerance}
+                "rel_error": json_number(self.rel_error), "tolerance": self.tolerance, "flow": self.flow}
 
 
 @dataclass
@@ -331,6 +349,7 @@ class SiteProbe:
         self.crops: dict[str, "torch.Tensor"] = {}
         self.sites: dict[str, _Site] = {}
         self.wanted: "set[str] | None" = None
+        self.flow = FlowWatch({})
 
     def plan(self, model: "nn.Module", plan: Any) -> None:
         """The sites of every pass's items in ``plan`` (a :class:`~bnfuse_cli.engine.plan.Plan`),
@@ -348,6 +367,7 @@ class SiteProbe:
                    for c in other.covers):
                 continue
             self.sites[spec.key] = _Site(spec)
+        self.flow = FlowWatch({key: flow_needs(site.spec) for key, site in self.sites.items()})
         self.wanted = {s.spec.capture for s in self.sites.values()}
         # crops kept while recording, before the sites were known: only the sites' own stay
         self.crops = {k: v for k, v in self.crops.items() if k in self.wanted}
@@ -375,9 +395,19 @@ class SiteProbe:
             keep = {a for a in range(1, x.dim()) if x.shape[a] in sizes} or {1, x.dim() - 1}
             self.crops[name] = _crop(x, NORM_WINDOW, batched=True, keep=keep)
 
+    def watch(self, model: "nn.Module", args: "tuple[Any, ...]") -> None:
+        """One plain run of the original ``model`` on ``args``, for the sites' data flow (:mod:`.flow`:
+        how often each site's modules run, what reads their outputs), seen by the judge's own hooks."""
+        import torch
+
+        if self.sites:
+            with torch.no_grad(), self.flow.watch(model):
+                model(*args)
+
     @contextlib.contextmanager
     def hooks(self, model: "nn.Module") -> Iterator[None]:
-        """Capture the inputs of the sites' modules during one plain run of ``model``."""
+        """Capture the inputs of the sites' modules, and their data flow (:mod:`.flow`), during one
+        plain run of ``model``."""
         import torch
 
         handles = []
@@ -394,7 +424,8 @@ class SiteProbe:
 
             handles.append(module.register_forward_pre_hook(pre))
         try:
-            yield
+            with self.flow.watch(model):
+                yield
         finally:
             for h in handles:
                 h.remove()
@@ -439,7 +470,7 @@ class SiteProbe:
         results = []
         for site in self.sites.values():
             spec = site.spec
-            res = SiteCheck(spec.layer, list(spec.parts), kind=spec.kind)
+            res = SiteCheck(spec.layer, list(spec.parts), kind=spec.kind, flow=self.flow.problem(spec.key))
             if site.crop is None:
                 res.skipped = "its input was not seen on the example input"
             elif site.reference is None:

@@ -30,7 +30,7 @@ class Verdict:
     @property
     def worst_site(self) -> "SiteCheck | None":
         checked = [s for s in self.sites if s.skipped is None]
-        return max(checked, key=lambda s: s.rel_error / max(s.tolerance, 1e-300), default=None)
+        return max(checked, key=lambda s: s.badness, default=None)
 
     @property
     def ok(self) -> bool:
@@ -44,10 +44,8 @@ class Verdict:
     @property
     def reasons(self) -> list[str]:
         """Why the verdict is negative, one sentence each (empty when it passed)."""
-        return self._output_reasons() + [
-            f"{s.kind} site {s.layer} ({', '.join(s.norms)}): the fused layer is {s.rel_error:.3g} (relative) away "
-            f"from what it replaces on the activation that reaches it, above {s.tolerance:g}"
-            for s in self.failed_sites]
+        return self._output_reasons() + [f"{s.kind} site {s.layer} ({', '.join(s.norms)}): {s.why()}"
+                                         for s in self.failed_sites]
 
     def summary(self, names: int = 3, more: str = "-v or --json lists them all") -> list[str]:
         """Why the verdict is negative, in a few lines whatever the number of failures: each failing
@@ -57,13 +55,14 @@ class Verdict:
         if len(failed) <= 1:
             return self.reasons
         out = self._output_reasons()
-        worst = max(failed, key=lambda s: s.rel_error / max(s.tolerance, 1e-300))
+        worst = max(failed, key=lambda s: s.badness)
         shown = ", ".join(s.layer for s in failed[:names]) + (
             f" (+{len(failed) - names} more{'; ' + more if more else ''})" if len(failed) > names else "")
         checked = sum(s.skipped is None for s in self.sites)
-        out.append(f"{len(failed)} of {checked} fold sites fail their float64 check: {shown}; the worst, "
-                   f"{worst.layer}, is {worst.rel_error:.3g} (relative) away from the original layer and "
-                   f"BatchNorm, above {worst.tolerance:g}")
+        worst_text = f"{worst.layer}: {worst.flow}" if worst.flow else (
+            f"{worst.layer}, is {worst.rel_error:.3g} (relative) away from the original layer and BatchNorm, above "
+            f"{worst.tolerance:g}")
+        out.append(f"{len(failed)} of {checked} fold sites fail their float64 check: {shown}; the worst, {worst_text}")
         return out
 
     @property

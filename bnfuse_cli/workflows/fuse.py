@@ -239,6 +239,7 @@ def _rounds(model: "nn.Module", args: tuple[Any, ...], options: "dict[str, Any]"
             reference, plan.norms = analysis.output, list(step.norms)
         del analysis.output
         probe.plan(model, step)
+        probe.watch(model, args)
         probe.reference(model)
         t1 = time.perf_counter()
         for p in PASSES:

@@ -76,12 +76,9 @@ def _refusal(call: "BatchNormCall", rec: "Recorder", escapes: "dict[int, str]") 
     """Why this call cannot fold (None: it can)."""
     if call.training:
         return "it normalises with batch statistics (training=True), so it is not a fixed affine map"
-    mean, var, weight, bias = call.stats
-    if call.unresolved:
+    if call.unresolved:  # (no running statistics at all: torch refuses the call in eval form)
         return (f"its {'; its '.join(call.unresolved)}: bnfuse folds only tensors the model holds (a parameter, "
                 "a buffer or a tensor attribute of a module), which it reads by name")
-    if not mean or not var:
-        return "it is given no running statistics"
     prod = rec.produced.get(id(call.input)) if call.input is not None else None
     if prod is None or producer_rule(prod.module)[0] is None:
         return "its input is not the output of a Conv/Linear layer bnfuse folds into"
