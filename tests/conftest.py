@@ -36,6 +36,27 @@ def run_bnfuse(*args: str, cwd: "Path | str | None" = None, timeout: int = 600,
     return subprocess.run([*BNFUSE_CMD, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
+def run_in_process(*args: str, cwd: "Path | str | None" = None, columns: int = 80) -> subprocess.CompletedProcess:
+    """:func:`run_bnfuse` in this process: the same Typer app and exit-code table, from ``cwd`` (on ``sys.path``,
+    as ``python -m`` puts it), for the steps of a test where a real process proves nothing more.  Anything but
+    the app's own exit is raised, as the real process would print a traceback."""
+    from typer.testing import CliRunner
+
+    from bnfuse_cli.cli import app
+
+    here, folder = os.getcwd(), str(cwd or os.getcwd())
+    os.chdir(folder)
+    sys.path.insert(0, folder)
+    try:
+        res = CliRunner().invoke(app, list(args), env={"COLUMNS": str(columns)})
+    finally:
+        sys.path.remove(folder)
+        os.chdir(here)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return subprocess.CompletedProcess(["bnfuse", *args], res.exit_code, res.stdout, res.stderr)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
@@ -160,7 +181,9 @@ def round_trip(model: nn.Module, arch: str, shape: str, tmp_path: Path, *, suffi
                           "--force", cwd=ROOT / "tests", columns=200)
         assert proc.returncode == 0, proc.stderr
         report, stdout = json.loads(js.read_text()), proc.stdout
-        verified = run_bnfuse("verify", str(tmp_path / "orig.pth"), str(out), *base, cwd=ROOT / "tests", columns=200)
+        # verify's exit code: the same app in this process (convert above is the real entry point)
+        verified = run_in_process("verify", str(tmp_path / "orig.pth"), str(out), *base, cwd=ROOT / "tests",
+                                  columns=200)
     sys.path.insert(0, str(ROOT / "tests"))  # load rebuilds the architecture from the models_* module
     try:
         fused = bnfuse_cli.load(out)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import models_merge as mm
-from conftest import ROOT, randomize_bn, run_bnfuse
+from conftest import ROOT, randomize_bn, run_bnfuse, run_in_process
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -98,7 +98,7 @@ def test_verify_judges_a_pt2_in_its_runtime(exported: "tuple[Path, torch.nn.Modu
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "note: 1 of 1 fold site(s) checked on the weights" in ok.stderr, ok.stderr
     _tampered(d / "fused.pt2", d / "wrong.pt2", "block.kxk.weight", 1.5)
-    bad = run_bnfuse("verify", str(d / "orig.pth"), str(d / "wrong.pt2"), "--arch", ARCH, cwd=TESTS, columns=200)
+    bad = run_in_process("verify", str(d / "orig.pth"), str(d / "wrong.pt2"), "--arch", ARCH, cwd=TESTS, columns=200)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     text = " ".join(bad.stdout.split())
     assert "DIFFERENT" in text and "merge site block.kxk (" in text, text

@@ -582,9 +582,10 @@ def test_key_where_it_does_not_apply(tmp_path: Path, model: nn.Module) -> None:
 
 
 def test_cli_key_picks_the_weights_in_every_command(tmp_path: Path) -> None:
-    """--key reaches convert, inspect, verify and bench through the real entry point."""
+    """--key reaches convert, inspect, verify and bench (the ambiguous file through the real entry point, the
+    rest through the same app in this process)."""
     from bench_tiny import TinyCNN
-    from conftest import run_bnfuse
+    from conftest import run_bnfuse, run_in_process
 
     a, b = randomize_bn(TinyCNN(), seed=1).eval(), randomize_bn(TinyCNN(), seed=2).eval()
     ck = tmp_path / "two.pth"
@@ -593,13 +594,13 @@ def test_cli_key_picks_the_weights_in_every_command(tmp_path: Path) -> None:
     ambiguous = run_bnfuse("inspect", str(ck), *common, cwd=ROOT / "tests")
     assert ambiguous.returncode == 2 and "--key" in ambiguous.stderr and "Traceback" not in ambiguous.stderr
     out = tmp_path / "fused.safetensors"
-    conv = run_bnfuse("convert", str(ck), *common, "--key", "teacher", "-o", str(out), cwd=ROOT / "tests")
+    conv = run_in_process("convert", str(ck), *common, "--key", "teacher", "-o", str(out), cwd=ROOT / "tests")
     assert conv.returncode == 0, conv.stderr
-    ok = run_bnfuse("verify", str(ck), str(out), *common, "--key", "teacher", cwd=ROOT / "tests")
+    ok = run_in_process("verify", str(ck), str(out), *common, "--key", "teacher", cwd=ROOT / "tests")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    wrong = run_bnfuse("verify", str(ck), str(out), *common, "--key", "student", cwd=ROOT / "tests")
+    wrong = run_in_process("verify", str(ck), str(out), *common, "--key", "student", cwd=ROOT / "tests")
     assert wrong.returncode == 1, wrong.stdout + wrong.stderr
-    bench = run_bnfuse("bench", str(ck), *common, "--key", "student", "--device", "cpu", "--iters", "2",
+    bench = run_in_process("bench", str(ck), *common, "--key", "student", "--device", "cpu", "--iters", "2",
                        "--warmup", "0", cwd=ROOT / "tests")
     assert bench.returncode == 0, bench.stdout + bench.stderr
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import bnfuse_cli
-from conftest import ROOT, corrupt_after_rewrite, run_bnfuse
+from conftest import ROOT, corrupt_after_rewrite, run_bnfuse, run_in_process
 
 pytestmark = pytest.mark.usefixtures("tests_on_path")
 
@@ -52,8 +52,8 @@ def test_verify_of_a_float64_model_uses_the_same_floor(tmp_path: Path) -> None:
     args = ["--arch", "models_floor:cancel", "--input-shape", "1,3,8,8"]
     proc = run_bnfuse("convert", str(tmp_path / "orig.pth"), *args, "-o", str(out), cwd=ROOT / "tests")
     assert proc.returncode == 0, proc.stderr
-    ok = run_bnfuse("verify", str(tmp_path / "orig.pth"), str(out), *args, "--json", str(tmp_path / "v.json"),
-                    cwd=ROOT / "tests")
+    ok = run_in_process("verify", str(tmp_path / "orig.pth"), str(out), *args, "--json", str(tmp_path / "v.json"),
+                        cwd=ROOT / "tests")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     import json
 
@@ -65,7 +65,7 @@ def test_verify_of_a_float64_model_uses_the_same_floor(tmp_path: Path) -> None:
     sd = dict(ck.state_dict)
     sd["head.weight"] = sd["head.weight"] * (1 + 1e-5)
     write_checkpoint(tmp_path / "bad.pth", state_dict=sd, metadata=ck.metadata)
-    bad = run_bnfuse("verify", str(tmp_path / "orig.pth"), str(tmp_path / "bad.pth"), *args, cwd=ROOT / "tests")
+    bad = run_in_process("verify", str(tmp_path / "orig.pth"), str(tmp_path / "bad.pth"), *args, cwd=ROOT / "tests")
     assert bad.returncode == 1, bad.stdout + bad.stderr
 
 

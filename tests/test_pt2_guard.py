@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import pt2_tamper as tamper
-from conftest import ROOT, run_bnfuse
+from conftest import ROOT, run_bnfuse, run_in_process
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -69,7 +69,8 @@ def test_sample_inputs_that_run_code_are_refused_by_verify_and_load(fused: Path,
     with pytest.raises(UnsafeCheckpointError, match="data/sample_inputs/model.pt"):
         bnfuse_cli.load(evil)
     assert not marker.exists()
-    ok = _verify(evil, "--allow-pickle")  # the user's choice: read as torch reads it
+    # the user's choice: read as torch reads it (the same app, in this process)
+    ok = run_in_process("verify", MODEL, str(evil), "--weights", "none", "--allow-pickle", cwd=TESTS, columns=300)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert marker.exists()
 

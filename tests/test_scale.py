@@ -15,7 +15,7 @@ import torch
 
 import models_scale as ms
 from bnfuse_cli import fuse
-from conftest import ROOT, count_ops, randomize_bn, round_trip, run_bnfuse
+from conftest import ROOT, count_ops, randomize_bn, round_trip, run_bnfuse, run_in_process
 
 XT = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 XC = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -111,7 +111,8 @@ def test_cli_shows_scales_folded_and_left(tmp_path: Path) -> None:
     assert [s["scale"] for s in data["scales_left"]] == ["block.ls1"]
     assert "Per-channel scales left" in proc.stderr and "per-channel scales │ 1 folded" in proc.stderr
     # one round (inspect): the scale after the BatchNorm says it folds next round
-    left = {s["scale"]: s["reason"] for s in json.loads(run_bnfuse("inspect", *args, cwd=ROOT / "tests").stdout)["scales_left"]}
+    inspected = run_in_process("inspect", *args, cwd=ROOT / "tests").stdout
+    left = {s["scale"]: s["reason"] for s in json.loads(inspected)["scales_left"]}
     assert "folds in the next round, once block.mlp.3 has folded" in left["block.ls2"]
 
 

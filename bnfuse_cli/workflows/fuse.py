@@ -239,6 +239,7 @@ def _rounds(model: "nn.Module", args: tuple[Any, ...], options: "dict[str, Any]"
             reference, plan.norms = analysis.output, list(step.norms)
         del analysis.output
         probe.plan(model, step)
+        _give_back_freed_memory()  # the recording's freed heap, before the judge's own run of the original
         probe.watch(model, args)
         probe.reference(model)
         t1 = time.perf_counter()
