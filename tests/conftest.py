@@ -36,6 +36,15 @@ def run_bnfuse(*args: str, cwd: "Path | str | None" = None, timeout: int = 600,
     return subprocess.run([*BNFUSE_CMD, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
+def flip_bit(path: Path, pos: int, mask: int = 0x01) -> None:
+    """Damage ``path`` in place: the byte at ``pos`` with the bits of ``mask`` flipped (a bad disk, a bad copy)."""
+    with open(path, "r+b") as fh:
+        fh.seek(pos)
+        byte = fh.read(1)[0]
+        fh.seek(pos)
+        fh.write(bytes([byte ^ mask]))
+
+
 def run_in_process(*args: str, cwd: "Path | str | None" = None, columns: int = 80) -> subprocess.CompletedProcess:
     """:func:`run_bnfuse` in this process: the same Typer app and exit-code table, from ``cwd`` (on ``sys.path``,
     as ``python -m`` puts it), for the steps of a test where a real process proves nothing more.  Anything but

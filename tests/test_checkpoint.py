@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, randomize_bn
+from conftest import ROOT, flip_bit, randomize_bn
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -463,14 +463,6 @@ def _data_span(path: Path, key: str, sd: dict[str, torch.Tensor]) -> tuple[int, 
     return info.header_offset + 30 + name_len + extra_len, size
 
 
-def _flip(path: Path, pos: int) -> None:
-    with open(path, "r+b") as fh:
-        fh.seek(pos)
-        byte = fh.read(1)[0]
-        fh.seek(pos)
-        fh.write(bytes([byte ^ 0x10]))
-
-
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth", "module"])
 @pytest.mark.parametrize("damage", ["first byte", "last byte", "truncated", "pickle/header"])
 def test_damaged_written_file_is_refused(tmp_path: Path, suffix: str, damage: str) -> None:
@@ -489,13 +481,13 @@ def test_damaged_written_file_is_refused(tmp_path: Path, suffix: str, damage: st
     def damage_it(tmp: Path) -> None:
         start, length = _data_span(tmp, key, sd)
         if damage == "first byte":
-            _flip(tmp, start)
+            flip_bit(tmp, start, 0x10)
         elif damage == "last byte":
-            _flip(tmp, start + length - 1)
+            flip_bit(tmp, start + length - 1, 0x10)
         elif damage == "truncated":
             os.truncate(tmp, tmp.stat().st_size - 3)
         else:  # the safetensors JSON header / torch's data.pkl, both near the start
-            _flip(tmp, 8 + 20 if suffix == ".safetensors" else 100)
+            flip_bit(tmp, 8 + 20 if suffix == ".safetensors" else 100, 0x10)
 
     match = {"truncated": "cannot be read back", "pickle/header": "read-back check"}.get(damage, rf"\['{key}'\]")
     with pytest.raises(OutputError, match=match) as info:
@@ -656,7 +648,7 @@ def test_pth_check_without_placing_storages_still_checks_contents(tmp_path: Path
 
     def damage_it(tmp: Path) -> None:
         start, _ = _data_span(tmp, key, sd)
-        _flip(tmp, start)
+        flip_bit(tmp, start, 0x10)
 
     with pytest.raises(OutputError, match=rf"\['{key}'\]"):
         write_checkpoint(out, state_dict=sd, metadata=_META, force=True, _after_write=damage_it)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from conftest import ROOT, randomize_bn
+from conftest import ROOT, flip_bit, randomize_bn
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -66,21 +66,13 @@ def _record_span(path: Path, member: str) -> tuple[int, int]:
     return info.header_offset + 30 + name_len + extra_len, info.file_size
 
 
-def _flip(path: Path, pos: int) -> None:
-    with open(path, "r+b") as fh:
-        fh.seek(pos)
-        byte = fh.read(1)[0]
-        fh.seek(pos)
-        fh.write(bytes([byte ^ 0x01]))
-
-
 def _corrupt_pth(model: nn.Module, path: Path) -> str:
     """Save ``model``'s state_dict and flip one byte inside its largest tensor record; return the record."""
     torch.save(model.state_dict(), path)
     with zipfile.ZipFile(path) as zf:
         record = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size).filename
     start, size = _record_span(path, record)
-    _flip(path, start + size // 2)
+    flip_bit(path, start + size // 2)
     return record
 
 
@@ -104,7 +96,7 @@ def test_flipped_byte_in_the_pickle_record_and_in_a_torchscript_archive(tmp_path
     torch.save(model.state_dict(), path)
     start, _ = _record_span(path, "m/data.pkl" if "m/data.pkl" in zipfile.ZipFile(path).namelist()
                             else next(n for n in zipfile.ZipFile(path).namelist() if n.endswith("data.pkl")))
-    _flip(path, start + 5)
+    flip_bit(path, start + 5)
     with pytest.raises(CheckpointError, match=r"data\.pkl fails its CRC-32"):
         read_checkpoint(path)
     ts = tmp_path / "m.pt"
@@ -112,7 +104,7 @@ def test_flipped_byte_in_the_pickle_record_and_in_a_torchscript_archive(tmp_path
     with zipfile.ZipFile(ts) as zf:
         record = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size).filename
     start, size = _record_span(ts, record)
-    _flip(ts, start + size - 1)
+    flip_bit(ts, start + size - 1)
     with pytest.raises(CheckpointError, match=record):
         read_checkpoint(ts)
 

@@ -34,10 +34,15 @@ def _fused(build: Any):  # noqa: ANN202
     (ml.Permute, (("permute", (0, 2, 3, 1)),)),
 ], ids=["flatten-transpose", "permute"])
 def test_a_batchnorm_folds_into_a_linear_through_layout_ops(build: Any, steps: tuple) -> None:
+    _folds_exactly(build, "qkv", steps)
+
+
+def _folds_exactly(build: Any, layer: str, steps: tuple) -> None:
+    """``norm`` folds forward into ``layer`` through ``steps``, exactly, checked at its site; no BatchNorm runs."""
     result, rel = _fused(build)
     assert rel < 1e-12 and result.ok, (rel, result.verdict.reasons)
     (item,) = result.plan.of("layout")
-    assert (item.norm, item.producer, item.steps) == ("norm", "qkv", steps)
+    assert (item.norm, item.producer, item.steps) == ("norm", layer, steps)
     assert result.plan.skipped == [] and count_calls(result.model, X)[1] == 0
     (site,) = [s for s in result.verdict.sites if s.kind == "layout"]
     assert site.skipped is None and site.rel_error < 1e-12
@@ -62,13 +67,7 @@ def test_a_layout_fold_is_saved_rebuilt_and_verified(tmp_path: Path, tests_on_pa
     ("mean", (("mean", (2, 3)),)),
 ], ids=["adaptive-avg-pool-flatten", "mean"])
 def test_a_batchnorm_folds_into_a_linear_through_global_average_pooling(mode: str, steps: tuple) -> None:
-    result, rel = _fused(lambda: ml.Pooled(mode))
-    assert rel < 1e-12 and result.ok, (rel, result.verdict.reasons)
-    (item,) = result.plan.of("layout")
-    assert (item.norm, item.producer, item.steps) == ("norm", "head", steps)
-    assert result.plan.skipped == [] and count_calls(result.model, X)[1] == 0
-    (site,) = [s for s in result.verdict.sites if s.kind == "layout"]
-    assert site.skipped is None and site.rel_error < 1e-12
+    _folds_exactly(lambda: ml.Pooled(mode), "head", steps)
 
 
 @pytest.mark.parametrize("mode, reason", [
