@@ -529,7 +529,7 @@ MUTANTS += [
            "tests/test_postproc.py::test_a_second_stage_on_selected_values_is_judged_on_its_inputs_not_its_weights"),
     # the judge's own reading of the data flow at a site (bnfuse_cli/checks/flow.py)
     _guard("flow-calls", "a site whose layer also ran without the rest of it passes", FLOW,
-           "            if fewer and kept not in self.stateless:", "            if False:",
+           "            if fewer and kept in seen:", "            if False:",
            WRONG_SITE + "[fold-called-elsewhere]", WRONG_SITE + "[fn-called-twice]"),
     _guard("flow-reads", "a site whose removed value something else read passes", FLOW,
            "            if self.reads.get(name, 0) > 0:", "            if False:",
@@ -550,7 +550,7 @@ MUTANTS += [
            "                    c[2 if any(n in self.running for n in self.nexts[c[0]] if n) else 1] += 1",
            "                    c[1] += 1", FLOW_SHARED),
     _guard("flow-parallel", "a sum whose branches ran unequally often passes", FLOW,
-           "        if len({self.calls[n] for n in need.parallel}) > 1:", "        if False:",
+           "        if len({self.calls[n] for n in need.parallel if n in self.hooked}) > 1:", "        if False:",
            WRONG_SITE + "[merge-branch-twice]"),
 ]
 

@@ -190,6 +190,8 @@ class FlowWatch:
         self.stateless: set[str] = set()
         #: sites whose fused side runs a copy the original does not have
         self.copies: set[str] = set()
+        #: the modules watched (a site made in a later round may name one the original does not have)
+        self.hooked: set[str] = set()
         self.watched = False
 
     @contextlib.contextmanager
@@ -215,7 +217,8 @@ class FlowWatch:
 
         self.copies = {key for key, need in self.needs.items() if not all(_has(model, n) for n in need.kept)}
         handles = [model.register_forward_hook(run.returned)]
-        for name in sorted(n for n in names if _has(model, n)):
+        self.hooked, self.stateless = {n for n in names if _has(model, n)}, set()
+        for name in sorted(self.hooked):
             module = model.get_submodule(name)
             if not _holds_tensors(module):
                 self.stateless.add(name)
@@ -244,12 +247,13 @@ class FlowWatch:
             return ", ".join(f"{n or 'the model'} {self.calls[n]} time{'s' if self.calls[n] != 1 else ''}"
                              for n in names)
 
+        seen = self.hooked - self.stateless
         for kept in need.kept:
-            fewer = [n for n in need.rewritten if n not in self.stateless and self.calls[n] < self.calls[kept]]
-            if fewer and kept not in self.stateless:
+            fewer = [n for n in need.rewritten if n in seen and self.calls[n] < self.calls[kept]]
+            if fewer and kept in seen:
                 return (f"the original ran {said((kept, *fewer))}: {kept} also runs where the site does not "
                         "(its rewrite would change those calls too)")
-        if len({self.calls[n] for n in need.parallel}) > 1:
+        if len({self.calls[n] for n in need.parallel if n in self.hooked}) > 1:
             return f"the original ran {said(need.parallel)}: the branches of the site ran unequally often"
         for name, _ in () if key in self.copies else need.once:
             if self.reads.get(name, 0) > 0:
