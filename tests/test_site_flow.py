@@ -223,3 +223,20 @@ def test_every_data_flow_guard_here_is_a_mutant_that_must_fail_here() -> None:
         del sys.modules["mutants"]
     at_site = {m.name for m in mutants.MUTANTS if m.site}
     assert at_site == set(GUARDED), at_site ^ set(GUARDED)
+
+
+def test_the_verdict_says_what_the_run_did_and_keeps_its_worst_error_numeric() -> None:
+    """A data-flow failure fails the verdict with its own words; the worst site shown beside the errors is
+    still the one furthest past its float64 limit, and a summary of several failures does not call the data
+    flow a float64 check."""
+    from bnfuse_cli.checks import SiteCheck, Tolerance, Verdict
+
+    flow = SiteCheck("conv", ["bn"], rel_error=1e-9, tolerance=1e-5, flow="the original ran conv 2 times, bn 1 time")
+    far = SiteCheck("fc", ["bn2"], rel_error=1e-3, tolerance=1e-5)
+    near = SiteCheck("head", ["bn3"], rel_error=1e-6, tolerance=1e-5)
+    verdict = Verdict(Tolerance.for_dtype(torch.float32), {}, [flow, near])
+    assert not verdict.ok and [s.layer for s in verdict.failed_sites] == ["conv"]
+    assert "fold site conv (bn): the original ran conv 2 times, bn 1 time" in verdict.reasons
+    assert verdict.worst_site is near and verdict.to_dict()["sites"]["failed"][0]["flow"] == flow.flow
+    (line,) = Verdict(Tolerance.for_dtype(torch.float32), {}, [flow, far, near]).summary()[-1:]
+    assert line.startswith("2 of 3 fold sites fail their check: conv, fc; the worst, conv: the original ran"), line

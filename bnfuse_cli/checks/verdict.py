@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,8 @@ class Verdict:
     @property
     def worst_site(self) -> "SiteCheck | None":
         checked = [s for s in self.sites if s.skipped is None]
-        return max(checked, key=lambda s: s.badness, default=None)
+        return max(checked, key=lambda s: 0.0 if math.isnan(s.rel_error) else s.rel_error / max(s.tolerance, 1e-300),
+                   default=None)
 
     @property
     def ok(self) -> bool:
@@ -62,7 +64,8 @@ class Verdict:
         worst_text = f"{worst.layer}: {worst.flow}" if worst.flow else (
             f"{worst.layer}, is {worst.rel_error:.3g} (relative) away from the original layer and BatchNorm, above "
             f"{worst.tolerance:g}")
-        out.append(f"{len(failed)} of {checked} fold sites fail their float64 check: {shown}; the worst, {worst_text}")
+        what = "check" if any(s.flow for s in failed) else "float64 check"  # (the data flow is not float64's)
+        out.append(f"{len(failed)} of {checked} fold sites fail their {what}: {shown}; the worst, {worst_text}")
         return out
 
     @property
