@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: all demo test zoo bench-scripts mutants clean
+.PHONY: all demo test zoo bench-scripts mutants docs clean
 
 all: demo
 
@@ -31,6 +31,10 @@ test: $(STAMP)
 ## hand-made bugs the suite must catch, each applied to a copy of the package (scripts/mutants.py)
 mutants: $(STAMP)
 	$(BIN)/python scripts/mutants.py
+
+## the tables of README.md and docs/ made from the package's tables (tests/test_docs_tables.py checks them)
+docs: $(STAMP)
+	$(BIN)/python scripts/docs_tables.py
 
 ## the long model-zoo runs (torchvision + timm), not part of CI
 zoo: $(VENV)/.extras
