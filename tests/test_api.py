@@ -19,6 +19,7 @@ from torch import nn
 from torchvision import models
 
 import bnfuse_cli
+from bnfuse_cli import SourceOptions
 from bnfuse_cli.workflows.convert import convert
 from bnfuse_cli.workflows.fuse import fuse
 from conftest import ROOT, randomize_bn, run_bnfuse
@@ -232,7 +233,7 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     outs = {}
     for suffix in (".pth", ".safetensors"):
         out = d / f"fused{suffix}"
-        report = convert(src, out, arch="resnet18", input_shape="1,3,64,64")
+        report = convert(src, out, source_options=SourceOptions(arch="resnet18", input_shape="1,3,64,64"))
         assert out.is_file() and report.output == str(out)
         outs[suffix] = (out, report)
     return {"model": model, "outs": outs}
@@ -273,7 +274,7 @@ def test_safetensors_output_holds_the_fused_keys(converted: dict) -> None:
 def test_convert_of_a_fused_file_folds_nothing_more(converted: dict, tmp_path: Path) -> None:
     out, _ = converted["outs"][".safetensors"]  # type: ignore[index]
     again = tmp_path / "again.pth"
-    report = convert(out, again, input_shape="1,3,64,64")
+    report = convert(out, again, source_options=SourceOptions(input_shape="1,3,64,64"))
     assert report.plan.norms == [] and report.plan.folds == []
     assert report.error.rel == 0.0
     x = _x(seed=12)
@@ -319,9 +320,11 @@ def test_source_options_are_checked_when_made() -> None:
     """A bad input shape is refused by the options object itself, before any source is touched."""
     with pytest.raises(bnfuse_cli.UsageError, match=r"--input-shape '1,0,8' is not a shape"):
         bnfuse_cli.SourceOptions(input_shape="1,0,8")
-    with pytest.raises(bnfuse_cli.UsageError, match="either as options=SourceOptions"):
+    # the keyword shorthand of bnfuse 0.1 (deprecated): both forms at once, or a misspelt keyword, is refused
+    with pytest.warns(DeprecationWarning), \
+            pytest.raises(bnfuse_cli.UsageError, match="either as options=SourceOptions"):
         convert("resnet18", None, options=bnfuse_cli.SourceOptions(), weights="none")
-    with pytest.raises(TypeError, match="unexpected keyword argument.*weigths"):
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="unexpected keyword argument.*weigths"):
         convert("resnet18", None, weigths="none")
 
 
@@ -380,10 +383,11 @@ def test_the_keywords_of_0_1_still_work_with_a_deprecation_warning(tmp_path: Pat
     assert [u.wrapper for u in old.plan.of("unwrap")] == [u.wrapper for u in new.plan.of("unwrap")] != []
     with pytest.raises(UsageError, match="not both"):
         fuse(model, x, FuseOptions(), rtol=1e-3)
-    with pytest.raises(TypeError, match="unexpected keyword"):
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="unexpected keyword"):
         fuse(model, x, unknown=1)
     torch.save(model.state_dict(), tmp_path / "r.pth")
-    with pytest.warns(DeprecationWarning, match="source_options"):
+    with pytest.warns(DeprecationWarning, match=r"convert\(force=\) is deprecated: pass ConvertOptions"), \
+            pytest.warns(DeprecationWarning, match="source_options"):
         r = convert(tmp_path / "r.pth", tmp_path / "f.pth", arch="resnet18", input_shape="1,3,32,32", force=True)
     assert r.verdict.ok and r.arch == "resnet18"
     r2 = convert(tmp_path / "r.pth", tmp_path / "f.pth", ConvertOptions(force=True),

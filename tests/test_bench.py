@@ -16,6 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from bnfuse_cli import BenchSettings, FuseOptions, SourceOptions
 from bnfuse_cli.workflows.bench import DEFAULT_MODELS, ModelBench, Stats, bench, resolve_device, verdict
 from bnfuse_cli.inputs import randomize_bn
 from bnfuse_cli.cli import app
@@ -27,6 +28,8 @@ from conftest import BNFUSE_CMD, ROOT, randomize_bn as randomize_bn_test, run_bn
 
 TINY = "bench_tiny:tiny_cnn"
 RESIDUAL = "bench_tiny:tiny_residual"
+#: the tiny models as bench loads them by default (random weights), on a small input
+SMALL = SourceOptions(weights="none", input_shape="1,3,16,16")
 FAST = ["--device", "cpu", "--iters", "3", "--warmup", "1", "--input-shape", "1,3,16,16"]
 
 runner = CliRunner()
@@ -97,7 +100,7 @@ def test_randomize_bn_without_example_moves_away_from_identity() -> None:
 
 def test_bench_library_report() -> None:
     seen: list[tuple[str, int, int]] = []
-    report = bench([TINY, RESIDUAL], device="cpu", iters=3, warmup=1, input_shape="1,3,16,16",
+    report = bench([TINY, RESIDUAL], BenchSettings(device="cpu", iters=3, warmup=1), SMALL,
                    progress=lambda d, a, b: seen.append((d, a, b)))
     assert [r.model for r in report.results] == [TINY, RESIDUAL]
     tiny, res = report.results
@@ -127,7 +130,7 @@ def test_bench_catches_a_wrong_fold(monkeypatch: pytest.MonkeyPatch) -> None:
     import bnfuse_cli.engine.passes.fold as fusion
 
     monkeypatch.setattr(fusion, "apply_plan", broken)
-    report = bench([TINY], device="cpu", iters=2, warmup=0, input_shape="1,3,16,16")
+    report = bench([TINY], BenchSettings(device="cpu", iters=2, warmup=0), SMALL)
     (r,) = report.results
     assert not r.correct and [s.layer for s in r.check.failed_sites] == ["conv2"]
     assert report.incorrect() == [r] and not report.passed()
@@ -154,7 +157,7 @@ def _perturb_unfolded_conv(monkeypatch: pytest.MonkeyPatch, factor: float) -> No
 def test_bench_float32_tolerance_catches_a_1e_3_output_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 1000x looser float32 tolerance would let this through."""
     _perturb_unfolded_conv(monkeypatch, 1.003)
-    (r,) = bench([RESIDUAL], device="cpu", iters=2, warmup=0, input_shape="1,3,16,16").results
+    (r,) = bench([RESIDUAL], BenchSettings(device="cpu", iters=2, warmup=0), SMALL).results
     assert not r.check.failed_sites and not r.correct
     assert 1e-4 < r.error.rel < 1e-1 and r.tolerance == 1e-4
     assert any("benchmark run: output 0" in why for why in r.check.reasons)
@@ -162,7 +165,7 @@ def test_bench_float32_tolerance_catches_a_1e_3_output_error(monkeypatch: pytest
 
 def test_bench_rtol_option_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     _perturb_unfolded_conv(monkeypatch, 1.003)
-    (r,) = bench([RESIDUAL], device="cpu", iters=2, warmup=0, input_shape="1,3,16,16", rtol=0.1).results
+    (r,) = bench([RESIDUAL], BenchSettings(fuse=FuseOptions(rtol=0.1), device="cpu", iters=2, warmup=0), SMALL).results
     assert r.correct and r.tolerance == 0.1
     result = _cli(RESIDUAL, *FAST, "--rtol", "1e-5")
     assert result.exit_code == 1, result.output
@@ -170,7 +173,7 @@ def test_bench_rtol_option_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("dtype, autocast", [("float16", None), ("bfloat16", None), ("float32", "bfloat16")])
 def test_reduced_precision_is_judged_against_float64_and_its_own_noise(dtype: str, autocast: "str | None") -> None:
-    report = bench([TINY], device="cpu", dtype=dtype, autocast=autocast, iters=2, warmup=0, input_shape="1,3,16,16")
+    report = bench([TINY], BenchSettings(device="cpu", dtype=dtype, autocast=autocast, iters=2, warmup=0), SMALL)
     (r,) = report.results
     assert r.noise.rel > 1e-4  # the original's own error at this precision
     assert r.correct, r.check.reasons
@@ -183,7 +186,8 @@ def test_checkpoint_source_is_not_rerandomised(tmp_path) -> None:  # noqa: ANN00
     model = randomize_bn_test(TinyCNN(), seed=5).eval()
     path = tmp_path / "tiny.pth"
     torch.save(model.state_dict(), path)
-    report = bench([str(path)], arch=TINY, device="cpu", iters=2, warmup=0, input_shape="1,3,16,16")
+    report = bench([str(path)], BenchSettings(device="cpu", iters=2, warmup=0),
+                   SourceOptions(weights="none", arch=TINY, input_shape="1,3,16,16"))
     (r,) = report.results
     assert r.weights == "file" and r.bn_folded == 3 and r.correct
     assert not any("random weights" in n for n in r.notes)
@@ -334,7 +338,7 @@ def _needs(runtime: str) -> None:
 @pytest.mark.parametrize("runtime", ["export", "onnxruntime"])
 def test_runtime_runs_and_judges_the_programs(runtime: str, tmp_path) -> None:  # noqa: ANN001
     _needs(runtime)
-    report = bench([TINY, RESIDUAL], device="cpu", iters=3, warmup=1, input_shape="1,3,16,16", runtime=runtime)
+    report = bench([TINY, RESIDUAL], BenchSettings(device="cpu", iters=3, warmup=1, runtime=runtime), SMALL)
     assert report.settings["runtime"] == runtime
     for r in report.results:
         assert r.runtime == runtime and r.correct, r.check.reasons
@@ -369,7 +373,7 @@ def test_runtime_wrong_fold_fails(runtime: str, monkeypatch: pytest.MonkeyPatch)
     """A wrong conv with no fold site: only the end-to-end run in the runtime can see it."""
     _needs(runtime)
     _perturb_unfolded_conv(monkeypatch, 1.003)
-    (r,) = bench([RESIDUAL], device="cpu", iters=2, warmup=0, input_shape="1,3,16,16", runtime=runtime).results
+    (r,) = bench([RESIDUAL], BenchSettings(device="cpu", iters=2, warmup=0, runtime=runtime), SMALL).results
     assert not r.check.failed_sites and not r.correct
     assert any("benchmark run: output 0" in why for why in r.check.reasons)
     result = _cli(RESIDUAL, *FAST, "--runtime", runtime)
@@ -397,7 +401,7 @@ def test_runtime_judges_the_exported_program_not_the_module(runtime: str, monkey
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(module, name, wrong_program)
-    (r,) = bench([TINY], device="cpu", iters=2, warmup=0, input_shape="1,3,16,16", runtime=runtime).results
+    (r,) = bench([TINY], BenchSettings(device="cpu", iters=2, warmup=0, runtime=runtime), SMALL).results
     assert not r.check.failed_sites and not r.correct
     assert any("benchmark run" in why for why in r.check.reasons)
 
@@ -452,7 +456,7 @@ def test_onnxruntime_sessions_take_the_models_as_bytes_and_write_nothing(tmp_pat
 
     monkeypatch.setattr(onnxfile, "open_onnx", spy)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    (r,) = bench([TINY], device="cpu", iters=2, warmup=0, input_shape="1,3,16,16", runtime="onnxruntime").results
+    (r,) = bench([TINY], BenchSettings(device="cpu", iters=2, warmup=0, runtime="onnxruntime"), SMALL).results
     assert r.correct and r.graph_ops["fused"]["bn"] == 0
     assert [kind for kind, _ in sources] == ["bytes", "bytes"]
     if sys.platform.startswith("linux"):
@@ -477,7 +481,7 @@ def test_onnxruntime_above_2_gib_uses_a_private_folder_removed_at_the_end(tmp_pa
         return real(source, *args, **kwargs)
 
     monkeypatch.setattr(onnxfile, "open_onnx", spy)
-    (r,) = bench([TINY], device="cpu", iters=2, warmup=0, input_shape="1,3,16,16", runtime="onnxruntime").results
+    (r,) = bench([TINY], BenchSettings(device="cpu", iters=2, warmup=0, runtime="onnxruntime"), SMALL).results
     assert r.correct and len(seen) == 2
     assert all(p.parent.parent == tmp_path and p.parent.name.startswith("bnfuse-bench.") for p in seen)
     assert _not_torchs(tmp_path) == []
@@ -573,8 +577,9 @@ def test_no_cuda_raises_device_error(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bench_on_cuda() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    report = bench([TINY], device="cuda", dtype="float16", channels_last=True, batch_size=4, iters=5, warmup=2,
-                   input_shape="1,3,32,32")
+    report = bench([TINY],
+                   BenchSettings(device="cuda", dtype="float16", channels_last=True, batch_size=4, iters=5, warmup=2),
+                   SourceOptions(weights="none", input_shape="1,3,32,32"))
     (r,) = report.results
     assert report.environment["device_name"] == torch.cuda.get_device_name()
     assert report.settings["device"].startswith("cuda")

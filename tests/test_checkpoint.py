@@ -23,6 +23,7 @@ from bnfuse_cli.files import readback, write  # noqa: E402
 from bnfuse_cli.files.read import NESTED_KEYS
 from bnfuse_cli.files.table import read_checkpoint  # noqa: E402
 from bnfuse_cli.files.write import check_output_path, write_checkpoint  # noqa: E402
+from bnfuse_cli import ConvertOptions, SourceOptions  # noqa: E402
 from bnfuse_cli.workflows.convert import convert  # noqa: E402
 from bnfuse_cli.errors import CheckpointError, OutputError, UnsafeCheckpointError, UsageError  # noqa: E402
 from bnfuse_cli.files.load import load, load_source  # noqa: E402
@@ -205,7 +206,8 @@ def test_bnfuse_outputs_load_back_from_their_metadata(tmp_path: Path, model: nn.
     torch.save(model.state_dict(), tmp_path / "m.pth")
     suffix = ".safetensors" if form == "safetensors" else ".pth"
     out = tmp_path / f"fused{suffix}"
-    convert(tmp_path / "m.pth", out, arch=ARCH, save_as="module" if form == "module" else None)
+    convert(tmp_path / "m.pth", out, ConvertOptions(save_as="module" if form == "module" else None),
+            SourceOptions(arch=ARCH))
     fused = load(out, allow_pickle=form == "module")  # no arch: it comes from the file
     assert not any(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in fused.modules())
     _same_outputs(model, fused, x, exact=False)
@@ -216,16 +218,19 @@ def test_bnfuse_outputs_load_back_from_their_metadata(tmp_path: Path, model: nn.
 
 def test_output_mirrors_input_form(tmp_path: Path, model: nn.Module) -> None:
     torch.save(model, tmp_path / "whole.pth")
-    r = convert(tmp_path / "whole.pth", tmp_path / "a.pth", allow_pickle=True)
+    r = convert(tmp_path / "whole.pth", tmp_path / "a.pth", source_options=SourceOptions(allow_pickle=True))
     assert r.form == "module" and read_checkpoint(tmp_path / "a.pth", allow_pickle=True).kind == "module"
-    r = convert(tmp_path / "whole.pth", tmp_path / "b.pth", allow_pickle=True, arch=ARCH, save_as="state-dict")
+    r = convert(tmp_path / "whole.pth", tmp_path / "b.pth", ConvertOptions(save_as="state-dict"),
+                SourceOptions(allow_pickle=True, arch=ARCH))
     assert r.form == "state_dict" and read_checkpoint(tmp_path / "b.pth").kind == "state_dict"
-    r = convert(tmp_path / "whole.pth", tmp_path / "c.safetensors", allow_pickle=True, arch=ARCH)
+    r = convert(tmp_path / "whole.pth", tmp_path / "c.safetensors",
+                source_options=SourceOptions(allow_pickle=True, arch=ARCH))
     assert r.form == "state_dict"
     with pytest.raises(UsageError, match="--arch"):  # a state_dict of an unknown class could not be rebuilt
-        convert(tmp_path / "whole.pth", tmp_path / "d.safetensors", allow_pickle=True)
+        convert(tmp_path / "whole.pth", tmp_path / "d.safetensors", source_options=SourceOptions(allow_pickle=True))
     with pytest.raises(UsageError, match=r"\.pth"):
-        convert(tmp_path / "whole.pth", tmp_path / "e.safetensors", allow_pickle=True, save_as="module")
+        convert(tmp_path / "whole.pth", tmp_path / "e.safetensors", ConvertOptions(save_as="module"),
+                SourceOptions(allow_pickle=True))
     assert not (tmp_path / "d.safetensors").exists() and not (tmp_path / "e.safetensors").exists()
 
 

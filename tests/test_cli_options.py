@@ -86,11 +86,11 @@ def test_absurd_input_shape_is_refused_before_allocating(tiny: Path, command: st
 
 
 def test_input_budget_from_python_is_a_bnfuse_error_and_can_be_raised(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bnfuse_cli import UsageError, convert
+    from bnfuse_cli import SourceOptions, UsageError, convert
     from bnfuse_cli.inputs import InputSpec, make_input
 
     with pytest.raises(UsageError, match="budget"):
-        convert("resnet18", None, weights="none", input_shape=(1, 3, 100000, 100000))
+        convert("resnet18", None, source_options=SourceOptions(weights="none", input_shape=(1, 3, 100000, 100000)))
     monkeypatch.setenv("BNFUSE_MAX_INPUT_MIB", "0.001")
     with pytest.raises(UsageError, match="1 MiB budget|0 MiB budget"):
         make_input(InputSpec((1, 3, 32, 32)), dtype=torch.float32)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import bnfuse_cli
+from bnfuse_cli import FuseOptions
 from conftest import build, count_calls, round_trip
 
 pytestmark = pytest.mark.usefixtures("tests_on_path")
@@ -33,7 +34,7 @@ def test_off_by_default_the_reason_says_what_it_would_do() -> None:
 def test_clone_shared_folds_into_a_copy_exactly(tmp_path: Path) -> None:
     model, x = _model(), torch.randn(2, 3, 8, 8)
     assert count_calls(model, x) == (2, 1)
-    result = bnfuse_cli.fuse(model, x, clone_shared=True)
+    result = bnfuse_cli.fuse(model, x, FuseOptions(passes={"clone_shared": True}))
     assert result.ok and result.error.rel < 1e-6 and not result.plan.skipped
     (item,) = result.plan.of("clone")
     assert (item.norm, item.producer, item.copy) == ("bn", "conv", "conv_for_bn")

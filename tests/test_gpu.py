@@ -77,12 +77,13 @@ def test_bench_cuda_precisions(model: str, extra: list[str]) -> None:
 
 
 def test_bench_cuda_float32_tf32_off() -> None:
+    from bnfuse_cli import BenchSettings
     from bnfuse_cli.workflows.bench import bench
 
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        report = bench(["resnet18", "resnet50"], device="cuda", iters=10, warmup=3)
+        report = bench(["resnet18", "resnet50"], BenchSettings(device="cuda", iters=10, warmup=3))
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     for r in report.results:
@@ -97,13 +98,14 @@ def resnet_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     from bnfuse_cli.files.table import read_checkpoint
     from bnfuse_cli.files.write import write_checkpoint
+    from bnfuse_cli import SourceOptions
     from bnfuse_cli.workflows.convert import convert
 
     d = tmp_path_factory.mktemp("gpu")
     model = torchvision.models.resnet18().eval()
     randomize_bn(model, seed=0)
     torch.save(model.state_dict(), d / "orig.pth")
-    convert(d / "orig.pth", d / "fused.safetensors", arch="resnet18")
+    convert(d / "orig.pth", d / "fused.safetensors", source_options=SourceOptions(arch="resnet18"))
     ck = read_checkpoint(d / "fused.safetensors")
     sd = dict(ck.state_dict)
     sd["layer2.0.conv1.weight"] = sd["layer2.0.conv1.weight"] * 1.5
@@ -127,6 +129,7 @@ def _verify_on(device: str, files: dict[str, Path]) -> tuple[Any, set[tuple[str,
     from torch.nn.modules.module import register_module_forward_pre_hook
     from torchvision.models import ResNet
 
+    from bnfuse_cli import JudgeOptions, SourceOptions
     from bnfuse_cli.workflows.verify import verify
 
     seen: set[tuple[str, torch.dtype]] = set()
@@ -137,7 +140,7 @@ def _verify_on(device: str, files: dict[str, Path]) -> tuple[Any, set[tuple[str,
 
     handle = register_module_forward_pre_hook(record)
     try:
-        report = verify(files["orig"], files["fused"], arch="resnet18", device=device)
+        report = verify(files["orig"], files["fused"], JudgeOptions(device=device), SourceOptions(arch="resnet18"))
     finally:
         handle.remove()
     return report, seen

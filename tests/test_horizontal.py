@@ -12,11 +12,13 @@ import torch
 from torch import nn
 
 import models_horizontal as mh
-from bnfuse_cli import fuse
+from bnfuse_cli import FuseOptions, fuse
 from conftest import ROOT, count_ops, randomize_bn, round_trip, run_bnfuse
 
 X = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 XT = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+#: the fuse options with horizontal fusion on (it is off by default)
+HORIZONTAL = FuseOptions(passes={"horizontal": True})
 
 
 def _calls(model: nn.Module, x: torch.Tensor, kind: type) -> int:
@@ -29,18 +31,18 @@ def _calls(model: nn.Module, x: torch.Tensor, kind: type) -> int:
     return n[0]
 
 
-def _fused(model: nn.Module, x: torch.Tensor, **kw):  # noqa: ANN202
+def _fused(model: nn.Module, x: torch.Tensor, options: "FuseOptions | None" = None):  # noqa: ANN202
     model = randomize_bn(model, seed=2).double().eval()
     with torch.no_grad():
         ref = model(x)
-    result = fuse(copy.deepcopy(model), x, **kw)
+    result = fuse(copy.deepcopy(model), x, options)
     with torch.no_grad():
         rel = float((result.model(x) - ref).norm() / ref.norm())
     return model, result, rel
 
 
 def test_an_inception_blocks_sibling_convs_become_one_wider_conv() -> None:
-    model, result, rel = _fused(mh.Inception(), X, horizontal=True)
+    model, result, rel = _fused(mh.Inception(), X, HORIZONTAL)
     assert rel < 1e-12 and result.ok, (rel, result.verdict.reasons)
     (wide,) = result.plan.of("horizontal")
     assert wide.layers == ("branch1.conv", "branch2.0.conv", "branch3.0.conv")  # not the strided one
@@ -55,7 +57,7 @@ def test_an_inception_blocks_sibling_convs_become_one_wider_conv() -> None:
 
 
 def test_siblings_concatenated_in_order_need_no_slice_and_their_activation_runs_once() -> None:
-    model, result, rel = _fused(mh.Fire(), X, horizontal=True)
+    model, result, rel = _fused(mh.Fire(), X, HORIZONTAL)
     assert rel < 1e-12 and result.ok, (rel, result.verdict.reasons)
     (wide,) = result.plan.of("horizontal")
     assert wide.layers == ("expand_a", "expand_b")
@@ -66,7 +68,7 @@ def test_siblings_concatenated_in_order_need_no_slice_and_their_activation_runs_
 
 
 def test_unlike_activations_and_an_unordered_concatenation_stay_per_slice() -> None:
-    model, result, rel = _fused(mh.Mixed(), X, horizontal=True)
+    model, result, rel = _fused(mh.Mixed(), X, HORIZONTAL)
     assert rel < 1e-12 and result.ok, (rel, result.verdict.reasons)
     assert {w.layers for w in result.plan.of("horizontal")} == {("a", "b"), ("d", "c")}
     assert count_ops(result.model, X, {"relu"}) == 1 and count_ops(result.model, X, {"sigmoid"}) == 1
@@ -79,14 +81,14 @@ def test_horizontal_fusion_is_off_by_default() -> None:
 
 
 def test_query_key_and_value_become_one_linear() -> None:
-    model, result, rel = _fused(mh.QKV(), XT, horizontal=True)
+    model, result, rel = _fused(mh.QKV(), XT, HORIZONTAL)
     assert rel < 1e-12 and result.ok
     assert [w.layers for w in result.plan.of("horizontal")] == [("query", "key", "value")]
     assert _calls(result.model, XT, nn.Linear) == 3  # embed, the wider one, out
 
 
 def test_siblings_in_a_forward_fx_cannot_follow_stay_with_the_reason() -> None:
-    _, result, rel = _fused(mh.Untraceable(), X, horizontal=True)
+    _, result, rel = _fused(mh.Untraceable(), X, HORIZONTAL)
     assert rel < 1e-12 and result.ok and result.plan.of("horizontal") == []
     (left,) = result.plan.left_by("horizontal")
     assert left.layers == ("a", "b") and "cannot be traced" in left.reason

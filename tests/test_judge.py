@@ -17,7 +17,7 @@ import torchvision
 from typer.testing import CliRunner
 
 import bnfuse_cli.engine.passes.fold as fusion
-from bnfuse_cli import fuse
+from bnfuse_cli import BenchSettings, JudgeOptions, SourceOptions, fuse
 from bnfuse_cli.workflows.bench import bench
 from bnfuse_cli.inputs import randomize_bn
 from bnfuse_cli.files.table import read_checkpoint
@@ -70,7 +70,8 @@ def _mutant(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
 
 @pytest.mark.parametrize("dtype, autocast", PRECISIONS)
 def test_bench_correct_fold_passes_at_every_precision(dtype: str, autocast: "str | None") -> None:
-    (r,) = bench([TINY], device="cpu", dtype=dtype, autocast=autocast, iters=2, warmup=0, input_shape=SHAPE).results
+    (r,) = bench([TINY], BenchSettings(device="cpu", dtype=dtype, autocast=autocast, iters=2, warmup=0),
+                 SourceOptions(input_shape=SHAPE, weights="none")).results
     assert r.correct, r.check.reasons
     assert len(r.check.sites) == 3 and all(s.skipped is None for s in r.check.sites)
 
@@ -80,13 +81,15 @@ def test_bench_correct_fold_passes_at_every_precision(dtype: str, autocast: "str
 def test_bench_gross_fold_error_fails_at_every_precision(monkeypatch: pytest.MonkeyPatch, kind: str, dtype: str,
                                                          autocast: "str | None") -> None:
     _mutant(monkeypatch, kind)
-    (r,) = bench([TINY], device="cpu", dtype=dtype, autocast=autocast, iters=2, warmup=0, input_shape=SHAPE).results
+    (r,) = bench([TINY], BenchSettings(device="cpu", dtype=dtype, autocast=autocast, iters=2, warmup=0),
+                 SourceOptions(input_shape=SHAPE, weights="none")).results
     assert not r.correct
     assert [s.layer for s in r.check.failed_sites] == ["conv2"]
 
 
 def test_bench_under_tf32_like_noise_passes_where_a_fixed_1e_4_would_fail() -> None:
-    (r,) = bench([NOISY], device="cpu", iters=2, warmup=0, input_shape=SHAPE).results
+    (r,) = bench([NOISY], BenchSettings(device="cpu", iters=2, warmup=0),
+                 SourceOptions(input_shape=SHAPE, weights="none")).results
     assert r.noise.rel > 1e-4 and r.error.rel > 1e-4  # a fixed 1e-4 fails this correct fold
     assert r.correct, r.check.reasons
     assert r.check.precision["cudnn_allow_tf32"] is True
@@ -95,7 +98,8 @@ def test_bench_under_tf32_like_noise_passes_where_a_fixed_1e_4_would_fail() -> N
 @pytest.mark.parametrize("kind", ["shift", "scale"])
 def test_bench_under_tf32_like_noise_still_catches_a_gross_error(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     _mutant(monkeypatch, kind)
-    (r,) = bench([NOISY], device="cpu", iters=2, warmup=0, input_shape=SHAPE).results
+    (r,) = bench([NOISY], BenchSettings(device="cpu", iters=2, warmup=0),
+                 SourceOptions(input_shape=SHAPE, weights="none")).results
     assert not r.correct and [s.layer for s in r.check.failed_sites] == ["conv2"]
 
 
@@ -117,7 +121,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model = TinyCNN().eval()
     randomize_bn(model, seed=3)
     torch.save(model.state_dict(), d / "orig.pth")
-    convert(d / "orig.pth", d / "fused.safetensors", arch=NOISY, input_shape=SHAPE)
+    convert(d / "orig.pth", d / "fused.safetensors", source_options=SourceOptions(arch=NOISY, input_shape=SHAPE))
     ck = read_checkpoint(d / "fused.safetensors")
     s = _scale(model.bn2)
     for kind in ("shift", "scale"):
@@ -134,12 +138,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize("dtype, autocast", PRECISIONS)
 def test_verify_at_every_precision(files: dict[str, Path], dtype: str, autocast: "str | None") -> None:
     """TinyCNN's noisy variant (the arch in the files' metadata), so float32 carries 1e-3 noise too."""
-    ok = verify(files["orig"], files["fused"], arch=NOISY, dtype=dtype, autocast=autocast)
+    ok = verify(files["orig"], files["fused"], JudgeOptions(dtype=dtype, autocast=autocast), SourceOptions(arch=NOISY))
     assert ok.ok, ok.verdict.reasons
     assert ok.dtype == (autocast or dtype) and ok.verdict.precision["autocast"] == autocast
     assert len(ok.verdict.sites) == 3 and not ok.verdict.failed_sites
     for kind in ("shift", "scale"):
-        bad = verify(files["orig"], files[kind], arch=NOISY, dtype=dtype, autocast=autocast)
+        bad = verify(files["orig"], files[kind], JudgeOptions(dtype=dtype, autocast=autocast),
+                     SourceOptions(arch=NOISY))
         assert not bad.ok
         assert [s.layer for s in bad.verdict.failed_sites] == ["conv2"], kind
 
@@ -242,7 +247,7 @@ def test_a_wrong_fold_the_output_hides_fails_by_its_site(monkeypatch: pytest.Mon
     out = tmp_path / "fused.pth"
     torch.save(model.state_dict(), tmp_path / "orig.pth")
     with pytest.raises(FoldError, match=f"fold site {target}"):
-        convert(tmp_path / "orig.pth", out, arch="mobilenet_v3_small")
+        convert(tmp_path / "orig.pth", out, source_options=SourceOptions(arch="mobilenet_v3_small"))
     assert not out.exists()  # nothing written when the check fails
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import models_merge as mm
-from bnfuse_cli import fuse
+from bnfuse_cli import FuseOptions, fuse
 from conftest import ROOT, corrupt_after_rewrite, count_calls, randomize_bn, round_trip, run_bnfuse
 
 TESTS = ROOT / "tests"
@@ -82,7 +82,7 @@ def test_must_not_merge_stays_exact_with_its_reason(cls: Any, x: torch.Tensor, r
 
 def test_merge_can_be_switched_off() -> None:
     model = randomize_bn(mm.RepVGG(), seed=1).double().eval()
-    result = fuse(model, torch.randn(1, 3, 8, 8, dtype=torch.float64), merge=False)
+    result = fuse(model, torch.randn(1, 3, 8, 8, dtype=torch.float64), FuseOptions(passes={"merge": False}))
     assert result.plan.merges == [] and result.ok
     assert [s.norm for s in result.plan.skipped] == ["block.identity"]
 

@@ -14,7 +14,7 @@ from conftest import ROOT, randomize_bn
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bnfuse_cli import convert, load, verify  # noqa: E402
+from bnfuse_cli import SourceOptions, convert, load, verify  # noqa: E402
 from bnfuse_cli.engine.passes.fold import Fold  # noqa: E402
 from bnfuse_cli.engine.passes.merge import Branch, Merge  # noqa: E402
 from bnfuse_cli.errors import CheckpointError  # noqa: E402
@@ -51,7 +51,8 @@ def test_round_trip_and_the_older_form() -> None:
 def fused(tmp_path: Path) -> Path:
     model = randomize_bn(mm.RepVGG(), seed=3).eval()
     torch.save(model.state_dict(), tmp_path / "orig.pth")
-    convert(tmp_path / "orig.pth", tmp_path / "fused.safetensors", arch=ARCH, input_shape="1,3,16,16")
+    convert(tmp_path / "orig.pth", tmp_path / "fused.safetensors",
+            source_options=SourceOptions(arch=ARCH, input_shape="1,3,16,16"))
     return tmp_path / "fused.safetensors"
 
 
@@ -68,7 +69,7 @@ def test_a_malformed_record_is_refused_by_load_and_verify_alike(fused: Path) -> 
     with pytest.raises(CheckpointError, match=expected):
         load(bad)
     with pytest.raises(CheckpointError, match=expected):  # verify used to skip such rows and check the rest
-        verify(fused.with_name("orig.pth"), bad, arch=ARCH)
+        verify(fused.with_name("orig.pth"), bad, source_options=SourceOptions(arch=ARCH))
 
 
 def test_converting_a_fused_file_again_keeps_its_merges(fused: Path) -> None:
@@ -80,4 +81,4 @@ def test_converting_a_fused_file_again_keeps_its_merges(fused: Path) -> None:
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(load(again)(x), load(fused)(x), rtol=0, atol=0)
-    assert verify(fused.with_name("orig.pth"), again, arch=ARCH).ok
+    assert verify(fused.with_name("orig.pth"), again, source_options=SourceOptions(arch=ARCH)).ok

@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 import onnx  # noqa: E402
 
 import bnfuse_cli  # noqa: E402
+from bnfuse_cli import ConvertOptions, SourceOptions  # noqa: E402
 from bnfuse_cli.errors import CheckpointError, OutputError  # noqa: E402
 from bnfuse_cli.files import onnxfile  # noqa: E402
 
@@ -112,16 +113,17 @@ def test_a_pair_is_written_runs_without_bnfuse_and_verifies(tmp_path: Path) -> N
 def test_force_replaces_both_files_and_an_inline_file_replaces_the_pair(tmp_path: Path, external: None,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "m.onnx"
-    bnfuse_cli.convert(MODEL, out, weights="none", input_shape=SHAPE)
+    bnfuse_cli.convert(MODEL, out, source_options=SourceOptions(weights="none", input_shape=SHAPE))
     (first,) = [n for n in _files(tmp_path) if DATA.fullmatch(n)]
     with pytest.raises(OutputError, match="already exists"):
-        bnfuse_cli.convert(MODEL, out, weights="none", input_shape=SHAPE, seed=1)
-    bnfuse_cli.convert(MODEL, out, weights="none", input_shape=SHAPE, seed=1, force=True)
+        bnfuse_cli.convert(MODEL, out, source_options=SourceOptions(weights="none", input_shape=SHAPE, seed=1))
+    bnfuse_cli.convert(MODEL, out, ConvertOptions(force=True),
+                       SourceOptions(weights="none", input_shape=SHAPE, seed=1))
     (second,) = [n for n in _files(tmp_path) if DATA.fullmatch(n)]
     assert second != first and _files(tmp_path) == ["m.onnx", second]
-    assert bnfuse_cli.verify(MODEL, out, weights="none", seed=1).ok
+    assert bnfuse_cli.verify(MODEL, out, source_options=SourceOptions(weights="none", seed=1)).ok
     monkeypatch.setattr(onnxfile, "EXTERNAL_AT", 1 << 40)
-    bnfuse_cli.convert(MODEL, out, weights="none", input_shape=SHAPE, force=True)
+    bnfuse_cli.convert(MODEL, out, ConvertOptions(force=True), SourceOptions(weights="none", input_shape=SHAPE))
     assert _files(tmp_path) == ["m.onnx"]
 
 
@@ -140,7 +142,8 @@ def test_an_interrupt_between_the_two_placements_leaves_neither(tmp_path: Path, 
     monkeypatch.setattr(place.os, "link", link)
     placed: list[Path] = []
     with pytest.raises(KeyboardInterrupt):
-        bnfuse_cli.convert(MODEL, tmp_path / "m.onnx", weights="none", input_shape=SHAPE, placed=placed)
+        bnfuse_cli.convert(MODEL, tmp_path / "m.onnx",
+                           source_options=SourceOptions(weights="none", input_shape=SHAPE), placed=placed)
     assert _files(tmp_path) == [] and placed == []
 
 
@@ -155,7 +158,7 @@ def test_a_failed_write_of_the_data_is_exit_2_and_leaves_nothing(tmp_path: Path,
     monkeypatch.setattr(onnxfile.OnnxExternal, "save", full)
     with pytest.raises(OutputError, match=r"cannot write .*m\.onnx: No space left on device \(ENOSPC\) after 7 bytes; "
                                           r"the file system is full"):
-        bnfuse_cli.convert(MODEL, tmp_path / "m.onnx", weights="none", input_shape=SHAPE)
+        bnfuse_cli.convert(MODEL, tmp_path / "m.onnx", source_options=SourceOptions(weights="none", input_shape=SHAPE))
     assert _files(tmp_path) == []
 
 
@@ -193,7 +196,7 @@ def test_kill_9_during_the_write_leaves_neither_file(tmp_path: Path, external: N
     (staging,) = _files(tmp_path)  # the killed writer's folder, named after it: no model, no data file
     assert staging.startswith(".m.onnx.bnfuse-tmp.") and staging.split(".")[-2] == str(proc.pid)
     # the next write of the same output (here in this process) sweeps the stale folder
-    bnfuse_cli.convert(MODEL, out, weights="none", input_shape=SHAPE)
+    bnfuse_cli.convert(MODEL, out, source_options=SourceOptions(weights="none", input_shape=SHAPE))
     assert [n for n in _files(tmp_path) if not DATA.fullmatch(n)] == ["m.onnx"]
 
 
@@ -202,7 +205,7 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path: Path, exter
     folder = tmp_path / "model"
     folder.mkdir()
     out = folder / "m.onnx"
-    bnfuse_cli.convert(MODEL, out, weights="none", input_shape=SHAPE)
+    bnfuse_cli.convert(MODEL, out, source_options=SourceOptions(weights="none", input_shape=SHAPE))
     (data,) = [p for p in folder.iterdir() if DATA.fullmatch(p.name)]
     moved = {"outside": tmp_path / "w.data", "absolute": tmp_path / "w.data", "symlink": folder / "link.data"}[where]
     if where == "symlink":

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import bnfuse_cli
+from bnfuse_cli import SourceOptions
 from bnfuse_cli.engine.passes import PASSES, Option, Pass
 from bnfuse_cli.engine.steps import RunLayer, RunModule, SiteSpec
 from conftest import build
@@ -142,7 +143,8 @@ def test_a_registered_pass_is_recorded_rebuilt_and_verified(scale_pass: ScalePas
 
     torch.save(_toy().state_dict(), tmp_path / "orig.pth")
     out = tmp_path / "fused.safetensors"
-    report = bnfuse_cli.convert(tmp_path / "orig.pth", out, arch=ARCH, input_shape="1,3,12,12")
+    report = bnfuse_cli.convert(tmp_path / "orig.pth", out,
+                                source_options=SourceOptions(arch=ARCH, input_shape="1,3,12,12"))
     assert report.verdict.ok
     steps = read_checkpoint(out).metadata["steps"]
     assert steps[0]["scales"] == [{"scale": "scale1", "conv": "conv1"}, {"scale": "scale3", "conv": "conv3"}]
@@ -154,7 +156,7 @@ def test_a_registered_pass_is_recorded_rebuilt_and_verified(scale_pass: ScalePas
     x = torch.randn(SHAPE)
     with torch.no_grad():
         assert torch.allclose(fused(x), report_model_out(tmp_path / "orig.pth", x), rtol=1e-5, atol=1e-6)
-    checked = bnfuse_cli.verify(tmp_path / "orig.pth", out, arch=ARCH)
+    checked = bnfuse_cli.verify(tmp_path / "orig.pth", out, source_options=SourceOptions(arch=ARCH))
     assert checked.ok
     # conv1 took scale1, then bn1 in the next round: no one site of the original to compare it with
     assert [(s.kind, s.layer) for s in checked.verdict.sites if s.skipped is None] == [("scale", "conv3")]

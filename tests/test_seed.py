@@ -32,12 +32,12 @@ def test_build_draws_random_weights_from_the_seed_and_leaves_the_global_state() 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """resnet18 with random weights converted twice: by the real entry point, and by the library."""
-    from bnfuse_cli import convert
+    from bnfuse_cli import SourceOptions, convert
 
     d = tmp_path_factory.mktemp("seed")
     r = run_bnfuse("convert", "resnet18", "--weights", "none", "-o", str(d / "a.safetensors"), cwd=d)
     assert r.returncode == 0, r.stderr
-    convert("resnet18", d / "b.safetensors", weights="none")
+    convert("resnet18", d / "b.safetensors", source_options=SourceOptions(weights="none"))
     return d
 
 
@@ -97,9 +97,9 @@ def test_a_wrong_conversion_fails_in_a_few_lines(converted: Path) -> None:
     assert "17 of 20 fold sites fail their float64 check: conv1, layer1.0.conv1, layer1.0.conv2 (+14 more; -v or " \
            "--json lists them all); the worst" in " ".join(verdict.split()), verdict
     assert len(verdict.splitlines()) <= 8, verdict
-    from bnfuse_cli import verify
+    from bnfuse_cli import JudgeOptions, SourceOptions, verify
 
-    full = verify("resnet18", converted / "wrong.safetensors", weights="none", samples=1)
+    full = verify("resnet18", converted / "wrong.safetensors", JudgeOptions(samples=1), SourceOptions(weights="none"))
     assert len(full.verdict.failed_sites) == 17 and len(full.verdict.reasons) == 18  # -v and --json: every one
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import bnfuse_cli
+from bnfuse_cli import FuseOptions
 from conftest import build, round_trip
 
 pytestmark = pytest.mark.usefixtures("tests_on_path")
@@ -43,7 +44,7 @@ def test_each_wrapper_of_one_call_becomes_its_layer_exactly() -> None:
     with torch.no_grad():
         ref = model(X.double())
     plain = bnfuse_cli.fuse(model, X.double())
-    result = bnfuse_cli.fuse(model, X.double(), unwrap=True)
+    result = bnfuse_cli.fuse(model, X.double(), FuseOptions(passes={"unwrap": True}))
     assert result.ok, result.verdict.reasons
     with torch.no_grad():
         assert float((result.model(X.double()) - ref).norm() / ref.norm()) < 1e-12
