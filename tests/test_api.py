@@ -386,10 +386,12 @@ def test_the_keywords_of_0_1_still_work_with_a_deprecation_warning(tmp_path: Pat
     with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="unexpected keyword"):
         fuse(model, x, unknown=1)
     torch.save(model.state_dict(), tmp_path / "r.pth")
-    with pytest.warns(DeprecationWarning, match=r"convert\(force=\) is deprecated: pass ConvertOptions"), \
-            pytest.warns(DeprecationWarning, match="source_options"):
+    with pytest.warns(DeprecationWarning, match=r"convert\(force=\) is deprecated: pass ConvertOptions") as own, \
+            pytest.warns(DeprecationWarning, match="source_options") as loading:
         r = convert(tmp_path / "r.pth", tmp_path / "f.pth", arch="resnet18", input_shape="1,3,32,32", force=True)
     assert r.verdict.ok and r.arch == "resnet18"
+    # each warning names the caller's line, not a line of bnfuse
+    assert {Path(w.filename).name for w in (*own, *loading) if w.category is DeprecationWarning} == {"test_api.py"}
     r2 = convert(tmp_path / "r.pth", tmp_path / "f.pth", ConvertOptions(force=True),
                  SourceOptions(arch="resnet18", input_shape="1,3,32,32"))
     assert r2.plan.to_dict() == r.plan.to_dict()

@@ -330,7 +330,9 @@ def bench(models: "Sequence[str] | None" = None, settings: "BenchSettings | None
     ``arch``, ``weights``, ``input_shape``, ``allow_pickle``, ``key``, ``seed``); ``settings``
     (:class:`BenchSettings`) say how they are timed and fused, and ``progress(description, done,
     total)`` hears how far it is.
-    A model built with random weights (``weights="none"``, bench's default, so it runs offline) gets random BatchNorm statistics first.  The fold runs on
+    Without ``source_options`` the models get random weights (``weights="none"``, so bench runs offline);
+    ``SourceOptions`` takes its own ``weights`` default (``"default"``): pass ``weights="none"`` to keep
+    them random.  A model with random weights gets random BatchNorm statistics first.  The fold runs on
     the CPU in float32 through :func:`bnfuse_cli.fuse` (statistics in float64); both models are
     then cast to ``dtype`` and moved to ``device``, and run under ``autocast`` (float16 or
     bfloat16) when given.  The verdict (``rtol``/``atol`` as in ``convert`` and ``verify``)
@@ -359,7 +361,7 @@ def bench(models: "Sequence[str] | None" = None, settings: "BenchSettings | None
     weights_given = source_options is not None or isinstance(settings, SourceOptions) or "weights" in keywords
     bs, opts = split_call(BenchSettings, settings, source_options, keywords, "bnfuse_cli.bench")
     if not weights_given:
-        opts = replace(opts, weights="none")  # bench's default: random weights, runs offline
+        opts = replace(opts, weights="none")  # no source options given: random weights, runs offline
     device, dtype, autocast, batch_size, channels_last = bs.device, bs.dtype, bs.autocast, bs.batch_size, bs.channels_last
     threads, iters, warmup, time_budget, compile = bs.threads, bs.iters, bs.warmup, bs.time_budget, bs.compile
     runtime, rtol, atol, min_sample_ms = bs.runtime, bs.fuse.rtol, bs.fuse.atol, bs.min_sample_ms

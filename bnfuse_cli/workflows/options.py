@@ -142,16 +142,17 @@ def fuse_from(given: "dict[str, Any]", base: "FuseOptions | None" = None) -> Fus
     return replace(opts, **direct, passes={**opts.passes, **passes})
 
 
-def from_keywords(cls: type, options: Any, given: "dict[str, Any]", where: str) -> Any:
+def from_keywords(cls: type, options: Any, given: "dict[str, Any]", where: str, depth: int = 0) -> Any:
     """``options``, or one of ``cls`` made of the keyword arguments of a call from before the
-    options objects (``where``: the function, for the warning); both at once is refused."""
+    options objects (``where``: the function, for the warning, which names the line of the call:
+    ``depth`` more frames up when reached through a helper); both at once is refused."""
     if not given:
         return options if options is not None else cls()
     if options is not None:
         raise UsageError(f"{where}: give the options either as an options object or as keywords "
                          f"({', '.join(sorted(given))}), not both")
     warnings.warn(f"{where}({', '.join(f'{k}=' for k in sorted(given))}) is deprecated: pass "
-                  f"{cls.__name__}(...) instead", DeprecationWarning, stacklevel=3)
+                  f"{cls.__name__}(...) instead", DeprecationWarning, stacklevel=3 + depth)
     if cls is FuseOptions:
         opts = fuse_from(given)
     else:
@@ -185,4 +186,4 @@ def split_call(cls: type, options: Any, source_options: Any, keywords: "dict[str
         warnings.warn(f"{where}({', '.join(f'{k}=' for k in sorted(loading))}) is deprecated: pass "
                       "source_options=SourceOptions(...)", DeprecationWarning, stacklevel=3)
         source_options = SourceOptions.of(source_options, loading)
-    return from_keywords(cls, options, keywords, where), source_options or SourceOptions()
+    return from_keywords(cls, options, keywords, where, depth=1), source_options or SourceOptions()

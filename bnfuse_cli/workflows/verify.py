@@ -238,11 +238,11 @@ def verify(orig: "str | os.PathLike[str]", fused: "str | os.PathLike[str]", opti
     first random input.  The original also runs in float64 as the exact reference, so each output
     may differ from it by ``atol + rtol * max|ref|`` plus a few times the original's own error
     (``rtol``/``atol`` default by dtype: :data:`bnfuse_cli.checks.TOLERANCES`).  Every fold site
-    named in the fused file's record is checked on the activation that reaches it.  ``arch`` is
-    used for a file that holds only a state_dict (a bnfuse output brings its own; without ``arch``, the
-    original takes the architecture the fused file records, and the report says so in ``arch_from``; an
-    ``arch`` that disagrees with that record is a :class:`UsageError`); ``key`` picks the original's
-    weights in a checkpoint that holds several.  The report's ``ok`` is the
+    named in the fused file's record is checked on the activation that reaches it.
+    ``SourceOptions.arch`` is used for a file that holds only a state_dict (a bnfuse output brings its
+    own; without it, the original takes the architecture the fused file records, and the report says so
+    in ``arch_from``; an ``arch`` that disagrees with that record is a :class:`UsageError`);
+    ``SourceOptions.key`` picks the original's weights in a checkpoint that holds several.  The report's ``ok`` is the
     verdict; a model that cannot be loaded or run raises a :class:`BnfuseError`.
     """
     import torch
