@@ -91,6 +91,7 @@ def test_flipped_byte_in_a_tensor_record_is_refused_naming_it(tmp_path: Path, mo
         assert str(path) in msg and record in msg and "CRC-32" in msg, msg
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # a TorchScript archive is made on purpose
 def test_flipped_byte_in_the_pickle_record_and_in_a_torchscript_archive(tmp_path: Path, model: nn.Module) -> None:
     path = tmp_path / "m.pth"
     torch.save(model.state_dict(), path)

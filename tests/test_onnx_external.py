@@ -79,7 +79,7 @@ def external(monkeypatch: pytest.MonkeyPatch, tests_on_path: None) -> None:
 
 
 def test_the_decision_is_made_from_the_parameter_bytes_before_the_export(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
     assert onnxfile.parameter_bytes(model) == (12 + 3) * 4
     monkeypatch.setattr(onnxfile, "EXTERNAL_AT", 60)
     data, _ = onnxfile.export_onnx(model, (torch.randn(1, 4),), {})

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -233,9 +234,10 @@ def test_members_out_of_proportion_are_refused_naming_them(fused: Path, tmp_path
         tamper.rewrite(fused, path, drop=("data/weights/weight_0",))
     else:
         tamper.rewrite(fused, path)
-        with zipfile.ZipFile(path, "a") as zf:
+        with zipfile.ZipFile(path, "a") as zf, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Duplicate name", UserWarning)  # the point of the case
             zf.writestr(zf.namelist()[0], b"again")
-    with pytest.raises(CheckpointError, match="") as caught:
+    with pytest.raises(CheckpointError) as caught:
         bnfuse_cli.load(path)
     assert words in str(caught.value) and not isinstance(caught.value, UnsafeCheckpointError), str(caught.value)
 
