@@ -350,15 +350,15 @@ def test_site_layers_run_in_blocks_exactly(monkeypatch: pytest.MonkeyPatch, laye
                                            shape: tuple[int, ...]) -> None:
     """A large layer is checked a few output channels at a time (bounded float64 memory), with the
     same result as the whole layer."""
-    import bnfuse_cli.checks.sites as sites
+    import bnfuse_cli.checks.chains as chains
     from torch.func import functional_call
 
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    whole = functional_call(layer, sites._params64(layer), (x.double(),))
-    monkeypatch.setattr(sites, "BLOCK_BYTES", 64)  # below one output channel's weights: one block each
+    whole = functional_call(layer, chains._params64(layer), (x.double(),))
+    monkeypatch.setattr(chains, "BLOCK_BYTES", 64)  # below one output channel's weights: one block each
     calls = []
-    real = sites._blocks
-    monkeypatch.setattr(sites, "_blocks", lambda *a, **k: calls.append(1) or real(*a, **k))
-    got = sites._run_layer(layer, x)
+    real = chains._blocks
+    monkeypatch.setattr(chains, "_blocks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = chains.run_layer(layer, x)
     assert calls and got.shape == whole.shape
     assert torch.allclose(got, whole, rtol=1e-13, atol=1e-13)
