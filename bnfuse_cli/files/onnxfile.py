@@ -84,8 +84,6 @@ class OnnxExternal:
     def save(self, folder: Path, name: str) -> list[str]:
         """Write ``folder/name`` and its data file beside it (torch's own writer, then the data file renamed
         after its digest); the names of the files written besides ``name``."""
-        import onnx
-
         model = folder / name
         self.program.save(str(model), external_data=True)  # writes NAME and NAME.data
         written = folder / f"{name}.data"
@@ -95,13 +93,20 @@ class OnnxExternal:
                 digest.update(chunk)
         data = f"{name}.{digest.hexdigest()}.data"
         os.replace(written, folder / data)
-        proto = onnx.load(str(model), load_external_data=False)
-        for tensor in proto.graph.initializer:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = data
-        onnx.save(proto, str(model))
+        point_external_data(model, data)
         return [data]
+
+
+def point_external_data(model: Path, location: str) -> None:
+    """Point every external tensor of the ONNX file ``model`` at ``location`` (relative to its folder)."""
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(proto, str(model))
 
 
 def export_onnx(model: "nn.Module", args: tuple[Any, ...], metadata: dict[str, Any], *, verbose: bool = False
