@@ -541,7 +541,7 @@ MUTANTS += [
            "                self.produced.pop(r, None)", "                pass",
            FLOW_PASSES),
     _guard("flow-shape-only", "reading a tensor's shape counts as reading its values", FLOW,
-           "inputs[:1] if name in _SHAPE_OF_OTHERS else inputs", "inputs", FLOW_PASSES),
+           "tensors_in(args[:1]) if name in SELF_ONLY else inputs", "inputs", FLOW_PASSES),
     _guard("flow-copies", "a copy made for its path counts the original's other readers", FLOW,
            "        for name, _ in () if key in self.copies else need.once:",
            "        for name, _ in need.once:",

@@ -5,8 +5,9 @@ computed, on the activation that reached it.  It cannot see what the chain's *re
 for elsewhere: a conv whose output a residual also reads, a BatchNorm after only one of a layer's two
 calls, a Linear the model also calls on another input.  Those are data-flow facts, and a pass that
 misreads the data flow would describe its mistake to the judge as a correct chain.  So the judge
-watches one plain run of the original itself, with its own hooks and its own ``TorchFunctionMode``,
-sharing nothing with the engine's recorder, and holds each site to two facts of that run:
+watches one plain run of the original itself, with its own hooks and its own ``TorchFunctionMode``
+(it shares the names of ops with the engine's recorder, :mod:`bnfuse_cli.engine.ops`, not its reading
+of the model), and holds each site to two facts of that run:
 
 * the layer the site keeps (the one its fused side runs) **ran no more often than anything else the
   site rewrites** (a module that holds tensors, or a block whose own code the site replays): a layer
@@ -29,6 +30,9 @@ import contextlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
+
+from ..engine.ops import SELF_ONLY, VALUE_FREE, op_name
+from ..engine.record import tensors_in
 
 if TYPE_CHECKING:
     from torch import nn
@@ -89,13 +93,6 @@ def flow_needs(spec: Any) -> FlowNeeds:
                      tuple(dict.fromkeys(once)))
 
 
-#: operations that read only the shape, dtype or device of their tensors
-_SHAPE_ONLY = frozenset({"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
-                         "randint_like", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"})
-#: operations that read their first tensor, and only the shape or dtype of the others
-_SHAPE_OF_OTHERS = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})
-
-
 def _has(model: "nn.Module", name: str) -> bool:
     try:
         model.get_submodule(name)
@@ -109,13 +106,6 @@ def _holds_tensors(module: "nn.Module") -> bool:
 
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers()) or any(
         isinstance(v, torch.Tensor) for v in vars(module).values())
-
-
-def _tensors(value: Any) -> list[Any]:
-    import torch
-    from torch.utils._pytree import tree_leaves
-
-    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
 class _Run:
@@ -144,7 +134,7 @@ class _Run:
             if name in self.nexts:
                 counter: list[Any] = [name, 0, 0]  # module, reads by others, reads by its next module
                 self.counters.append(counter)
-                for t in _tensors(out):
+                for t in tensors_in(out):
                     self.produced.setdefault(t, []).append(counter)
         return hook
 
@@ -158,19 +148,19 @@ class _Run:
 
     def returned(self, mod: Any, args: Any, out: Any) -> None:  # the model's output is read by its caller
         if self.produced:
-            self.read(_tensors(out))
+            self.read(tensors_in(out))
 
     def op(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         """An operation ran: it read what it was given (a query, a shape, reads nothing); a result that is
         one of its inputs was updated in place and holds another value now."""
         if not self.produced:
             return
-        results = _tensors(out)
+        results = tensors_in(out)
         if not results:
             return
-        inputs = _tensors((args, kwargs))
-        name = getattr(func, "__name__", "")
-        self.read([] if name in _SHAPE_ONLY else inputs[:1] if name in _SHAPE_OF_OTHERS else inputs)
+        inputs = tensors_in((args, kwargs))
+        name = op_name(func)
+        self.read([] if name in VALUE_FREE else tensors_in(args[:1]) if name in SELF_ONLY else inputs)
         for r in results:
             if any(r is t for t in inputs):
                 self.produced.pop(r, None)
