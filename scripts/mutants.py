@@ -290,7 +290,7 @@ MUTANTS += [
     _guard("std-never-called", "a standardising conv never called is replaced", STD,
            "            elif not rec.calls.get(id(m)):", "            elif False:"),
     _guard("std-hooks", "a standardising conv with hooks is replaced, its hooks dropped", STD,
-           "            elif hooks(m, name, rec):  # a plain conv takes its place", "            elif False:"),
+           "            elif why := hooks(m, name, rec):  # a plain conv takes its place", "            elif False:"),
     # chain (engine/passes/chain.py: its guards are listed in tests/test_guards.py)
     _guard("chain-read-elsewhere", "a chain step whose result is read elsewhere too is folded", CHAIN,
            '        if len(node.users) != 1:\n            return None, [], [], f"the result',

@@ -39,12 +39,15 @@ class SiteCheck:
         return self.flow is None and (self.skipped is not None or self.rel_error <= self.tolerance)
 
     @property
-    def badness(self) -> float:
-        """How far past its limit the site is (a data-flow failure: without limit)."""
-        if self.flow is not None:
-            return math.inf
+    def ratio(self) -> float:
+        """Its float64 error over its limit (0 where it was not checked)."""
         return 0.0 if self.skipped is not None or math.isnan(self.rel_error) else \
             self.rel_error / max(self.tolerance, 1e-300)
+
+    @property
+    def badness(self) -> float:
+        """How far past its limit the site is (a data-flow failure: without limit)."""
+        return math.inf if self.flow is not None else self.ratio
 
     def why(self) -> str:
         """Why the site fails, in words."""

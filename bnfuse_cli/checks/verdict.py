@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +30,7 @@ class Verdict:
     @property
     def worst_site(self) -> "SiteCheck | None":
         checked = [s for s in self.sites if s.skipped is None]
-        return max(checked, key=lambda s: 0.0 if math.isnan(s.rel_error) else s.rel_error / max(s.tolerance, 1e-300),
-                   default=None)
+        return max(checked, key=lambda s: s.ratio, default=None)
 
     @property
     def ok(self) -> bool:

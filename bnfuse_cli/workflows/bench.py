@@ -43,7 +43,6 @@ from .runtimes import RUNTIMES, check_runtime, ort_op_counts, programs
 from .timing import Contention, LoadMeter, backend_flags, choose_threads, environment, first_call, machine_info, race
 from .options import BenchSettings, split_call
 from .source import SourceOptions, prepare
-from ..engine.passes import options as pass_options
 
 if TYPE_CHECKING:
     import torch
@@ -119,7 +118,7 @@ class _Settings:
     race_threads: int = 1
     #: what both models run in: one of :data:`RUNTIMES`
     runtime: str = "eager"
-    #: the options of the passes that make the fused side, by name (the table's defaults for the rest)
+    #: the options of the passes that make the fused side, by name, every one set (``FuseOptions.resolved``)
     passes: "dict[str, bool]" = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,7 +130,7 @@ class _Settings:
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""), "autocast": self.autocast,
             "batch_size": batch,
             "input_shape": shape if isinstance(shape, (str, type(None))) else list(shape),
-            "runtime": self.runtime, **{o.name: o.value(self.passes, names_reach_user=False) for o in pass_options()},
+            "runtime": self.runtime, **self.passes,
             "channels_last": self.channels_last, "threads": self.threads, "compile": self.compile, "iters": self.iters,
             "warmup": self.warmup, "time_budget_s": self.time_budget, "min_sample_ms": self.min_sample_ms,
             "weights": self.source.weights, "rtol": self.rtol, "atol": self.atol, "seed": self.seed,

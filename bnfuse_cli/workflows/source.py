@@ -46,8 +46,8 @@ class SourceOptions:
 
     def __post_init__(self) -> None:
         check_shape_option(self.input_shape)
-        if seed_problem(self.seed):
-            raise UsageError(f"--seed: {seed_problem(self.seed)}")
+        if why := seed_problem(self.seed):
+            raise UsageError(f"--seed: {why}")
 
     @classmethod
     def of(cls, options: "SourceOptions | None", given: "dict[str, Any]") -> "SourceOptions":

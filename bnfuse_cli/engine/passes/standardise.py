@@ -82,8 +82,8 @@ class StandardisePass(Pass, name="standardise", key="standardised", left_key="st
             elif not rec.calls.get(id(m)):
                 plan.left_by(self.name).append(StandardiseLeft(name, (
                     f"{name} is never called on the example input (unused, or in a branch not taken)")))
-            elif hooks(m, name, rec):  # a plain conv takes its place
-                plan.left_by(self.name).append(StandardiseLeft(name, hooks(m, name, rec)))
+            elif why := hooks(m, name, rec):  # a plain conv takes its place
+                plan.left_by(self.name).append(StandardiseLeft(name, why))
             else:
                 plan.of(self.name).append(Standardised(name))
 
