@@ -532,7 +532,7 @@ MUTANTS += [
            "            if fewer and kept in seen:", "            if False:",
            WRONG_SITE + "[fold-called-elsewhere]", WRONG_SITE + "[fn-called-twice]"),
     _guard("flow-reads", "a site whose removed value something else read passes", FLOW,
-           "            if self.reads.get(name, 0) > 0:", "            if False:",
+           "            if (n := self.reads.get(name, 0)) > 0:", "            if False:",
            WRONG_SITE + "[fold-other-reader]", WRONG_SITE + "[layout-read-elsewhere]"),
     _guard("flow-returned", "a value the model returns is not counted as read", FLOW,
            "        handles = [model.register_forward_hook(run.returned)]", "        handles = []",

@@ -631,3 +631,27 @@ def test_json_report_is_atomic_and_the_interrupt_message_true(tmp_path: Path, mo
     else:
         assert f"after writing {report}" in res.stderr and json.loads(report.read_text())["bn_found"] == 20
     assert sorted(p.name for p in tmp_path.iterdir()) == (["plan.json"] if stage == "placed" else [])
+
+
+def test_a_zip_directory_that_claims_another_disk_is_exit_2(tmp_path: Path) -> None:
+    """``zipfile.is_zipfile`` itself raises on a directory that names another disk ("zipfiles that span
+    multiple disks"): a damaged checkpoint all the same, exit 2 naming it, no traceback."""
+    from conftest import run_in_process
+
+    path = tmp_path / "ck.pth"
+    torch.save(randomize_bn(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))).state_dict(), path)
+    data = bytearray(path.read_bytes())
+    data[data.rindex(b"PK\x06\x07") + 4] = 1  # torch writes zip64: its locator's "disk of the zip64 directory"
+    path.write_bytes(bytes(data))
+    r = run_in_process("inspect", str(path), "--arch", "resnet18")
+    assert r.returncode == 2 and f"{path} cannot be read as a PyTorch checkpoint" in r.stderr, r.stderr
+
+
+def test_a_safetensors_header_nested_too_deep_is_exit_2(tmp_path: Path) -> None:
+    from conftest import run_in_process
+
+    path = tmp_path / "deep.safetensors"
+    header = b"[" * 100_000 + b"]" * 100_000
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    r = run_in_process("inspect", str(path), "--arch", "resnet18")
+    assert r.returncode == 2 and "the header is not valid JSON (RecursionError" in r.stderr, r.stderr

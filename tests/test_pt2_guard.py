@@ -251,3 +251,39 @@ def test_a_truncated_pt2_says_so(fused: Path, tmp_path: Path) -> None:
     other.write_bytes(b"\x00\x01" * 100)
     with pytest.raises(CheckpointError, match=r"it is not a zip archive, as every \.pt2 is \(it starts with "):
         bnfuse_cli.load(other)
+
+
+def test_a_constant_of_any_name_read_as_raw_bytes_is_held_to_its_record(fused: Path, tmp_path: Path) -> None:
+    """torch reads every entry not marked ``use_pickle`` as raw bytes, whatever its name, and an empty record
+    as zeros of the declared size: a 2 GiB constant declared over an empty member is refused before torch
+    allocates it."""
+    config = json.loads(tamper.member(fused, "data/constants/model_constants_config.json"))
+    one = {"as_int": 1}
+    config["config"]["x"] = {"path_name": "x", "is_param": False, "use_pickle": False, "tensor_meta": {
+        "dtype": 7, "sizes": [{"as_int": 1 << 29}], "strides": [one], "storage_offset": {"as_int": 0},
+        "requires_grad": False, "device": {"type": "cpu", "index": None}, "layout": 7}}
+    bad = tamper.rewrite(fused, tmp_path / "zeros.pt2",
+                         {"data/constants/model_constants_config.json": json.dumps(config).encode()},
+                         {"data/constants/x": b""})
+    with pytest.raises(CheckpointError, match=r"its member data/constants/x would take 2,147,483,648 bytes when "
+                                              r"read, from an empty record"):
+        bnfuse_cli.load(bad)
+
+
+@pytest.mark.parametrize("folder, words", [
+    ("extra", r"its members under extra/ \(12\) would take 12,582,912 bytes when read, all together, as extra files"),
+    ("data", r"its members \(\d+\) would take [\d,]+ bytes when read, all together, from [\d,]+ bytes on disk"),
+])
+def test_many_members_each_under_its_limit_are_refused_together(fused: Path, tmp_path: Path, folder: str,
+                                                                words: str) -> None:
+    """Each member of 1 MiB of zeros (a few KB on disk) passes its own limit; twelve of them are a zip bomb: under
+    ``extra/`` torch reads each whole, elsewhere their sum is out of proportion to the file."""
+    bomb = tmp_path / "many.pt2"
+    tamper.rewrite(fused, bomb)
+    with zipfile.ZipFile(bomb, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        root = zf.namelist()[0].split("/", 1)[0]
+        for i in range(12):
+            zf.writestr(f"{root}/{folder}/padding{i}", bytes(1 << 20))
+    assert bomb.stat().st_size < fused.stat().st_size + (1 << 20)
+    with pytest.raises(CheckpointError, match=words):
+        bnfuse_cli.load(bomb)

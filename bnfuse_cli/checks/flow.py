@@ -246,8 +246,7 @@ class FlowWatch:
         if len({self.calls[n] for n in need.parallel if n in self.hooked}) > 1:
             return f"the original ran {said(need.parallel)}: the branches of the site ran unequally often"
         for name, _ in () if key in self.copies else need.once:
-            if self.reads.get(name, 0) > 0:
-                return (f"the original read {name}'s output {self.reads[name]} more time{'s' if self.reads[name] > 1 else ''}"
-                        " in one call than on its way through the site: the site removes a value something else "
-                        "reads too")
+            if (n := self.reads.get(name, 0)) > 0:
+                return (f"the original read {name}'s output {n} more time{'s' if n > 1 else ''} in one call than on "
+                        "its way through the site: the site removes a value something else reads too")
         return None

@@ -3,12 +3,12 @@ safetensors' dtype names and sizes, a tensor's bytes in file order, and one-line
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["META_KEY", "CHUNK", "ST_SIZES", "st_dtype", "byte_view", "first_line"]
+__all__ = ["META_KEY", "CHUNK", "ST_SIZES", "st_dtype", "byte_view", "first_line", "looks_zipped"]
 
 #: the key bnfuse's metadata lives under (a .pth dict key, a .safetensors ``__metadata__`` entry)
 META_KEY = "bnfuse"
@@ -52,3 +52,15 @@ def first_line(msg: str, after: str = "") -> str:
         msg = msg[msg.find(after) + len(after):]
     lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
     return lines[0] if lines else "no details"
+
+
+def looks_zipped(file: "Any") -> bool:
+    """``zipfile.is_zipfile(file)`` (a path or a binary file), which raises on some damaged directories
+    (``BadZipFile``: "zipfiles that span multiple disks"): such a file looks zipped, and opening it as an
+    archive then says what is wrong with it."""
+    import zipfile
+
+    try:
+        return zipfile.is_zipfile(file)
+    except Exception:  # noqa: BLE001 - BadZipFile, struct.error, ValueError from a damaged directory
+        return True

@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .formats import CHUNK, ST_SIZES, first_line
+from .formats import CHUNK, ST_SIZES, first_line, looks_zipped
 
 __all__ = ["check_file", "check_torch_file", "check_safetensors", "check_zip_records"]
 
@@ -80,7 +80,7 @@ def check_torch_file(path: Path, what: str = "checkpoint") -> None:
     """Refuse a damaged PyTorch file before anything is parsed from it: every record of a zip archive is
     streamed through ``zipfile`` a chunk at a time, which checks its CRC-32 (``torch.load`` does not: a
     flipped byte would load silently).  Legacy (non-zip) torch files carry no checksum to check."""
-    if zipfile.is_zipfile(path):
+    if looks_zipped(path):
         _check_zip_records(path, what)
 
 
@@ -175,5 +175,5 @@ def _raw_header(path: Path) -> "tuple[int, int, object] | str":
             return f"the header length {n} is impossible (the file has {size} bytes)"
         try:
             return size, n, json.loads(fh.read(n))
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-            return f"the header is not valid JSON ({exc})"
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError; nesting too deep
+            return f"the header is not valid JSON ({type(exc).__name__}: {first_line(str(exc))})"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 from ..errors import CheckpointError, UnsafeCheckpointError
-from .formats import first_line
+from .formats import first_line, looks_zipped
 from .integrity import check_zip_records
 from .pt2graph import unsafe_graph_parts
 from .unpickle import _unsafe_detail
@@ -33,6 +33,8 @@ __all__ = ["checked_pt2", "EXTRA_LIMIT", "META_LIMIT", "JSON_LIMIT", "PICKLE_LIM
 
 #: the largest ``extra/`` member other than bnfuse's record (torch reads each one whole, as text)
 EXTRA_LIMIT = 1 << 20
+#: all of them together
+EXTRA_TOTAL = 8 << 20
 #: the largest bnfuse record (``extra/bnfuse.json``)
 META_LIMIT = 64 << 20
 #: the largest JSON member torch parses (the graph, the weight and constant configs)
@@ -103,29 +105,40 @@ def _members(zf: zipfile.ZipFile, path: Path) -> "dict[str, zipfile.ZipInfo]":
 
 
 def _too_big(path: Path, member: str, size: int, why: str) -> CheckpointError:
+    """``member``: ``member NAME``, or what several members are."""
     return CheckpointError(
-        f"{path}: its member {member} would take {size:,} bytes when read, {why}. bnfuse refused before "
+        f"{path}: its {member} would take {size:,} bytes when read, {why}. bnfuse refused before "
         "decompressing it: an archive that claims far more than it holds is a zip bomb. Ask for the file "
         "again, or export it anew with torch.export.save")
 
 
 def _sizes_in_directory(members: "dict[str, zipfile.ZipInfo]", path: Path) -> None:
-    """Each member's size, as the zip directory declares it, against what that member may hold."""
+    """Each member's size, as the zip directory declares it, against what that member may hold; then all of
+    them together (many members each just under its limit)."""
     from torch.export.pt2_archive import constants as c
 
     for name, info in members.items():
         if info.file_size > MAX_EXPANSION * info.compress_size + _SLACK:
-            raise _too_big(path, name, info.file_size, f"from {info.compress_size:,} bytes on disk (more than "
-                           f"{MAX_EXPANSION} times its stored size; torch.export.save stores members uncompressed)")
+            raise _too_big(path, f"member {name}", info.file_size, f"from {info.compress_size:,} bytes on disk (more "
+                           f"than {MAX_EXPANSION} times its stored size; torch.export.save stores members uncompressed)")
         if name.startswith(c.EXTRA_DIR):
             limit = META_LIMIT if name == f"{c.EXTRA_DIR}bnfuse.json" else EXTRA_LIMIT
             if info.file_size > limit:
-                raise _too_big(path, name, info.file_size, f"as an extra file that torch.export.load reads whole "
-                               f"(bnfuse allows {limit:,} bytes there)")
+                raise _too_big(path, f"member {name}", info.file_size, "as an extra file that torch.export.load reads "
+                               f"whole (bnfuse allows {limit:,} bytes there)")
         elif name.endswith(".json") or name in (c.ARCHIVE_FORMAT_PATH, c.ARCHIVE_VERSION_PATH):
             if info.file_size > JSON_LIMIT:
-                raise _too_big(path, name, info.file_size, f"as a record torch parses whole (bnfuse allows "
+                raise _too_big(path, f"member {name}", info.file_size, f"as a record torch parses whole (bnfuse allows "
                                f"{JSON_LIMIT:,} bytes)")
+    extra = [i.file_size for n, i in members.items() if n.startswith(c.EXTRA_DIR) and n != f"{c.EXTRA_DIR}bnfuse.json"]
+    if sum(extra) > EXTRA_TOTAL:
+        raise _too_big(path, f"members under {c.EXTRA_DIR} ({len(extra):,})", sum(extra), "all together, as extra "
+                       f"files that torch.export.load reads whole (bnfuse allows {EXTRA_TOTAL:,} bytes of them)")
+    stored = sum(i.compress_size for i in members.values())
+    total = sum(i.file_size for i in members.values())
+    if total > MAX_EXPANSION * stored + _SLACK:
+        raise _too_big(path, f"members ({len(members):,})", total, f"all together, from {stored:,} bytes on disk "
+                       f"(more than {MAX_EXPANSION} times their stored size)")
 
 
 class _Archive:
@@ -190,7 +203,10 @@ class _Archive:
                     self.c.TENSOR_CONSTANT_FILENAME_PREFIX)
                 if entry.get("use_pickle") or not raw:  # a pickled tensor, a custom or opaque object
                     self._pickled_size(record)
+                if entry.get("use_pickle"):
                     continue
+                # torch reads every other entry as raw bytes, whatever its name (an empty record: zeros of
+                # the size its config declares)
                 if record not in self.members:
                     raise CheckpointError(f"{self.path} is corrupt: {name} keeps {fqn!r} in {record}, which the "
                                           "archive does not have")
@@ -200,7 +216,7 @@ class _Archive:
             if size > span or (size == 0 and span > 0):
                 why = (f"but its config declares {span:,} bytes of weights in it" if size else
                        f"from an empty record, as zeros of the {span:,} bytes its config declares")
-                raise _too_big(self.path, record, max(size, span), why)
+                raise _too_big(self.path, f"member {record}", max(size, span), why)
         for model in self.models:  # members torch unpickles with the weights_only fallback
             for record in self._fallback_pickles(model):
                 self._pickled_size(record)
@@ -215,8 +231,8 @@ class _Archive:
     def _pickled_size(self, record: str) -> None:
         info = self.members.get(record)
         if info is not None and info.file_size > PICKLE_LIMIT:
-            raise _too_big(self.path, record, info.file_size, f"as a pickle torch reads whole (bnfuse allows "
-                           f"{PICKLE_LIMIT:,} bytes)")
+            raise _too_big(self.path, f"member {record}", info.file_size, "as a pickle torch reads whole (bnfuse "
+                           f"allows {PICKLE_LIMIT:,} bytes)")
 
     def check_code(self) -> None:
         """Refuse every member torch would run, naming it (:class:`UnsafeCheckpointError`)."""
@@ -283,9 +299,12 @@ def _weights_only_refusal(data: bytes) -> "str | None":
     import torch
 
     buf = io.BytesIO(data)
-    if zipfile.is_zipfile(buf):
-        with zipfile.ZipFile(buf) as inner:
-            claimed = sum(i.file_size for i in inner.infolist())
+    if looks_zipped(buf):
+        try:
+            with zipfile.ZipFile(buf) as inner:
+                claimed = sum(i.file_size for i in inner.infolist())
+        except Exception as exc:  # noqa: BLE001 - a damaged directory raises BadZipFile, ValueError, struct.error...
+            return f"it is a damaged zip archive ({first_line(str(exc))})"
         if claimed > max(PICKLE_LIMIT, MAX_EXPANSION * len(data)):
             return f"its records claim {claimed:,} bytes"
     buf.seek(0)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, UnsafeCheckpointError
-from .formats import first_line
+from .formats import first_line, looks_zipped
 
 __all__ = ["torch_load"]
 
@@ -22,7 +22,7 @@ def torch_load(path: Path, allow_pickle: bool) -> Any:
 
     import torch
 
-    zipped = zipfile.is_zipfile(path)
+    zipped = looks_zipped(path)
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4" and similar are noise here
             warnings.simplefilter("ignore")
