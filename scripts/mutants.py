@@ -542,6 +542,8 @@ MUTANTS += [
            FLOW_PASSES),
     _guard("flow-shape-only", "reading a tensor's shape counts as reading its values", FLOW,
            "tensors_in(args[:1]) if name in SELF_ONLY else inputs", "inputs", FLOW_PASSES),
+    _guard("flow-value-free", "a zeros_like counts as reading the values of its tensor", FLOW,
+           "        self.read([] if name in VALUE_FREE else", "        self.read([] if False else", FLOW_PASSES),
     _guard("flow-copies", "a copy made for its path counts the original's other readers", FLOW,
            "        for name, _ in () if key in self.copies else need.once:",
            "        for name, _ in need.once:",

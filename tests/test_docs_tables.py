@@ -34,13 +34,3 @@ def test_a_changed_option_shows_in_the_readme_table(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(type(by_name("horizontal")), "option", type(option)(option.name, "Something else.", option.default))
     assert script.differing() == ["README.md: pass-flags", "docs/commands.md: pass-flags"]
 
-
-def test_every_format_and_every_option_has_its_row() -> None:
-    from bnfuse_cli.engine.passes import PASSES
-    from bnfuse_cli.files.table import FORMATS
-
-    script = _script()
-    readme = (ROOT / "README.md").read_text()
-    assert all(f"| {f.what} |" in readme for f in FORMATS)
-    assert all(p.option.flag in readme for p in PASSES if p.option)
-    assert len(script.passes()) == 2 + len(PASSES)

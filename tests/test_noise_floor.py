@@ -46,6 +46,22 @@ def test_a_wrong_fold_of_it_is_still_refused(monkeypatch: pytest.MonkeyPatch) ->
     assert not result.verdict.outputs["example input"].ok  # end to end too, floor and all
 
 
+def test_the_floor_is_the_rounding_of_the_peak_no_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The floor held from above: an output error of 20 units of float64 rounding at the activations' peak
+    (about 1e8 here: eps x 1e8, some 4e-7 at outputs near 1, added to the head's bias, which no site checks
+    against the outputs) is refused end to end; a floor ten times too generous would let it through."""
+    peak = bnfuse_cli.fuse(_model(), X).verdict.outputs["example input"].floor / torch.finfo(torch.float64).eps
+    assert 1e7 < peak < 1e9  # the model reaches ~1e8, as it is built to
+
+    def corrupt(m: torch.nn.Module) -> None:
+        with torch.no_grad():
+            m.head.bias.add_(20 * torch.finfo(torch.float64).eps * 1e8)
+
+    corrupt_after_rewrite(monkeypatch, corrupt)
+    check = bnfuse_cli.fuse(_model(), X).verdict.outputs["example input"]
+    assert not check.ok, (check.leaf_err, check.allowed())
+
+
 def test_verify_of_a_float64_model_uses_the_same_floor(tmp_path: Path) -> None:
     torch.save(_model().state_dict(), tmp_path / "orig.pth")
     out = tmp_path / "fused.pth"

@@ -121,7 +121,7 @@ def Tokens() -> nn.Module:  # noqa: N802
 class Accumulating(nn.Module):
     """timm's MobileOne: the first branch's output is the accumulator (``out = a(x); out += b(x)``), the
     block's output read by the next block's three convs; one ReLU module used twice; a LeViT-like
-    ``bn(linear(x).flatten(0, 1)).reshape_as(y)`` reading ``y`` for its shape only."""
+    ``bn(linear(x).flatten(0, 1)).reshape_as(y)`` and a ``zeros_like(y)`` reading ``y`` for its shape only."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -140,7 +140,7 @@ class Accumulating(nn.Module):
         out += self.d(y)
         t = self.act(out).flatten(2).transpose(1, 2)
         z = self.fc(t)
-        return self.bn(z.flatten(0, 1)).reshape_as(z)
+        return self.bn(z.flatten(0, 1)).reshape_as(z) + torch.zeros_like(z)  # zeros_like reads z's shape only
 
 
 def test_accumulating_in_place_sharing_an_activation_and_reading_a_shape_pass() -> None:
