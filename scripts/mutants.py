@@ -84,7 +84,7 @@ MUTANTS = [
     Mutant(
         "zip-unchecked", "read_checkpoint skips the CRC-32 check of a .pth zip (only a .zip suffix is checked)",
         "bnfuse_cli/files/integrity.py",
-        "    if zipfile.is_zipfile(path):\n        _check_zip_records(path, what)\n",
+        "    if looks_zipped(path):\n        _check_zip_records(path, what)\n",
         '    if path.suffix.lower() == ".zip":\n        _check_zip_records(path, what)\n',
         ("tests/test_checkpoint.py::test_damaged_files_always_give_a_checkpoint_error",
          "tests/test_faults.py::test_flipped_byte_in_a_tensor_record_is_refused_naming_it"),
