@@ -9,7 +9,7 @@ module: each pass's items are its own types.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = ["Skip", "Plan", "Analysis"]
 
@@ -21,6 +21,21 @@ class Skip:
 
     norm: str
     reason: str
+
+    #: how a reason joins what stops the fold into the layer before the BatchNorm and what stops the one into
+    #: the layer after it (the one place the sentence is made and read back)
+    AFTER: ClassVar[str] = "; nor can it fold into the layer after it: "
+
+    @classmethod
+    def of(cls, norm: str, back: "str | None", forward: "str | None") -> "Skip":
+        """A BatchNorm that folds neither way, its reason naming both blockers (either may be missing)."""
+        return cls(norm, f"{back}{cls.AFTER}{forward}" if back and forward else back or forward or "not foldable")
+
+    @property
+    def parts(self) -> "tuple[str, str | None]":
+        """(what stops the fold before, what stops the one after; None when the reason names no fold after)."""
+        back, sep, forward = self.reason.partition(self.AFTER)
+        return back, (forward if sep else None)
 
 
 @dataclass

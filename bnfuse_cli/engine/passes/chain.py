@@ -163,7 +163,7 @@ class ChainPass(AffineFold, name="chain", key="chain_folds", left_key="chain_lef
         """Each BatchNorm the fold pass left after an affine step: folded with its chain, or its
         reason (replacing the fold pass's, which could only say what it follows)."""
         skipped = {s.norm: s for s in plan.skipped}
-        for name, reason in [(s.norm, s.reason) for s in plan.skipped]:
+        for name in [s.norm for s in plan.skipped]:
             norm = model.get_submodule(name)
             calls = rec.calls.get(id(norm), [])
             rule, _ = norm_rule(norm)
@@ -186,8 +186,8 @@ class ChainPass(AffineFold, name="chain", key="chain_folds", left_key="chain_lef
             if why is None:
                 why = self._refusal(model, producer, rec, escapes)
             if why is not None:
-                back, nor, forward = reason.partition("; nor can it fold")
-                skipped[name] = Skip(name, f"{back} (through the affine steps before it: {why}){nor}{forward}")
+                back, forward = skipped[name].parts
+                skipped[name] = Skip.of(name, f"{back} (through the affine steps before it: {why})", forward)
                 continue
             plan.of(self.name).append(ChainFold(block_name, name, producer, tuple(steps)))
             del skipped[name]

@@ -118,9 +118,9 @@ def _linear_problem(reader: Any, rec: "Recorder") -> "str | None":
 
 def _forward_reason(skip: Skip, why: str) -> Skip:
     """The fold pass's refusal with what stops the fold into the layer after it replaced by ``why``."""
-    back, sep, _ = skip.reason.partition("; nor can it fold into the layer after it: ")
-    return Skip(skip.norm, f"{back}; nor can it fold into the layer after it: {why}" if sep else
-                f"{skip.reason}; nor can it fold into a Linear after it: {why}")
+    back, forward = skip.parts
+    return Skip.of(skip.norm, back, why) if forward is not None else \
+        Skip(skip.norm, f"{skip.reason}; nor can it fold into a Linear after it: {why}")
 
 
 LAYOUT = LayoutPass()

@@ -140,13 +140,9 @@ def _other_reader(
 
 def _try_backward(
     norm: "nn.Module", calls: list[Call], rec: Recorder, out_ids: dict[int, str]
-) -> "tuple[list[tuple[nn.Module, tuple[int, int]]], str | None, bool]":
+) -> "tuple[list[tuple[nn.Module, tuple[int, int]]], str | None]":
     """Producers this norm folds into, each with the norm channels it gives, or why it cannot
-    fold backward.
-
-    The third value says whether a Conv/Linear produced the norm's input at all (so the reason
-    is about that layer) rather than something else (an activation, the model input).
-    """
+    fold backward."""
     ranges: dict[int, tuple[int, int]] = {}
     producers: list["nn.Module"] = []
     fed: dict[int, _Segment] = {}
@@ -154,25 +150,25 @@ def _try_backward(
         x = call.input
         segs, why = _segments(x, norm, rec)
         if segs is None:
-            return [], why, False
+            return [], why
         via = segs[0].via
         if via is not None:  # the reshaped or concatenated tensor itself
             other = _other_reader(rec.reads.get(id(x), []), norm, None)
             what = f"the {via} of {', '.join(dict.fromkeys(s.call.name for s in segs))}"
             if other is not None:
-                return [], f"{what} is also read by {other[1]} in {where(other[0])}", True
+                return [], f"{what} is also read by {other[1]} in {where(other[0])}"
             if id(x) in out_ids:
-                return [], f"{what} is also {out_ids[id(x)]}", True
+                return [], f"{what} is also {out_ids[id(x)]}"
         for seg in segs:
             pname = seg.call.name
             other = _other_reader(rec.reads.get(id(seg.src), []), norm, via)
             if other is not None:
-                return [], f"output of {pname} is also read by {other[1]} in {where(other[0])}", True
+                return [], f"output of {pname} is also read by {other[1]} in {where(other[0])}"
             if id(seg.src) in out_ids:
-                return [], f"output of {pname} is also {out_ids[id(seg.src)]}", True
+                return [], f"output of {pname} is also {out_ids[id(seg.src)]}"
             p = seg.call.module
             if ranges.setdefault(id(p), (seg.start, seg.stop)) != (seg.start, seg.stop):
-                return [], f"{pname} gives different channels of this BatchNorm on different calls", True
+                return [], f"{pname} gives different channels of this BatchNorm on different calls"
             fed[id(seg.src)] = seg
             if p not in producers:
                 producers.append(p)
@@ -181,10 +177,10 @@ def _try_backward(
         pname = rec.names.get(id(p), "?")
         pcalls = rec.calls.get(id(p), [])
         if any(id(c.output) not in fed for c in pcalls):
-            return [], f"{pname} is called {len(pcalls)} times and not every output feeds this BatchNorm", True
+            return [], f"{pname} is called {len(pcalls)} times and not every output feeds this BatchNorm"
         problem = producer_problem(p, rec)
         if problem:
-            return [], problem, True
+            return [], problem
         rule, _ = producer_rule(p)
         for c in pcalls:
             out, seg = c.output, fed[id(c.output)]
@@ -194,15 +190,15 @@ def _try_backward(
                 return [], (
                     f"the output of {pname} is {out.dim()}-D {tuple(out.shape)}: {type(norm).__name__} "
                     "normalises axis 1, not the Linear's feature axis (the last one)"
-                ), True
+                )
             want = seg.stop - seg.start
             if out.dim() < 2 or out.shape[1] != want or (seg.via is None and want != channels):
                 got = out.shape[1] if out.dim() > 1 else "?"
-                return [], f"{pname} output has {got} channels, the BatchNorm {channels}", True
+                return [], f"{pname} output has {got} channels, the BatchNorm {channels}"
     if max(stop for _, stop in ranges.values()) != channels:
         names = ", ".join(rec.names.get(id(p), "?") for p in producers)
-        return [], f"the cat of {names} does not give the BatchNorm's {channels} channels", True
-    return [(p, ranges[id(p)]) for p in producers], None, True
+        return [], f"the cat of {names} does not give the BatchNorm's {channels} channels"
+    return [(p, ranges[id(p)]) for p in producers], None
 
 
 def _try_forward(
@@ -262,14 +258,6 @@ def _try_forward(
     return target, None
 
 
-def _skip_reason(back: "str | None", after_producer: bool, forward: "str | None") -> str:
-    """One message for a norm that folds neither way, naming both blockers: what stops the fold
-    into the layer before it, then what stops the one into the layer after it."""
-    if back and forward:
-        return f"{back}; nor can it fold into the layer after it: {forward}"
-    return back or forward or "not foldable"
-
-
 def _unfoldable(module: "nn.Module", rule: Any, reason: "str | None", rec: Recorder) -> "str | None":
     """Why this BatchNorm cannot fold at all, whatever its neighbours (None: it may)."""
     if rule is None:
@@ -295,7 +283,7 @@ def _plan_norm(name: str, module: "nn.Module", rec: Recorder, out_ids: dict[int,
         plan.skipped.append(Skip(name, why))
         return
     calls = rec.calls[id(module)]
-    producers, back_reason, after_producer = _try_backward(module, calls, rec, out_ids)
+    producers, back_reason = _try_backward(module, calls, rec, out_ids)
     if producers:
         if not any(id(p) in used_producers for p, _ in producers):
             whole = (0, channel_count(module))
@@ -309,7 +297,7 @@ def _plan_norm(name: str, module: "nn.Module", rec: Recorder, out_ids: dict[int,
     if target is not None:
         plan.folds.append(Fold(name, rec.names[id(target)], "forward", rule.replacement))
         return
-    plan.skipped.append(Skip(name, _skip_reason(back_reason, after_producer, next_reason)))
+    plan.skipped.append(Skip.of(name, back_reason, next_reason))
 
 
 def find_folds(model: "nn.Module", rec: Recorder, out_ids: "dict[int, str]", plan: Plan) -> None:

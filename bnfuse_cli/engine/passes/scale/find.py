@@ -22,6 +22,7 @@ from ...guards import hooks, producer_problem
 from ...patterns import is_norm_like, is_producer_like, producer_rule
 from ...reach import OPS, follow
 from ...sums import channel_affine, constant_operand, held_value, per_channel_axis
+from ...plan import Skip
 from ..base import OMIT_EMPTY
 
 if TYPE_CHECKING:
@@ -134,8 +135,7 @@ def _module_scales(model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]
         else:
             before = rec.produced.get(id(call.input))
             after = before.name if before is not None and is_norm_like(before.module) else ""
-            plan.left_by(name).append(ScaleSkip(mname, f"{why}; nor can it fold into the layer after it: {fwhy}",
-                                                after))
+            plan.left_by(name).append(ScaleSkip(mname, Skip.of(mname, why, fwhy).reason, after))
 
 
 def _backward(model: "nn.Module", rec: "Recorder", escapes: "dict[int, str]", mname: str, call: Any, axis: int,
